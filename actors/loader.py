@@ -1,0 +1,39 @@
+"""Loading a checkpoint's tensors into the injected model through a policy's weight rules."""
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from kernels.linear import default_weight_loader
+from kernels.model import CausalLM
+from policies.base import Policy
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the tensor and the problem."""
+
+
+def load_weights(model: CausalLM, policy: Policy, tensors: Iterable[tuple[str, torch.Tensor]],
+                 total: int | None = None, progress: bool = True) -> None:
+    """Feed (HF name, full tensor) pairs to the weight loaders; every parameter must be filled."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for hf_name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
+                                disable=not progress, leave=False):
+        target = policy.target(hf_name)
+        if target is None or target.name in model.optional_targets:
+            continue
+        if target.name not in params:
+            raise CheckpointError(f"{hf_name}: maps to {target.name!r}, which the {policy.name} model lacks")
+        param = params[target.name]
+        if target.transpose:
+            tensor = tensor.t()
+        try:
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, target.shard)
+        except ValueError as e:
+            raise CheckpointError(f"{hf_name} -> {target.name}: {e}") from None
+        loaded.add(target.name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensors for {len(missing)} parameter(s) of the "
+                              f"{policy.name} model: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")

@@ -1,0 +1,43 @@
+"""A backend over an unmodified HF model (`replace_with_kernel_inject=False`): `engine.generate`
+keeps its contract while HF's own `generate` does the work."""
+import torch
+
+from actors.sequence import SamplingParams, Sequence, SequenceStatus
+
+
+class HFBackend:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def _hf_kwargs(self, p: SamplingParams) -> dict:
+        kwargs = dict(max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens,
+                      do_sample=not p.greedy, num_return_sequences=p.n, repetition_penalty=p.repetition_penalty,
+                      eos_token_id=list(p.stop_token_ids) or None)
+        if not p.greedy:
+            kwargs.update(temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p)
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sequence]]:
+        groups = []
+        for prompt in prompts:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            ids = torch.tensor([prompt], device=self.device)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **self._hf_kwargs(params))
+            group = []
+            for row in out.tolist():
+                seq = Sequence(prompt, params)
+                new = row[len(prompt):]
+                stops = [i for i, t in enumerate(new) if t in params.stop_token_ids]
+                new = new[:stops[0] + 1] if stops else new
+                seq.token_ids += new
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "stop" if stops else "length"
+                group.append(seq)
+            groups.append(group)
+        return groups
+
+    def forward_logits(self, prompts: list[list[int]], position_offsets: list[int]) -> list[torch.Tensor]:
+        raise NotImplementedError("the unmodified HF model is engine.module itself: call it directly")

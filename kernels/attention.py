@@ -1,0 +1,178 @@
+"""Attention over a paged KV cache: torch reference (any query length) and a Triton decode kernel.
+
+Cache layout, per layer: k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+A sequence's token at position p lives in block `block_tables[s, p // block_size]`, row
+`p % block_size`; `slot_mapping` gives each new token's flat slot (block * block_size + row).
+
+Masking, shared by every path: a query at position qp sees key positions kp with kp <= qp and,
+when `window` is set, qp - kp < window (GPT-Neo local layers, Mistral sliding window).
+ALiBi adds slope[h] * (kp - qp) to the scores. Scores and softmax are fp32.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import use_triton
+
+
+@dataclass
+class AttentionMetadata:
+    """What one forward step needs to find each token's keys; built by the model runner."""
+    slot_mapping: torch.Tensor      # [tokens] int64: flat cache slot of each new token
+    block_tables: torch.Tensor      # [seqs, max_blocks] int32
+    context_lens: torch.Tensor      # [seqs] int32: tokens in cache after this step
+    cu_seqlens_q: torch.Tensor      # [seqs + 1] int32: new-token offsets per sequence
+    max_query_len: int              # 1 for a pure decode step
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new keys/values [tokens, kv_heads, head_dim] into their cache slots."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence's first `length` cached rows: [length, kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          scale: float, window: int | None = None,
+                          alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for any mix of prefill and decode. q: [tokens, heads, head_dim] -> same shape."""
+    out = torch.empty_like(q)
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    for s in range(len(context_lens)):
+        start, end, ctx = int(cu_seqlens_q[s]), int(cu_seqlens_q[s + 1]), int(context_lens[s])
+        k = _gather(k_cache, block_tables[s], ctx).float()
+        v = _gather(v_cache, block_tables[s], ctx).float()
+        if num_kv_heads != num_heads:                       # grouped-query attention
+            k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        rel = k_pos[None, :] - q_pos[:, None]               # [q, k], <= 0 where visible
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * rel
+        visible = rel <= 0
+        if window is not None:
+            visible &= rel > -window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr, out_ptr,
+                         q_seq_stride, q_head_stride, cache_block_stride, cache_row_stride, table_stride,
+                         num_heads, group, head_dim, scale, window,
+                         USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    kv_head = head // group
+    ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
+    q_pos = ctx - 1
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + head).to(tl.float32)
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(q_pos - window + 1, 0)
+    rows = tl.arange(0, BLOCK)
+    head_offs = kv_head * head_dim + d                                      # [BLOCK_D]
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for b in range(first // BLOCK, tl.cdiv(ctx, BLOCK)):
+        block = tl.load(block_tables_ptr + seq * table_stride + b).to(tl.int64)
+        k_pos = b * BLOCK + rows                                            # [BLOCK]
+        visible = (k_pos < ctx) & (k_pos >= first)
+        offs = block * cache_block_stride + rows[:, None] * cache_row_stride + head_offs[None, :]
+        kv_mask = visible[:, None] & d_mask[None, :]                        # [BLOCK, BLOCK_D]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.sum(q[None, :] * k, axis=1) * scale                     # [BLOCK]
+        if HAS_ALIBI:
+            scores += slope * (k_pos - q_pos).to(tl.float32)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new)                                          # [BLOCK]
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l = l * alpha + tl.sum(p, axis=0)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)
+    out_offs = (seq * num_heads + head) * head_dim + d
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes) -> None:
+    assert q.dim() == 3, f"q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}"
+    assert k_cache.dim() == 4, f"k_cache must be [blocks, block_size, kv_heads, head_dim], got {tuple(k_cache.shape)}"
+    assert k_cache.shape == v_cache.shape, f"k/v cache shapes differ: {k_cache.shape} vs {v_cache.shape}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "k_cache and v_cache must be contiguous"
+    assert q.stride(-1) == 1, "q must be contiguous in head_dim"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != q head_dim {head_dim}"
+    assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} not a multiple of kv heads {num_kv_heads}"
+    assert block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}"
+    assert head_dim <= 256, f"head_dim up to 256 supported, got {head_dim}"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, "block_tables must be [num_seqs, max_blocks]"
+    assert context_lens.shape == (num_seqs,), f"context_lens must be [{num_seqs}] (one query per sequence)"
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        assert t.dtype in (torch.int32, torch.int64), f"{name} must be int32 or int64, got {t.dtype}"
+        assert t.is_contiguous() and t.device == q.device, f"{name} must be contiguous and on q's device"
+    if alibi_slopes is not None:
+        assert alibi_slopes.shape == (num_heads,), f"alibi_slopes must be [{num_heads}]"
+        assert alibi_slopes.is_contiguous() and alibi_slopes.device == q.device, "alibi_slopes: contiguous, q's device"
+
+
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  window: int | None = None,
+                                  alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention, one query per sequence at position context_len - 1; one program per (head, sequence).
+
+    q: [num_seqs, num_heads, head_dim] -> same shape, q's dtype. Same result as `paged_attention_torch`
+    with cu_seqlens_q = arange(num_seqs + 1).
+    """
+    _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes)
+    assert window is None or window >= 1, f"window must be >= 1, got {window}"
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    _paged_decode_kernel[(num_heads, num_seqs)](
+        q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
+        USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
+        BLOCK=block_size, BLOCK_D=triton.next_power_of_2(head_dim))
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                    window: int | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of this step's queries over the cache (which already holds this step's keys)."""
+    if use_triton(q) and meta.is_decode:
+        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                             scale, window, alibi_slopes)
+    return paged_attention_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                 meta.cu_seqlens_q, scale, window, alibi_slopes)

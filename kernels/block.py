@@ -1,0 +1,120 @@
+"""The injected decoder block: one generic block whose family differences are knobs on `ModelSpec`."""
+import torch
+from torch import nn
+
+from kernels.activation import activation
+from kernels.attention import AttentionMetadata, paged_attention, store_kv
+from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                            RowParallelLinear, TensorParallel, _param, default_weight_loader)
+from kernels.norm import layer_norm, rms_norm
+from kernels.rotary import apply_rotary, rotary_cos_sin
+from kernels.spec import ModelSpec
+
+KVCache = tuple[torch.Tensor, torch.Tensor]     # k, v: [num_blocks, block_size, kv_heads, head_dim]
+
+
+class Norm(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.eps = spec.norm, spec.norm_eps
+        self.weight = _param(spec.hidden_size, dtype=dtype, loader=default_weight_loader)
+        has_bias = spec.norm == "layer" and spec.norm_bias
+        self.bias = _param(spec.hidden_size, dtype=dtype, loader=default_weight_loader) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.), including the interleaved extra slopes for non-power-of-two heads."""
+    closest = 2 ** int(torch.tensor(num_heads).log2().floor())
+    base = 2.0 ** (-8.0 / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < num_heads:
+        extra = 2.0 ** (-4.0 / closest)
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class Rotary(nn.Module):
+    """The cos/sin cache, built once per model and shared by every layer's attention."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.interleaved = spec.rotary_interleaved
+        inv_freq = torch.tensor(spec.rotary_inv_freq, dtype=torch.float32)
+        self.register_buffer("cos_sin", rotary_cos_sin(inv_freq, spec.max_positions, spec.rotary_scaling),
+                             persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        return apply_rotary(q, k, positions, self.cos_sin, self.interleaved)
+
+
+class Attention(nn.Module):
+    """Fused QKV -> (rotary) -> write KV cache -> paged attention -> row-parallel output."""
+
+    def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
+                 rotary: Rotary | None = None):
+        super().__init__()
+        self.qkv = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
+                                     spec.qkv_bias, tp, dtype)
+        self.out = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.out_bias, tp, dtype)
+        self.scale, self.window = spec.attn_scales[layer], spec.attn_windows[layer]
+        self.rotary = rotary
+        slopes = None
+        if spec.positional == "alibi":
+            heads = self.qkv.num_heads
+            slopes = alibi_slopes(spec.num_heads)[tp.rank * heads:(tp.rank + 1) * heads]
+        self.register_buffer("alibi", slopes, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache) -> torch.Tensor:
+        q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions)
+        store_kv(k, v, *kv_cache, meta.slot_mapping)
+        o = paged_attention(q, *kv_cache, meta, self.scale, self.window, self.alibi)
+        return self.out(o.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__()
+        self.gated = spec.gated_mlp
+        if self.gated:
+            self.up = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, spec.mlp_bias,
+                                                 tp, dtype)
+        else:
+            self.up = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, tp, dtype)
+        self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype)
+        self.act = activation(spec.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.down(h)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
+                 rotary: Rotary | None = None):
+        super().__init__()
+        self.parallel_residual = spec.parallel_residual
+        self.attn_norm = Norm(spec, dtype)
+        self.attn = Attention(spec, layer, tp, dtype, rotary)
+        self.mlp_norm = Norm(spec, dtype)
+        self.mlp = MLP(spec, tp, dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCache) -> torch.Tensor:
+        attn = self.attn(self.attn_norm(x), positions, meta, kv_cache)
+        if self.parallel_residual:
+            return x + attn + self.mlp(self.mlp_norm(x))
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x))

@@ -1,0 +1,150 @@
+"""Tensor-parallel linear layers. Each allocates only its shard and owns a `weight_loader`
+that takes the *full* tensor from a checkpoint and keeps its part.
+
+Column-parallel layers split the output features across ranks (no communication); the
+row-parallel layer splits the input features and all-reduces its partial sums in `forward`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place in its tensor-parallel group (group None = the default group)."""
+    rank: int = 0
+    size: int = 1
+    group: object = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's contiguous slice of `full` along `dim`."""
+        if full.shape[dim] % self.size:
+            raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into {self.size} shards")
+        size = full.shape[dim] // self.size
+        return full.narrow(dim, self.rank * size, size)
+
+
+SINGLE = TensorParallel()
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint gives {tuple(loaded.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+def default_weight_loader(param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
+    """Replicated parameters: the whole tensor, shape-checked."""
+    copy_checked(param, full)
+
+
+def _param(*shape: int, dtype: torch.dtype, loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    p.weight_loader = loader
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's rows (output features) split across ranks; output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__()
+        if out_features % tp.size:
+            raise ValueError(f"{out_features} output features do not split across tp_size={tp.size}")
+        self.tp = tp
+        self.weight = _param(out_features // tp.size, in_features, dtype=dtype, loader=self.weight_loader)
+        self.bias = _param(out_features // tp.size, dtype=dtype, loader=self.weight_loader) if bias else None
+
+    def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
+        copy_checked(param, self.tp.shard(full, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate and up of a SwiGLU MLP).
+    Each rank holds its slice of every part, parts side by side: [gate_shard; up_shard]."""
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__(in_features, sum(part_sizes), bias, tp, dtype)
+        self.part_sizes = [size // tp.size for size in part_sizes]
+
+    def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is None:                         # checkpoint stores the parts already merged
+            for i, part in enumerate(full.split([s * self.tp.size for s in self.part_sizes])):
+                self.weight_loader(param, part, i)
+            return
+        start = sum(self.part_sizes[:shard_id])
+        copy_checked(param.narrow(0, start, self.part_sizes[shard_id]), self.tp.shard(full, 0))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q, k, v projection; heads split across ranks. With fewer KV heads than ranks each
+    KV head is replicated on tp_size / num_kv_heads ranks (grouped-query attention)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TensorParallel, dtype: torch.dtype):
+        if num_heads % tp.size:
+            raise ValueError(f"num_heads={num_heads} is not divisible by tp_size={tp.size}")
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} and tp_size={tp.size}: one must divide the other")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, out * tp.size, bias, tp, dtype)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
+
+    def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is None:                         # fused [q; k; v] along the output dimension
+            kv = (full.shape[0] - self.num_heads * self.tp.size * self.head_dim) // 2
+            for part, name in zip(full.split([full.shape[0] - 2 * kv, kv, kv]), "qkv"):
+                self.weight_loader(param, part, name)
+            return
+        index = "qkv".index(shard_id)
+        start, size = sum(self.sizes[:index]), self.sizes[index]
+        if shard_id == "q":
+            shard = self.tp.shard(full, 0)
+        else:                                       # KV heads: rank r holds head r // kv_replicas
+            rank = self.tp.rank // self.kv_replicas
+            shard = full.narrow(0, rank * size, size)
+        copy_checked(param.narrow(0, start, size), shard)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().forward(x).split(self.sizes, dim=-1)
+        return (q.unflatten(-1, (self.num_heads, self.head_dim)),       # [tokens, heads, head_dim]
+                k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_shard W_shard^T) + b with W's columns (input features) split across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__()
+        if in_features % tp.size:
+            raise ValueError(f"{in_features} input features do not split across tp_size={tp.size}")
+        self.tp = tp
+        self.weight = _param(out_features, in_features // tp.size, dtype=dtype, loader=self.weight_loader)
+        self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
+
+    def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
+        copy_checked(param, self.tp.shard(full, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,47 @@
+"""`ModelSpec`: everything the injected decoder needs to know about a model family, as plain data.
+
+A policy (policies/) reads an HF config and fills one of these; the layers here read nothing else.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int                      # total, before tensor parallelism
+    num_kv_heads: int                   # total; < num_heads means grouped-query attention
+    head_dim: int
+    intermediate_size: int
+    max_positions: int
+    norm: str                           # "layer" | "rms"
+    norm_eps: float
+    activation: str                     # a name in kernels.activation.ACTIVATIONS
+    gated_mlp: bool                     # SwiGLU-style: act(gate(x)) * up(x)
+    positional: str                     # "learned" | "rotary" | "alibi"
+    attn_scales: tuple[float, ...]      # per layer; GPT-Neo uses 1.0 (unscaled)
+    attn_windows: tuple[int | None, ...]  # per layer; keys visible to a query, None = all
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True              # LayerNorm bias (RMSNorm has none)
+    tie_word_embeddings: bool = True
+    position_offset: int = 0            # learned positions: row = position + offset (OPT uses 2)
+    rotary_inv_freq: tuple[float, ...] = ()   # rotary_dim / 2 inverse frequencies
+    rotary_scaling: float = 1.0         # multiplies cos and sin (YaRN-style attention factor)
+    rotary_interleaved: bool = False    # GPT-J pairs (2i, 2i+1); NeoX/Llama pair (i, i + d/2)
+    parallel_residual: bool = False     # x + attn(norm1(x)) + mlp(norm2(x))
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        for name in ("attn_scales", "attn_windows"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected num_layers={self.num_layers}")
+        if self.positional == "rotary" and not self.rotary_inv_freq:
+            raise ValueError("positional='rotary' needs rotary_inv_freq")
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.rotary_inv_freq)

@@ -1,0 +1,157 @@
+"""Paged attention: the torch reference against dense attention, `store_kv`, the Triton decode
+kernel against the reference, and the CPU dispatch rule."""
+import pytest
+import torch
+
+from kernels import attention
+from kernels.attention import AttentionMetadata, paged_attention_torch, store_kv
+from kernels.dispatch import use_triton
+
+BLOCK_SIZE, HEADS, KV_HEADS, HEAD_DIM = 16, 4, 2, 32
+CONTEXT_LENS = [5, 37, 1, 70]                       # none a multiple of BLOCK_SIZE
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _block_tables(context_lens, block_size, g, spare_blocks=3):
+    """Shuffled block tables [seqs, max_blocks] int32 and the number of cache blocks."""
+    needed = [_cdiv(c, block_size) for c in context_lens]
+    num_blocks = sum(needed) + spare_blocks
+    perm = torch.randperm(num_blocks, generator=g).int()
+    tables = torch.zeros(len(context_lens), max(needed), dtype=torch.int32)
+    start = 0
+    for s, n in enumerate(needed):
+        tables[s, :n] = perm[start:start + n]
+        start += n
+    return tables, num_blocks
+
+
+def _slots(tables, positions_per_seq, block_size):
+    """Flat cache slot of each (sequence, position), concatenated in sequence order: [tokens] int64."""
+    return torch.cat([tables[s, pos // block_size].long() * block_size + pos % block_size
+                      for s, pos in enumerate(positions_per_seq)])
+
+
+def _decode_case(dtype, context_lens=CONTEXT_LENS, block_size=BLOCK_SIZE, heads=HEADS, kv_heads=KV_HEADS,
+                 head_dim=HEAD_DIM):
+    g = torch.Generator().manual_seed(0)
+    tables, num_blocks = _block_tables(context_lens, block_size, g)
+    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=g).to(dtype)
+    v_cache = torch.randn(cache_shape, generator=g).to(dtype)
+    q = torch.randn(len(context_lens), heads, head_dim, generator=g).to(dtype)  # [seqs, heads, head_dim]
+    return q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+def _alibi(heads):
+    return 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+
+
+def _dense_attention(q, k, v, q_pos, scale, window, slopes):
+    """Plain causal attention with an explicit mask. q: [q, heads, d], k, v: [ctx, kv_heads, d]."""
+    k_pos = torch.arange(k.shape[0])
+    rel = (k_pos[None, :] - q_pos[:, None]).float()                              # [q, ctx]
+    allowed = rel <= 0
+    if window is not None:
+        allowed &= rel > -window
+    bias = torch.zeros(q.shape[1], *rel.shape) if slopes is None else slopes[:, None, None] * rel
+    mask = bias.masked_fill(~allowed, float("-inf"))                            # [heads, q, ctx]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def test_store_kv_writes_each_token_to_its_slot():
+    g = torch.Generator().manual_seed(0)
+    tables, num_blocks = _block_tables(CONTEXT_LENS, BLOCK_SIZE, g)
+    positions = [torch.arange(c) for c in CONTEXT_LENS]
+    slots = _slots(tables, positions, BLOCK_SIZE)
+    k = torch.randn(len(slots), KV_HEADS, HEAD_DIM, generator=g)
+    v = torch.randn(len(slots), KV_HEADS, HEAD_DIM, generator=g)
+    k_cache = torch.zeros(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    v_cache = torch.zeros_like(k_cache)
+    store_kv(k, v, k_cache, v_cache, slots)
+    token = 0
+    for s, pos in enumerate(positions):
+        for p in pos.tolist():
+            block, row = int(tables[s, p // BLOCK_SIZE]), p % BLOCK_SIZE
+            assert torch.equal(k_cache[block, row], k[token]) and torch.equal(v_cache[block, row], v[token])
+            token += 1
+    written = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.bool)
+    written[slots] = True
+    assert not k_cache.view(-1, KV_HEADS, HEAD_DIM)[~written].any()
+
+
+@pytest.mark.parametrize("window,with_alibi", [(None, False), (None, True), (7, False), (20, True)])
+def test_torch_reference_matches_dense_attention(window, with_alibi):
+    g = torch.Generator().manual_seed(1)
+    context_lens, query_lens = [5, 37, 20], [5, 37, 4]          # two full prefills, one chunk after a prefix
+    tables, num_blocks = _block_tables(context_lens, BLOCK_SIZE, g)
+    keys = [torch.randn(c, KV_HEADS, HEAD_DIM, generator=g) for c in context_lens]
+    values = [torch.randn(c, KV_HEADS, HEAD_DIM, generator=g) for c in context_lens]
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)   # garbage where unwritten
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    store_kv(torch.cat(keys), torch.cat(values), k_cache, v_cache,
+             _slots(tables, [torch.arange(c) for c in context_lens], BLOCK_SIZE))
+    q = torch.randn(sum(query_lens), HEADS, HEAD_DIM, generator=g)                   # [tokens, heads, head_dim]
+    cu_seqlens_q = torch.tensor([0] + query_lens).cumsum(0).int()
+    slopes = _alibi(HEADS) if with_alibi else None
+    scale = HEAD_DIM ** -0.5
+    out = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32),
+                                cu_seqlens_q, scale, window, slopes)
+    for s, (ctx, qlen) in enumerate(zip(context_lens, query_lens)):
+        start, end = int(cu_seqlens_q[s]), int(cu_seqlens_q[s + 1])
+        ref = _dense_attention(q[start:end], keys[s], values[s], torch.arange(ctx - qlen, ctx), scale, window, slopes)
+        torch.testing.assert_close(out[start:end], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window,with_alibi", [(None, False), (None, True), (20, False), (20, True)])
+def test_decode_triton_matches_torch(dtype, window, with_alibi):
+    q, k_cache, v_cache, tables, context_lens = _decode_case(dtype)
+    slopes = _alibi(HEADS) if with_alibi else None
+    cu_seqlens_q = torch.arange(len(context_lens) + 1, dtype=torch.int32)
+    out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, context_lens, 0.2, window, slopes)
+    ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, cu_seqlens_q, 0.2, window, slopes)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [(2, 2, 24, 8), (8, 1, 64, 32)])
+def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
+    q, k_cache, v_cache, tables, context_lens = _decode_case(
+        torch.float32, [3, 45], block_size, heads, kv_heads, head_dim)
+    q = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :head_dim]                 # strided q
+    cu_seqlens_q = torch.arange(3, dtype=torch.int32)
+    out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, context_lens, 0.3, window=4)
+    ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, cu_seqlens_q, 0.3, window=4)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_decode_launcher_rejects_bad_inputs():
+    q, k_cache, v_cache, tables, context_lens = _decode_case(torch.float32)
+    with pytest.raises(AssertionError, match="dtypes differ"):
+        attention.paged_decode_attention_triton(q.half(), k_cache, v_cache, tables, context_lens, 0.2)
+    with pytest.raises(AssertionError, match="one query per sequence"):
+        attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, context_lens[:2], 0.2)
+    with pytest.raises(AssertionError, match="power of two"):
+        attention.paged_decode_attention_triton(q, k_cache[:, :12].contiguous(), v_cache[:, :12].contiguous(),
+                                                tables, context_lens, 0.2)
+
+
+def test_dispatch_uses_torch_on_cpu(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("Triton path taken for a CPU tensor")
+    monkeypatch.setattr(attention, "paged_decode_attention_triton", fail)
+    q, k_cache, v_cache, tables, context_lens = _decode_case(torch.float32)
+    num_seqs = len(context_lens)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(num_seqs, dtype=torch.int64), block_tables=tables,
+                             context_lens=context_lens, cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32),
+                             max_query_len=1)
+    assert meta.is_decode and not use_triton(q)
+    out = attention.paged_attention(q, k_cache, v_cache, meta, 0.2)
+    ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, meta.cu_seqlens_q, 0.2)
+    assert torch.equal(out, ref)
