@@ -8,3 +8,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(2)
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,80 @@
+"""The engine loop on a tiny model: stopping, batching under KV-cache pressure, sampling."""
+import pytest
+import torch
+
+import rayspeed
+from helpers import EOS, byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_model("llama")
+
+
+def engine(hf, **config):
+    return rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True,
+                                   tokenizer=byte_tokenizer(), **config)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_eos_stops_one_sequence_and_the_batch_continues(hf):
+    e = engine(hf)
+    ps = prompts(4)
+    free_run = e.generate(ps, max_new_tokens=12, ignore_eos=True)
+    stop_at = free_run[1].outputs[0].token_ids[3]     # make sequence 1's 4th token a stop token
+    out = e.generate(ps, max_new_tokens=12, stop_token_ids=[stop_at])
+    first_hit = free_run[1].outputs[0].token_ids.index(stop_at)
+    assert out[1].outputs[0].token_ids == free_run[1].outputs[0].token_ids[:first_hit + 1]
+    assert out[1].outputs[0].finish_reason == "stop"
+    for i in (0, 2, 3):
+        toks = free_run[i].outputs[0].token_ids
+        cut = toks.index(stop_at) + 1 if stop_at in toks else len(toks)
+        assert out[i].outputs[0].token_ids == toks[:cut]
+
+
+def test_small_kv_cache_queues_and_preempts_without_changing_results(hf):
+    ps = prompts(12, seed=1)
+    roomy = engine(hf).generate(ps, max_new_tokens=24, ignore_eos=True)
+    tight = engine(hf, kv_cache_blocks=8, block_size=8, max_num_seqs=5, max_out_tokens=64)
+    out = tight.generate(ps, max_new_tokens=24, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in roomy]
+    assert tight.backend.block_manager.num_free == 8      # every block back
+
+
+def test_top_k_1_sampling_equals_greedy(hf):
+    e = engine(hf)
+    ps = prompts(3, seed=2)
+    greedy = e.generate(ps, max_new_tokens=16, ignore_eos=True)
+    topk1 = e.generate(ps, max_new_tokens=16, ignore_eos=True, do_sample=True, top_k=1, temperature=0.7)
+    assert [o.outputs[0].token_ids for o in greedy] == [o.outputs[0].token_ids for o in topk1]
+
+
+def test_seeded_sampling_reproducible_with_n_samples(hf):
+    e = engine(hf)
+    run = lambda seed: [[c.token_ids for c in o.outputs] for o in e.generate(
+        prompts(2, seed=3), max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.5, seed=seed, n=3)]
+    a, b, c = run(11), run(11), run(12)
+    assert a == b and a != c
+    assert len(a[0]) == 3 and len({tuple(t) for t in a[0]}) > 1     # the n samples differ
+
+
+def test_string_prompts_use_the_tokenizer(hf):
+    e = engine(hf)
+    out = e.generate(["DeepSpeed is", "héllo"], max_new_tokens=5, ignore_eos=True)
+    assert out[0].prompt == "DeepSpeed is" and out[0].prompt_token_ids == list(b"DeepSpeed is")
+    assert out[1].prompt_token_ids == list("héllo".encode())
+    assert isinstance(out[0].outputs[0].text, str) and len(out[0].outputs[0].token_ids) == 5
+
+
+def test_default_stop_is_the_model_eos(hf):
+    e = engine(hf)
+    assert e.module.generation_config.eos_token_id == EOS
+    first = e.generate([[1, 2, 3]], max_new_tokens=8, ignore_eos=True)[0].outputs[0].token_ids[0]
+    e.module.generation_config.eos_token_id = first
+    out = e.generate([[1, 2, 3]], max_new_tokens=8)[0].outputs[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop"

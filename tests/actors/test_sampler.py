@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from actors.sampler import sample
+from actors.sequence import RequestError, SamplingParams, Sequence
+
+
+def seqs(n: int, **params) -> list[Sequence]:
+    out = []
+    for _ in range(n):
+        s = Sequence([1, 2, 3], SamplingParams(**params))
+        if s.params.seed is not None:
+            s.generator = torch.Generator().manual_seed(s.params.seed)
+        out.append(s)
+    return out
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50)
+    assert sample(logits.clone(), seqs(4)) == logits.argmax(-1).tolist()
+
+
+def test_top_k_1_equals_greedy():
+    logits = torch.randn(8, 50)
+    assert sample(logits.clone(), seqs(8, do_sample=True, top_k=1)) == logits.argmax(-1).tolist()
+
+
+def test_tiny_top_p_equals_greedy():
+    logits = torch.randn(8, 50)
+    assert sample(logits.clone(), seqs(8, do_sample=True, top_p=1e-6)) == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_draws_inside_the_top_k():
+    logits = torch.randn(1, 50).repeat(200, 1)
+    allowed = set(logits[0].topk(3).indices.tolist())
+    assert set(sample(logits.clone(), seqs(200, do_sample=True, top_k=3))) <= allowed
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = torch.randn(1, 1000)
+    a = sample(logits.clone().repeat(16, 1), seqs(16, do_sample=True, seed=7, temperature=5.0))
+    b = sample(logits.clone().repeat(16, 1), seqs(16, do_sample=True, seed=7, temperature=5.0))
+    c = sample(logits.clone().repeat(16, 1), seqs(16, do_sample=True, seed=8, temperature=5.0))
+    assert a == b and a != c
+
+
+def test_repetition_penalty_demotes_seen_tokens():
+    logits = torch.zeros(1, 10)
+    logits[0, 2], logits[0, 7] = 2.0, 1.5             # token 2 was seen (prompt [1, 2, 3])
+    assert sample(logits.clone(), seqs(1, repetition_penalty=2.0)) == [7]
+
+
+def test_min_new_tokens_masks_stop_tokens():
+    logits = torch.zeros(1, 10)
+    logits[0, 9] = 5.0
+    assert sample(logits.clone(), seqs(1, stop_token_ids=(9,), min_new_tokens=1, max_new_tokens=4)) != [9]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=1.5), dict(top_p=0), dict(max_new_tokens=0),
+                                 dict(min_new_tokens=5, max_new_tokens=2), dict(unknown=1)])
+def test_bad_sampling_params_name_the_field(bad):
+    with pytest.raises(RequestError, match=next(iter(bad)).split("_")[0]):
+        SamplingParams.build(**bad)

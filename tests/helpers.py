@@ -1,0 +1,63 @@
+"""Tiny random-weight HF models (hidden <= 128, <= 4 layers) and a byte-level tokenizer, built offline."""
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+VOCAB = 320           # 256 bytes + specials, room to spare
+BOS, EOS, PAD = 256, 257, 258
+
+CONFIGS = {
+    # GPT-Neo: a local window (8) shorter than the test sequences, so local attention matters
+    "gpt_neo": lambda: tf.GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, window_size=8,
+        attention_types=[[["global", "local"], 2]], max_position_embeddings=256, intermediate_size=128),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+    # Llama with grouped-query attention: 4 heads over 2 KV heads
+    "llama": lambda: tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256),
+    "mistral": lambda: tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, intermediate_size=128, max_position_embeddings=256, sliding_window=12),
+    "qwen2": lambda: tf.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True),
+}
+CLASSES = {"gpt_neo": tf.GPTNeoForCausalLM, "gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM,
+           "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random-weight HF causal LM; weights drawn wider than HF's default so logits are not flat."""
+    config = CONFIGS[family]()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, EOS, PAD
+    config.initializer_range = 0.1
+    torch.manual_seed(seed)
+    model = CLASSES[family](config).eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def byte_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """Byte-level tokenizer: ids 0..255 are bytes, then <bos>, <eos>, <pad>; no merges."""
+    vocab = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    vocab.update({"<bos>": BOS, "<eos>": EOS, "<pad>": PAD})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                      pad_token="<pad>", padding_side="left")
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars

@@ -1,0 +1,65 @@
+"""Bad input at the `init_inference` door and the request door: clear errors, no crash."""
+import pytest
+import torch
+import transformers as tf
+
+import rayspeed
+from helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return rayspeed.init_inference(tiny_model("gpt2"), dtype=torch.float32, replace_with_kernel_inject=True)
+
+
+def test_unknown_family_lists_supported_and_points_at_injection_policy():
+    config = tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)
+    with pytest.raises(rayspeed.UnsupportedModelError, match="gpt_neo.*llama.*injection_policy"):
+        rayspeed.init_inference(tf.OPTForCausalLM(config), dtype=torch.float32, replace_with_kernel_inject=True)
+
+
+def test_without_kernel_inject_the_hf_modules_run_as_they_are():
+    hf = tiny_model("gpt2")
+    engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=False)
+    assert engine.module is hf
+    out = engine.generate([[1, 2, 3]], max_new_tokens=5, ignore_eos=True)
+    expected = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out[0].outputs[0].token_ids == expected[0, 3:].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float64", torch.int16, 3])
+def test_bad_dtype(dtype):
+    with pytest.raises(rayspeed.ConfigError, match="dtype"):
+        rayspeed.init_inference(tiny_model("gpt2"), dtype=dtype, replace_with_kernel_inject=True)
+
+
+def test_int8_is_not_yet_supported():
+    with pytest.raises(rayspeed.ConfigError, match="int8.*not yet supported"):
+        rayspeed.init_inference(tiny_model("gpt2"), dtype=torch.int8, replace_with_kernel_inject=True)
+
+
+def test_prompt_longer_than_max_positions(engine):
+    too_long = [1] * 300                              # the tiny GPT-2 has 256 positions
+    with pytest.raises(rayspeed.RequestError, match="300 tokens.*256"):
+        engine.generate([too_long], max_new_tokens=1)
+    with pytest.raises(rayspeed.RequestError, match="exceeds"):
+        engine.module(torch.tensor([too_long]))
+    with pytest.raises(rayspeed.RequestError, match="exceeds"):
+        engine.generate([[1] * 250], max_new_tokens=10)
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([[]], "empty prompt"), ([], "non-empty"), ([[1, 2, 99999]], r"\[0, 320\)"),
+    (["text"], "tokenizer"), ([[1], "a"], "all strings or all token-id lists"),
+])
+def test_bad_prompts(engine, prompts, match):
+    with pytest.raises(rayspeed.RequestError, match=match):
+        engine.generate(prompts, max_new_tokens=2)
+
+
+def test_engine_keeps_working_after_errors(engine):
+    with pytest.raises(rayspeed.RequestError):
+        engine.generate([[1, 2]], max_new_tokens=0)
+    assert len(engine.generate([[1, 2]], max_new_tokens=3, ignore_eos=True)[0].outputs[0].token_ids) == 3
+    assert engine.backend.block_manager.num_used == 0
