@@ -19,12 +19,13 @@ def default_device(config) -> torch.device:
 
 
 def build_engine(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], config, tp: TensorParallel = SINGLE,
-                 num_tensors: int | None = None, device: torch.device | None = None) -> LLMEngine:
+                 num_tensors: int | None = None, device: torch.device | None = None,
+                 progress: bool = True) -> LLMEngine:
     """The injected model for `hf_config`, loaded from (name, tensor) pairs, inside an engine."""
     policy = policy_for(hf_config)
     spec = policy.spec(hf_config)
     device = device or default_device(config)
     with torch.device(device):
         model = CausalLM(spec, config.torch_dtype, tp)
-    load_weights(model, policy, tensors, total=num_tensors)
+    load_weights(model, policy, tensors, total=num_tensors, progress=progress)
     return LLMEngine(model.eval(), config, device)

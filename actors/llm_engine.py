@@ -2,7 +2,8 @@
 import torch
 
 from actors.block_manager import BlockManager
-from actors.model_runner import ModelRunner, kv_cache_block_bytes
+from actors.model_runner import DONE, STEP, ModelRunner, kv_cache_block_bytes
+from actors.outputs import RequestOutput, request_outputs
 from actors.sampler import sample
 from actors.scheduler import Scheduler
 from actors.sequence import RequestError, SamplingParams, Sequence
@@ -22,6 +23,7 @@ def num_kv_blocks(model: CausalLM, config, device: torch.device) -> int:
         budget = config.cpu_kv_cache_bytes
     per_seq = -(-min(config.max_out_tokens, model.spec.max_positions) // config.block_size)
     blocks = min(int(budget // block_bytes), per_seq * config.max_num_seqs)
+    blocks = int(model.tp.all_reduce(torch.tensor([blocks], device=device), torch.distributed.ReduceOp.MIN))
     if blocks < per_seq:
         raise RuntimeError(f"memory for only {blocks} KV-cache blocks of {config.block_size} tokens; one "
                            f"sequence of max_out_tokens={config.max_out_tokens} needs {per_seq}")
@@ -29,10 +31,15 @@ def num_kv_blocks(model: CausalLM, config, device: torch.device) -> int:
 
 
 class LLMEngine:
-    """Continuous batching over a paged KV cache for one model replica (one process)."""
+    """Continuous batching over a paged KV cache for one model replica.
+
+    Under tensor parallelism every rank holds an engine; rank 0 schedules and samples, and its
+    runner broadcasts each step's plan. `generate` and `forward_logits` may be called on every
+    rank at once (SPMD scripts under the launcher): ranks > 0 follow rank 0's steps and return
+    rank 0's result."""
 
     def __init__(self, model: CausalLM, config, device: torch.device):
-        self.model, self.config, self.device = model, config, device
+        self.model, self.config, self.device, self.tp = model, config, device, model.tp
         self.max_seq_len = min(config.max_out_tokens, model.spec.max_positions)
         blocks = num_kv_blocks(model, config, device)
         self.block_manager = BlockManager(blocks, config.block_size)
@@ -70,6 +77,7 @@ class LLMEngine:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
 
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """One forward of the scheduled batch; returns the sequences it advanced."""
         seqs, is_prefill = self.scheduler.schedule()
@@ -89,8 +97,11 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 position_offsets: list[int] | None = None) -> list[list[Sequence]]:
-        """Run prompts to completion; per prompt, its `params.n` finished sequences."""
+                 position_offsets: list[int] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; per prompt, its `params.n` completions."""
+        return self._lead(self._generate, True, prompts, params, position_offsets)[0]
+
+    def _generate(self, prompts, params, position_offsets) -> list[RequestOutput]:
         params = params if isinstance(params, list) else [params] * len(prompts)
         offsets = position_offsets or [0] * len(prompts)
         for prompt, p in zip(prompts, params):
@@ -104,10 +115,14 @@ class LLMEngine:
             for seq in (s for g in groups for s in g):
                 self.abort(seq)
             raise
-        return groups
+        return request_outputs(prompts, groups)
 
     def forward_logits(self, prompts: list[list[int]], position_offsets: list[int]) -> list[torch.Tensor]:
         """Logits of every prompt token [len, vocab] (a stateless forward, as HF's model(input_ids))."""
+        result, follower_logits = self._lead(self._forward_logits, False, prompts, position_offsets)
+        return result if self.tp.rank == 0 else follower_logits
+
+    def _forward_logits(self, prompts, position_offsets) -> list[torch.Tensor]:
         for prompt in prompts:
             self.check_prompt(prompt)
         if self.scheduler.has_work():
@@ -122,3 +137,38 @@ class LLMEngine:
             finally:
                 self.block_manager.deallocate(seq)
         return out
+
+    def _lead(self, call, share_result: bool, *args):
+        """Rank 0 runs `call` and then ends the followers' call with its result (when
+        `share_result`) or its error; ranks > 0 follow until then.
+        Returns (rank 0's result, all-token logits this rank computed)."""
+        if self.tp.rank > 0:
+            return self.follow_call()
+        try:
+            result = call(*args)
+        except Exception as e:
+            self._end_call(e)
+            raise
+        self._end_call(result if share_result else None)
+        return result, []
+
+    def _end_call(self, result) -> None:
+        if self.tp.size > 1:
+            self.runner.signal(DONE)
+            self.tp.broadcast_object(result)
+
+    def follow_call(self) -> tuple[object, list[torch.Tensor]]:
+        """Ranks > 0: run rank 0's steps until it ends its call; (its result, our all-token logits)."""
+        logits = []
+        while True:
+            command, step_logits = self.runner.follow()
+            if command != STEP:
+                break
+            if step_logits is not None:
+                logits.append(step_logits)
+        if command != DONE:
+            return None, logits
+        result = self.tp.broadcast_object()
+        if isinstance(result, Exception):
+            raise result
+        return result, logits

@@ -1,10 +1,17 @@
 """Runs the injected model for a scheduled batch: owns the KV cache, turns sequences into flat
-token tensors plus `AttentionMetadata`, and returns logits."""
+token tensors plus `AttentionMetadata`, and returns logits.
+
+Under tensor parallelism only the TP group's rank 0 schedules. Each step it broadcasts the plan
+(`_Plan`: a 6-number header, then one int64 payload) with torch.distributed, and the other ranks
+`follow()` in lockstep; no Ray call per step.
+"""
 import torch
 
 from actors.sequence import Sequence
 from kernels.attention import AttentionMetadata
 from kernels.model import CausalLM
+
+STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
 
 
 def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -15,7 +22,8 @@ def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -
 
 class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device: torch.device):
-        self.model, self.block_size, self.device = model, block_size, device
+        self.model, self.block_size, self.device, self.tp = model, block_size, device, model.tp
+        self.last_command = STEP                  # of the last plan a follower received
         qkv = model.layers[0].attn.qkv
         shape = (num_blocks, block_size, qkv.num_kv_heads, qkv.head_dim)
         dtype = model.embed.weight.dtype
@@ -61,9 +69,50 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
         """Logits of each sequence's last token [seqs, vocab], or of every new token when `all_logits`."""
         input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
+        if self.tp.size > 1:
+            self._send_plan(input_ids, positions, meta, all_logits)
+        for seq in seqs:
+            seq.num_cached_tokens = len(seq)
+        return self._forward(input_ids, positions, meta, all_logits)
+
+    def _forward(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         if not all_logits:
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
-        for seq in seqs:
-            seq.num_cached_tokens = len(seq)
         return self.model.compute_logits(hidden)
+
+    # -- lockstep across the TP group --------------------------------------------------------
+
+    def _send_header(self, command: int, *sizes: int) -> None:
+        header = [command, *sizes] + [0] * (5 - len(sizes))
+        self.tp.broadcast(self._tensor(header, torch.int64))
+
+    def _send_plan(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> None:
+        num_seqs, max_blocks = meta.block_tables.shape
+        self._send_header(STEP, len(input_ids), num_seqs, max_blocks, meta.max_query_len, int(all_logits))
+        parts = [input_ids, positions, meta.slot_mapping, meta.block_tables.flatten(), meta.context_lens,
+                 meta.cu_seqlens_q]
+        self.tp.broadcast(torch.cat([p.long() for p in parts]))
+
+    def signal(self, command: int) -> None:
+        """Rank 0: tell the followers a driver call ended (DONE) or the loop is over (STOP)."""
+        if self.tp.size > 1:
+            self._send_header(command)
+
+    @torch.inference_mode()
+    def follow(self) -> tuple[int, torch.Tensor | None]:
+        """Ranks > 0: receive one plan and run it. Returns (command, all-token logits when the
+        plan asked for them, else None)."""
+        header = self.tp.broadcast(self._tensor([0] * 6, torch.int64)).tolist()
+        command, num_tokens, num_seqs, max_blocks, max_query_len, all_logits = header
+        self.last_command = command
+        if command != STEP:
+            return command, None
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs * max_blocks, num_seqs, num_seqs + 1]
+        payload = self.tp.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=self.device))
+        input_ids, positions, slots, tables, context_lens, cu_seqlens = payload.split(sizes)
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables.view(num_seqs, max_blocks).int(),
+                                 context_lens=context_lens.int(), cu_seqlens_q=cu_seqlens.int(),
+                                 max_query_len=max_query_len)
+        logits = self._forward(input_ids, positions, meta, bool(all_logits))
+        return command, logits if all_logits else None

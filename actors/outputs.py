@@ -19,12 +19,17 @@ class RequestOutput:
     prompt: str | None = None
 
 
-def request_outputs(prompts: list[list[int]], groups: list[list[Sequence]], tokenizer=None,
-                    texts: list[str] | None = None) -> list[RequestOutput]:
-    results = []
-    for i, (prompt, seqs) in enumerate(zip(prompts, groups)):
-        outs = [CompletionOutput(j, s.output_token_ids, s.finish_reason,
-                                 tokenizer.decode(s.output_token_ids, skip_special_tokens=True) if tokenizer else None)
-                for j, s in enumerate(seqs)]
-        results.append(RequestOutput(list(prompt), outs, texts[i] if texts else None))
-    return results
+def request_outputs(prompts: list[list[int]], groups: list[list[Sequence]]) -> list[RequestOutput]:
+    return [RequestOutput(list(prompt), [CompletionOutput(j, s.output_token_ids, s.finish_reason)
+                                         for j, s in enumerate(seqs)])
+            for prompt, seqs in zip(prompts, groups)]
+
+
+def add_text(outputs: list[RequestOutput], tokenizer, prompts: list[str] | None) -> list[RequestOutput]:
+    """Decoded completions (and the prompt strings) for callers that gave text."""
+    for i, out in enumerate(outputs):
+        out.prompt = prompts[i] if prompts else None
+        if tokenizer is not None:
+            for c in out.outputs:
+                c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    return outputs

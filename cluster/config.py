@@ -61,6 +61,14 @@ class InferenceConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share for weights + KV cache")
     cpu_kv_cache_bytes: int = Field(1 << 30, ge=1, description="KV-cache budget on CPU when kv_cache_blocks unset")
 
+    # The TP group on Ray (ours)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="placement-group strategy for the TP group's bundles")
+    placement_timeout_s: float = Field(120.0, gt=0, description="wait this long for the placement group")
+    rendezvous_timeout_s: float = Field(300.0, gt=0, description="torch.distributed init and collective timeout")
+    worker_cpus: float = Field(1.0, ge=0, description="CPUs per worker bundle (GPU bundles also take 1 GPU)")
+    storage_options: dict | None = Field(None, description="fsspec options for the checkpoint URI (s3 keys, endpoint)")
+
     @field_validator("dtype", mode="before")
     @classmethod
     def _dtype_name(cls, value):

@@ -4,7 +4,8 @@ import copy
 import torch
 from transformers import GenerationConfig
 
-from actors.sequence import RequestError, SamplingParams, Sequence
+from actors.outputs import RequestOutput
+from actors.sequence import RequestError, SamplingParams
 
 # generate()'s own defaults for fields a GenerationConfig leaves unset (None)
 HF_DEFAULTS = {"max_length": 20, "min_length": 0, "do_sample": False, "num_beams": 1, "temperature": 1.0,
@@ -48,6 +49,22 @@ def token_list(value) -> list[int]:
     return [value] if isinstance(value, int) else list(value)
 
 
+def encode_prompts(prompts, tokenizer) -> tuple[list[list[int]], list[str] | None]:
+    """A string, a token-id list, or a non-empty list of either -> (token-id lists, the strings if given)."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise RequestError("prompts must be a string, a token-id list, or a non-empty list of either")
+    if all(isinstance(p, str) for p in prompts):
+        if tokenizer is None:
+            raise RequestError("string prompts need a tokenizer (init_inference(..., tokenizer=...) or one saved "
+                               "with the checkpoint); pass token ids instead")
+        return [tokenizer(p)["input_ids"] for p in prompts], prompts
+    if all(isinstance(p, list) for p in prompts):
+        return prompts, None
+    raise RequestError("prompts must be all strings or all token-id lists")
+
+
 def sampling_params(config: GenerationConfig, padded_len: int) -> SamplingParams:
     """Lengths follow HF: max_length/min_length count the (padded) prompt, *_new_tokens do not."""
     max_new = config.max_new_tokens
@@ -79,12 +96,12 @@ def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[
     return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
 
 
-def assemble(input_ids: torch.Tensor, groups: list[list[Sequence]], pad: int) -> torch.Tensor:
+def assemble(input_ids: torch.Tensor, results: list[RequestOutput], pad: int) -> torch.Tensor:
     """HF layout: row b*n + j = input row b as given (padding included) + sample j's tokens, pad-filled."""
-    outputs = [s.output_token_ids for group in groups for s in group]
+    outputs = [c.token_ids for r in results for c in r.outputs]
     width = max(len(o) for o in outputs)
     new = torch.full((len(outputs), width), pad, dtype=input_ids.dtype)
     for row, out in enumerate(outputs):
         new[row, :len(out)] = torch.tensor(out, dtype=input_ids.dtype)
-    prompts = input_ids.repeat_interleave(len(groups[0]), dim=0).cpu()
+    prompts = input_ids.repeat_interleave(len(results[0].outputs), dim=0).cpu()
     return torch.cat([prompts, new], dim=1).to(input_ids.device)

@@ -2,7 +2,8 @@
 keeps its contract while HF's own `generate` does the work."""
 import torch
 
-from actors.sequence import SamplingParams, Sequence, SequenceStatus
+from actors.outputs import CompletionOutput, RequestOutput
+from actors.sequence import SamplingParams
 
 
 class HFBackend:
@@ -19,25 +20,21 @@ class HFBackend:
         return kwargs
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sequence]]:
-        groups = []
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+        results = []
         for prompt in prompts:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             ids = torch.tensor([prompt], device=self.device)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **self._hf_kwargs(params))
-            group = []
-            for row in out.tolist():
-                seq = Sequence(prompt, params)
+            result = RequestOutput(list(prompt))
+            for j, row in enumerate(out.tolist()):
                 new = row[len(prompt):]
                 stops = [i for i, t in enumerate(new) if t in params.stop_token_ids]
                 new = new[:stops[0] + 1] if stops else new
-                seq.token_ids += new
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = "stop" if stops else "length"
-                group.append(seq)
-            groups.append(group)
-        return groups
+                result.outputs.append(CompletionOutput(j, new, "stop" if stops else "length"))
+            results.append(result)
+        return results
 
     def forward_logits(self, prompts: list[list[int]], position_offsets: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError("the unmodified HF model is engine.module itself: call it directly")

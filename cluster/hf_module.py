@@ -85,5 +85,5 @@ class InjectedModelForCausalLM(nn.Module):
         if attention_mask is None and config.pad_token_id is not None and pad not in token_list(config.eos_token_id):
             attention_mask = (input_ids != pad).long()       # as generate() infers it
         params = sampling_params(config, input_ids.shape[1])
-        groups = self.backend.generate(unpad(input_ids, attention_mask), params)
-        return assemble(input_ids, groups, pad)
+        results = self.backend.generate(unpad(input_ids, attention_mask), params)
+        return assemble(input_ids, results, pad)

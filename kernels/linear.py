@@ -19,10 +19,24 @@ class TensorParallel:
     size: int = 1
     group: object = None
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            dist.all_reduce(x, op=op, group=self.group)
         return x
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """In place, from the group's rank 0."""
+        if self.size > 1:
+            dist.broadcast(x, group=self.group, group_src=0)
+        return x
+
+    def broadcast_object(self, obj=None):
+        """A picklable object from the group's rank 0 (returned on every rank)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
 
     def shard(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's contiguous slice of `full` along `dim`."""
@@ -36,8 +50,11 @@ SINGLE = TensorParallel()
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy `loaded` into `param`; a lazy checkpoint view (it has `materialize`) is read only now."""
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint gives {tuple(loaded.shape)}")
+    if hasattr(loaded, "materialize"):
+        loaded = loaded.materialize()
     with torch.no_grad():
         param.copy_(loaded)
 

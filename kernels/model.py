@@ -15,7 +15,7 @@ from kernels.spec import ModelSpec
 class CausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.spec = spec
+        self.spec, self.tp = spec, tp
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, _weight=torch.empty(
             spec.vocab_size, spec.hidden_size, dtype=dtype))
         self.embed.weight.requires_grad_(False)

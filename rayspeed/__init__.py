@@ -1,11 +1,29 @@
-"""rayspeed: DeepSpeed-Inference's API on a Ray actor cluster."""
-from actors.loader import CheckpointError
-from actors.outputs import CompletionOutput, RequestOutput
-from actors.sequence import RequestError, SamplingParams
-from cluster.config import ConfigError, InferenceConfig
-from policies.registry import UnsupportedModelError
-from rayspeed.engine import InferenceEngine, init_inference
+"""rayspeed: DeepSpeed-Inference's API on a Ray actor cluster.
 
-__all__ = ["init_inference", "InferenceEngine", "InferenceConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "ConfigError", "CheckpointError", "RequestError", "UnsupportedModelError"]
+Names are imported on first use, so `import rayspeed` (and the `rayspeed` launcher) stays light.
+"""
+import importlib
+
+_EXPORTS = {
+    "init_inference": "rayspeed.engine", "InferenceEngine": "rayspeed.engine",
+    "InferenceConfig": "cluster.config", "ConfigError": "cluster.config",
+    "InferenceGroup": "cluster.group", "GroupError": "cluster.group",
+    "PlacementError": "cluster.placement",
+    "SamplingParams": "actors.sequence", "RequestError": "actors.sequence",
+    "RequestOutput": "actors.outputs", "CompletionOutput": "actors.outputs",
+    "CheckpointError": "actors.loader", "UnsupportedModelError": "policies.registry",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rayspeed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

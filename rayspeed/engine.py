@@ -1,12 +1,12 @@
 """`init_inference` and `InferenceEngine`: the public entry points, wiring only."""
-import torch
 from torch import nn
 
-from actors.build import build_engine, default_device
-from actors.outputs import RequestOutput, request_outputs
-from actors.sequence import RequestError, SamplingParams
+from actors.build import default_device
+from actors.outputs import RequestOutput, add_text
+from actors.sequence import SamplingParams
+from cluster import backends
 from cluster.config import ConfigError, InferenceConfig, make_config
-from cluster.generation import token_list
+from cluster.generation import encode_prompts, token_list
 from cluster.hf_backend import HFBackend
 from cluster.hf_module import InjectedModelForCausalLM
 
@@ -20,34 +20,25 @@ class InferenceEngine:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def _encode(self, prompts) -> tuple[list[list[int]], list[str] | None]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(prompts, list) or not prompts:
-            raise RequestError("prompts must be a non-empty list of strings or of token-id lists")
-        if all(isinstance(p, str) for p in prompts):
-            if self.tokenizer is None:
-                raise RequestError("string prompts need a tokenizer: init_inference(..., tokenizer=...)")
-            return [self.tokenizer(p)["input_ids"] for p in prompts], prompts
-        if all(isinstance(p, list) for p in prompts):
-            return prompts, None
-        raise RequestError("prompts must be all strings or all token-id lists")
-
     def generate(self, prompts, **sampling) -> list[RequestOutput]:
         """Generate for a prompt or a batch (strings or token ids); sampling keywords as `SamplingParams`
         (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
         stop_token_ids, ignore_eos, seed, n). Stops at the model's EOS unless told otherwise."""
-        ids, texts = self._encode(prompts)
+        ids, texts = encode_prompts(prompts, self.tokenizer)
         if "stop_token_ids" not in sampling:
             sampling["stop_token_ids"] = tuple(token_list(self.module.generation_config.eos_token_id))
         params = SamplingParams.build(**sampling)
-        groups = self.backend.generate(ids, params)
-        return request_outputs(ids, groups, self.tokenizer, texts)
+        return add_text(self.backend.generate(ids, params), self.tokenizer, texts)
+
+    def shutdown(self) -> None:
+        """Release the TP group (its actors and placement group), if the model runs on one."""
+        if hasattr(self.backend, "shutdown"):
+            self.backend.shutdown()
 
 
 def _check_supported(config: InferenceConfig) -> None:
-    later = {"tensor_parallel.tp_size > 1": config.tp_size > 1,
-             "checkpoint": config.checkpoint is not None,
+    later = {"checkpoint descriptions (json)": isinstance(config.checkpoint, dict) or
+             (isinstance(config.checkpoint, str) and config.checkpoint.endswith(".json")),
              "injection_policy": config.injection_policy is not None,
              "quantization_setting": config.quantization_setting is not None,
              "save_mp_checkpoint_path": config.save_mp_checkpoint_path is not None,
@@ -57,16 +48,22 @@ def _check_supported(config: InferenceConfig) -> None:
             raise ConfigError(f"{name} is not yet supported by this build of rayspeed")
 
 
-def init_inference(model: nn.Module, config: InferenceConfig | dict | None = None, tokenizer=None,
-                   **kwargs) -> InferenceEngine:
-    """Wrap an HF causal LM for inference (DeepSpeed's `init_inference` keywords; see `InferenceConfig`)."""
+def init_inference(model: nn.Module | None = None, config: InferenceConfig | dict | None = None,
+                   tokenizer=None, **kwargs) -> InferenceEngine:
+    """Wrap an HF causal LM (or a checkpoint URI) for inference; DeepSpeed's keywords, see `InferenceConfig`."""
     config = make_config(config, **kwargs)
     _check_supported(config)
     if not config.replace_with_kernel_inject:
+        if config.tp_size > 1:
+            raise ConfigError("tp_size > 1 without kernel injection needs AutoTP (injection_policy): not yet "
+                              "supported; pass replace_with_kernel_inject=True")
         module = model.to(device=default_device(config), dtype=config.torch_dtype).eval()
         return InferenceEngine(module, HFBackend(module), config, tokenizer)
-    state = model.state_dict()
-    backend = build_engine(model.config, state.items(), config, num_tensors=len(state))
-    module = InjectedModelForCausalLM(backend, model.config, getattr(model, "generation_config", None),
-                                      config.torch_dtype)
-    return InferenceEngine(module, backend, config, tokenizer)
+    if config.tp_size == 1:
+        built = backends.local(model, config)
+    elif backends.launched_spmd():
+        built = backends.spmd(model, config)
+    else:
+        built = backends.on_ray(model, config, tokenizer)
+    module = InjectedModelForCausalLM(built.backend, built.hf_config, built.generation_config, config.torch_dtype)
+    return InferenceEngine(module, built.backend, config, tokenizer or built.tokenizer)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rayspeed
-from helpers import EOS, byte_tokenizer, tiny_model
+from tests.helpers import EOS, byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

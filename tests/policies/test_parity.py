@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rayspeed
-from helpers import CONFIGS, PAD, tiny_model
+from tests.helpers import CONFIGS, PAD, tiny_model
 
 FAMILIES = sorted(CONFIGS)
 

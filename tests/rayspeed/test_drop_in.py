@@ -4,7 +4,7 @@ import torch
 from transformers import pipeline
 
 import rayspeed
-from helpers import PAD, byte_tokenizer, tiny_model
+from tests.helpers import PAD, byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module", params=["gpt_neo", "llama"])

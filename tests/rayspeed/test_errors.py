@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 
 import rayspeed
-from helpers import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,142 @@
+"""A lazy view of one tensor in a safetensors file: narrow, split and transpose it like a tensor,
+then `materialize()` reads only the bytes the view covers.
+
+Tensor-parallel weight loaders take the *full* checkpoint tensor and keep their shard with
+`.shape`, `.narrow`, `.split` and `.t()`; given a `LazyTensor` they never touch the other ranks' bytes.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from actors.loader import CheckpointError
+
+# safetensors dtype names -> torch dtypes (those torch has)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class FileReader:
+    """Byte ranges of files on one fsspec filesystem, counting every byte fetched."""
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.bytes_read = 0
+
+    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes [start, end) of `path` (the whole file by default); a short read is an error."""
+        if start is None:
+            return self._fetch(path, lambda: self.fs.cat_file(path))
+        return self.read_ranges(path, [start], [end])[0]
+
+    def read_ranges(self, path: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """Several ranges of one file in a single `cat_ranges` call (remote filesystems overlap them)."""
+        chunks = self._fetch(path, lambda: self.fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise"))
+        for chunk, start, end in zip(chunks, starts, ends):
+            if len(chunk) != end - start:
+                raise CheckpointError(f"{path}: truncated: bytes [{start}, {end}) requested, {len(chunk)} read")
+        return chunks
+
+    def _fetch(self, path: str, fetch):
+        try:
+            data = fetch()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: read failed: {e}") from None
+        self.bytes_read += len(data) if isinstance(data, bytes) else sum(map(len, data))
+        return data
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A box inside a row-major tensor stored at byte `offset` of `path`, seen through a permutation.
+
+    `starts`/`lengths` give the box in storage coordinates; view dim i is storage dim `perm[i]`.
+    """
+    reader: FileReader
+    path: str
+    offset: int                       # byte offset of element 0 of the stored tensor
+    dtype: torch.dtype
+    storage_shape: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    perm: tuple[int, ...]
+
+    @classmethod
+    def stored(cls, reader: FileReader, path: str, offset: int, dtype: torch.dtype, shape) -> "LazyTensor":
+        """The whole tensor as stored."""
+        shape = tuple(shape)
+        return cls(reader, path, offset, dtype, shape, (0,) * len(shape), shape, tuple(range(len(shape))))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.lengths[p] for p in self.perm)
+
+    def dim(self) -> int:
+        return len(self.perm)
+
+    def numel(self) -> int:
+        return math.prod(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.dtype.itemsize
+
+    def narrow(self, dim: int, start: int, length: int) -> "LazyTensor":
+        size = self.shape[dim]                       # raises IndexError for a bad dim
+        start = start + size if start < 0 else start
+        if start < 0 or length < 0 or start + length > size:
+            raise ValueError(f"narrow({dim}, {start}, {length}) outside dimension of size {size}")
+        d = self.perm[dim]
+        starts, lengths = list(self.starts), list(self.lengths)
+        starts[d] += start
+        lengths[d] = length
+        return replace(self, starts=tuple(starts), lengths=tuple(lengths))
+
+    def split(self, sizes: int | list[int], dim: int = 0) -> list["LazyTensor"]:
+        """Like `torch.split`: an int is a chunk size, a list gives every part's size."""
+        total = self.shape[dim]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, total - s) for s in range(0, total, sizes)]
+        if sum(sizes) != total:
+            raise ValueError(f"split sizes {list(sizes)} do not add up to dimension {dim} of size {total}")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [self.narrow(dim, start, size) for start, size in zip(starts, sizes)]
+
+    def t(self) -> "LazyTensor":
+        if self.dim() > 2:
+            raise ValueError(f"t() expects a tensor with <= 2 dimensions, this one has {self.dim()}")
+        return replace(self, perm=self.perm[::-1])
+
+    def materialize(self) -> torch.Tensor:
+        """Read the view's bytes (one range per contiguous run in storage) into a CPU tensor."""
+        if self.numel() == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        starts, run = self._runs()
+        ends = [start + run for start in starts]
+        data = bytearray(b"".join(self.reader.read_ranges(self.path, starts, ends)))
+        box = torch.frombuffer(data, dtype=self.dtype).view(self.lengths)
+        return box.permute(self.perm)
+
+    def _runs(self) -> tuple[list[int], int]:
+        """Byte offsets of the view's contiguous runs in the file, and the bytes in each run.
+
+        Dims after the last partially covered one are whole, so a run spans them; the dims
+        before it enumerate the runs: a dim-0 narrow is one run, a dim-1 narrow one per row.
+        """
+        partial = [d for d in range(len(self.lengths)) if self.lengths[d] != self.storage_shape[d]]
+        k = partial[-1] if partial else 0
+        strides = [math.prod(self.storage_shape[d + 1:]) for d in range(len(self.storage_shape))]
+        offsets = torch.tensor(0, dtype=torch.int64)
+        for d in range(k):                           # [lengths[0], ..., lengths[k-1]] element offsets
+            index = torch.arange(self.starts[d], self.starts[d] + self.lengths[d])
+            offsets = offsets.unsqueeze(-1) + index * strides[d]
+        first = (self.starts[k] * strides[k]) if self.lengths else 0
+        run = (self.lengths[k] * strides[k]) if self.lengths else 1
+        size = self.dtype.itemsize
+        return [self.offset + (o + first) * size for o in offsets.flatten().tolist()], run * size
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.path}, shape={tuple(self.shape)}, dtype={self.dtype})"

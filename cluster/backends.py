@@ -1,0 +1,90 @@
+"""Where a model runs, chosen from the config and the process it is called in:
+
+- `local`: tp_size 1, in this process (a model object, or a checkpoint read through fsspec);
+- `spmd`: tp_size N inside a script started N times by a launcher (`rayspeed --num_gpus N`, or
+  torch.distributed already initialised): each process builds its shard in-process, as DeepSpeed;
+- `ray`: tp_size N from a single driver: an `InferenceGroup` of N Ray actors.
+
+Each returns a `Model` with the backend and what the HF drop-in needs.
+"""
+import atexit
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from actors.build import build_engine, default_device
+from actors.checkpoint import open_checkpoint, save_checkpoint
+from cluster.config import ConfigError, InferenceConfig
+from kernels.linear import SINGLE, TensorParallel
+
+
+@dataclass
+class Model:
+    backend: object
+    hf_config: object
+    generation_config: object
+    tokenizer: object = None
+
+
+def launched_spmd() -> bool:
+    return dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local(model, config: InferenceConfig, tp: TensorParallel = SINGLE, device=None) -> Model:
+    if model is None or isinstance(config.checkpoint, str):
+        if not isinstance(config.checkpoint, str):
+            raise ConfigError("init_inference needs a model object or checkpoint='dir-or-fsspec-URI'")
+        ckpt = open_checkpoint(config.checkpoint, config.storage_options)
+        engine = build_engine(ckpt.hf_config(), ckpt.tensors(), config, tp, len(ckpt), device, tp.rank == 0)
+        return Model(engine, ckpt.hf_config(), ckpt.generation_config(), ckpt.tokenizer())
+    state = model.state_dict()
+    engine = build_engine(model.config, state.items(), config, tp, len(state), device, tp.rank == 0)
+    return Model(engine, model.config, getattr(model, "generation_config", None))
+
+
+def spmd(model, config: InferenceConfig) -> Model:
+    """Join (or initialise from the launcher's env) the process group and build this rank's shard."""
+    on_gpu = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method="env://",
+                                timeout=timedelta(seconds=config.rendezvous_timeout_s))
+    if dist.get_world_size() != config.tp_size:
+        raise ConfigError(f"tensor_parallel.tp_size={config.tp_size} but the launched world has "
+                          f"{dist.get_world_size()} processes")
+    device = default_device(config)
+    if on_gpu and not config.device:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    tp = TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    return local(model, config, tp, device)
+
+
+def on_ray(model, config: InferenceConfig, tokenizer=None) -> Model:
+    """An InferenceGroup; a model object is first written as a checkpoint the workers read slices of."""
+    import ray
+
+    from cluster.group import InferenceGroup
+    from cluster.group_backend import GroupBackend, _get
+
+    if not ray.is_initialized():
+        ray.init()                                  # joins a running cluster, else starts a local one
+    if not isinstance(config.checkpoint, str):
+        if model is None:
+            raise ConfigError("init_inference needs a model object or checkpoint='dir-or-fsspec-URI'")
+        staging = tempfile.mkdtemp(prefix="rayspeed-ckpt-")
+        atexit.register(shutil.rmtree, staging, ignore_errors=True)
+        save_checkpoint(model, staging, tokenizer)
+        config = config.model_copy(update={"checkpoint": staging})
+    group = InferenceGroup.remote(config)
+    backend = GroupBackend(group)
+    try:
+        info = _get(group.model_info.remote())
+    except BaseException:
+        backend.shutdown()
+        raise
+    return Model(backend, info["hf_config"], info["generation_config"], tokenizer or info["tokenizer"])
