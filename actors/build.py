@@ -5,6 +5,7 @@ import torch
 
 from actors.llm_engine import LLMEngine
 from actors.loader import load_weights
+from actors.sharded_checkpoint import ShardedCheckpoint, save_shards
 from kernels.linear import SINGLE, TensorParallel
 from kernels.model import CausalLM
 from policies.registry import policy_for
@@ -20,12 +21,25 @@ def default_device(config) -> torch.device:
 
 def build_engine(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], config, tp: TensorParallel = SINGLE,
                  num_tensors: int | None = None, device: torch.device | None = None,
-                 progress: bool = True) -> LLMEngine:
-    """The injected model for `hf_config`, loaded from (name, tensor) pairs, inside an engine."""
+                 progress: bool = True, presharded: bool = False) -> LLMEngine:
+    """The injected model for `hf_config`, loaded from (name, tensor) pairs, inside an engine.
+    `presharded`: the pairs are this rank's shards under injected names (a sharded checkpoint)."""
     policy = policy_for(hf_config)
     spec = policy.spec(hf_config)
     device = device or default_device(config)
     with torch.device(device):
         model = CausalLM(spec, config.torch_dtype, tp)
-    load_weights(model, policy, tensors, total=num_tensors, progress=progress)
+    load_weights(model, None if presharded else policy, tensors, total=num_tensors, progress=progress)
     return LLMEngine(model.eval(), config, device)
+
+
+def load_engine(ckpt, config, tp: TensorParallel = SINGLE, device: torch.device | None = None) -> LLMEngine:
+    """`build_engine` from an opened checkpoint (HF directory or pre-sharded), then, when the config
+    asks for it, write this rank's shard to `save_mp_checkpoint_path`."""
+    presharded = isinstance(ckpt, ShardedCheckpoint)
+    hf_config = ckpt.hf_config()
+    engine = build_engine(hf_config, ckpt.tensors(), config, tp, len(ckpt), device, tp.rank == 0, presharded)
+    if config.save_mp_checkpoint_path:
+        save_shards(engine.model, config.save_mp_checkpoint_path, config.storage_options, hf_config,
+                    ckpt.generation_config(), ckpt.tokenizer() if tp.rank == 0 else None)
+    return engine

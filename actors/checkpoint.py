@@ -89,6 +89,16 @@ class Checkpoint:
     def __len__(self) -> int:
         return sum(len(names or self._file_tensors(file)) for file, names in self._shards())
 
+    def file_tensors(self, files: list[str]) -> Iterator[tuple[str, LazyTensor | torch.Tensor]]:
+        """(name, tensor) from the named weight files of this directory only (pre-sharded layouts)."""
+        for file in files:
+            if file not in self.names:
+                raise CheckpointError(f"{self._path(file)}: listed by the checkpoint description, not found")
+            yield from self._file_tensors(file).items()
+
+    def json(self, name: str) -> dict:
+        return self._json(name)
+
     def __repr__(self) -> str:
         return f"Checkpoint({self.uri!r})"
 

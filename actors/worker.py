@@ -14,11 +14,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.build import build_engine
-from actors.checkpoint import open_checkpoint
+from actors.build import load_engine
 from actors.engine_loop import EngineLoop
 from actors.model_runner import STOP
 from actors.sequence import SamplingParams
+from actors.sharded_checkpoint import open_any
 from kernels.linear import TensorParallel
 
 
@@ -59,9 +59,8 @@ class Worker:
                                     world_size=self.world_size,
                                     timeout=timedelta(seconds=self.config.rendezvous_timeout_s))
         tp = TensorParallel(self.rank, self.world_size, dist.group.WORLD if self.world_size > 1 else None)
-        ckpt = open_checkpoint(checkpoint, self.config.storage_options)
-        self.engine = build_engine(ckpt.hf_config(), ckpt.tensors(), self.config, tp, num_tensors=len(ckpt),
-                                   device=device, progress=self.rank == 0)
+        ckpt = open_any(checkpoint, self.config.storage_options, self.rank, self.world_size)
+        self.engine = load_engine(ckpt, self.config, tp, device)
         if self.rank == 0:
             self.loop = EngineLoop(self.engine)
         return {"rank": self.rank, "device": str(device), "pid": os.getpid(), "bytes_read": ckpt.bytes_read,

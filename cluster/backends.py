@@ -17,8 +17,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.build import build_engine, default_device
-from actors.checkpoint import open_checkpoint, save_checkpoint
+from actors.build import build_engine, default_device, load_engine
+from actors.checkpoint import save_checkpoint
+from actors.sharded_checkpoint import open_any, save_shards
 from cluster.config import ConfigError, InferenceConfig
 from kernels.linear import SINGLE, TensorParallel
 
@@ -35,19 +36,23 @@ def launched_spmd() -> bool:
     return dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def local(model, config: InferenceConfig, tp: TensorParallel = SINGLE, device=None) -> Model:
+def local(model, config: InferenceConfig, tp: TensorParallel = SINGLE, device=None, tokenizer=None) -> Model:
     if model is None or isinstance(config.checkpoint, str):
         if not isinstance(config.checkpoint, str):
             raise ConfigError("init_inference needs a model object or checkpoint='dir-or-fsspec-URI'")
-        ckpt = open_checkpoint(config.checkpoint, config.storage_options)
-        engine = build_engine(ckpt.hf_config(), ckpt.tensors(), config, tp, len(ckpt), device, tp.rank == 0)
+        ckpt = open_any(config.checkpoint, config.storage_options, tp.rank, tp.size)
+        engine = load_engine(ckpt, config, tp, device)
         return Model(engine, ckpt.hf_config(), ckpt.generation_config(), ckpt.tokenizer())
     state = model.state_dict()
+    generation_config = getattr(model, "generation_config", None)
     engine = build_engine(model.config, state.items(), config, tp, len(state), device, tp.rank == 0)
-    return Model(engine, model.config, getattr(model, "generation_config", None))
+    if config.save_mp_checkpoint_path:
+        save_shards(engine.model, config.save_mp_checkpoint_path, config.storage_options, model.config,
+                    generation_config, tokenizer)
+    return Model(engine, model.config, generation_config)
 
 
-def spmd(model, config: InferenceConfig) -> Model:
+def spmd(model, config: InferenceConfig, tokenizer=None) -> Model:
     """Join (or initialise from the launcher's env) the process group and build this rank's shard."""
     on_gpu = torch.cuda.is_available()
     if not dist.is_initialized():
@@ -61,7 +66,7 @@ def spmd(model, config: InferenceConfig) -> Model:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     tp = TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
-    return local(model, config, tp, device)
+    return local(model, config, tp, device, tokenizer)
 
 
 def on_ray(model, config: InferenceConfig, tokenizer=None) -> Model:

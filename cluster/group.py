@@ -10,9 +10,9 @@ import time
 
 import ray
 
-from actors.checkpoint import open_checkpoint
 from actors.outputs import RequestOutput, add_text
 from actors.sequence import SamplingParams
+from actors.sharded_checkpoint import open_any
 from actors.worker import Worker
 from cluster.config import ConfigError, InferenceConfig
 from cluster.generation import encode_prompts, token_list
@@ -61,7 +61,7 @@ class InferenceGroupImpl:
         except BaseException:
             await self.shutdown()
             raise
-        ckpt = open_checkpoint(c.checkpoint, c.storage_options)
+        ckpt = open_any(c.checkpoint, c.storage_options, 0, c.tp_size)
         self.tokenizer, self.generation_config = ckpt.tokenizer(), ckpt.generation_config()
         self.hf_config = ckpt.hf_config()
         self.report = {"ranks": ranks, "start_s": time.perf_counter() - t0, "tp_size": c.tp_size}

@@ -64,9 +64,12 @@ def default_weight_loader(param: torch.Tensor, full: torch.Tensor, shard_id=None
     copy_checked(param, full)
 
 
-def _param(*shape: int, dtype: torch.dtype, loader) -> nn.Parameter:
+def _param(*shape: int, dtype: torch.dtype, loader, tp_dim: int | None = None) -> nn.Parameter:
+    """An uninitialised parameter with its loader; `tp_dim` is the dimension split across ranks
+    (None: replicated), which is what sharded checkpoints need to know."""
     p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
     p.weight_loader = loader
+    p.tp_dim = tp_dim
     return p
 
 
@@ -78,8 +81,8 @@ class ColumnParallelLinear(nn.Module):
         if out_features % tp.size:
             raise ValueError(f"{out_features} output features do not split across tp_size={tp.size}")
         self.tp = tp
-        self.weight = _param(out_features // tp.size, in_features, dtype=dtype, loader=self.weight_loader)
-        self.bias = _param(out_features // tp.size, dtype=dtype, loader=self.weight_loader) if bias else None
+        self.weight = _param(out_features // tp.size, in_features, dtype=dtype, loader=self.weight_loader, tp_dim=0)
+        self.bias = _param(out_features // tp.size, dtype=dtype, loader=self.weight_loader, tp_dim=0) if bias else None
 
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
@@ -156,7 +159,7 @@ class RowParallelLinear(nn.Module):
         if in_features % tp.size:
             raise ValueError(f"{in_features} input features do not split across tp_size={tp.size}")
         self.tp = tp
-        self.weight = _param(out_features, in_features // tp.size, dtype=dtype, loader=self.weight_loader)
+        self.weight = _param(out_features, in_features // tp.size, dtype=dtype, loader=self.weight_loader, tp_dim=1)
         self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
 
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:

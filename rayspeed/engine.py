@@ -37,11 +37,9 @@ class InferenceEngine:
 
 
 def _check_supported(config: InferenceConfig) -> None:
-    later = {"checkpoint descriptions (json)": isinstance(config.checkpoint, dict) or
-             (isinstance(config.checkpoint, str) and config.checkpoint.endswith(".json")),
+    later = {"checkpoint descriptions given as a dict": isinstance(config.checkpoint, dict),
              "injection_policy": config.injection_policy is not None,
              "quantization_setting": config.quantization_setting is not None,
-             "save_mp_checkpoint_path": config.save_mp_checkpoint_path is not None,
              "enable_cuda_graph": config.enable_cuda_graph}
     for name, used in later.items():
         if used:
@@ -60,9 +58,9 @@ def init_inference(model: nn.Module | None = None, config: InferenceConfig | dic
         module = model.to(device=default_device(config), dtype=config.torch_dtype).eval()
         return InferenceEngine(module, HFBackend(module), config, tokenizer)
     if config.tp_size == 1:
-        built = backends.local(model, config)
+        built = backends.local(model, config, tokenizer=tokenizer)
     elif backends.launched_spmd():
-        built = backends.spmd(model, config)
+        built = backends.spmd(model, config, tokenizer)
     else:
         built = backends.on_ray(model, config, tokenizer)
     module = InjectedModelForCausalLM(built.backend, built.hf_config, built.generation_config, config.torch_dtype)

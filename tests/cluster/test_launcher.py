@@ -100,3 +100,33 @@ def test_num_nodes_checks_where_the_bundles_landed(cluster, tmp_path):
     result = rayspeed(cluster, tmp_path, "pass", "--num_gpus", "1", "--num_nodes", "2", "--timeout", "5")
     assert result.returncode == 1
     assert "asked for 2 nodes, but the 2 bundles landed on 1 node(s)" in result.stderr, result.stderr
+
+
+SEED_SCRIPT = """
+    # The seed's gpt-neo-2.7b-generation.py, unchanged but for the import and a tiny offline model.
+    import os
+    import torch
+    import rayspeed
+    from transformers import pipeline
+    from tests.helpers import byte_tokenizer, tiny_model
+
+    local_rank = int(os.getenv("LOCAL_RANK", "0"))
+    world_size = int(os.getenv("WORLD_SIZE", "1"))
+    generator = pipeline("text-generation", model=tiny_model("gpt_neo"), tokenizer=byte_tokenizer())
+    generator.model = rayspeed.init_inference(generator.model, tensor_parallel={"tp_size": world_size},
+                                              dtype=torch.float, replace_with_kernel_inject=True).module
+    string = generator("DeepSpeed is", do_sample=False, max_new_tokens=24)
+    print("text", repr(string[0]["generated_text"]))
+"""
+
+
+def test_seed_style_script_shards_in_process_on_two_ranks(cluster, tmp_path):
+    from transformers import pipeline
+
+    from tests.helpers import byte_tokenizer, tiny_model
+
+    result = rayspeed(cluster, tmp_path, SEED_SCRIPT, "--num_gpus", "2", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = pipeline("text-generation", model=tiny_model("gpt_neo"), tokenizer=byte_tokenizer())
+    expected = repr(pipe("DeepSpeed is", do_sample=False, max_new_tokens=24)[0]["generated_text"])
+    assert lines_of(result.stdout, 0, "text") == lines_of(result.stdout, 1, "text") == [expected]

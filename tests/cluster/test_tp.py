@@ -1,5 +1,6 @@
 """Tensor parallelism on Ray (gloo on CPU): TP=N equals TP=1 and HF; the InferenceGroup actor;
 slice-only checkpoint reads; failures end with clear errors, never a hang."""
+import json
 import os
 import signal
 import time
@@ -146,3 +147,30 @@ def test_rank_killed_mid_generation_fails_requests_clearly(llama_ckpt):
     finally:
         ray.get(group.shutdown.remote())
     assert free_cpus_settle() == 4.0
+
+
+def test_save_mp_checkpoint_then_reload_each_rank_reading_its_own_files(llama_ckpt, tmp_path):
+    hf, path = llama_ckpt
+    shards = str(tmp_path / "sharded")
+    engine = rayspeed.init_inference(checkpoint=path, tensor_parallel={"tp_size": 2},
+                                     save_mp_checkpoint_path=shards, **TP)
+    ids = torch.randint(0, 256, (2, 20))
+    expected = engine.module.generate(ids, max_new_tokens=16, min_new_tokens=16)
+    engine.shutdown()
+    described = json.loads((tmp_path / "sharded" / "ds_inference_config.json").read_text())
+    assert described["type"] == "ds_model" and described["tp_size"] == 2
+    assert described["checkpoints"]["tp"] == ["tp_00.safetensors", "tp_01.safetensors"]
+
+    reloaded = rayspeed.init_inference(checkpoint=shards + "/ds_inference_config.json",
+                                       tensor_parallel={"tp_size": 2}, **TP)
+    try:
+        assert torch.equal(reloaded.module.generate(ids, max_new_tokens=16, min_new_tokens=16), expected)
+        assert reloaded.generate("DeepSpeed", max_new_tokens=2)[0].prompt == "DeepSpeed"   # tokenizer saved
+        sizes = {f: (tmp_path / "sharded" / f).stat().st_size for f in ("non_tp.safetensors", "tp_00.safetensors")}
+        report = ray.get(reloaded.backend.group.model_info.remote())["report"]
+        for rank in report["ranks"]:                       # its own tp file + non_tp + small json files
+            assert rank["bytes_read"] <= sizes["non_tp.safetensors"] + sizes["tp_00.safetensors"] + 64 * 1024
+    finally:
+        reloaded.shutdown()
+    with pytest.raises(rayspeed.CheckpointError, match="sharded for tp_size=2"):
+        rayspeed.init_inference(checkpoint=shards + "/ds_inference_config.json", **TP)
