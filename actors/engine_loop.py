@@ -1,10 +1,13 @@
 """`EngineLoop`: an `LLMEngine` stepping in its own thread, so asyncio callers (a Ray actor, a Serve
-replica) can add requests at any time; they join the running batch at the next step boundary."""
+replica) can add requests at any time; they join the running batch at the next step boundary.
+Results come back whole (`generate`) or as token deltas (`stream`); a stream that is closed early
+(client gone) aborts its sequences, which frees their KV blocks at the next step."""
 import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from actors.llm_engine import LLMEngine
 from actors.model_runner import STOP
@@ -13,86 +16,140 @@ from actors.sequence import SamplingParams, Sequence
 
 
 @dataclass
-class _Pending:
+class StreamDelta:
+    index: int                      # sample number (0 .. n-1)
+    token_ids: list[int]            # tokens new since the last delta of this sample
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Request:
     prompts: list[list[int]]
-    groups: list[list[Sequence]]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future | None = None          # whole results (generate)
+    deltas: asyncio.Queue | None = None           # token deltas (stream)
+    groups: list[list[Sequence]] = field(default_factory=list)
+    sent: dict[int, int] = field(default_factory=dict)      # stream: tokens delivered per sample
+    closed: set[int] = field(default_factory=set)           # stream: samples whose last delta went out
+
+    def seqs(self) -> list[Sequence]:
+        return [s for g in self.groups for s in g]
 
     def done(self) -> bool:
-        return all(s.is_finished for g in self.groups for s in g)
+        return all(s.is_finished for s in self.seqs())
 
-
-def _resolve(pending: _Pending, result=None, error: BaseException | None = None) -> None:
-    def settle():
-        if not pending.future.done():
-            pending.future.set_exception(error) if error else pending.future.set_result(result)
-    pending.loop.call_soon_threadsafe(settle)
+    def deliver(self, result=None, error: BaseException | None = None) -> None:
+        """Thread-safe hand-off to the caller's event loop."""
+        def settle():
+            if self.deltas is not None:
+                self.deltas.put_nowait(error if error is not None else result)
+            elif not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(result)
+        self.loop.call_soon_threadsafe(settle)
 
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # callables run in the engine thread
-        self.pending: list[_Pending] = []
+        self.requests: list[_Request] = []
         self.idle_calls: list = []                              # run once no request is running
         self.error: BaseException | None = None
         self.last_step = time.monotonic()
         self.steps = 0
+        self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
+    # -- callers (any thread with an event loop) ---------------------------------------------
+
     async def generate(self, prompts: list[list[int]], params: SamplingParams,
                        position_offsets: list[int] | None = None) -> list[RequestOutput]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(prompts, [], loop, loop.create_future())
+        request = _Request(prompts, loop, future=loop.create_future())
+        self._submit(lambda: self._admit(request, params, position_offsets), request)
+        return await request.future
 
-        def admit():
-            for prompt in prompts:
-                self.engine.check_prompt(prompt, params.max_new_tokens)
-            offsets = position_offsets or [0] * len(prompts)
-            pending.groups = [[self.engine.add_request(p, params, off, i) for i in range(params.n)]
-                              for p, off in zip(prompts, offsets)]
-            self.pending.append(pending)
-        self._submit(admit, pending)
-        return await pending.future
+    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """Token deltas of each of the prompt's `params.n` samples as they are generated."""
+        loop = asyncio.get_running_loop()
+        request = _Request([prompt], loop, deltas=asyncio.Queue())
+        self._submit(lambda: self._admit(request, params, None), request)
+        unfinished = params.n
+        try:
+            while unfinished:
+                delta = await request.deltas.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                unfinished -= delta.finish_reason is not None
+                yield delta
+        finally:
+            if unfinished:                              # the caller left early: free its blocks
+                self.inbox.put(lambda: self._abort(request))
 
     async def call(self, fn):
         """Run `fn(engine)` in the engine thread once no request is running (e.g. forward_logits)."""
         loop = asyncio.get_running_loop()
-        pending = _Pending([], [], loop, loop.create_future())
+        request = _Request([], loop, future=loop.create_future())
 
         def run_when_idle():
             try:
-                _resolve(pending, fn(self.engine))
+                request.deliver(fn(self.engine))
             except Exception as e:
-                _resolve(pending, error=e)
-        self._submit(lambda: self.idle_calls.append(run_when_idle), pending)
-        return await pending.future
+                request.deliver(error=e)
+        self._submit(lambda: self.idle_calls.append(run_when_idle), request)
+        return await request.future
 
-    def _submit(self, fn, pending: _Pending) -> None:
+    def fail(self, error: BaseException) -> None:
+        """End every request in flight with `error` (e.g. a rank of the TP group died)."""
+        self.error = self.error or error
+        with self._lock:
+            requests, self.requests = self.requests, []
+        for request in requests:
+            request.deliver(error=error)
+
+    def health(self) -> dict:
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        return {"alive": self._thread.is_alive() and self.error is None,
+                "error": repr(self.error) if self.error else None, "steps": self.steps,
+                "seconds_since_step": time.monotonic() - self.last_step, "running": len(scheduler.running),
+                "waiting": len(scheduler.waiting), "kv_blocks_used": blocks.num_used,
+                "kv_blocks_total": blocks.num_blocks}
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self.inbox.put(lambda: None)
+        self._thread.join(timeout=30)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _submit(self, fn, request: _Request) -> None:
         if self.error is not None:
             raise RuntimeError(f"engine failed earlier: {self.error!r}")
 
         def guarded():
             try:
                 fn()
-            except Exception as e:                     # a bad request fails alone
-                _resolve(pending, error=e)
+            except Exception as e:                      # a bad request fails alone
+                request.deliver(error=e)
         self.inbox.put(guarded)
 
-    def health(self) -> dict:
-        return {"alive": self._thread.is_alive() and self.error is None, "error": repr(self.error) if self.error else None,
-                "steps": self.steps, "seconds_since_step": time.monotonic() - self.last_step,
-                "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
-                "kv_blocks_used": self.engine.block_manager.num_used,
-                "kv_blocks_total": self.engine.block_manager.num_blocks}
+    def _admit(self, request: _Request, params: SamplingParams, offsets: list[int] | None) -> None:
+        for prompt in request.prompts:
+            self.engine.check_prompt(prompt, params.max_new_tokens)
+        offsets = offsets or [0] * len(request.prompts)
+        request.groups = [[self.engine.add_request(p, params, off, i) for i in range(params.n)]
+                          for p, off in zip(request.prompts, offsets)]
+        with self._lock:
+            self.requests.append(request)
 
-    def shutdown(self) -> None:
-        self._stopping = True
-        self.inbox.put(lambda: None)
-        self._thread.join(timeout=30)
+    def _abort(self, request: _Request) -> None:
+        for seq in request.seqs():
+            self.engine.abort(seq)
+        with self._lock:
+            if request in self.requests:
+                self.requests.remove(request)
 
     def _run(self) -> None:
         try:
@@ -104,13 +161,10 @@ class EngineLoop:
                     self.engine.step()
                     self.steps += 1
                     self.last_step = time.monotonic()
-                    self._settle_finished()
+                    self._publish()
             self.engine.runner.signal(STOP)
-        except BaseException as e:                     # the engine itself broke: fail everyone
-            self.error = e
-            for pending in self.pending:
-                _resolve(pending, error=RuntimeError(f"engine failed: {e!r}"))
-            self.pending.clear()
+        except BaseException as e:                      # the engine itself broke: fail everyone
+            self.fail(RuntimeError(f"engine failed: {e!r}"))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -124,11 +178,27 @@ class EngineLoop:
             except queue.Empty:
                 return
 
-    def _settle_finished(self) -> None:
-        still = []
-        for pending in self.pending:
-            if pending.done():
-                _resolve(pending, request_outputs(pending.prompts, pending.groups))
-            else:
-                still.append(pending)
-        self.pending = still
+    def _publish(self) -> None:
+        """Send stream deltas; settle finished requests."""
+        with self._lock:
+            requests = list(self.requests)
+        for request in requests:
+            if request.deltas is not None:
+                self._send_deltas(request)
+            if request.done():
+                if request.future is not None:
+                    request.deliver(request_outputs(request.prompts, request.groups))
+                with self._lock:
+                    self.requests.remove(request)
+
+    @staticmethod
+    def _send_deltas(request: _Request) -> None:
+        for i, seq in enumerate(request.groups[0]):
+            if i in request.closed:
+                continue
+            new = seq.output_token_ids[request.sent.get(i, 0):]
+            if new or seq.is_finished:
+                request.deliver(StreamDelta(i, new, seq.finish_reason if seq.is_finished else None))
+                request.sent[i] = len(seq.output_token_ids)
+                if seq.is_finished:
+                    request.closed.add(i)

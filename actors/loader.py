@@ -28,9 +28,11 @@ def load_weights(model: CausalLM, policy: Policy | None, tensors: Iterable[tuple
         if target.name not in params:
             raise CheckpointError(f"{hf_name}: maps to {target.name!r}, which the {family} model lacks")
         param = params[target.name]
-        if target.transpose:
-            tensor = tensor.t()
         try:
+            if target.transpose:
+                tensor = tensor.t()
+            if target.transform is not None:
+                tensor = target.transform(tensor, model.spec)
             loader = getattr(param, "weight_loader", default_weight_loader) if policy else default_weight_loader
             loader(param, tensor, target.shard)
         except ValueError as e:

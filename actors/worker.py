@@ -93,3 +93,5 @@ class Worker:
     def shutdown(self) -> None:
         if self.loop is not None:
             self.loop.shutdown()
+        if dist.is_initialized():
+            dist.destroy_process_group()

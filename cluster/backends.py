@@ -3,9 +3,11 @@
 - `local`: tp_size 1, in this process (a model object, or a checkpoint read through fsspec);
 - `spmd`: tp_size N inside a script started N times by a launcher (`rayspeed --num_gpus N`, or
   torch.distributed already initialised): each process builds its shard in-process, as DeepSpeed;
-- `ray`: tp_size N from a single driver: an `InferenceGroup` of N Ray actors.
+- `ray`: tp_size N from a single driver: an `InferenceGroup` of N Ray actors;
+- `auto_tp`: no kernel injection: the HF model itself, its blocks sharded in place in each rank's
+  process (AutoTP, DeepSpeed's `injection_policy`), under a launcher like `spmd`.
 
-Each returns a `Model` with the backend and what the HF drop-in needs.
+Each but `auto_tp` returns a `Model` with the backend and what the HF drop-in needs.
 """
 import atexit
 import os
@@ -22,6 +24,7 @@ from actors.checkpoint import save_checkpoint
 from actors.sharded_checkpoint import open_any, save_shards
 from cluster.config import ConfigError, InferenceConfig
 from kernels.linear import SINGLE, TensorParallel
+from policies.auto_tp import AutoTPError, plan, shard_in_place
 
 
 @dataclass
@@ -54,6 +57,13 @@ def local(model, config: InferenceConfig, tp: TensorParallel = SINGLE, device=No
 
 def spmd(model, config: InferenceConfig, tokenizer=None) -> Model:
     """Join (or initialise from the launcher's env) the process group and build this rank's shard."""
+    tp, device = _join_launched_group(config)
+    return local(model, config, tp, device, tokenizer)
+
+
+def _join_launched_group(config: InferenceConfig) -> tuple[TensorParallel, torch.device]:
+    """This process's place in the launched world (initialised from the launcher's env if need be),
+    and its device (the LOCAL_RANK-th GPU unless `config.device` says otherwise)."""
     on_gpu = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method="env://",
@@ -65,8 +75,48 @@ def spmd(model, config: InferenceConfig, tokenizer=None) -> Model:
     if on_gpu and not config.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    tp = TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
-    return local(model, config, tp, device, tokenizer)
+    return TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device
+
+
+def auto_tp(model, config: InferenceConfig) -> torch.nn.Module:
+    """Without kernel injection, AutoTP: the HF model itself with its blocks sharded in place for this
+    rank (see `policies.auto_tp`), in `config.torch_dtype` on this rank's device. Every rank runs the same
+    script, so they all build the full model and each keeps its shard. tp_size 1: the model as it
+    is (a given `injection_policy` is only checked against it), as DeepSpeed does.
+
+    The ranks also adopt rank 0's torch RNG state, so sampling (HF `generate(do_sample=True)` on the
+    module, or `engine.generate`) draws the same tokens on every rank as long as they make the same
+    calls; a rank that draws random numbers on its own afterwards makes them diverge."""
+    if model is None:
+        raise ConfigError("replace_with_kernel_inject=False runs (and with tp_size > 1 shards) an HF model "
+                          "object: pass the model, not only checkpoint=")
+    if config.tp_size == 1:
+        if config.injection_policy is not None:
+            _policy_errors(plan, model, SINGLE, config.injection_policy)
+        return model.to(device=default_device(config), dtype=config.torch_dtype).eval()
+    if not launched_spmd():
+        raise ConfigError(f"AutoTP with tp_size={config.tp_size} shards the HF modules in place in each rank's "
+                          f"process, and this process is not one of {config.tp_size} launched ranks: run the "
+                          f"script with `rayspeed --num_gpus {config.tp_size} script.py` (or use "
+                          "replace_with_kernel_inject=True for a TP group of Ray actors from this driver)")
+    tp, device = _join_launched_group(config)
+    _policy_errors(shard_in_place, model, tp, config.injection_policy)
+    _adopt_rank0_rng(tp, device)
+    return model.to(device=device, dtype=config.torch_dtype).eval()
+
+
+def _policy_errors(action, model, tp: TensorParallel, policy):
+    try:
+        return action(model, tp, policy)
+    except AutoTPError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _adopt_rank0_rng(tp: TensorParallel, device: torch.device) -> None:
+    torch.set_rng_state(tp.broadcast_object(torch.get_rng_state() if tp.rank == 0 else None))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(tp.broadcast_object(torch.cuda.get_rng_state(device) if tp.rank == 0 else None),
+                                 device)
 
 
 def on_ray(model, config: InferenceConfig, tokenizer=None) -> Model:
@@ -85,7 +135,7 @@ def on_ray(model, config: InferenceConfig, tokenizer=None) -> Model:
         atexit.register(shutil.rmtree, staging, ignore_errors=True)
         save_checkpoint(model, staging, tokenizer)
         config = config.model_copy(update={"checkpoint": staging})
-    group = InferenceGroup.remote(config)
+    group = InferenceGroup.remote(config)               # raises PlacementError when it cannot fit
     backend = GroupBackend(group)
     try:
         info = _get(group.model_info.remote())

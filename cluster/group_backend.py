@@ -5,6 +5,7 @@ import torch
 
 from actors.outputs import RequestOutput
 from actors.sequence import SamplingParams
+from cluster.placement import release
 
 
 class GroupBackend:
@@ -24,10 +25,14 @@ class GroupBackend:
         return _get(self.group.health.remote())
 
     def shutdown(self) -> None:
+        """Stops the ranks and releases the placement group (the group actor ends with it)."""
+        pg = None
         try:
+            pg = ray.get(self.group.placement_group.remote(), timeout=60)
             ray.get(self.group.shutdown.remote(), timeout=60)
-        finally:
-            ray.kill(self.group)
+        except ray.exceptions.RayActorError:
+            pass                                        # already gone
+        release(pg)                                     # from here too: the actor may be gone before it can
 
 
 def _get(ref):

@@ -41,5 +41,5 @@ def release(pg: PlacementGroup | None) -> None:
     if pg is not None:
         try:
             remove_placement_group(pg)
-        except Exception:               # already gone with the cluster
+        except Exception:               # already removed, or gone with the cluster
             pass

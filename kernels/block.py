@@ -102,19 +102,26 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """Pre-norm (default), post-norm (`post_norm`) or parallel-residual (`parallel_residual`, with one
+    norm shared by attention and MLP when `shared_norm`) residual layout around `Attention` and `MLP`."""
+
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None):
         super().__init__()
-        self.parallel_residual = spec.parallel_residual
+        self.parallel_residual, self.post_norm = spec.parallel_residual, spec.post_norm
         self.attn_norm = Norm(spec, dtype)
         self.attn = Attention(spec, layer, tp, dtype, rotary)
-        self.mlp_norm = Norm(spec, dtype)
+        self.mlp_norm = None if spec.shared_norm else Norm(spec, dtype)
         self.mlp = MLP(spec, tp, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
-        attn = self.attn(self.attn_norm(x), positions, meta, kv_cache)
+        if self.post_norm:
+            x = self.attn_norm(x + self.attn(x, positions, meta, kv_cache))
+            return self.mlp_norm(x + self.mlp(x))
+        h = self.attn_norm(x)
+        attn = self.attn(h, positions, meta, kv_cache)
         if self.parallel_residual:
-            return x + attn + self.mlp(self.mlp_norm(x))
+            return x + attn + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
         x = x + attn
         return x + self.mlp(self.mlp_norm(x))

@@ -4,6 +4,7 @@ Embeddings and the LM head are replicated on every rank (simple, and the vocab o
 serve is small next to their blocks); the blocks are tensor-parallel.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import AttentionMetadata
@@ -12,38 +13,59 @@ from kernels.linear import SINGLE, TensorParallel, _param, default_weight_loader
 from kernels.spec import ModelSpec
 
 
+def _embedding(rows: int, width: int, dtype: torch.dtype) -> nn.Embedding:
+    embed = nn.Embedding(rows, width, dtype=dtype, _weight=torch.empty(rows, width, dtype=dtype))
+    embed.weight.requires_grad_(False)
+    return embed
+
+
+def _replicated(*shape: int, dtype: torch.dtype, present: bool = True) -> nn.Parameter | None:
+    return _param(*shape, dtype=dtype, loader=default_weight_loader) if present else None
+
+
 class CausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
         self.spec, self.tp = spec, tp
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype, _weight=torch.empty(
-            spec.vocab_size, spec.hidden_size, dtype=dtype))
-        self.embed.weight.requires_grad_(False)
+        hidden, width = spec.hidden_size, spec.embed_dim
+        self.embed = _embedding(spec.vocab_size, width, dtype)
+        # OPT's narrower token embeddings: [hidden, embed_dim] in, [embed_dim, hidden] out
+        self.project_in = _replicated(hidden, width, dtype=dtype, present=width != hidden)
+        self.project_out = _replicated(width, hidden, dtype=dtype, present=width != hidden)
         self.pos_embed = None
         if spec.positional == "learned":
-            rows = spec.max_positions + spec.position_offset
-            self.pos_embed = nn.Embedding(rows, spec.hidden_size, dtype=dtype,
-                                          _weight=torch.empty(rows, spec.hidden_size, dtype=dtype))
-            self.pos_embed.weight.requires_grad_(False)
+            self.pos_embed = _embedding(spec.max_positions + spec.position_offset, hidden, dtype)
+        self.embed_norm = Norm(spec, dtype) if spec.embed_norm else None
         rotary = Rotary(spec) if spec.positional == "rotary" else None
         self.layers = nn.ModuleList(DecoderBlock(spec, i, tp, dtype, rotary) for i in range(spec.num_layers))
-        self.norm = Norm(spec, dtype)
-        self.lm_head = None if spec.tie_word_embeddings else _param(
-            spec.vocab_size, spec.hidden_size, dtype=dtype, loader=default_weight_loader)
-        # checkpoint tensors that may target nothing here: a tied LM head is the embedding
-        self.optional_targets = {"lm_head"} if spec.tie_word_embeddings else set()
+        self.norm = Norm(spec, dtype) if spec.final_norm else None
+        self.lm_head = _replicated(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings)
+        self.lm_head_bias = _replicated(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias)
+        # checkpoint tensors that may target nothing here: a tied LM head is the embedding; a final
+        # norm the family drops (OPT's `_remove_final_layer_norm`)
+        self.optional_targets = ({"lm_head"} if spec.tie_word_embeddings else set()) | \
+            (set() if spec.final_norm else {"norm.weight", "norm.bias"})
+
+    def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [tokens] -> the first block's input [tokens, hidden]."""
+        x = self.embed(input_ids)
+        if self.project_in is not None:
+            x = F.linear(x, self.project_in)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + self.spec.position_offset)
+        return x if self.embed_norm is None else self.embed_norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: [tokens] -> hidden states [tokens, hidden]."""
-        x = self.embed(input_ids)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions + self.spec.position_offset)
+        x = self.embed_tokens(input_ids, positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, positions, meta, kv_cache)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[tokens, hidden] -> fp32 logits [tokens, vocab]."""
+        if self.project_out is not None:
+            hidden = F.linear(hidden, self.project_out)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
-        return torch.nn.functional.linear(hidden, weight).float()
+        return F.linear(hidden, weight, self.lm_head_bias).float()

@@ -32,6 +32,12 @@ class ModelSpec:
     rotary_scaling: float = 1.0         # multiplies cos and sin (YaRN-style attention factor)
     rotary_interleaved: bool = False    # GPT-J pairs (2i, 2i+1); NeoX/Llama pair (i, i + d/2)
     parallel_residual: bool = False     # x + attn(norm1(x)) + mlp(norm2(x))
+    shared_norm: bool = False           # parallel residual with one norm: x + attn(norm(x)) + mlp(norm(x))
+    post_norm: bool = False             # norm after each residual add: x = norm(x + f(x)) (OPT-350m)
+    final_norm: bool = True             # a norm after the last block
+    embed_norm: bool = False            # a norm right after the embeddings (BLOOM)
+    lm_head_bias: bool = False          # the LM head adds a bias (GPT-J, Phi)
+    embed_proj_dim: int | None = None   # token embeddings / LM head this wide, projected to and from hidden (OPT)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -41,7 +47,16 @@ class ModelSpec:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, expected num_layers={self.num_layers}")
         if self.positional == "rotary" and not self.rotary_inv_freq:
             raise ValueError("positional='rotary' needs rotary_inv_freq")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("shared_norm needs parallel_residual (one norm feeding attention and MLP side by side)")
+        if self.post_norm and self.parallel_residual:
+            raise ValueError("post_norm and parallel_residual do not combine")
 
     @property
     def rotary_dim(self) -> int:
         return 2 * len(self.rotary_inv_freq)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings and of the LM head's input."""
+        return self.embed_proj_dim or self.hidden_size

@@ -1,8 +1,9 @@
 """Policy lookup by HF `config.model_type`."""
-from policies import gpt2, gpt_neo, llama
+from policies import bloom, gpt2, gpt_neo, gpt_neox, gptj, llama, opt, phi
 from policies.base import Policy
 
-POLICIES: tuple[Policy, ...] = (gpt_neo.POLICY, gpt2.POLICY, llama.POLICY)
+POLICIES: tuple[Policy, ...] = (gpt_neo.POLICY, gpt2.POLICY, llama.POLICY, opt.POLICY, gptj.POLICY, gpt_neox.POLICY,
+                                bloom.POLICY, phi.POLICY)
 _BY_MODEL_TYPE = {t: p for p in POLICIES for t in p.model_types}
 
 

@@ -7,7 +7,7 @@ import importlib
 _EXPORTS = {
     "init_inference": "rayspeed.engine", "InferenceEngine": "rayspeed.engine",
     "InferenceConfig": "cluster.config", "ConfigError": "cluster.config",
-    "InferenceGroup": "cluster.group", "GroupError": "cluster.group",
+    "InferenceGroup": "cluster.group", "GroupError": "cluster.tp_group",
     "PlacementError": "cluster.placement",
     "SamplingParams": "actors.sequence", "RequestError": "actors.sequence",
     "RequestOutput": "actors.outputs", "CompletionOutput": "actors.outputs",

@@ -1,7 +1,6 @@
 """`init_inference` and `InferenceEngine`: the public entry points, wiring only."""
 from torch import nn
 
-from actors.build import default_device
 from actors.outputs import RequestOutput, add_text
 from actors.sequence import SamplingParams
 from cluster import backends
@@ -12,7 +11,8 @@ from cluster.hf_module import InjectedModelForCausalLM
 
 
 class InferenceEngine:
-    """What `init_inference` returns. `module` is the HF drop-in; `generate` is the fast path."""
+    """What `init_inference` returns. `module` is the HF drop-in (with AutoTP or without kernel injection:
+    the HF model itself); `generate` is the fast path."""
 
     def __init__(self, module: nn.Module, backend, config: InferenceConfig, tokenizer=None):
         self.module, self.backend, self.config, self.tokenizer = module, backend, config, tokenizer
@@ -37,8 +37,10 @@ class InferenceEngine:
 
 
 def _check_supported(config: InferenceConfig) -> None:
+    if config.injection_policy is not None and config.replace_with_kernel_inject:
+        raise ConfigError("injection_policy (AutoTP: the HF modules sharded as they are) and "
+                          "replace_with_kernel_inject=True (the injected decoder) exclude each other: choose one")
     later = {"checkpoint descriptions given as a dict": isinstance(config.checkpoint, dict),
-             "injection_policy": config.injection_policy is not None,
              "quantization_setting": config.quantization_setting is not None,
              "enable_cuda_graph": config.enable_cuda_graph}
     for name, used in later.items():
@@ -48,14 +50,13 @@ def _check_supported(config: InferenceConfig) -> None:
 
 def init_inference(model: nn.Module | None = None, config: InferenceConfig | dict | None = None,
                    tokenizer=None, **kwargs) -> InferenceEngine:
-    """Wrap an HF causal LM (or a checkpoint URI) for inference; DeepSpeed's keywords, see `InferenceConfig`."""
+    """Wrap an HF causal LM (or a checkpoint URI) for inference; DeepSpeed's keywords, see `InferenceConfig`.
+    Without kernel injection the HF model runs as it is; with tp_size > 1 its blocks are first sharded in
+    place, as `injection_policy` says or inferred (AutoTP; under a launcher: `rayspeed --num_gpus N script.py`)."""
     config = make_config(config, **kwargs)
     _check_supported(config)
     if not config.replace_with_kernel_inject:
-        if config.tp_size > 1:
-            raise ConfigError("tp_size > 1 without kernel injection needs AutoTP (injection_policy): not yet "
-                              "supported; pass replace_with_kernel_inject=True")
-        module = model.to(device=default_device(config), dtype=config.torch_dtype).eval()
+        module = backends.auto_tp(model, config)
         return InferenceEngine(module, HFBackend(module), config, tokenizer)
     if config.tp_size == 1:
         built = backends.local(model, config, tokenizer=tokenizer)

@@ -22,9 +22,31 @@ CONFIGS = {
     "qwen2": lambda: tf.Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True),
+    # OPT pre-norm with bias-free linears; OPT-350m style: post-norm, narrower token embeddings (48)
+    "opt": lambda: tf.OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        max_position_embeddings=256, word_embed_proj_dim=64, enable_bias=False),
+    "opt_post": lambda: tf.OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        max_position_embeddings=256, word_embed_proj_dim=48, do_layer_norm_before=False),
+    # partial rotary: 8 of 16 channels per head (interleaved for GPT-J, rotate-half for NeoX and Phi)
+    "gptj": lambda: tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=256, rotary_pct=0.5),
+    "gpt_neox_seq": lambda: tf.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=False),
+    # 6 heads: ALiBi's extra slopes for a head count that is not a power of two
+    "bloom": lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=96, n_layer=2, n_head=6, seq_length=256),
+    "phi": lambda: tf.PhiConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, partial_rotary_factor=0.5),
 }
 CLASSES = {"gpt_neo": tf.GPTNeoForCausalLM, "gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM,
-           "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM}
+           "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "opt": tf.OPTForCausalLM,
+           "opt_post": tf.OPTForCausalLM, "gptj": tf.GPTJForCausalLM, "gpt_neox": tf.GPTNeoXForCausalLM,
+           "gpt_neox_seq": tf.GPTNeoXForCausalLM, "bloom": tf.BloomForCausalLM, "phi": tf.PhiForCausalLM}
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
@@ -34,6 +56,10 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     config.initializer_range = 0.1
     torch.manual_seed(seed)
     model = CLASSES[family](config).eval()
+    with torch.no_grad():           # HF starts biases at 0 and norm weights at 1: draw them too, so loading them counts
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape) * 0.1)
     model.generation_config.pad_token_id = PAD
     return model
 
