@@ -1,10 +1,8 @@
-"""Tiny random-weight HF models (hidden <= 128, <= 4 layers) and a byte-level tokenizer, built offline."""
+"""Tiny random-weight HF models (hidden <= 128, <= 4 layers) built offline, and the byte-level tokenizer."""
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-VOCAB = 320           # 256 bytes + specials, room to spare
-BOS, EOS, PAD = 256, 257, 258
+from serve_apps.demo_model import BOS, EOS, PAD, VOCAB, byte_tokenizer  # noqa: F401  (re-exported)
 
 CONFIGS = {
     # GPT-Neo: a local window (8) shorter than the test sequences, so local attention matters
@@ -56,34 +54,9 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     config.initializer_range = 0.1
     torch.manual_seed(seed)
     model = CLASSES[family](config).eval()
-    with torch.no_grad():           # HF starts biases at 0 and norm weights at 1: draw them too, so loading them counts
+    with torch.no_grad():   # HF starts biases at 0 and norm weights at 1: perturb them so their loading is tested
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape) * 0.1)
     model.generation_config.pad_token_id = PAD
     return model
-
-
-def byte_tokenizer() -> tf.PreTrainedTokenizerFast:
-    """Byte-level tokenizer: ids 0..255 are bytes, then <bos>, <eos>, <pad>; no merges."""
-    vocab = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
-    vocab.update({"<bos>": BOS, "<eos>": EOS, "<pad>": PAD})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                      pad_token="<pad>", padding_side="left")
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character table, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars

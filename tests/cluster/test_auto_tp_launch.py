@@ -1,13 +1,14 @@
 """The seed's T5 AutoTP example (`injection_policy={T5Block: (...)}`) run by the `rayspeed` launcher
 on 2 ranks of the session's Ray cluster: each rank shards the HF T5 in place, and the greedy output
-printed on both ranks equals the unsharded model's."""
+printed on both ranks equals the unsharded model's. One launch runs every variant (policy by class,
+by name, inferred), sampling on both ranks, and `engine.generate` on an AutoTP GPT-2."""
 import pytest
 import torch
-import transformers as tf
 
 from tests.cluster.test_launcher import lines_of
 from tests.cluster.test_launcher import rayspeed as launch
-from tests.helpers import byte_tokenizer
+from tests.helpers import byte_tokenizer, tiny_model
+from tests.policies.test_auto_tp import tiny_t5
 
 PROMPT = "DeepSpeed is"
 
@@ -18,8 +19,9 @@ SCRIPT = """
     import torch
     import rayspeed
     from transformers.models.t5.modeling_t5 import T5Block
-    from tests.cluster.test_auto_tp_launch import PROMPT, Text2Text, tiny_t5
-    from tests.helpers import byte_tokenizer
+    from tests.cluster.test_auto_tp_launch import PROMPT, Text2Text
+    from tests.helpers import byte_tokenizer, tiny_model
+    from tests.policies.test_auto_tp import tiny_t5     # the seed's T5Config, weights drawn wider
 
     local_rank = int(os.getenv("LOCAL_RANK", "0"))
     world_size = int(os.getenv("WORLD_SIZE", "1"))
@@ -33,15 +35,9 @@ SCRIPT = """
                                              dtype=torch.float, injection_policy=policy).module
         print("greedy", how, repr(pipe(PROMPT, do_sample=False, max_new_tokens=16)[0]))
     print("sampled", repr(pipe(PROMPT, do_sample=True, top_k=0, max_new_tokens=16)[0]))
+    engine = rayspeed.init_inference(tiny_model("gpt2"), tensor_parallel={"tp_size": world_size}, dtype=torch.float)
+    print("engine", engine.generate([[5, 6, 7, 8]], max_new_tokens=8, ignore_eos=True)[0].outputs[0].token_ids)
 """
-
-
-def tiny_t5(seed: int = 0) -> tf.T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = tf.T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                         initializer_factor=8.0)     # HF's default (1.0) makes a tiny T5 repeat one token
-    return tf.T5ForConditionalGeneration(config).eval()
 
 
 class Text2Text:
@@ -76,3 +72,9 @@ def test_seed_t5_example_on_two_ranks_matches_one(launched, how):
 
 def test_sampling_agrees_across_ranks(launched):
     assert lines_of(launched, 0, "sampled") == lines_of(launched, 1, "sampled") != []
+
+
+def test_engine_generate_on_two_ranks_matches_hf(launched):
+    expected = tiny_model("gpt2").generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, min_new_tokens=8,
+                                           do_sample=False)[0, 4:].tolist()
+    assert lines_of(launched, 0, "engine") == lines_of(launched, 1, "engine") == [str(expected)]

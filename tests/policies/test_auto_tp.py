@@ -1,14 +1,13 @@
-"""AutoTP against the unsharded HF model. Two gloo ranks on 127.0.0.1 (spawned once for the module)
-shard every family, with the all-reduce in `AutoTPRowLinear.forward`; fp32 outputs must match within
-1e-5 relative error and greedy tokens exactly. Layout and error checks run without processes."""
-import socket
-import traceback
-from datetime import timedelta
+"""AutoTP against the unsharded HF model. The ranks of a TP group run as threads of the test process
+(`ThreadGroup` sums their partial outputs where `AutoTPRowLinear.forward` all-reduces), so every family
+is checked without process start-up; fp32 outputs must match within 1e-5 relative error and greedy
+tokens exactly. Real gloo ranks run in tests/cluster/test_auto_tp_launch.py."""
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers as tf
 from transformers.models.t5.modeling_t5 import T5Block
 
@@ -19,6 +18,41 @@ from tests.helpers import VOCAB, tiny_model
 
 TP = 2
 T5_POLICY = ("SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo")
+
+
+class ThreadGroup:
+    """Stands in for a process group: the ranks are threads, each all-reduce sums in rank order."""
+
+    def __init__(self, size: int):
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list = [None] * size
+
+    def all_reduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
+        self.slots[rank] = x.clone()
+        self.barrier.wait()
+        total = torch.stack(self.slots).sum(0)
+        self.barrier.wait()                          # all have read the slots before the next write
+        return x.copy_(total)
+
+
+@dataclass(frozen=True)
+class ThreadTP(TensorParallel):
+    def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        return self.group.all_reduce(self.rank, x)
+
+
+def on_ranks(fn, size: int = TP) -> list:
+    """fn(tp) on every rank of a thread group, concurrently; a failing rank releases the others."""
+    group = ThreadGroup(size)
+
+    def rank(tp):
+        try:
+            return fn(tp)
+        except BaseException:
+            group.barrier.abort()
+            raise
+    with ThreadPoolExecutor(size) as pool:
+        return [f.result() for f in [pool.submit(rank, ThreadTP(r, size, group)) for r in range(size)]]
 
 
 def tiny_t5(seed: int = 0) -> tf.T5ForConditionalGeneration:
@@ -47,9 +81,10 @@ def tiny_opt(seed: int = 0) -> tf.OPTForCausalLM:
 
 MODELS = {"t5": tiny_t5, "bert": lambda: tiny_encoder("bert"), "roberta": lambda: tiny_encoder("roberta"),
           "opt": tiny_opt, **{f: (lambda f=f: tiny_model(f)) for f in ("gpt2", "gpt_neo", "llama", "mistral", "qwen2")}}
-# case -> (family, injection policy); None: inferred from the block structure
-CASES = {**{family: (family, None) for family in MODELS},
-         "t5 policy by class": ("t5", {T5Block: T5_POLICY}), "t5 policy by name": ("t5", {"T5Block": T5_POLICY})}
+# case -> (family, injection policy (None: inferred from the block structure), tp_size)
+CASES = {**{family: (family, None, TP) for family in MODELS},
+         "t5 policy by class": ("t5", {T5Block: T5_POLICY}, TP), "t5 policy by name": ("t5", {"T5Block": T5_POLICY}, TP),
+         "llama tp4 (2 KV heads on 4 ranks)": ("llama", None, 4)}
 ROWS = {"t5": 10, "bert": 4, "roberta": 4, "opt": 4, "gpt2": 6, "gpt_neo": 8, "llama": 6, "mistral": 4, "qwen2": 4}
 
 
@@ -71,70 +106,20 @@ def outputs(family: str, model: torch.nn.Module) -> dict:
                                      do_sample=False).tolist()}
 
 
-def _sharded(case: str, tp: TensorParallel) -> dict:
-    family, policy = CASES[case]
-    model = shard_in_place(MODELS[family](), tp, policy)
-    rows = sum(isinstance(m, AutoTPRowLinear) for m in model.modules())
-    return {**outputs(family, model), "rows": rows}
-
-
-def _engine(tp: TensorParallel) -> dict:
-    """init_inference in a launched world: engine.generate, and sampling on ranks seeded differently."""
-    model = tiny_model("gpt2")
-    torch.manual_seed(100 + tp.rank)                 # the ranks' RNGs diverge before init_inference
-    engine = rayspeed.init_inference(model, tensor_parallel={"tp_size": TP}, dtype=torch.float)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    return {"greedy": engine.generate([[5, 6, 7, 8]], max_new_tokens=8, ignore_eos=True)[0].outputs[0].token_ids,
-            "seeded": engine.generate([[5, 6, 7, 8]], max_new_tokens=8, ignore_eos=True, do_sample=True,
-                                      seed=7)[0].outputs[0].token_ids,
-            "sampled": engine.module.generate(ids, do_sample=True, top_k=0, max_new_tokens=8).tolist()}
-
-
-def _rank(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP,
-                            timeout=timedelta(seconds=60))
-    tp = TensorParallel(rank, TP, dist.group.WORLD)
-    results = {}
-    for case, run in [*((c, lambda c=c: _sharded(c, tp)) for c in CASES), ("engine", lambda: _engine(tp))]:
-        try:
-            results[case] = run()
-        except Exception:                            # reported by the test of that case
-            results[case] = traceback.format_exc()
-    torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("auto_tp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(out)), nprocs=TP, join=True)
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(TP)]
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_sharded_model_matches_unsharded(ranks, case):
-    family = CASES[case][0]
+def test_sharded_model_matches_unsharded(case):
+    family, policy, tp_size = CASES[case]
     expected = outputs(family, MODELS[family]())
-    for rank in ranks:
-        got = rank[case]
-        assert not isinstance(got, str), got
-        assert got["rows"] == ROWS[family]
+    models = [MODELS[family]() for _ in range(tp_size)]      # built here: threads share the global RNG
+
+    def sharded(tp):
+        model = shard_in_place(models[tp.rank], tp, policy)
+        return outputs(family, model), sum(isinstance(m, AutoTPRowLinear) for m in model.modules())
+
+    for got, rows in on_ranks(sharded, tp_size):
+        assert rows == ROWS[family]
         assert rel_err(got["logits"], expected["logits"]) < 1e-5
         assert got.get("tokens") == expected.get("tokens")
-
-
-def test_engine_generate_and_sampling_agree_across_ranks(ranks):
-    first, second = (rank["engine"] for rank in ranks)
-    assert not isinstance(first, str), first
-    hf = tiny_model("gpt2")
-    expected = hf.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert first["greedy"] == second["greedy"] == expected[0, 4:].tolist()
-    assert first["seeded"] == second["seeded"]
-    assert first["sampled"] == second["sampled"]
 
 
 def test_fused_qkv_is_split_per_part_and_heads_per_rank():

@@ -65,7 +65,7 @@ def test_greedy_64_tokens_match_hf_generate(pair):
 def test_fast_path_matches_drop_in(pair):
     _, hf, engine = pair
     prompts = [[5, 6, 7, 8], list(range(40, 70))]
-    out = engine.generate(prompts, max_new_tokens=20, ignore_eos=True)
+    out = engine.generate(prompts, max_new_tokens=20, min_new_tokens=20, ignore_eos=True)   # EOS masked, as in HF
     for prompt, result in zip(prompts, out):
         ids = torch.tensor([prompt])
         expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,

@@ -7,6 +7,8 @@ put back together part by part; KV heads replicated over ranks (fewer KV heads t
 import pytest
 import torch
 
+from actors.checkpoint import open_checkpoint, save_checkpoint
+from actors.lazy_tensor import LazyTensor
 from actors.loader import load_weights
 from kernels.linear import MergedColumnParallelLinear, QKVParallelLinear, TensorParallel
 from kernels.model import CausalLM
@@ -59,3 +61,18 @@ def test_rank_shards_put_together_equal_the_tp1_parameters(family):
         assert torch.equal(unshard(module, shards, dim), want), name
         sharded += 1
     assert sharded >= 4 * whole.spec.num_layers              # qkv, out, up, down weights at least
+
+
+@pytest.mark.parametrize("family", ["bloom", "gpt_neox", "gptj", "opt_post", "phi"])
+def test_rank_shard_from_lazy_checkpoint_tensors_equals_one_from_memory(family, tmp_path):
+    """Through a safetensors checkpoint the loaders get `LazyTensor`s; per-head fused QKV (BLOOM,
+    NeoX) is regrouped from the whole tensor read at once, the rest read as slices."""
+    hf = tiny_model(family)
+    ck = open_checkpoint(save_checkpoint(hf, str(tmp_path)))
+    assert all(isinstance(tensor, LazyTensor) for _, tensor in ck.tensors())
+    policy, tp = policy_for(hf.config), TensorParallel(1, 2)
+    from_file = CausalLM(policy.spec(hf.config), torch.float32, tp)
+    load_weights(from_file, policy, ck.tensors(), progress=False)
+    from_memory = load_rank(hf, tp)
+    for (name, got), want in zip(from_file.state_dict().items(), from_memory.state_dict().values()):
+        assert torch.equal(got, want), name

@@ -13,10 +13,10 @@ def engine():
 
 
 def test_unknown_family_lists_supported_and_points_at_injection_policy():
-    config = tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)
-    with pytest.raises(rayspeed.UnsupportedModelError, match="gpt_neo.*llama.*injection_policy"):
-        rayspeed.init_inference(tf.OPTForCausalLM(config), dtype=torch.float32, replace_with_kernel_inject=True)
+    config = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, is_decoder=True)
+    with pytest.raises(rayspeed.UnsupportedModelError, match="model_type='bert'.*gpt_neo.*llama.*injection_policy"):
+        rayspeed.init_inference(tf.BertLMHeadModel(config), dtype=torch.float32, replace_with_kernel_inject=True)
 
 
 def test_without_kernel_inject_the_hf_modules_run_as_they_are():

@@ -1,0 +1,105 @@
+"""OpenAI-compatible request bodies (validated by pydantic) and the OpenAI error shape."""
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_N = 16
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """A pydantic error as one readable line, and the first offending field. A union field's
+    alternatives (prompt: str | list[str] | ...) collapse into one "expected one of" message."""
+    by_field: dict[str | None, list[dict]] = {}
+    for err in e.errors():
+        loc = err.get("loc", ())
+        by_field.setdefault(str(loc[0]) if loc else None, []).append(err)
+    parts = []
+    for field, errs in by_field.items():
+        if len(errs) > 1 and all(len(err.get("loc", ())) > 1 for err in errs):
+            kinds = ", ".join(dict.fromkeys(str(err["loc"][1]) for err in errs))
+            parts.append(f"{field}: expected one of {kinds}")
+        else:
+            parts += [f"{field + ': ' if field else ''}{err['msg']}" for err in errs]
+    return "; ".join(parts), next(iter(by_field))
+
+
+def error_json(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    return {"error": ErrorBody(message=message, type=kind, param=param, code=code).model_dump()}
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI names, plus vLLM-style extras)."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="extension: 0 disables")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    repetition_penalty: float = Field(1.0, gt=0, description="extension")
+    min_tokens: int = Field(0, ge=0, description="extension")
+    ignore_eos: bool = Field(False, description="extension")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logprobs: int | bool | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value):
+        if (isinstance(value, (str, list)) and len(value) == 0) or \
+                (isinstance(value, list) and any(isinstance(p, (str, list)) and len(p) == 0 for p in value)):
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,233 @@
+"""`LLMServer`: the OpenAI semantics over an engine, with no HTTP and no Serve in it (the
+deployment in `llm.py` wraps it), so CPU tests can drive it with a small engine.
+
+Every request runs as token streams from the engine loop; `TextStream` turns token deltas into
+text, holds back what could still become a stop string, and ends a sample at the first stop
+string (its sequence is aborted, which frees its KV blocks). Non-streaming answers collect the
+same streams."""
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from actors.sequence import RequestError, SamplingParams
+from cluster.generation import token_list
+from serve_apps.protocol import ChatRequest, CompletionRequest, SamplingFields, new_id, now
+
+
+class Unsupported(RequestError):
+    """A valid OpenAI field this server does not implement."""
+
+
+@dataclass
+class TextStream:
+    """Incremental detokenisation of one sample with stop strings."""
+    tokenizer: object
+    stops: list[str]
+    token_ids: list[int] = field(default_factory=list)
+    emitted: int = 0                 # characters of the decoded text already returned
+    stopped: bool = False
+
+    def push(self, new_ids: list[int], final: bool) -> str:
+        """Text newly safe to emit after `new_ids` (all of it when `final`)."""
+        self.token_ids += new_ids
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._emit(text[:cut])
+        if final:
+            return self._emit(text)
+        hold = max((len(s) - 1 for s in self.stops), default=0)
+        safe = len(text) - hold
+        while safe > self.emitted and text[safe - 1] == "\ufffd":    # an incomplete UTF-8 character
+            safe -= 1
+        return self._emit(text[:max(safe, self.emitted)])
+
+    def _emit(self, text: str) -> str:
+        new, self.emitted = text[self.emitted:], max(self.emitted, len(text))
+        return new
+
+
+@dataclass
+class Chunk:
+    choice: int
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class LLMServer:
+    """OpenAI completions / chat over `engine` (anything with `.loop` -> EngineLoop and `.health()`)."""
+
+    def __init__(self, engine, tokenizer, model_name: str, generation_config, max_model_len: int,
+                 max_queued_requests: int | None = None, metrics=None):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.eos = tuple(token_list(generation_config.eos_token_id))
+        self.max_model_len = max_model_len
+        self.max_queued_requests = max_queued_requests
+        self.metrics = metrics
+
+    # -- requests -> engine params -----------------------------------------------------------
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise LookupError(f"model {name!r} is not served here; this server serves {self.model_name!r}")
+
+    def params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        if req.logprobs:
+            raise Unsupported("logprobs are not supported")
+        if req.presence_penalty or req.frequency_penalty:
+            raise Unsupported("presence_penalty / frequency_penalty are not supported; use repetition_penalty")
+        return SamplingParams.build(
+            max_new_tokens=max_tokens or 16, min_new_tokens=req.min_tokens, do_sample=req.temperature > 0,
+            temperature=req.temperature or 1.0, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+            repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos, stop_token_ids=self.eos, n=req.n)
+
+    def encode(self, prompt) -> list[list[int]]:
+        prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        for p in ids:
+            if len(p) >= self.max_model_len:
+                raise RequestError(f"prompt of {len(p)} tokens leaves no room in the model's "
+                                   f"{self.max_model_len}-token context")
+        return ids
+
+    def chat_prompt(self, req: ChatRequest) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise Unsupported(f"model {self.model_name!r} has no chat template; use /v1/completions")
+        messages = [m.model_dump() for m in req.messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.encode(text)[0]
+
+    def admit(self) -> None:
+        """Refuse new work while the engine's queue is at its limit (HTTP 503, never OOM)."""
+        if self.max_queued_requests is not None:
+            if self.engine.loop.health()["waiting"] >= self.max_queued_requests:
+                raise OverloadedError(f"server overloaded: {self.max_queued_requests} requests already queued; "
+                                      "retry later")
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def chunks(self, prompts: list[list[int]], params: SamplingParams, stops: list[str]) -> AsyncIterator[Chunk]:
+        """Text chunks of every (prompt, sample) as they come; choice = prompt * n + sample."""
+        self.admit()
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue)) for i, p in enumerate(prompts)]
+        try:
+            for _ in range(len(prompts) * params.n):
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if item.finish_reason is not None:
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _one(self, index: int, prompt: list[int], params: SamplingParams, stops: list[str],
+                   queue: asyncio.Queue) -> None:
+        started, last = time.perf_counter(), None
+        streams = [TextStream(self.tokenizer, stops) for _ in range(params.n)]
+        counts = [0] * params.n
+        try:
+            async for delta in self.engine.loop.stream(prompt, params):
+                s = streams[delta.index]
+                if s.stopped:
+                    continue
+                counts[delta.index] += len(delta.token_ids)
+                text = s.push(delta.token_ids, final=delta.finish_reason is not None)
+                reason = "stop" if s.stopped else delta.finish_reason
+                last = self._observe(started, last, len(delta.token_ids))
+                if text or reason:
+                    queue.put_nowait(Chunk(index * params.n + delta.index, text, reason, counts[delta.index]))
+                if all(st.stopped for st in streams):
+                    return                                  # leaving the stream aborts the sequences
+        except Exception as e:
+            queue.put_nowait(e)
+
+    def _observe(self, started: float, last: float | None, num_tokens: int) -> float:
+        t = time.perf_counter()
+        if self.metrics is not None and num_tokens:
+            self.metrics.observe_tokens(num_tokens, first=last is None, since=t - (last or started))
+        return t
+
+    async def complete(self, req: CompletionRequest) -> dict:
+        self.check_model(req.model)
+        prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
+        texts, reasons, tokens = _collect(prompts, params)
+        async for c in self.chunks(prompts, params, req.stop):
+            texts[c.choice] += c.text
+            reasons[c.choice], tokens[c.choice] = c.finish_reason, c.completion_tokens
+        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": self.model_name,
+                "choices": choices, "usage": _usage(prompts, params, tokens)}
+
+    async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
+        self.check_model(req.model)
+        prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
+        rid, created, tokens = new_id("cmpl"), now(), {}
+        async for c in self.chunks(prompts, params, req.stop):
+            tokens[c.choice] = c.completion_tokens
+            yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                   "choices": [{"index": c.choice, "text": c.text, "finish_reason": c.finish_reason,
+                                "logprobs": None}]}
+        if req.include_usage:
+            yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                   "choices": [], "usage": _usage(prompts, params, [tokens.get(i, 0) for i in range(len(tokens))])}
+
+    async def chat(self, req: ChatRequest) -> dict:
+        self.check_model(req.model)
+        prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
+        texts, reasons, tokens = _collect([prompt], params)
+        async for c in self.chunks([prompt], params, req.stop):
+            texts[c.choice] += c.text
+            reasons[c.choice], tokens[c.choice] = c.finish_reason, c.completion_tokens
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
+                "choices": choices, "usage": _usage([prompt], params, tokens)}
+
+    async def chat_stream(self, req: ChatRequest) -> AsyncIterator[dict]:
+        self.check_model(req.model)
+        prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
+        rid, created, tokens = new_id("chatcmpl"), now(), {}
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        for i in range(params.n):
+            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}
+        async for c in self.chunks([prompt], params, req.stop):
+            tokens[c.choice] = c.completion_tokens
+            delta = {"content": c.text} if c.text else {}
+            yield {**head, "choices": [{"index": c.choice, "delta": delta, "finish_reason": c.finish_reason}]}
+        if req.include_usage:
+            yield {**head, "choices": [], "usage": _usage([prompt], params, [tokens.get(i, 0) for i in range(params.n)])}
+
+    async def generate(self, prompt, **sampling) -> dict:
+        """For Python handles: one prompt (text or ids) -> {"text", "token_ids", "finish_reason"}."""
+        ids = self.encode(prompt)[0]
+        sampling.setdefault("stop_token_ids", self.eos)
+        params = SamplingParams.build(**sampling)
+        self.admit()
+        out = (await self.engine.loop.generate([ids], params))[0].outputs[0]
+        return {"text": self.tokenizer.decode(out.token_ids, skip_special_tokens=True), "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason, "prompt_token_ids": ids}
+
+
+class OverloadedError(RuntimeError):
+    """The engine's queue is full; answered with HTTP 503 and Retry-After."""
+
+
+def _collect(prompts, params) -> tuple[list[str], list, list[int]]:
+    size = len(prompts) * params.n
+    return [""] * size, [None] * size, [0] * size
+
+
+def _usage(prompts: list[list[int]], params: SamplingParams, completion_tokens: list[int]) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(completion_tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
