@@ -26,6 +26,7 @@ def build_engine(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], config,
     `presharded`: the pairs are this rank's shards under injected names (a sharded checkpoint)."""
     policy = policy_for(hf_config)
     spec = policy.spec(hf_config)
+    spec.check_tp(tp.size)
     device = device or default_device(config)
     with torch.device(device):
         model = CausalLM(spec, config.torch_dtype, tp)

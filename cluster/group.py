@@ -16,7 +16,8 @@ from actors.sharded_checkpoint import open_any
 from cluster.config import ConfigError, InferenceConfig
 from cluster.generation import encode_prompts, token_list
 from cluster.placement import in_bundle, rank_bundles, release, reserve
-from cluster.tp_group import GroupError, TPGroup  # noqa: F401  (GroupError is part of this door)
+from cluster.tp_group import GroupError, TPGroup
+from policies.registry import policy_for  # noqa: F401  (GroupError is part of this door)
 
 
 class GroupActor:
@@ -86,6 +87,11 @@ class _InferenceGroupClass:
     def remote(self, config: InferenceConfig):
         if not isinstance(config.checkpoint, str):
             raise ConfigError("InferenceGroup needs config.checkpoint: a directory or fsspec URI of an HF model")
+        hf_config = open_any(config.checkpoint, config.storage_options, 0, config.tp_size).hf_config()
+        try:
+            policy_for(hf_config).spec(hf_config).check_tp(config.tp_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         pg = reserve(rank_bundles(config.tp_size, config.worker_cpus), config.placement_strategy,
                      config.placement_timeout_s)
         gpus = pg.bundle_specs[0].get("GPU", 0)

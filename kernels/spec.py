@@ -52,6 +52,18 @@ class ModelSpec:
         if self.post_norm and self.parallel_residual:
             raise ValueError("post_norm and parallel_residual do not combine")
 
+    def check_tp(self, tp_size: int) -> None:
+        """Raise ValueError unless heads and MLP split evenly across `tp_size` ranks."""
+        problems = []
+        if self.num_heads % tp_size:
+            problems.append(f"num_heads={self.num_heads}")
+        if self.num_kv_heads % tp_size and tp_size % self.num_kv_heads:
+            problems.append(f"num_kv_heads={self.num_kv_heads} (nor does it divide tp_size)")
+        if self.intermediate_size % tp_size:
+            problems.append(f"intermediate_size={self.intermediate_size}")
+        if problems:
+            raise ValueError(f"tp_size={tp_size} does not divide {', '.join(problems)}")
+
     @property
     def rotary_dim(self) -> int:
         return 2 * len(self.rotary_inv_freq)

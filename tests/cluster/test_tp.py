@@ -31,7 +31,8 @@ def free_cpus_settle(expected: float = 4.0, timeout: float = 20.0) -> float:
     return ray.available_resources().get("CPU", 0)
 
 
-@pytest.mark.parametrize("family, tp_size", [("gpt_neo", 2), ("gpt2", 2), ("llama", 2), ("llama", 4)])
+@pytest.mark.parametrize("family, tp_size", [("gpt_neo", 2), ("gpt_neo", 4), ("gpt2", 2), ("llama", 2),
+                                             ("llama", 4)])
 def test_tp_matches_tp1_and_hf(family, tp_size):
     hf = tiny_model(family)
     tp1 = rayspeed.init_inference(hf, **TP)
@@ -116,6 +117,13 @@ def test_unsatisfiable_placement_fails_in_time_naming_resources(llama_ckpt):
         rayspeed.init_inference(checkpoint=path, tensor_parallel={"tp_size": 8}, dtype=torch.float32,
                                 replace_with_kernel_inject=True, worker_cpus=1.0, placement_timeout_s=3)
     assert time.monotonic() - start < 30
+    assert free_cpus_settle() == 4.0
+
+
+def test_tp_size_not_dividing_the_heads_is_refused_before_reserving(llama_ckpt):
+    _, path = llama_ckpt
+    with pytest.raises(rayspeed.ConfigError, match="tp_size=3 does not divide num_heads=4"):
+        rayspeed.init_inference(checkpoint=path, tensor_parallel={"tp_size": 3}, **TP)
     assert free_cpus_settle() == 4.0
 
 
