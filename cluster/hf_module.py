@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from actors.sequence import RequestError
+from policies.registry import policy_for
 from cluster.generation import assemble, merged_generation_config, pad_token_id, sampling_params, token_list, unpad
 
 
@@ -26,6 +27,7 @@ class InjectedModelForCausalLM(nn.Module):
         self.config = hf_config
         self.generation_config = generation_config or GenerationConfig.from_model_config(hf_config)
         self._dtype = dtype
+        self.positions_from_mask = policy_for(hf_config).positions_from_mask
 
     @property
     def device(self) -> torch.device:
@@ -39,8 +41,9 @@ class InjectedModelForCausalLM(nn.Module):
         return True
 
     def _offsets(self, input_ids, attention_mask, position_ids) -> list[int]:
-        """First position of each row's real tokens: HF's default positions are the column indices."""
-        if attention_mask is None:
+        """First position of each row's real tokens: HF's default positions are the column indices
+        (OPT's count from the first real token instead)."""
+        if attention_mask is None or (position_ids is None and self.positions_from_mask):
             first = [0] * len(input_ids)
         else:
             first = [int(m.nonzero()[0]) if m.any() else 0 for m in attention_mask]

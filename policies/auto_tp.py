@@ -5,9 +5,11 @@ Inside each block of the policy, the named linears become row-parallel (`AutoTPR
 features split, partial sums all-reduced in `forward`, bias added once) and every other `nn.Linear`
 or `Conv1D` becomes column-parallel (`AutoTPColumnLinear`: output features split). Rank r keeps
 heads [r*h/tp, (r+1)*h/tp) of every attention module, whose head counts are then set to the per-rank
-values its `forward` reads. Embeddings, norms and the LM head, and everything outside the blocks,
-stay replicated. A name matches a linear when it equals the linear's path inside the block or is a
-dotted suffix of it ("output.dense" matches "attention.output.dense" and "output.dense").
+values its `forward` reads; per-head tables (T5's relative attention bias) are split too, and with
+fewer key/value heads than ranks (Llama family) each KV head is replicated on tp/kv ranks. Embeddings,
+norms, the LM head and everything else outside the blocks stay replicated. A name matches a linear
+when it equals the linear's path inside the block or is a dotted suffix of it ("output.dense"
+matches "attention.output.dense" and "output.dense").
 """
 from dataclasses import dataclass, replace
 
@@ -21,7 +23,7 @@ from kernels.linear import TensorParallel
 # attributes that count heads, or head-sized features, on the attention modules of known families
 DEFAULT_HEAD_ATTRS = ("n_heads", "inner_dim", "num_heads", "num_attention_heads", "all_head_size",
                       "split_size", "num_key_value_heads")
-_HEAD_DIM_ATTRS = ("head_dim", "key_value_proj_dim", "attention_head_size")
+_HEAD_DIM_ATTRS = ("head_dim", "key_value_proj_dim", "attention_head_size", "head_size")
 
 
 class AutoTPError(ValueError):
@@ -53,8 +55,12 @@ KNOWN_BLOCKS: dict[str, BlockLayout] = {
     "GPT2Block": BlockLayout(rows=("c_proj",), head_attrs=("num_heads", "split_size"),
                              fused=(("attn.c_attn", 3), ("crossattention.c_attn", 2))),
     "GPTNeoBlock": BlockLayout(rows=("attn.attention.out_proj", "mlp.c_proj"), head_attrs=("num_heads",)),
+    "GPTJBlock": BlockLayout(rows=("attn.out_proj", "mlp.fc_out"), head_attrs=("num_attention_heads",)),
+    # query_key_value is [q|k|v] per head ([heads, 3, head_size]): a plain column split keeps whole heads
+    "GPTNeoXLayer": BlockLayout(rows=("attention.dense", "mlp.dense_4h_to_h"), head_attrs=()),
     "OPTDecoderLayer": BlockLayout(rows=("self_attn.out_proj", "fc2"), head_attrs=("num_heads",)),
     "LlamaDecoderLayer": _LLAMA_LIKE, "MistralDecoderLayer": _LLAMA_LIKE, "Qwen2DecoderLayer": _LLAMA_LIKE,
+    "PhiDecoderLayer": replace(_LLAMA_LIKE, rows=("self_attn.dense", "mlp.fc2")),
 }
 
 
@@ -118,13 +124,15 @@ def shard_in_place(model: nn.Module, tp: TensorParallel, policy: dict | None = N
 def plan(model: nn.Module, tp: TensorParallel, policy: dict | None = None):
     """The replacements `shard_in_place` makes, validated: (linear swaps, (module, head attr, divisor),
     head tables). With `tp.size == 1` this only checks the policy against the model."""
+    if any(isinstance(m, (AutoTPColumnLinear, AutoTPRowLinear)) for m in model.modules()):
+        raise AutoTPError(f"{type(model).__name__} is already sharded by AutoTP")
     layouts = _layouts(model, policy)
     swaps, heads, tables, matched = [], [], [], set()
     for path, block in _blocks(model, layouts):
         key = _key_of(block, layouts)
         layout = layouts[key]
         block_swaps = _block_swaps(path, block, layout, tp)
-        matched.update((key, name) for name in layout.rows for s in block_swaps if s.row and _matches(s.path, name))
+        matched.update((key, n) for n in layout.rows for s in block_swaps if s.row and _matches(s.path, n))
         swaps += block_swaps
         heads += _head_attrs(path, block, layout, tp) + _kv_groups(block_swaps, layout)
         tables += _head_tables(path, block, layout, tp)
@@ -141,7 +149,8 @@ def _layouts(model: nn.Module, policy: dict | None) -> dict:
             raise AutoTPError(_unknown_architecture(model))
         return {name: KNOWN_BLOCKS[name] for name in found}
     if not policy:
-        raise AutoTPError("injection_policy is empty: give {BlockClass: ('row.linear.names', ...)}, or None to infer it")
+        raise AutoTPError("injection_policy is empty: give {BlockClass: ('row.linear.names', ...)}, "
+                          "or None to infer it")
     layouts = {}
     for key, rows in policy.items():
         name = key if isinstance(key, str) else key.__name__
@@ -195,12 +204,13 @@ def _block_swaps(block_path: str, block: nn.Module, layout: BlockLayout, tp: Ten
 
 
 def _replicas(where: str, swap: _Swap, kv: bool, tp: TensorParallel) -> int:
-    """Checks that the sizes split evenly and column shards hold whole heads (q, k and v of the same
-    heads); returns how many ranks hold the same shard (1, or tp/heads for key/value heads)."""
+    """Checks that the sizes split evenly and shards hold whole heads (q, k and v of the same heads, the
+    output projection's inputs from them); returns how many ranks hold the same shard (1, or tp/heads
+    for key/value heads)."""
     out_features, in_features = _linear_weight(swap.linear).shape
     size = in_features if swap.row else out_features // swap.parts
-    head_dim = next((v for v in (getattr(swap.parent, a, None) for a in _HEAD_DIM_ATTRS) if isinstance(v, int)), None)
-    if not swap.row and head_dim and size % head_dim == 0:
+    head_dim = next((d for d in (getattr(swap.parent, a, None) for a in _HEAD_DIM_ATTRS) if isinstance(d, int)), None)
+    if head_dim and size % head_dim == 0:
         heads = size // head_dim
         if heads % tp.size == 0:
             return 1
@@ -227,8 +237,8 @@ def _head_attrs(block_path: str, block: nn.Module, layout: BlockLayout, tp: Tens
             value = getattr(module, attr, None)
             if isinstance(value, int) and not isinstance(value, bool):
                 if value % tp.size:
-                    raise AutoTPError(f"{_where(block_path, block)}: {path or 'the block'}.{attr}={value} does not split "
-                                      f"across tp_size={tp.size}")
+                    raise AutoTPError(f"{_where(block_path, block)}: {path or 'the block'}.{attr}={value} does "
+                                      f"not split across tp_size={tp.size}")
                 found.append((module, attr, tp.size))
     return found
 
@@ -260,9 +270,9 @@ def _build(swap: _Swap, tp: TensorParallel) -> nn.Module:
     if swap.row:
         shard = _split(weight, 1, tp).clone(memory_format=torch.contiguous_format)
         return AutoTPRowLinear(shard, None if bias is None else bias.clone(), tp)
-    weight = torch.cat([_split(w, 0, tp, swap.replicas) for w in weight.chunk(swap.parts, 0)])
-    bias = None if bias is None else torch.cat([_split(b, 0, tp, swap.replicas) for b in bias.chunk(swap.parts, 0)])
-    return AutoTPColumnLinear(weight.contiguous(), bias)
+    def column(full):                                # each fused part split on its own, parts kept in order
+        return torch.cat([_split(part, 0, tp, swap.replicas) for part in full.chunk(swap.parts, 0)])
+    return AutoTPColumnLinear(column(weight), None if bias is None else column(bias))
 
 
 def _linear_weight(linear: nn.Module) -> torch.Tensor:
@@ -286,7 +296,7 @@ def _where(block_path: str, block: nn.Module) -> str:
 
 def _repeated_block(model: nn.Module) -> str | None:
     """The class of the outermost (then longest) `nn.ModuleList`'s elements: what a policy's key should be."""
-    lists = [(p.count("."), -len(m), m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    lists = [(p.count("."), -len(m), m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and m]
     return type(min(lists, key=lambda t: t[:2])[2][0]).__name__ if lists else None
 
 

@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)     # 2 cores shared with Ray workers: one thread each keeps the suite fast
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers as tf
+from torch import nn
 from transformers.models.t5.modeling_t5 import T5Block
 
 import rayspeed
@@ -72,20 +73,41 @@ def tiny_encoder(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model_cls(config).eval()
 
 
-def tiny_opt(seed: int = 0) -> tf.OPTForCausalLM:
-    torch.manual_seed(seed)
-    config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128, init_std=0.1)
-    return tf.OPTForCausalLM(config).eval()
+class ToyBlock(nn.Module):
+    """A block AutoTP does not know: it needs injection_policy={ToyBlock: ("down",)}."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
 
 
+class ToyModel(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.ModuleList(ToyBlock() for _ in range(2))
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+DECODERS = ("gpt2", "gpt_neo", "llama", "mistral", "qwen2", "opt", "opt_post", "gptj", "gpt_neox", "gpt_neox_seq",
+            "phi")
 MODELS = {"t5": tiny_t5, "bert": lambda: tiny_encoder("bert"), "roberta": lambda: tiny_encoder("roberta"),
-          "opt": tiny_opt, **{f: (lambda f=f: tiny_model(f)) for f in ("gpt2", "gpt_neo", "llama", "mistral", "qwen2")}}
+          "toy": ToyModel, **{f: (lambda f=f: tiny_model(f)) for f in DECODERS}}
 # case -> (family, injection policy (None: inferred from the block structure), tp_size)
-CASES = {**{family: (family, None, TP) for family in MODELS},
-         "t5 policy by class": ("t5", {T5Block: T5_POLICY}, TP), "t5 policy by name": ("t5", {"T5Block": T5_POLICY}, TP),
+CASES = {**{family: (family, None, TP) for family in MODELS if family != "toy"},
+         "toy block by policy": ("toy", {ToyBlock: ("down",)}, TP),
+         "t5 policy by class": ("t5", {T5Block: T5_POLICY}, TP),
+         "t5 policy by name": ("t5", {"T5Block": T5_POLICY}, TP),
          "llama tp4 (2 KV heads on 4 ranks)": ("llama", None, 4)}
-ROWS = {"t5": 10, "bert": 4, "roberta": 4, "opt": 4, "gpt2": 6, "gpt_neo": 8, "llama": 6, "mistral": 4, "qwen2": 4}
+ROWS = {"t5": 10, "gpt2": 6, "gpt_neo": 8, "llama": 6, "toy": 2}          # 2 per layer; T5: 2 + 3
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,6 +122,8 @@ def outputs(family: str, model: torch.nn.Module) -> dict:
                 "tokens": model.generate(ids, max_new_tokens=8, do_sample=False).tolist()}
     if family in ("bert", "roberta"):
         return {"logits": model(ids).logits}
+    if family == "toy":
+        return {"logits": model(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)))}
     mask = torch.ones_like(ids)
     return {"logits": model(ids, attention_mask=mask).logits,
             "tokens": model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
@@ -117,7 +141,7 @@ def test_sharded_model_matches_unsharded(case):
         return outputs(family, model), sum(isinstance(m, AutoTPRowLinear) for m in model.modules())
 
     for got, rows in on_ranks(sharded, tp_size):
-        assert rows == ROWS[family]
+        assert rows == ROWS.get(family, 4)
         assert rel_err(got["logits"], expected["logits"]) < 1e-5
         assert got.get("tokens") == expected.get("tokens")
 
@@ -142,9 +166,14 @@ def test_t5_heads_and_relative_bias_table_are_per_rank():
 
 
 def test_unknown_architecture_asks_for_injection_policy():
-    config = tf.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=64)
-    with pytest.raises(AutoTPError, match=r"injection_policy=\{GPTJBlock: .*attn.out_proj"):
-        shard_in_place(tf.GPTJForCausalLM(config), TensorParallel(0, TP), None)
+    with pytest.raises(AutoTPError, match=r"of ToyModel .* injection_policy=\{ToyBlock: .*linears: up, down"):
+        shard_in_place(ToyModel(), TensorParallel(0, TP), None)
+
+
+def test_sharding_twice_is_refused():
+    model = shard_in_place(ToyModel(), TensorParallel(0, TP), {ToyBlock: ("down",)})
+    with pytest.raises(AutoTPError, match="already sharded"):
+        shard_in_place(model, TensorParallel(0, TP), {ToyBlock: ("down",)})
 
 
 def test_named_linear_that_does_not_exist_is_named():

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import rayspeed
-from policies.registry import policy_for
 from tests.helpers import CONFIGS, PAD, tiny_model
 
 FAMILIES = sorted(CONFIGS)
@@ -30,12 +29,8 @@ def test_logits_match_hf(pair, length):
     assert rel_err(engine.module(ids).logits, expected) < 1e-4
 
 
-def test_left_padded_batch_logits_match_hf(pair, request):
+def test_left_padded_batch_logits_match_hf(pair):
     _, hf, engine = pair
-    if policy_for(hf.config).positions_from_mask:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the drop-in's forward numbers a padded row's positions by column (cluster/hf_module.py "
-            "_offsets); HF OPT counts them from the first real token")))
     ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :10] = 0

@@ -1,0 +1,143 @@
+"""Decode speed, side by side in one process on one GPU: HF transformers eager `generate` vs
+rayspeed (`init_inference(..., replace_with_kernel_inject=True)`, `engine.generate`), same random
+weights, fp16, prompt 32 tokens, 128 new tokens, greedy. Also checks correctness on the GPU
+(fp16 logits vs an fp32 HF reference; greedy agreement over 64 tokens) and reports load time
+and time to first token.
+
+    python3 bench/decode.py --model neo --batches 1,8,32 --out bench/results
+Writes <out>/<device>-<date>-<model>.json with the device, commit and date.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rayspeed  # noqa: E402
+
+PROMPT, NEW = 32, 128
+
+
+def build(model: str):
+    """Random-weight fp16 HF model: GPT-Neo 2.7B or a Llama-2-7B-shaped config."""
+    import transformers as tf
+    if model == "neo":
+        config = tf.GPTNeoConfig(hidden_size=2560, num_layers=32, num_heads=20, vocab_size=50257,
+                                 max_position_embeddings=2048, window_size=256,
+                                 attention_types=[[["global", "local"], 16]])
+        cls = tf.GPTNeoForCausalLM
+    else:
+        config = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                max_position_embeddings=4096)
+        cls = tf.LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = cls(config).half().eval()
+    return hf
+
+
+def timed(fn, repeats: int = 3) -> float:
+    fn()                                              # warm-up
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prompts(batch: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (batch, PROMPT), generator=g).cuda()
+
+
+def decode_ms(run, batch: int, vocab: int) -> tuple[float, float]:
+    """(ms per decode step, prefill ms) from a 128-token and a 1-token run, fresh prompts each time."""
+    seed = iter(range(10**6))
+    full = timed(lambda: run(prompts(batch, vocab, next(seed)), NEW))
+    first = timed(lambda: run(prompts(batch, vocab, next(seed)), 1))
+    return (full - first) / (NEW - 1) * 1e3, first * 1e3
+
+
+def hf_run(hf):
+    def run(ids, new):
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False, pad_token_id=0)
+    return run
+
+
+def rs_run(engine):
+    def run(ids, new):
+        engine.generate(ids.tolist(), max_new_tokens=new, ignore_eos=True)
+    return run
+
+
+def correctness(hf, engine, vocab: int) -> dict:
+    ids = prompts(4, vocab, 1234)
+    with torch.no_grad():
+        reference = hf.float()(ids).logits
+        hf.half()
+    got = engine.module(ids.cpu()).logits.cuda()
+    rel = ((got - reference).abs().max() / reference.abs().max()).item()
+    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
+                           do_sample=False, pad_token_id=0)[:, PROMPT:]
+    ours = torch.tensor([o.outputs[0].token_ids for o in engine.generate(ids.tolist(), max_new_tokens=64,
+                                                                          ignore_eos=True)]).cuda()
+    return {"logits_rel_err_fp16_vs_hf_fp32": rel,
+            "greedy_token_match_64": (ours == expected).float().mean().item(),
+            "greedy_identical_sequences": int((ours == expected).all(dim=1).sum())}
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return os.environ.get("RAYSPEED_COMMIT", "unknown")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["neo", "llama"], default="neo")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    hf = build(args.model)
+    vocab = hf.config.vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    t = time.perf_counter()
+    engine = rayspeed.init_inference(hf, dtype=torch.half, replace_with_kernel_inject=True,
+                                     gpu_memory_utilization=0.6)
+    load_s = time.perf_counter() - t
+    result = {"model": args.model, "device": torch.cuda.get_device_name(), "commit": commit(),
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__, "prompt": PROMPT, "new": NEW,
+              "weight_gb": weight_bytes / 1e9, "load_s": load_s, "correctness": correctness(hf, engine, vocab),
+              "batches": {}}
+    print(json.dumps(result["correctness"]), flush=True)
+    for batch in (int(b) for b in args.batches.split(",")):
+        row = {}
+        for name, run in (("hf_eager", hf_run(hf)), ("rayspeed", rs_run(engine))):
+            ms, prefill = decode_ms(run, batch, vocab)
+            row[name] = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "prefill_ms": prefill}
+        row["speedup_vs_hf"] = row["hf_eager"]["decode_ms_per_step"] / row["rayspeed"]["decode_ms_per_step"]
+        row["roof_ms"] = weight_bytes / 3.0e12 * 1e3
+        result["batches"][batch] = row
+        print(batch, json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    name = f"{result['device'].replace(' ', '-')}-{result['date']}-{args.model}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", os.path.join(args.out, name))
+
+
+if __name__ == "__main__":
+    main()
