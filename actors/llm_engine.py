@@ -45,6 +45,8 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, blocks, config.block_size, device)
+        if device.type == "cuda" and config.enable_cuda_graph is not False:
+            self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len)
 
     def check_prompt(self, prompt_token_ids: list[int], max_new_tokens: int = 0) -> None:
         if not prompt_token_ids:

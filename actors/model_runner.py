@@ -7,6 +7,7 @@ Under tensor parallelism only the TP group's rank 0 schedules. Each step it broa
 """
 import torch
 
+from actors.cuda_graphs import DecodeGraphs
 from actors.sequence import Sequence
 from kernels.attention import AttentionMetadata
 from kernels.model import CausalLM
@@ -25,10 +26,22 @@ class ModelRunner:
         self.model, self.block_size, self.device, self.tp = model, block_size, device, model.tp
         self.last_command = STEP                  # of the last plan a follower received
         qkv = model.layers[0].attn.qkv
-        shape = (num_blocks, block_size, qkv.num_kv_heads, qkv.head_dim)
+        # one block more than the block manager hands out: CUDA-graph padding rows write there
+        shape = (num_blocks + 1, block_size, qkv.num_kv_heads, qkv.head_dim)
+        self.pad_block = num_blocks
         dtype = model.embed.weight.dtype
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cudagraphs(self, max_batch: int, max_seq_len: int) -> None:
+        """Capture the decode step for every batch bucket up to `max_batch` (CUDA only)."""
+        max_blocks = -(-max_seq_len // self.block_size)
+        graphs = DecodeGraphs(lambda ids, pos, meta: self._forward(ids, pos, meta, False),
+                              self.model.spec.vocab_size, max_batch, max_blocks,
+                              self.pad_block * self.block_size, self.pad_block, self.device)
+        graphs.capture()
+        self.graphs = graphs
 
     def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -76,6 +89,8 @@ class ModelRunner:
         return self._forward(input_ids, positions, meta, all_logits)
 
     def _forward(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
+        if self.graphs is not None and meta.is_decode and self.graphs.fits(*meta.block_tables.shape):
+            return self.graphs.run(input_ids, positions, meta)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         if not all_logits:
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]

@@ -82,20 +82,36 @@ def rs_run(engine):
     return run
 
 
+def hf_greedy(hf, ids, new: int = 64) -> torch.Tensor:
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0)[:, PROMPT:]
+
+
+def ours_greedy(engine, ids, new: int = 64) -> torch.Tensor:
+    out = engine.generate(ids.tolist(), max_new_tokens=new, ignore_eos=True)
+    return torch.tensor([o.outputs[0].token_ids for o in out]).cuda()
+
+
 def correctness(hf, engine, vocab: int) -> dict:
-    ids = prompts(4, vocab, 1234)
+    """fp16 rayspeed vs fp32 HF logits; greedy agreement with HF fp16, and (the noise floor of
+    random weights) HF fp16 with HF fp32; CUDA-graph decode vs eager decode, which must be equal."""
+    ids = prompts(8, vocab, 1234)
     with torch.no_grad():
-        reference = hf.float()(ids).logits
+        hf.float()
+        reference, greedy_fp32 = hf(ids).logits, hf_greedy(hf, ids)
         hf.half()
+        reference_fp16 = hf(ids).logits.float()
     got = engine.module(ids.cpu()).logits.cuda()
-    rel = ((got - reference).abs().max() / reference.abs().max()).item()
-    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
-                           do_sample=False, pad_token_id=0)[:, PROMPT:]
-    ours = torch.tensor([o.outputs[0].token_ids for o in engine.generate(ids.tolist(), max_new_tokens=64,
-                                                                          ignore_eos=True)]).cuda()
-    return {"logits_rel_err_fp16_vs_hf_fp32": rel,
-            "greedy_token_match_64": (ours == expected).float().mean().item(),
-            "greedy_identical_sequences": int((ours == expected).all(dim=1).sum())}
+    rel = lambda a: ((a - reference).abs().max() / reference.abs().max()).item()
+    expected, ours = hf_greedy(hf, ids), ours_greedy(engine, ids)
+    runner = engine.backend.runner
+    graphs, runner.graphs = runner.graphs, None
+    eager = ours_greedy(engine, ids)
+    runner.graphs = graphs
+    return {"logits_rel_err_fp16_vs_hf_fp32": rel(got), "hf_fp16_logits_rel_err_vs_hf_fp32": rel(reference_fp16),
+            "greedy_token_match_64_vs_hf_fp16": (ours == expected).float().mean().item(),
+            "hf_fp16_greedy_token_match_64_vs_hf_fp32": (expected == greedy_fp32).float().mean().item(),
+            "cuda_graph_decode_equals_eager": bool(torch.equal(ours, eager)), "cuda_graphs": graphs is not None}
 
 
 def commit() -> str:

@@ -47,7 +47,8 @@ class InferenceConfig(BaseModel):
     base_dir: str = Field("", description="directory the checkpoint description's paths are relative to")
     save_mp_checkpoint_path: str | None = Field(None, description="write per-rank shards here after loading")
     quantization_setting: int | tuple | None = Field(None, description="MoQ: groups, or (groups, mlp_extra_grouping)")
-    enable_cuda_graph: bool = Field(False, description="capture the decode step in CUDA graphs")
+    enable_cuda_graph: bool | None = Field(
+        None, description="capture decode steps in CUDA graphs per batch bucket; default: on for CUDA devices")
     max_out_tokens: int = Field(1024, ge=1, validation_alias=AliasChoices("max_out_tokens", "max_tokens"),
                                 description="most tokens (prompt + generated) one sequence may hold")
     min_out_tokens: int = Field(1, ge=1, description="accepted for DeepSpeed compatibility")

@@ -29,7 +29,8 @@ class HFBackend:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **self._hf_kwargs(params))
             result = RequestOutput(list(prompt))
             for j, row in enumerate(out.tolist()):
-                new = row[len(prompt):]
+                # decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token
+                new = row[1:] if self.model.config.is_encoder_decoder else row[len(prompt):]
                 stops = [i for i, t in enumerate(new) if t in params.stop_token_ids]
                 new = new[:stops[0] + 1] if stops else new
                 result.outputs.append(CompletionOutput(j, new, "stop" if stops else "length"))

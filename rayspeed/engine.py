@@ -41,8 +41,7 @@ def _check_supported(config: InferenceConfig) -> None:
         raise ConfigError("injection_policy (AutoTP: the HF modules sharded as they are) and "
                           "replace_with_kernel_inject=True (the injected decoder) exclude each other: choose one")
     later = {"checkpoint descriptions given as a dict": isinstance(config.checkpoint, dict),
-             "quantization_setting": config.quantization_setting is not None,
-             "enable_cuda_graph": config.enable_cuda_graph}
+             "quantization_setting": config.quantization_setting is not None}
     for name, used in later.items():
         if used:
             raise ConfigError(f"{name} is not yet supported by this build of rayspeed")

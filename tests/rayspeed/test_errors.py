@@ -63,3 +63,14 @@ def test_engine_keeps_working_after_errors(engine):
         engine.generate([[1, 2]], max_new_tokens=0)
     assert len(engine.generate([[1, 2]], max_new_tokens=3, ignore_eos=True)[0].outputs[0].token_ids) == 3
     assert engine.backend.block_manager.num_used == 0
+
+
+def test_engine_generate_on_an_encoder_decoder_model_returns_the_decoded_tokens():
+    config = tf.T5Config(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=8.0)
+    torch.manual_seed(0)
+    t5 = tf.T5ForConditionalGeneration(config).eval()
+    engine = rayspeed.init_inference(t5, dtype=torch.float32)
+    out = engine.generate([[5, 6, 7, 8]], max_new_tokens=8, ignore_eos=True)[0].outputs[0].token_ids
+    expected = t5.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out == expected[0, 1:].tolist()                # without the decoder start token
