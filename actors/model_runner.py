@@ -65,7 +65,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64), block_tables=self._block_tables(seqs),
             context_lens=self._tensor([len(s) for s in seqs]), cu_seqlens_q=self._tensor(cu_seqlens),
-            max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])))
+            max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+            fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs), cu_seqlens_host=cu_seqlens)
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
 
     def prepare_decode(self, seqs: list[Sequence]):
@@ -104,7 +105,8 @@ class ModelRunner:
 
     def _send_plan(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> None:
         num_seqs, max_blocks = meta.block_tables.shape
-        self._send_header(STEP, len(input_ids), num_seqs, max_blocks, meta.max_query_len, int(all_logits))
+        flags = int(all_logits) | int(meta.fresh_prefill) << 1
+        self._send_header(STEP, len(input_ids), num_seqs, max_blocks, meta.max_query_len, flags)
         parts = [input_ids, positions, meta.slot_mapping, meta.block_tables.flatten(), meta.context_lens,
                  meta.cu_seqlens_q]
         self.tp.broadcast(torch.cat([p.long() for p in parts]))
@@ -119,15 +121,17 @@ class ModelRunner:
         """Ranks > 0: receive one plan and run it. Returns (command, all-token logits when the
         plan asked for them, else None)."""
         header = self.tp.broadcast(self._tensor([0] * 6, torch.int64)).tolist()
-        command, num_tokens, num_seqs, max_blocks, max_query_len, all_logits = header
+        command, num_tokens, num_seqs, max_blocks, max_query_len, flags = header
         self.last_command = command
         if command != STEP:
             return command, None
         sizes = [num_tokens, num_tokens, num_tokens, num_seqs * max_blocks, num_seqs, num_seqs + 1]
         payload = self.tp.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=self.device))
         input_ids, positions, slots, tables, context_lens, cu_seqlens = payload.split(sizes)
+        all_logits = bool(flags & 1)
         meta = AttentionMetadata(slot_mapping=slots, block_tables=tables.view(num_seqs, max_blocks).int(),
                                  context_lens=context_lens.int(), cu_seqlens_q=cu_seqlens.int(),
-                                 max_query_len=max_query_len)
-        logits = self._forward(input_ids, positions, meta, bool(all_logits))
+                                 max_query_len=max_query_len, fresh_prefill=bool(flags & 2),
+                                 cu_seqlens_host=cu_seqlens.tolist() if flags & 2 else None)
+        logits = self._forward(input_ids, positions, meta, all_logits)
         return command, logits if all_logits else None

@@ -25,6 +25,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor      # [seqs] int32: tokens in cache after this step
     cu_seqlens_q: torch.Tensor      # [seqs + 1] int32: new-token offsets per sequence
     max_query_len: int              # 1 for a pure decode step
+    fresh_prefill: bool = False     # every sequence's context is exactly its new tokens (no cached prefix)
+    cu_seqlens_host: list[int] | None = None    # cu_seqlens_q on the host, for per-sequence launches
 
     @property
     def is_decode(self) -> bool:
@@ -168,9 +170,37 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     return out
 
 
+def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                           scale: float, window: int | None = None,
+                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of prompts with no cached prefix, straight from this step's k, v (not the
+    cache), one fused SDPA call per sequence (flash when there is no window or ALiBi).
+    q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]; cu_seqlens on the host."""
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    for start, end in zip(cu_seqlens, cu_seqlens[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))    # [heads, len, head_dim]
+        mask = None
+        if alibi_slopes is not None or (window is not None and window < end - start):
+            pos = torch.arange(end - start, device=q.device)
+            rel = pos[None, :] - pos[:, None]                                # [len, len]: key - query
+            visible = (rel <= 0) & ((rel > -window) if window is not None else True)
+            mask = torch.zeros(rel.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+            if alibi_slopes is not None:
+                mask = mask + (alibi_slopes[:, None, None] * rel).to(q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                                             scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                    window: int | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of this step's queries over the cache (which already holds this step's keys)."""
+                    window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of this step's queries over the cache (which already holds this step's keys).
+    On CUDA, a fresh prefill attends from this step's `k`, `v` with fused SDPA instead."""
+    if q.is_cuda and meta.fresh_prefill and k is not None:
+        return prefill_attention_sdpa(q, k, v, meta.cu_seqlens_host, scale, window, alibi_slopes)
     if use_triton(q) and meta.is_decode:
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                              scale, window, alibi_slopes)

@@ -75,7 +75,7 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         store_kv(k, v, *kv_cache, meta.slot_mapping)
-        o = paged_attention(q, *kv_cache, meta, self.scale, self.window, self.alibi)
+        o = paged_attention(q, *kv_cache, meta, self.scale, self.window, self.alibi, k, v)
         return self.out(o.flatten(1))
 
 

@@ -113,9 +113,9 @@ def test_s3_checkpoint_through_moto(llama_ckpt, s3):
 def test_unsatisfiable_placement_fails_in_time_naming_resources(llama_ckpt):
     _, path = llama_ckpt
     start = time.monotonic()
-    with pytest.raises(rayspeed.PlacementError, match=r"asked for 8 x \{'CPU': 1.0\}.*4 CPU in all"):
-        rayspeed.init_inference(checkpoint=path, tensor_parallel={"tp_size": 8}, dtype=torch.float32,
-                                replace_with_kernel_inject=True, worker_cpus=1.0, placement_timeout_s=3)
+    with pytest.raises(rayspeed.PlacementError, match=r"asked for 4 x \{'CPU': 2.0\}.*4 CPU in all"):
+        rayspeed.init_inference(checkpoint=path, tensor_parallel={"tp_size": 4}, dtype=torch.float32,
+                                replace_with_kernel_inject=True, worker_cpus=2.0, placement_timeout_s=3)
     assert time.monotonic() - start < 30
     assert free_cpus_settle() == 4.0
 

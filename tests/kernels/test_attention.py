@@ -155,3 +155,25 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
     out = attention.paged_attention(q, k_cache, v_cache, meta, 0.2)
     ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, meta.cu_seqlens_q, 0.2)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("window, alibi, kv_heads", [(None, False, 4), (5, False, 2), (None, True, 4), (7, True, 1)])
+def test_fresh_prefill_sdpa_matches_the_paged_reference(window, alibi, kv_heads):
+    from kernels.attention import prefill_attention_sdpa
+
+    torch.manual_seed(0)
+    lens, heads, dim, block = [9, 1, 20], 4, 16, 8
+    cu = [0, 9, 10, 30]
+    q = torch.randn(30, heads, dim)
+    k, v = torch.randn(30, kv_heads, dim), torch.randn(30, kv_heads, dim)
+    k_cache = torch.zeros(16, block, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    tables = torch.tensor([[0, 1, 2], [3, 0, 0], [4, 5, 6]], dtype=torch.int32)
+    slots = torch.cat([tables[s].long().repeat_interleave(block)[:n] * block + torch.arange(n) % block
+                       for s, n in enumerate(lens)])
+    store_kv(k, v, k_cache, v_cache, slots)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if alibi else None
+    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32),
+                                     torch.tensor(cu, dtype=torch.int32), 0.3, window, slopes)
+    got = prefill_attention_sdpa(q, k, v, cu, 0.3, window, slopes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
