@@ -1,0 +1,73 @@
+"""Where a decode step's time goes on the GPU: the CUDA-graph replay alone vs a whole engine step
+(plan on the host, copies, replay, sampling, stop checks), GPT-Neo 2.7B fp16, random weights.
+
+    python3 bench/step_breakdown.py --batches 1,32 --out bench/results
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rayspeed  # noqa: E402
+from bench.decode import build, commit  # noqa: E402
+
+
+def replay_ms(runner, seqs, iters: int = 50) -> float:
+    ids, pos, meta = runner.prepare_decode(seqs)
+    for _ in range(3):
+        runner.graphs.run(ids, pos, meta)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        runner.graphs.run(ids, pos, meta)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def step_ms(engine, iters: int = 50) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    hf = build("neo")
+    engine = rayspeed.init_inference(hf, dtype=torch.half, replace_with_kernel_inject=True,
+                                     gpu_memory_utilization=0.6).backend
+    from actors.sequence import SamplingParams
+    rows = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+        seqs = [engine.add_request(list(range(100 + i, 132 + i)), params) for i in range(batch)]
+        engine.step()                                        # prefill
+        for _ in range(5):
+            engine.step()
+        rows[batch] = {"engine_step_ms": step_ms(engine), "graph_replay_ms": replay_ms(engine.runner, seqs)}
+        rows[batch]["host_ms"] = rows[batch]["engine_step_ms"] - rows[batch]["graph_replay_ms"]
+        for seq in seqs:
+            engine.abort(seq)
+        print(batch, json.dumps(rows[batch]), flush=True)
+    result = {"device": torch.cuda.get_device_name(), "commit": commit(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "model": "neo", "batches": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-step-breakdown.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
