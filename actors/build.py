@@ -5,7 +5,8 @@ import torch
 
 from actors.llm_engine import LLMEngine
 from actors.loader import load_weights
-from actors.sharded_checkpoint import ShardedCheckpoint, save_shards
+from actors.sharded_checkpoint import save_shards
+from actors.tensor_files import DescribedCheckpoint
 from kernels.linear import SINGLE, TensorParallel
 from kernels.model import CausalLM
 from policies.registry import policy_for
@@ -21,25 +22,25 @@ def default_device(config) -> torch.device:
 
 def build_engine(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], config, tp: TensorParallel = SINGLE,
                  num_tensors: int | None = None, device: torch.device | None = None,
-                 progress: bool = True, presharded: bool = False) -> LLMEngine:
-    """The injected model for `hf_config`, loaded from (name, tensor) pairs, inside an engine.
-    `presharded`: the pairs are this rank's shards under injected names (a sharded checkpoint)."""
+                 progress: bool = True, weight_policy=None) -> LLMEngine:
+    """The injected model for `hf_config`, loaded from (name, full tensor) pairs, inside an engine.
+    `weight_policy` maps the pairs' names onto the model (default: the family's HF names)."""
     policy = policy_for(hf_config)
     spec = policy.spec(hf_config)
     spec.check_tp(tp.size)
     device = device or default_device(config)
     with torch.device(device):
         model = CausalLM(spec, config.torch_dtype, tp)
-    load_weights(model, None if presharded else policy, tensors, total=num_tensors, progress=progress)
+    load_weights(model, weight_policy or policy, tensors, total=num_tensors, progress=progress)
     return LLMEngine(model.eval(), config, device)
 
 
 def load_engine(ckpt, config, tp: TensorParallel = SINGLE, device: torch.device | None = None) -> LLMEngine:
-    """`build_engine` from an opened checkpoint (HF directory or pre-sharded), then, when the config
-    asks for it, write this rank's shard to `save_mp_checkpoint_path`."""
-    presharded = isinstance(ckpt, ShardedCheckpoint)
+    """`build_engine` from an opened checkpoint (HF directory, or one a description names), then, when
+    the config asks for it, write this rank's shard to `save_mp_checkpoint_path`."""
+    weight_policy = ckpt.policy() if isinstance(ckpt, DescribedCheckpoint) else None
     hf_config = ckpt.hf_config()
-    engine = build_engine(hf_config, ckpt.tensors(), config, tp, len(ckpt), device, tp.rank == 0, presharded)
+    engine = build_engine(hf_config, ckpt.tensors(), config, tp, len(ckpt), device, tp.rank == 0, weight_policy)
     if config.save_mp_checkpoint_path:
         save_shards(engine.model, config.save_mp_checkpoint_path, config.storage_options, hf_config,
                     ckpt.generation_config(), ckpt.tokenizer() if tp.rank == 0 else None)

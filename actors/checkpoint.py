@@ -125,7 +125,7 @@ class Checkpoint:
             if file not in self._headers:
                 self._headers[file] = self._read_header(self._path(file))
             return self._headers[file]
-        return self._load_bin(self._path(file))
+        return self._load_bin(file)
 
     def _read_header(self, path: str) -> dict[str, LazyTensor]:
         """Parse a safetensors header (u64 little-endian length, then JSON) into lazy tensors."""
@@ -161,14 +161,17 @@ class Checkpoint:
                                   f"outside the file of {file_size} bytes (truncated?)")
         return LazyTensor.stored(self.reader, path, data_start + begin, dtype, shape)
 
-    def _load_bin(self, path: str) -> dict[str, torch.Tensor]:
+    def local_path(self, file: str) -> str:
+        """A local path for one file of this directory: itself where local, else a downloaded copy
+        (pickled `.pt`/`.bin` files cannot be read by range)."""
+        path = self._path(file)
+        return path if isinstance(self.fs, LocalFileSystem) else self._download(path)
+
+    def _load_bin(self, file: str) -> dict[str, torch.Tensor]:
         """A `.bin` state dict, memory-mapped where local. Remote `.bin` files are downloaded whole
         (pickles cannot be read by range). Only tensors load: pickled code is refused."""
-        local = path if isinstance(self.fs, LocalFileSystem) else self._download(path)
-        try:
-            state = torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
-        except Exception as e:                       # weights_only refusals, bad zips, truncated pickles
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) failed: {e}") from None
+        path = self._path(file)
+        state = load_pt(path, self.local_path(file))
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise CheckpointError(f"{path}: expected a dict of tensor name -> tensor")
         return state
@@ -199,6 +202,27 @@ class Checkpoint:
             return json.loads(self.reader.read(path))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def load_pt(path: str, local: str, allow: tuple = ()) -> object:
+    """`torch.load` of a local `.pt`/`.bin` copy of `path` (named in errors): tensors, containers,
+    numbers and strings only (`weights_only=True`), plus the classes in `allow`; memory-mapped when the
+    file is a zip archive, so only the tensors read later are paged in. Pickled code is refused."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(local, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(local))
+    except Exception as e:                           # weights_only refusals, bad zips, truncated pickles
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(local)) -
+                            {f"{c.__module__}.{c.__qualname__}" for c in allow})
+        except Exception:
+            unsafe = []
+        if unsafe:
+            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): it needs pickled code "
+                                  f"({', '.join(unsafe)}); only tensors and plain containers load") from None
+        detail = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: torch.load(weights_only=True) failed (truncated or corrupt?): "
+                              f"{detail}") from None
 
 
 def _entry_begin(entry) -> int:

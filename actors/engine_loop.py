@@ -1,7 +1,11 @@
 """`EngineLoop`: an `LLMEngine` stepping in its own thread, so asyncio callers (a Ray actor, a Serve
 replica) can add requests at any time; they join the running batch at the next step boundary.
-Results come back whole (`generate`) or as token deltas (`stream`); a stream that is closed early
-(client gone) aborts its sequences, which frees their KV blocks at the next step."""
+Results come back whole (`generate`) or as token deltas (`stream`); a stream closed early or a
+`generate` cancelled (client gone) aborts its sequences, which frees their KV blocks at the next step.
+
+Failure ends every request in flight, never a hang: a step that raises, `fail()` (a rank died), or
+a step still running after `step_timeout_s` (`watch_steps`: a rank stalled inside a collective)
+delivers an `EngineError` to each request, queued or running, and the loop reports itself dead."""
 import asyncio
 import queue
 import threading
@@ -12,7 +16,14 @@ from typing import AsyncIterator
 from actors.llm_engine import LLMEngine
 from actors.model_runner import STOP
 from actors.outputs import RequestOutput, request_outputs
-from actors.sequence import SamplingParams, Sequence
+from actors.sequence import RequestError, SamplingParams, Sequence
+
+SAMPLING_EPS = 1e-5         # below this temperature, sampling overflows fp32 logits: use greedy
+
+
+class EngineError(RuntimeError):
+    """The engine loop failed (a step raised, a rank died or stalled): requests in flight end with it,
+    new ones are refused, and the loop (with its TP group) must be rebuilt."""
 
 
 @dataclass
@@ -22,7 +33,7 @@ class StreamDelta:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)                # identity: requests are kept in sets and lists
 class _Request:
     prompts: list[list[int]]
     loop: asyncio.AbstractEventLoop
@@ -52,11 +63,13 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # callables run in the engine thread
-        self.requests: list[_Request] = []
+        self.requests: list[_Request] = []                     # admitted: their sequences are in the engine
+        self.pending: set[_Request] = set()                     # submitted, still in the inbox
         self.idle_calls: list = []                              # run once no request is running
         self.error: BaseException | None = None
         self.last_step = time.monotonic()
         self.steps = 0
+        self._busy_since: float | None = None                   # start of the step (or idle call) running now
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -69,7 +82,11 @@ class EngineLoop:
         loop = asyncio.get_running_loop()
         request = _Request(prompts, loop, future=loop.create_future())
         self._submit(lambda: self._admit(request, params, position_offsets), request)
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:                  # the caller left: free its blocks
+            self.inbox.put(lambda: self._abort(request))
+            raise
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
         """Token deltas of each of the prompt's `params.n` samples as they are generated."""
@@ -94,6 +111,8 @@ class EngineLoop:
         request = _Request([], loop, future=loop.create_future())
 
         def run_when_idle():
+            with self._lock:
+                self.pending.discard(request)
             try:
                 request.deliver(fn(self.engine))
             except Exception as e:
@@ -102,12 +121,28 @@ class EngineLoop:
         return await request.future
 
     def fail(self, error: BaseException) -> None:
-        """End every request in flight with `error` (e.g. a rank of the TP group died)."""
-        self.error = self.error or error
+        """End every request in flight, queued or running, with the first error (e.g. a rank of the TP
+        group died); the loop stops stepping and refuses new requests."""
         with self._lock:
-            requests, self.requests = self.requests, []
+            self.error = self.error or error
+            requests = self.requests + list(self.pending)
+            self.requests, self.pending = [], set()
         for request in requests:
-            request.deliver(error=error)
+            request.deliver(error=self.error)
+
+    def watch_steps(self, timeout_s: float | None) -> None:
+        """Fail the loop when one step (or idle call) runs longer than `timeout_s`: a rank stalled inside a
+        collective never returns on its own, so without this its requests would wait forever."""
+        if timeout_s:
+            threading.Thread(target=self._watch, args=(timeout_s,), name="engine-watchdog", daemon=True).start()
+
+    def _watch(self, timeout_s: float) -> None:
+        while not self._stopping and self.error is None:
+            time.sleep(min(1.0, timeout_s / 4))
+            started = self._busy_since
+            if started is not None and time.monotonic() - started > timeout_s:
+                self.fail(EngineError(f"engine step still running after step_timeout_s={timeout_s:g}s: "
+                                      "a rank is stalled (or the step hangs)"))
 
     def health(self) -> dict:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
@@ -120,28 +155,36 @@ class EngineLoop:
     def shutdown(self) -> None:
         self._stopping = True
         self.inbox.put(lambda: None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30 if self.error is None else 1)     # a failed loop may sit in a collective
 
     # -- the engine thread -------------------------------------------------------------------
 
     def _submit(self, fn, request: _Request) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"engine failed earlier: {self.error!r}")
+        with self._lock:                                # with fail(): a request is failed or run, never lost
+            if self.error is not None:
+                raise EngineError(f"engine failed earlier: {self.error}")
+            self.pending.add(request)
 
         def guarded():
             try:
                 fn()
             except Exception as e:                      # a bad request fails alone
+                with self._lock:
+                    self.pending.discard(request)
                 request.deliver(error=e)
         self.inbox.put(guarded)
 
     def _admit(self, request: _Request, params: SamplingParams, offsets: list[int] | None) -> None:
+        check_sampling(params, self.engine.model.spec.vocab_size)
         for prompt in request.prompts:
             self.engine.check_prompt(prompt, params.max_new_tokens)
         offsets = offsets or [0] * len(request.prompts)
         request.groups = [[self.engine.add_request(p, params, off, i) for i in range(params.n)]
                           for p, off in zip(request.prompts, offsets)]
         with self._lock:
+            self.pending.discard(request)
+            if self.error is not None:                  # failed while this waited in the inbox
+                raise self.error
             self.requests.append(request)
 
     def _abort(self, request: _Request) -> None:
@@ -153,18 +196,26 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self.error is None:
                 self._drain(block=not self.engine.scheduler.has_work() and not self.idle_calls)
                 while self.idle_calls and not self.engine.scheduler.has_work():
-                    self.idle_calls.pop(0)()
-                if self.engine.scheduler.has_work():
-                    self.engine.step()
+                    self._timed(self.idle_calls.pop(0))
+                if self.engine.scheduler.has_work() and self.error is None:
+                    self._timed(self.engine.step)
                     self.steps += 1
                     self.last_step = time.monotonic()
                     self._publish()
-            self.engine.runner.signal(STOP)
+            if self.error is None:                      # a failed group may not answer a collective
+                self.engine.runner.signal(STOP)
         except BaseException as e:                      # the engine itself broke: fail everyone
-            self.fail(RuntimeError(f"engine failed: {e!r}"))
+            self.fail(EngineError(f"engine failed: {e!r}"))
+
+    def _timed(self, fn) -> None:
+        self._busy_since = time.monotonic()
+        try:
+            fn()
+        finally:
+            self._busy_since = None
 
     def _drain(self, block: bool) -> None:
         try:
@@ -202,3 +253,21 @@ class EngineLoop:
                 request.sent[i] = len(seq.output_token_ids)
                 if seq.is_finished:
                     request.closed.add(i)
+
+
+def check_sampling(params: SamplingParams, vocab_size: int) -> None:
+    """Refuse sampling values that would break a step in fp32 (inf/nan probabilities, int64 overflow),
+    and with it every request in the batch; raises `RequestError` naming the fields."""
+    problems = []
+    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
+        problems.append(f"stop_token_ids must lie in [0, {vocab_size})")
+    if not params.greedy and params.temperature < SAMPLING_EPS:
+        problems.append(f"temperature={params.temperature:g} is below {SAMPLING_EPS:g}: use 0 (greedy)")
+    if not 1e-3 <= params.repetition_penalty <= 1e3:
+        problems.append(f"repetition_penalty={params.repetition_penalty:g} is outside [0.001, 1000]")
+    if params.top_k >= 2**63:
+        problems.append("top_k must be below 2**63")
+    if params.seed is not None and not -2**63 <= params.seed <= 2**64 - 1 - params.n:
+        problems.append("seed must fit in 64 bits")
+    if problems:
+        raise RequestError("invalid sampling parameters: " + "; ".join(problems))

@@ -1,4 +1,4 @@
-"""Pre-sharded checkpoints: what `save_mp_checkpoint_path` writes, and its reader.
+"""Pre-sharded checkpoints (what `save_mp_checkpoint_path` writes), and `open_any`, every rank's way in.
 
 Layout (any fsspec URI), as DeepSpeed's `ds_inference_config.json` describes it:
     ds_inference_config.json   {"type": "ds_model", "version": 1.0, "parallelization": "tp",
@@ -6,7 +6,9 @@ Layout (any fsspec URI), as DeepSpeed's `ds_inference_config.json` describes it:
     non_tp.safetensors         replicated parameters (embeddings, norms, row-parallel biases)
     tp_00.safetensors ...      rank r's shard of every tensor-parallel parameter
     config.json, generation_config.json, tokenizer files
-Names inside are the injected model's parameter names; each rank opens only non_tp and its own file.
+Names inside are the injected model's parameter names. Loaded at the same tp_size each rank opens
+only non_tp and its own file; at another tp_size each rank merges or splits the shards it needs
+(`actors.reshard.ShardedCheckpoint`).
 """
 import json
 import os
@@ -17,57 +19,20 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from actors.checkpoint import Checkpoint, open_checkpoint
-from actors.loader import CheckpointError
+from actors.descriptions import is_description, open_description, resolve_description
+from actors.tensor_files import DescribedCheckpoint
 from kernels.model import CausalLM
 
 DESCRIPTION = "ds_inference_config.json"
 
 
-def is_description(checkpoint) -> bool:
-    return isinstance(checkpoint, dict) or (isinstance(checkpoint, str) and checkpoint.endswith(".json"))
-
-
-class ShardedCheckpoint:
-    """One rank's view of a pre-sharded checkpoint."""
-
-    def __init__(self, uri: str, storage_options: dict | None, rank: int, tp_size: int):
-        directory, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
-        self.base = open_checkpoint(directory, storage_options)
-        self.description = self.base.json(name)
-        if self.description.get("type") != "ds_model" or self.description.get("parallelization", "tp") != "tp":
-            raise CheckpointError(f"{uri}: expected a ds_model description with parallelization 'tp', got "
-                                  f"type={self.description.get('type')!r}")
-        saved = self.description.get("tp_size")
-        if saved != tp_size:
-            raise CheckpointError(f"{uri}: sharded for tp_size={saved}, asked to load at tp_size={tp_size} "
-                                  "(re-sharding pre-sharded checkpoints is not supported yet)")
-        files = self.description.get("checkpoints", {})
-        self.files = list(files.get("non_tp", [])) + [files["tp"][rank]]
-
-    @property
-    def bytes_read(self) -> int:
-        return self.base.bytes_read
-
-    def hf_config(self):
-        return self.base.hf_config()
-
-    def generation_config(self):
-        return self.base.generation_config()
-
-    def tokenizer(self):
-        return self.base.tokenizer()
-
-    def tensors(self):
-        return self.base.file_tensors(self.files)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self.tensors())
-
-
-def open_any(uri: str, storage_options: dict | None, rank: int, tp_size: int) -> Checkpoint | ShardedCheckpoint:
-    """An HF directory, or a pre-sharded description (a path ending in .json)."""
+def open_any(uri: str | dict, storage_options: dict | None, rank: int,
+             tp_size: int) -> Checkpoint | DescribedCheckpoint:
+    """An HF directory (path or URI), or a checkpoint description (a path ending in .json, or a dict):
+    resolved by the driver already, or here (paths relative to the description, config next to it)."""
     if is_description(uri):
-        return ShardedCheckpoint(uri, storage_options, rank, tp_size)
+        resolved = resolve_description(uri, "", storage_options, None, tp_size)
+        return open_description(resolved, storage_options, rank, tp_size)
     return open_checkpoint(uri, storage_options)
 
 

@@ -7,6 +7,7 @@ rank 0 serves `generate` / `forward_logits` from its `EngineLoop`; ranks > 0 run
 """
 import asyncio
 import os
+import resource
 import socket
 import time
 from datetime import timedelta
@@ -26,6 +27,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MiB; Linux's /proc, else the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Worker:
@@ -51,7 +66,7 @@ class Worker:
         return await asyncio.to_thread(self._setup, master_addr, master_port, checkpoint)
 
     def _setup(self, master_addr: str, master_port: int, checkpoint: str) -> dict:
-        start = time.perf_counter()
+        start, rss_before = time.perf_counter(), rss_mb()
         device = self.device()
         if self.world_size > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -65,7 +80,8 @@ class Worker:
             self.loop = EngineLoop(self.engine)
         return {"rank": self.rank, "device": str(device), "pid": os.getpid(), "bytes_read": ckpt.bytes_read,
                 "load_s": time.perf_counter() - start, "kv_blocks": self.engine.block_manager.num_blocks,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
 
     async def follow(self) -> None:
         """Ranks > 0: run rank 0's steps until it says STOP."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from actors.build import build_engine, default_device, load_engine
 from actors.checkpoint import save_checkpoint
+from actors.descriptions import is_description, resolve_description
 from actors.sharded_checkpoint import open_any, save_shards
 from cluster.config import ConfigError, InferenceConfig
 from kernels.linear import SINGLE, TensorParallel
@@ -40,12 +41,14 @@ def launched_spmd() -> bool:
 
 
 def local(model, config: InferenceConfig, tp: TensorParallel = SINGLE, device=None, tokenizer=None) -> Model:
-    if model is None or isinstance(config.checkpoint, str):
-        if not isinstance(config.checkpoint, str):
-            raise ConfigError("init_inference needs a model object or checkpoint='dir-or-fsspec-URI'")
-        ckpt = open_any(config.checkpoint, config.storage_options, tp.rank, tp.size)
+    if config.device and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={config.device!r}, but CUDA is not available in this process")
+    if config.checkpoint is not None:
+        ckpt = open_any(described(model, config), config.storage_options, tp.rank, tp.size)
         engine = load_engine(ckpt, config, tp, device)
         return Model(engine, ckpt.hf_config(), ckpt.generation_config(), ckpt.tokenizer())
+    if model is None:
+        raise ConfigError("init_inference needs a model object or checkpoint='dir-or-fsspec-URI'")
     state = model.state_dict()
     generation_config = getattr(model, "generation_config", None)
     engine = build_engine(model.config, state.items(), config, tp, len(state), device, tp.rank == 0)
@@ -53,6 +56,14 @@ def local(model, config: InferenceConfig, tp: TensorParallel = SINGLE, device=No
         save_shards(engine.model, config.save_mp_checkpoint_path, config.storage_options, model.config,
                     generation_config, tokenizer)
     return Model(engine, model.config, generation_config)
+
+
+def described(model, config: InferenceConfig):
+    """`config.checkpoint`; a description resolved here (paths against `base_dir`, the model config from
+    `model` when given), so that every rank loads the same thing. Raises `CheckpointError`."""
+    if is_description(config.checkpoint):
+        return resolve_description(config.checkpoint, config.base_dir, config.storage_options, model, config.tp_size)
+    return config.checkpoint
 
 
 def spmd(model, config: InferenceConfig, tokenizer=None) -> Model:
@@ -126,9 +137,11 @@ def on_ray(model, config: InferenceConfig, tokenizer=None) -> Model:
     from cluster.group import InferenceGroup
     from cluster.group_backend import GroupBackend, _get
 
+    if is_description(config.checkpoint):             # checked before anything starts
+        config = config.model_copy(update={"checkpoint": described(model, config)})
     if not ray.is_initialized():
         ray.init()                                  # joins a running cluster, else starts a local one
-    if not isinstance(config.checkpoint, str):
+    if not isinstance(config.checkpoint, (str, dict)):
         if model is None:
             raise ConfigError("init_inference needs a model object or checkpoint='dir-or-fsspec-URI'")
         staging = tempfile.mkdtemp(prefix="rayspeed-ckpt-")

@@ -79,6 +79,16 @@ class InferenceConfig(BaseModel):
             raise ValueError(f"dtype {value!r} is not one of torch.float, torch.half, torch.bfloat16, torch.int8")
         return _DTYPES[value.lower()]
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value):
+        if value is not None:
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device {value!r} is not a torch device such as 'cuda:0' or 'cpu'") from None
+        return value
+
     @model_validator(mode="after")
     def _check(self):
         if self.mp_size is not None and self.tensor_parallel.tp_size not in (1, self.mp_size):
@@ -106,6 +116,9 @@ def make_config(config: "InferenceConfig | dict | None" = None, **kwargs) -> Inf
         base = dict(config or {})
     else:
         raise ConfigError(f"config must be an InferenceConfig or a dict, got {type(config).__name__}")
+    bad_keys = [k for k in base if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"invalid inference config: keys must be option names (strings), got {bad_keys!r}")
     try:
         return InferenceConfig(**{**base, **kwargs})
     except ValidationError as e:

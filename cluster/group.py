@@ -12,6 +12,7 @@ import ray
 
 from actors.outputs import RequestOutput, add_text
 from actors.sequence import SamplingParams
+from actors.descriptions import is_description, resolve_description
 from actors.sharded_checkpoint import open_any
 from cluster.config import ConfigError, InferenceConfig
 from cluster.generation import encode_prompts, token_list
@@ -85,8 +86,12 @@ class _InferenceGroupClass:
         return _InferenceGroupClass({**self.actor_options, **actor_options})
 
     def remote(self, config: InferenceConfig):
-        if not isinstance(config.checkpoint, str):
-            raise ConfigError("InferenceGroup needs config.checkpoint: a directory or fsspec URI of an HF model")
+        if not isinstance(config.checkpoint, (str, dict)):
+            raise ConfigError("InferenceGroup needs config.checkpoint: a directory or fsspec URI of an HF model, "
+                              "or a checkpoint description")
+        if is_description(config.checkpoint):               # resolved once, here: every rank gets the same
+            config = config.model_copy(update={"checkpoint": resolve_description(
+                config.checkpoint, config.base_dir, config.storage_options, None, config.tp_size)})
         hf_config = open_any(config.checkpoint, config.storage_options, 0, config.tp_size).hf_config()
         try:
             policy_for(hf_config).spec(hf_config).check_tp(config.tp_size)

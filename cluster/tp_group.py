@@ -2,23 +2,26 @@
 actor or a Serve replica) that lives in bundle 0 of the placement group `pg`. It starts one
 `Worker` actor per other bundle, runs the rendezvous and the load on every rank, serves requests
 from rank 0's `EngineLoop`, and watches the other ranks: one that fails while loading fails the
-start; one that dies later fails the requests in flight with an error naming it, never a hang."""
+start; one that dies later fails the requests in flight with an error naming it, never a hang; one
+that stalls is caught by rank 0's step watchdog (`step_timeout_s`)."""
 import asyncio
 import time
 
 import ray
 
+from actors.engine_loop import EngineError
 from actors.worker import Worker
 from cluster.placement import in_bundle
 
 
-class GroupError(RuntimeError):
+class GroupError(EngineError):
     """The TP group failed (a rank died or could not load); it must be rebuilt."""
 
 
 class TPGroup:
-    def __init__(self, config, pg):
+    def __init__(self, config, pg, step_timeout_s: float | None = None):
         self.config, self.pg = config, pg
+        self.step_timeout_s = step_timeout_s
         self.rank0 = Worker(config, 0, config.tp_size)
         self.followers: list = []
         self.failure: str | None = None
@@ -42,6 +45,7 @@ class TPGroup:
             await self.shutdown()
             raise
         self.report = {"ranks": ranks, "start_s": time.perf_counter() - t0, "tp_size": c.tp_size}
+        self.rank0.loop.watch_steps(self.step_timeout_s)
         self._watchers = [asyncio.ensure_future(self._watch(rank, w.follow.remote()))
                           for rank, w in enumerate(self.followers, start=1)]
         return self.report
@@ -72,7 +76,13 @@ class TPGroup:
     async def shutdown(self) -> None:
         for task in self._watchers:
             task.cancel()
+        loop = self.rank0.loop
+        if self.failure or (loop is not None and loop.error is not None):
+            self._kill_followers()                      # first: rank 0 may sit in a collective with a stalled rank
         self.rank0.shutdown()
+        self._kill_followers()
+
+    def _kill_followers(self) -> None:
         for w in self.followers:
             ray.kill(w, no_restart=True)
         self.followers = []

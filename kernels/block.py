@@ -1,4 +1,6 @@
 """The injected decoder block: one generic block whose family differences are knobs on `ModelSpec`."""
+import math
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ class Norm(nn.Module):
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi head slopes (Press et al.), including the interleaved extra slopes for non-power-of-two heads."""
-    closest = 2 ** int(torch.tensor(num_heads).log2().floor())
+    closest = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-8.0 / closest)
     slopes = [base ** (i + 1) for i in range(closest)]
     if closest < num_heads:

@@ -1,4 +1,6 @@
 """`init_inference` and `InferenceEngine`: the public entry points, wiring only."""
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from actors.outputs import RequestOutput, add_text
@@ -8,6 +10,9 @@ from cluster.config import ConfigError, InferenceConfig, make_config
 from cluster.generation import encode_prompts, token_list
 from cluster.hf_backend import HFBackend
 from cluster.hf_module import InjectedModelForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class InferenceEngine:
@@ -40,18 +45,25 @@ def _check_supported(config: InferenceConfig) -> None:
     if config.injection_policy is not None and config.replace_with_kernel_inject:
         raise ConfigError("injection_policy (AutoTP: the HF modules sharded as they are) and "
                           "replace_with_kernel_inject=True (the injected decoder) exclude each other: choose one")
-    later = {"checkpoint descriptions given as a dict": isinstance(config.checkpoint, dict),
-             "quantization_setting": config.quantization_setting is not None}
+    described = isinstance(config.checkpoint, dict) or str(config.checkpoint).endswith(".json")
+    if described and not config.replace_with_kernel_inject:
+        raise ConfigError("checkpoint descriptions (checkpoint.json) load into the injected model: pass "
+                          "replace_with_kernel_inject=True")
+    later = {"quantization_setting": config.quantization_setting is not None}
     for name, used in later.items():
         if used:
             raise ConfigError(f"{name} is not yet supported by this build of rayspeed")
 
 
-def init_inference(model: nn.Module | None = None, config: InferenceConfig | dict | None = None,
-                   tokenizer=None, **kwargs) -> InferenceEngine:
+def init_inference(model: "nn.Module | PretrainedConfig | None" = None,
+                   config: InferenceConfig | dict | None = None, tokenizer=None, **kwargs) -> InferenceEngine:
     """Wrap an HF causal LM (or a checkpoint URI) for inference; DeepSpeed's keywords, see `InferenceConfig`.
     Without kernel injection the HF model runs as it is; with tp_size > 1 its blocks are first sharded in
-    place, as `injection_policy` says or inferred (AutoTP; under a launcher: `rayspeed --num_gpus N script.py`)."""
+    place, as `injection_policy` says or inferred (AutoTP; under a launcher: `rayspeed --num_gpus N script.py`).
+
+    `checkpoint=` an HF directory/URI, or a description (`checkpoint.json` path or dict: Megatron, ds_model,
+    BLOOM; see `actors.descriptions`) with paths relative to `base_dir`; `model` may then be just the model
+    config (an HF config, or a model on the meta device), which wins over a config.json found with the files."""
     config = make_config(config, **kwargs)
     _check_supported(config)
     if not config.replace_with_kernel_inject:

@@ -10,7 +10,7 @@ from cluster.config import InferenceConfig
 
 
 class AppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
     model: str | None = Field(None, description="HF model dir, fsspec URI (s3://, gs://) or hub id; default: "
                                                 "the app's default (the tiny demo model without GPUs)")
@@ -38,6 +38,8 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     health_check_period_s: float = Field(10, gt=0)
     stall_timeout_s: float = Field(120, gt=0, description="unhealthy when work waits this long without a step")
+    step_timeout_s: float = Field(300, gt=0, description="one engine step running longer (a TP rank stalled in "
+                                                         "a collective) fails the requests in flight; unhealthy")
 
     @model_validator(mode="after")
     def _check(self):
@@ -51,7 +53,7 @@ class AppArgs(BaseModel):
         if isinstance(args, AppArgs):
             return args
         try:
-            return cls(**{k: v for k, v in (args or {}).items()})
+            return cls.model_validate(args or {})
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'args'}: {err['msg']}" for err in e.errors())
             raise ValueError(f"invalid app arguments: {problems}") from None

@@ -15,13 +15,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException
 
+from actors.engine_loop import EngineError
 from actors.sequence import RequestError
 from cluster.tp_group import GroupError, TPGroup
 from serve_apps.args import AppArgs
 from serve_apps.metrics import ServerMetrics
 from serve_apps.protocol import ChatRequest, CompletionRequest, error_json, validation_message
-from serve_apps.server import LLMServer, OverloadedError, Unsupported
+from serve_apps.server import LLMServer, OverloadedError, Unsupported, prepend
 
 api = FastAPI(title="rayspeed", docs_url=None, redoc_url=None)
 
@@ -37,21 +39,22 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return _error(400, f"{param or 'body'}: {err.get('msg')}", "invalid_request_error", param)
 
 
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    """Unknown routes and methods answer in OpenAI's error shape too."""
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers)
+
+
 async def _sse(events) -> object:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error mid-stream is sent
-    as an error event (the HTTP status is already 200)."""
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error mid-stream (a rank
+    died, the engine failed) is sent as an error event (the HTTP status is already 200)."""
     try:
         async for event in events:
             yield f"data: {json.dumps(event)}\n\n"
-    except (RequestError, OverloadedError, GroupError) as e:
-        yield f"data: {json.dumps(error_json(str(e), 'server_error'))}\n\n"
+    except Exception as e:
+        kind = "invalid_request_error" if isinstance(e, RequestError) else "server_error"
+        yield f"data: {json.dumps(error_json(str(e) or type(e).__name__, kind))}\n\n"
     yield "data: [DONE]\n\n"
-
-
-async def _prepend(first, rest):
-    yield first
-    async for item in rest:
-        yield item
 
 
 def _status_for(e: Exception) -> JSONResponse:
@@ -66,8 +69,8 @@ def _status_for(e: Exception) -> JSONResponse:
         return _error(400, str(e), "invalid_request_error")
     if isinstance(e, OverloadedError):
         return _error(503, str(e), "server_overloaded", headers={"Retry-After": "1"})
-    if isinstance(e, GroupError):
-        return _error(503, str(e), "server_error")
+    if isinstance(e, EngineError):                  # GroupError too: Serve replaces the replica
+        return _error(503, str(e), "server_error", headers={"Retry-After": "5"})
     return _error(500, f"{type(e).__name__}: {e}", "server_error")
 
 
@@ -77,7 +80,7 @@ class LLMDeployment:
     async def __init__(self, args: dict, checkpoint: str, model_name: str):
         self.args = AppArgs.parse(args)
         config = self.args.inference_config(checkpoint, self.args.use_gpu())
-        self.group = TPGroup(config, ray.util.get_current_placement_group())
+        self.group = TPGroup(config, ray.util.get_current_placement_group(), self.args.step_timeout_s)
         await self.group.start(checkpoint)
         engine = self.group.rank0.engine
         from actors.sharded_checkpoint import open_any
@@ -95,19 +98,32 @@ class LLMDeployment:
     async def _run(self, request: Request, body_type, unary, streaming):
         if not self._authorized(request):
             return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
-        raw = await request.body()
-        if len(raw) > self.args.max_body_bytes:
-            return _error(413, f"request body of {len(raw)} bytes exceeds {self.args.max_body_bytes}",
+        raw = await self._body(request)
+        if raw is None:
+            return _error(413, f"request body exceeds max_body_bytes={self.args.max_body_bytes}",
                           "invalid_request_error")
         try:
             body = body_type.model_validate_json(raw)
             if body.stream:
                 events = streaming(body)
                 first = await anext(events)            # errors before the first chunk get a status code
-                return StreamingResponse(_sse(_prepend(first, events)), media_type="text/event-stream")
+                return StreamingResponse(_sse(prepend(first, events)), media_type="text/event-stream")
             return JSONResponse(await unary(body))
         except Exception as e:
             return _status_for(e)
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, or None once it is over `max_body_bytes` (read no further than that)."""
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return None
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > limit:
+                return None
+        return bytes(raw)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -144,8 +160,12 @@ class LLMDeployment:
             for choice in event["choices"]:
                 yield choice["text"]
 
+    def ranks(self) -> list[dict]:
+        """The TP group's load report, one dict per rank (rank, pid, device, kv_blocks, load_s, ...)."""
+        return self.group.report["ranks"]
+
     def _health(self) -> dict:
-        health = self.group.health()
+        health = {**self.group.health(), "queued": self.server.queued}
         self.metrics.observe_engine(health)
         stalled = (health["running"] or health["waiting"]) and health["seconds_since_step"] > self.args.stall_timeout_s
         if stalled:

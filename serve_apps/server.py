@@ -4,12 +4,17 @@ deployment in `llm.py` wraps it), so CPU tests can drive it with a small engine.
 Every request runs as token streams from the engine loop; `TextStream` turns token deltas into
 text, holds back what could still become a stop string, and ends a sample at the first stop
 string (its sequence is aborted, which frees its KV blocks). Non-streaming answers collect the
-same streams."""
+same streams.
+
+The queue is bounded: a request reserves room for its sequences when it is admitted (synchronously,
+so concurrent arrivals cannot all pass one check) and gives it back as each prompt starts generating
+or ends; beyond `max_queued_requests` waiting sequences it is refused (HTTP 503 + Retry-After)."""
 import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from actors.engine_loop import SAMPLING_EPS
 from actors.sequence import RequestError, SamplingParams
 from cluster.generation import token_list
 from serve_apps.protocol import ChatRequest, CompletionRequest, SamplingFields, new_id, now
@@ -68,6 +73,7 @@ class LLMServer:
         self.max_model_len = max_model_len
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics
+        self.queued = 0                  # sequences admitted here that have not started generating
 
     # -- requests -> engine params -----------------------------------------------------------
 
@@ -81,7 +87,7 @@ class LLMServer:
         if req.presence_penalty or req.frequency_penalty:
             raise Unsupported("presence_penalty / frequency_penalty are not supported; use repetition_penalty")
         return SamplingParams.build(
-            max_new_tokens=max_tokens or 16, min_new_tokens=req.min_tokens, do_sample=req.temperature > 0,
+            max_new_tokens=max_tokens or 16, min_new_tokens=req.min_tokens, do_sample=req.temperature >= SAMPLING_EPS,
             temperature=req.temperature or 1.0, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
             repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos, stop_token_ids=self.eos, n=req.n)
 
@@ -101,20 +107,27 @@ class LLMServer:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.encode(text)[0]
 
-    def admit(self) -> None:
-        """Refuse new work while the engine's queue is at its limit (HTTP 503, never OOM)."""
-        if self.max_queued_requests is not None:
-            if self.engine.loop.health()["waiting"] >= self.max_queued_requests:
-                raise OverloadedError(f"server overloaded: {self.max_queued_requests} requests already queued; "
-                                      "retry later")
+    def admit(self, num_prompts: int, n: int) -> "Reservation":
+        """Reserve queue room for `num_prompts` x `n` sequences, or refuse: HTTP 503 while the queue is
+        full (never unbounded memory), 400 for a request larger than the whole queue."""
+        size, limit = num_prompts * n, self.max_queued_requests
+        if limit is not None and self.queued + size > limit:
+            if size > limit:
+                raise RequestError(f"{num_prompts} prompt(s) x n={n} = {size} sequences exceed the queue limit "
+                                   f"max_queued_requests={limit}")
+            raise OverloadedError(f"server overloaded: {self.queued} sequences already queued (limit {limit}); "
+                                  "retry later")
+        self.queued += size
+        return Reservation(self, {i: n for i in range(num_prompts)})
 
     # -- running ------------------------------------------------------------------------------
 
     async def chunks(self, prompts: list[list[int]], params: SamplingParams, stops: list[str]) -> AsyncIterator[Chunk]:
         """Text chunks of every (prompt, sample) as they come; choice = prompt * n + sample."""
-        self.admit()
+        reservation = self.admit(len(prompts), params.n)
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue)) for i, p in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, reservation))
+                 for i, p in enumerate(prompts)]
         try:
             for _ in range(len(prompts) * params.n):
                 while True:
@@ -125,16 +138,18 @@ class LLMServer:
                     if item.finish_reason is not None:
                         break
         finally:
+            reservation.release()
             for task in tasks:
                 task.cancel()
 
     async def _one(self, index: int, prompt: list[int], params: SamplingParams, stops: list[str],
-                   queue: asyncio.Queue) -> None:
+                   queue: asyncio.Queue, reservation: "Reservation") -> None:
         started, last = time.perf_counter(), None
         streams = [TextStream(self.tokenizer, stops) for _ in range(params.n)]
         counts = [0] * params.n
         try:
             async for delta in self.engine.loop.stream(prompt, params):
+                reservation.release(index)
                 s = streams[delta.index]
                 if s.stopped:
                     continue
@@ -147,6 +162,7 @@ class LLMServer:
                 if all(st.stopped for st in streams):
                     return                                  # leaving the stream aborts the sequences
         except Exception as e:
+            reservation.release(index)
             queue.put_nowait(e)
 
     def _observe(self, started: float, last: float | None, num_tokens: int) -> float:
@@ -197,10 +213,12 @@ class LLMServer:
         prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
         rid, created, tokens = new_id("chatcmpl"), now(), {}
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        chunks = self.chunks([prompt], params, req.stop)
+        first = await anext(chunks)              # refusals (queue full, bad request) before the first byte
         for i in range(params.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}
-        async for c in self.chunks([prompt], params, req.stop):
+        async for c in prepend(first, chunks):
             tokens[c.choice] = c.completion_tokens
             delta = {"content": c.text} if c.text else {}
             yield {**head, "choices": [{"index": c.choice, "delta": delta, "finish_reason": c.finish_reason}]}
@@ -212,14 +230,40 @@ class LLMServer:
         ids = self.encode(prompt)[0]
         sampling.setdefault("stop_token_ids", self.eos)
         params = SamplingParams.build(**sampling)
-        self.admit()
-        out = (await self.engine.loop.generate([ids], params))[0].outputs[0]
-        return {"text": self.tokenizer.decode(out.token_ids, skip_special_tokens=True), "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason, "prompt_token_ids": ids}
+        reservation = self.admit(1, params.n)
+        token_ids, reason = [], None
+        try:                                     # a stream: a cancelled call aborts its sequences
+            async for delta in self.engine.loop.stream(ids, params):
+                reservation.release()
+                if delta.index == 0:
+                    token_ids += delta.token_ids
+                    reason = delta.finish_reason or reason
+        finally:
+            reservation.release()
+        return {"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
+                "finish_reason": reason, "prompt_token_ids": ids}
 
 
 class OverloadedError(RuntimeError):
     """The engine's queue is full; answered with HTTP 503 and Retry-After."""
+
+
+@dataclass
+class Reservation:
+    """Queue room held for one request's prompts (index -> sequences) until each starts generating."""
+    server: LLMServer
+    held: dict[int, int]
+
+    def release(self, prompt: int | None = None) -> None:
+        """Give back one prompt's room (all of it when `prompt` is None); repeated calls are no-ops."""
+        for i in ([prompt] if prompt is not None else list(self.held)):
+            self.server.queued -= self.held.pop(i, 0)
+
+
+async def prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _collect(prompts, params) -> tuple[list[str], list, list[int]]:

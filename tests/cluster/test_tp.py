@@ -180,5 +180,13 @@ def test_save_mp_checkpoint_then_reload_each_rank_reading_its_own_files(llama_ck
             assert rank["bytes_read"] <= sizes["non_tp.safetensors"] + sizes["tp_00.safetensors"] + 64 * 1024
     finally:
         reloaded.shutdown()
-    with pytest.raises(rayspeed.CheckpointError, match="sharded for tp_size=2"):
-        rayspeed.init_inference(checkpoint=shards + "/ds_inference_config.json", **TP)
+    merged = rayspeed.init_inference(checkpoint=shards + "/ds_inference_config.json", **TP)        # TP 2 -> 1
+    assert torch.equal(merged.module.generate(ids, max_new_tokens=16, min_new_tokens=16), expected)
+    split = rayspeed.init_inference(checkpoint=shards + "/ds_inference_config.json",               # TP 2 -> 4
+                                    tensor_parallel={"tp_size": 4}, **TP)
+    try:
+        assert torch.equal(split.module.generate(ids, max_new_tokens=16, min_new_tokens=16), expected)
+        for rank in ray.get(split.backend.group.model_info.remote())["report"]["ranks"]:
+            assert rank["bytes_read"] <= shard_bytes(hf, rank["rank"], 4) + 64 * 1024               # half a file
+    finally:
+        split.shutdown()
