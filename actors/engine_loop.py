@@ -120,6 +120,10 @@ class EngineLoop:
         self._submit(lambda: self.idle_calls.append(run_when_idle), request)
         return await request.future
 
+    def explain(self, error: BaseException) -> BaseException:
+        """The error requests see when a step raises; a TP group replaces this to name a dead rank."""
+        return EngineError(f"engine failed: {error!r}")
+
     def fail(self, error: BaseException) -> None:
         """End every request in flight, queued or running, with the first error (e.g. a rank of the TP
         group died); the loop stops stepping and refuses new requests."""
@@ -208,7 +212,7 @@ class EngineLoop:
             if self.error is None:                      # a failed group may not answer a collective
                 self.engine.runner.signal(STOP)
         except BaseException as e:                      # the engine itself broke: fail everyone
-            self.fail(EngineError(f"engine failed: {e!r}"))
+            self.fail(self.explain(e))
 
     def _timed(self, fn) -> None:
         self._busy_since = time.monotonic()

@@ -46,6 +46,7 @@ class TPGroup:
             raise
         self.report = {"ranks": ranks, "start_s": time.perf_counter() - t0, "tp_size": c.tp_size}
         self.rank0.loop.watch_steps(self.step_timeout_s)
+        self.rank0.loop.explain = self._explain
         self._watchers = [asyncio.ensure_future(self._watch(rank, w.follow.remote()))
                           for rank, w in enumerate(self.followers, start=1)]
         return self.report
@@ -55,6 +56,15 @@ class TPGroup:
         if self.failure:
             raise GroupError(f"TP group failed: {self.failure}")
         return self.rank0.loop
+
+    def _explain(self, error: BaseException) -> GroupError:
+        """A step that raised (e.g. gloo's "connection reset") usually means a rank died: give the
+        watcher a moment to name it, so requests fail with the cause rather than the symptom."""
+        deadline = time.monotonic() + 5
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cause_ = self.failure or f"a step failed: {error!r}"
+        return GroupError(f"TP group failed: {cause_}")
 
     async def _watch(self, rank: int, follow_ref) -> None:
         try:
