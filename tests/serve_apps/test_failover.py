@@ -114,7 +114,7 @@ def test_follower_killed_mid_generation_fails_in_flight_requests_then_serve_repl
     pid = follower_pid(handle)
     results, elapsed = fail_mid_generation(url, handle, signal.SIGKILL)
     assert elapsed < 30
-    assert_clear_errors(results, "failed")
+    assert_clear_errors(results, "rank 1 died")
     assert_unhealthy_then_replaced(url, handle, pid)
 
 
