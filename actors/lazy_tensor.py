@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from actors.loader import CheckpointError
+from actors.tensor_views import split_view
 
 # safetensors dtype names -> torch dtypes (those torch has)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -97,13 +98,7 @@ class LazyTensor:
 
     def split(self, sizes: int | list[int], dim: int = 0) -> list["LazyTensor"]:
         """Like `torch.split`: an int is a chunk size, a list gives every part's size."""
-        total = self.shape[dim]
-        if isinstance(sizes, int):
-            sizes = [min(sizes, total - s) for s in range(0, total, sizes)]
-        if sum(sizes) != total:
-            raise ValueError(f"split sizes {list(sizes)} do not add up to dimension {dim} of size {total}")
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [self.narrow(dim, start, size) for start, size in zip(starts, sizes)]
+        return split_view(self, sizes, dim)
 
     def t(self) -> "LazyTensor":
         if self.dim() > 2:
