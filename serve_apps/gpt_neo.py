@@ -19,3 +19,11 @@ def app(args: dict | None = None):
     if args.model is None and not args.use_gpu() and args.served_model_name is None:
         args = args.model_copy(update={"served_model_name": MODEL_NAME})
     return build_app(args, _default)
+
+
+def __getattr__(name: str):
+    """`serve_apps.gpt_neo:application`: the app with default arguments, built on first access, for
+    tools that want an Application rather than a builder (`serve build serve_apps.gpt_neo:application`)."""
+    if name == "application":
+        return app({})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

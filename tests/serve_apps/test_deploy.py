@@ -94,3 +94,21 @@ def test_serve_config_yaml_parses_and_builds():
     module, name = application.import_path.split(":")
     builder = getattr(__import__(module, fromlist=[name]), name)
     assert isinstance(builder(application.args), serve.Application)
+
+
+def test_serve_build_writes_a_config_that_parses(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "built.yaml"
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    env = dict(os.environ, RAYSPEED_CACHE=str(tmp_path / "cache"), RAY_AUTH_MODE="disabled")
+    done = subprocess.run([serve_cli, "build", "serve_apps.gpt_neo:application", "-o", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    assert config.applications[0].import_path == "serve_apps.gpt_neo:application"
