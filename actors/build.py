@@ -30,7 +30,7 @@ def build_engine(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], config,
     spec.check_tp(tp.size)
     device = device or default_device(config)
     with torch.device(device):
-        model = CausalLM(spec, config.torch_dtype, tp)
+        model = CausalLM(spec, config.compute_dtype(device), tp, config.weight_quant())
     load_weights(model, weight_policy or policy, tensors, total=num_tensors, progress=progress)
     return LLMEngine(model.eval(), config, device)
 

@@ -16,8 +16,12 @@ class CheckpointError(ValueError):
 def load_weights(model: CausalLM, policy: Policy | None, tensors: Iterable[tuple[str, torch.Tensor]],
                  total: int | None = None, progress: bool = True) -> None:
     """Feed (HF name, full tensor) pairs to the weight loaders; every parameter must be filled.
-    With `policy=None` the tensors are this rank's shards already, under the injected names."""
+    With `policy=None` (or a policy marked `pre_sharded`) the tensors are this rank's shards already,
+    under the injected names. A float `<linear>.weight` of a quantized linear is quantized into its
+    `qweight` and `scales` as it loads (`load_float_weight`)."""
     params = dict(model.named_parameters())
+    quantized = {f"{name}.weight": m for name, m in model.named_modules() if getattr(m, "quant", None)}
+    sharded = policy is not None and not getattr(policy, "pre_sharded", False)
     family = policy.name if policy else "injected"
     loaded: set[str] = set()
     for hf_name, tensor in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
@@ -25,16 +29,17 @@ def load_weights(model: CausalLM, policy: Policy | None, tensors: Iterable[tuple
         target = policy.target(hf_name) if policy else WeightTarget(hf_name, None, False)
         if target is None or target.name in model.optional_targets:
             continue
+        if target.name in quantized and sharded:
+            _load_quantized(quantized[target.name], hf_name, target, tensor, model)
+            prefix = target.name.removesuffix(".weight")
+            loaded.update({f"{prefix}.qweight", f"{prefix}.scales"})
+            continue
         if target.name not in params:
             raise CheckpointError(f"{hf_name}: maps to {target.name!r}, which the {family} model lacks")
         param = params[target.name]
         try:
-            if target.transpose:
-                tensor = tensor.t()
-            if target.transform is not None:
-                tensor = target.transform(tensor, model.spec)
-            loader = getattr(param, "weight_loader", default_weight_loader) if policy else default_weight_loader
-            loader(param, tensor, target.shard)
+            loader = getattr(param, "weight_loader", default_weight_loader) if sharded else default_weight_loader
+            loader(param, _oriented(tensor, target, model), target.shard)
         except ValueError as e:
             raise CheckpointError(f"{hf_name} -> {target.name}: {e}") from None
         loaded.add(target.name)
@@ -42,3 +47,18 @@ def load_weights(model: CausalLM, policy: Policy | None, tensors: Iterable[tuple
     if missing:
         raise CheckpointError(f"checkpoint lacks tensors for {len(missing)} parameter(s) of the "
                               f"{family} model: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _oriented(tensor: torch.Tensor, target: WeightTarget, model: CausalLM) -> torch.Tensor:
+    if target.transpose:
+        tensor = tensor.t()
+    if target.transform is not None:
+        tensor = target.transform(tensor, model.spec)
+    return tensor
+
+
+def _load_quantized(linear, hf_name: str, target: WeightTarget, tensor: torch.Tensor, model: CausalLM) -> None:
+    try:
+        linear.load_float_weight(_oriented(tensor, target, model), target.shard)
+    except ValueError as e:
+        raise CheckpointError(f"{hf_name} -> {target.name} (quantized): {e}") from None

@@ -9,6 +9,7 @@ from kernels.attention import AttentionMetadata, paged_attention, store_kv
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
+from kernels.quant import QuantSpec
 from kernels.rotary import apply_rotary, rotary_cos_sin
 from kernels.spec import ModelSpec
 
@@ -58,11 +59,12 @@ class Attention(nn.Module):
     """Fused QKV -> (rotary) -> write KV cache -> paged attention -> row-parallel output."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
-                 rotary: Rotary | None = None):
+                 rotary: Rotary | None = None, quant: QuantSpec | None = None):
         super().__init__()
         self.qkv = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
-                                     spec.qkv_bias, tp, dtype)
-        self.out = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.out_bias, tp, dtype)
+                                     spec.qkv_bias, tp, dtype, quant if quant and quant.quantize_qkv else None)
+        self.out = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.out_bias, tp, dtype,
+                                     quant)
         self.scale, self.window = spec.attn_scales[layer], spec.attn_windows[layer]
         self.rotary = rotary
         slopes = None
@@ -82,15 +84,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, tp: TensorParallel, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, tp: TensorParallel, dtype: torch.dtype, quant: QuantSpec | None = None):
         super().__init__()
         self.gated = spec.gated_mlp
+        quant = quant and quant.for_mlp()            # MoQ's mlp_extra_grouping: twice the row groups
         if self.gated:
             self.up = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, spec.mlp_bias,
-                                                 tp, dtype)
+                                                 tp, dtype, quant)
         else:
-            self.up = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, tp, dtype)
-        self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype)
+            self.up = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, tp, dtype, quant)
+        self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act = activation(spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,16 +108,20 @@ class MLP(nn.Module):
 
 class DecoderBlock(nn.Module):
     """Pre-norm (default), post-norm (`post_norm`) or parallel-residual (`parallel_residual`, with one
-    norm shared by attention and MLP when `shared_norm`) residual layout around `Attention` and `MLP`."""
+    norm shared by attention and MLP when `shared_norm`) residual layout around `Attention` and `MLP`.
+    With `quant` its linears hold quantized weights; norms stay in `dtype` (the compute dtype)."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
-                 rotary: Rotary | None = None):
+                 rotary: Rotary | None = None, quant: QuantSpec | None = None):
         super().__init__()
         self.parallel_residual, self.post_norm = spec.parallel_residual, spec.post_norm
         self.attn_norm = Norm(spec, dtype)
-        self.attn = Attention(spec, layer, tp, dtype, rotary)
-        self.mlp_norm = None if spec.shared_norm else Norm(spec, dtype)
-        self.mlp = MLP(spec, tp, dtype)
+        try:
+            self.attn = Attention(spec, layer, tp, dtype, rotary, quant)
+            self.mlp_norm = None if spec.shared_norm else Norm(spec, dtype)
+            self.mlp = MLP(spec, tp, dtype, quant)
+        except ValueError as e:                      # e.g. quantization groups that do not divide a part
+            raise ValueError(f"layer {layer}: {e}") from None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:

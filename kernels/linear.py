@@ -3,6 +3,10 @@ that takes the *full* tensor from a checkpoint and keeps its part.
 
 Column-parallel layers split the output features across ranks (no communication); the
 row-parallel layer splits the input features and all-reduces its partial sums in `forward`.
+
+With a `QuantSpec` (`quant=`) a layer holds `qweight` and `scales` (kernels/quant.py's format) instead
+of `weight`: never a float copy. Their `weight_loader`s shard pre-quantized tensors like the float
+weight; `load_float_weight` quantizes each part of this rank's shard of a float weight as it loads.
 """
 from dataclasses import dataclass
 
@@ -10,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from kernels.quant import QuantSpec, quant_linear
 
 
 @dataclass(frozen=True)
@@ -73,31 +79,84 @@ def _param(*shape: int, dtype: torch.dtype, loader, tp_dim: int | None = None) -
     return p
 
 
-class ColumnParallelLinear(nn.Module):
+class QuantizedRows:
+    """A quantized weight seen as the float [rows, K] weight it replaces, for the float weight loaders:
+    `narrow(0, ...)` selects rows (a part), `copy_(w)` quantizes w into those rows of qweight/scales."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, start: int = 0,
+                 rows: int | None = None):
+        self.qweight, self.scales, self.spec, self.start = qweight, scales, spec, start
+        self.rows = qweight.shape[0] if rows is None else rows
+        self.shape = torch.Size((self.rows, qweight.shape[1] * (2 if spec.bits == 4 else 1)))
+
+    def narrow(self, dim: int, start: int, size: int) -> "QuantizedRows":
+        if dim != 0:
+            raise ValueError("a quantized weight is written by output rows")
+        return QuantizedRows(self.qweight, self.scales, self.spec, self.start + start, size)
+
+    def copy_(self, w: torch.Tensor) -> None:
+        q, scales = self.spec.quantize(w.to(self.qweight.device), self.scales.dtype)
+        self.qweight[self.start:self.start + self.rows] = q
+        self.scales[self.start:self.start + self.rows] = scales
+
+
+class _Linear(nn.Module):
+    """The weight (float, or quantized) of a parallel linear, and its matmul."""
+
+    def _init_weight(self, n: int, k: int, dtype: torch.dtype, tp_dim: int, quant: QuantSpec | None) -> None:
+        self.quant = quant
+        if quant is None:
+            self.weight = _param(n, k, dtype=dtype, loader=self.weight_loader, tp_dim=tp_dim)
+            return
+        quant.check(type(self).__name__, self._part_rows(n), k)
+        qshape, sshape = quant.shapes(n, k)
+        self.group_size = quant.k_group(k)
+        self.qweight = _param(*qshape, dtype=quant.storage_dtype, loader=self.weight_loader, tp_dim=tp_dim)
+        self.scales = _param(*sshape, dtype=dtype, loader=self.weight_loader, tp_dim=tp_dim)
+
+    def _part_rows(self, rows: int) -> list[int]:
+        return [rows]
+
+    def load_float_weight(self, full: torch.Tensor, shard_id=None) -> None:
+        """A float checkpoint weight, quantized part by part (this rank's shard) into qweight/scales."""
+        self.weight_loader(QuantizedRows(self.qweight, self.scales, self.quant), full, shard_id)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.quant is None:
+            return F.linear(x, self.weight, bias)
+        return quant_linear(x, self.qweight, self.scales, self.quant.bits, self.group_size, bias)
+
+
+class ColumnParallelLinear(_Linear):
     """y = x W^T + b with W's rows (output features) split across ranks; output stays sharded."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, dtype: torch.dtype,
+                 quant: QuantSpec | None = None):
         super().__init__()
         if out_features % tp.size:
             raise ValueError(f"{out_features} output features do not split across tp_size={tp.size}")
         self.tp = tp
-        self.weight = _param(out_features // tp.size, in_features, dtype=dtype, loader=self.weight_loader, tp_dim=0)
+        self._init_weight(out_features // tp.size, in_features, dtype, 0, quant)
         self.bias = _param(out_features // tp.size, dtype=dtype, loader=self.weight_loader, tp_dim=0) if bias else None
 
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate and up of a SwiGLU MLP).
     Each rank holds its slice of every part, parts side by side: [gate_shard; up_shard]."""
 
-    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, tp: TensorParallel, dtype: torch.dtype):
-        super().__init__(in_features, sum(part_sizes), bias, tp, dtype)
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, tp: TensorParallel, dtype: torch.dtype,
+                 quant: QuantSpec | None = None):
         self.part_sizes = [size // tp.size for size in part_sizes]
+        super().__init__(in_features, sum(part_sizes), bias, tp, dtype, quant)
+
+    def _part_rows(self, rows: int) -> list[int]:
+        return self.part_sizes
 
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id: int | None = None) -> None:
         if shard_id is None:                         # checkpoint stores the parts already merged
@@ -113,7 +172,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     KV head is replicated on tp_size / num_kv_heads ranks (grouped-query attention)."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 tp: TensorParallel, dtype: torch.dtype):
+                 tp: TensorParallel, dtype: torch.dtype, quant: QuantSpec | None = None):
         if num_heads % tp.size:
             raise ValueError(f"num_heads={num_heads} is not divisible by tp_size={tp.size}")
         if num_kv_heads % tp.size and tp.size % num_kv_heads:
@@ -123,7 +182,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        super().__init__(hidden_size, out * tp.size, bias, tp, dtype)
+        super().__init__(hidden_size, out * tp.size, bias, tp, dtype, quant)
+
+    def _part_rows(self, rows: int) -> list[int]:
+        return self.sizes
 
     @property
     def sizes(self) -> list[int]:
@@ -151,20 +213,22 @@ class QKVParallelLinear(ColumnParallelLinear):
                 v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
 
 
-class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_shard W_shard^T) + b with W's columns (input features) split across ranks."""
+class RowParallelLinear(_Linear):
+    """y = all_reduce(x_shard W_shard^T) + b with W's columns (input features) split across ranks.
+    Quantized, each rank's scales cover its own K columns: `scales` split along dim 1 as well."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel, dtype: torch.dtype,
+                 quant: QuantSpec | None = None):
         super().__init__()
         if in_features % tp.size:
             raise ValueError(f"{in_features} input features do not split across tp_size={tp.size}")
         self.tp = tp
-        self.weight = _param(out_features, in_features // tp.size, dtype=dtype, loader=self.weight_loader, tp_dim=1)
+        self._init_weight(out_features, in_features // tp.size, dtype, 1, quant)
         self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
 
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(self._matmul(x))
         return y if self.bias is None else y + self.bias

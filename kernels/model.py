@@ -10,6 +10,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata
 from kernels.block import DecoderBlock, KVCache, Norm, Rotary
 from kernels.linear import SINGLE, TensorParallel, _param, default_weight_loader
+from kernels.quant import QuantSpec
 from kernels.spec import ModelSpec
 
 
@@ -24,9 +25,13 @@ def _replicated(*shape: int, dtype: torch.dtype, present: bool = True) -> nn.Par
 
 
 class CausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TensorParallel = SINGLE):
+    """`dtype` is the compute dtype (activations, embeddings, norms, LM head, biases); with `quant` the
+    blocks' linears hold quantized weights (kernels/quant.py) and nothing else is quantized."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, tp: TensorParallel = SINGLE,
+                 quant: QuantSpec | None = None):
         super().__init__()
-        self.spec, self.tp = spec, tp
+        self.spec, self.tp, self.quant = spec, tp, quant
         hidden, width = spec.hidden_size, spec.embed_dim
         self.embed = _embedding(spec.vocab_size, width, dtype)
         # OPT's narrower token embeddings: [hidden, embed_dim] in, [embed_dim, hidden] out
@@ -37,7 +42,7 @@ class CausalLM(nn.Module):
             self.pos_embed = _embedding(spec.max_positions + spec.position_offset, hidden, dtype)
         self.embed_norm = Norm(spec, dtype) if spec.embed_norm else None
         rotary = Rotary(spec) if spec.positional == "rotary" else None
-        self.layers = nn.ModuleList(DecoderBlock(spec, i, tp, dtype, rotary) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(spec, i, tp, dtype, rotary, quant) for i in range(spec.num_layers))
         self.norm = Norm(spec, dtype) if spec.final_norm else None
         self.lm_head = _replicated(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings)
         self.lm_head_bias = _replicated(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias)

@@ -49,10 +49,9 @@ def _check_supported(config: InferenceConfig) -> None:
     if described and not config.replace_with_kernel_inject:
         raise ConfigError("checkpoint descriptions (checkpoint.json) load into the injected model: pass "
                           "replace_with_kernel_inject=True")
-    later = {"quantization_setting": config.quantization_setting is not None}
-    for name, used in later.items():
-        if used:
-            raise ConfigError(f"{name} is not yet supported by this build of rayspeed")
+    if config.weight_bits and not config.replace_with_kernel_inject:
+        raise ConfigError(f"dtype={config.dtype} quantizes the injected decoder's linears: pass "
+                          "replace_with_kernel_inject=True")
 
 
 def init_inference(model: "nn.Module | PretrainedConfig | None" = None,
@@ -75,5 +74,7 @@ def init_inference(model: "nn.Module | PretrainedConfig | None" = None,
         built = backends.spmd(model, config, tokenizer)
     else:
         built = backends.on_ray(model, config, tokenizer)
-    module = InjectedModelForCausalLM(built.backend, built.hf_config, built.generation_config, config.torch_dtype)
+    local_model = getattr(built.backend, "model", None)     # quantized: label the activations' dtype
+    dtype = local_model.embed.weight.dtype if local_model is not None else config.torch_dtype
+    module = InjectedModelForCausalLM(built.backend, built.hf_config, built.generation_config, dtype)
     return InferenceEngine(module, built.backend, config, tokenizer or built.tokenizer)

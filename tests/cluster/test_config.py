@@ -30,7 +30,8 @@ def test_frozen_and_passed_whole():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(not_a_key=1), "not_a_key"),
     (dict(dtype="float8"), "dtype"),
-    (dict(dtype=torch.int8), "not yet supported"),
+    (dict(dtype=torch.int8, quantization_setting=0), "quantization_setting"),
+    (dict(dtype=torch.half, quantization_setting=2), "quantization_setting.*needs dtype=torch.int8"),
     (dict(tensor_parallel={"tp_size": 0}), "tensor_parallel.tp_size"),
     (dict(tensor_parallel={"tp_sise": 2}), "tp_sise"),
     (dict(mp_size=2, tensor_parallel={"tp_size": 4}), "mp_size"),

@@ -34,9 +34,9 @@ def test_bad_dtype(dtype):
         rayspeed.init_inference(tiny_model("gpt2"), dtype=dtype, replace_with_kernel_inject=True)
 
 
-def test_int8_is_not_yet_supported():
-    with pytest.raises(rayspeed.ConfigError, match="int8.*not yet supported"):
-        rayspeed.init_inference(tiny_model("gpt2"), dtype=torch.int8, replace_with_kernel_inject=True)
+def test_int8_needs_kernel_injection():
+    with pytest.raises(rayspeed.ConfigError, match="int8.*replace_with_kernel_inject=True"):
+        rayspeed.init_inference(tiny_model("gpt2"), dtype=torch.int8)
 
 
 def test_prompt_longer_than_max_positions(engine):
