@@ -5,7 +5,7 @@ import torch
 
 from actors.llm_engine import LLMEngine
 from actors.loader import load_weights
-from actors.sharded_checkpoint import save_shards
+from actors.sharded_checkpoint import check_quantization, save_shards
 from actors.tensor_files import DescribedCheckpoint
 from kernels.linear import SINGLE, TensorParallel
 from kernels.model import CausalLM
@@ -40,6 +40,7 @@ def load_engine(ckpt, config, tp: TensorParallel = SINGLE, device: torch.device 
     the config asks for it, write this rank's shard to `save_mp_checkpoint_path`."""
     weight_policy = ckpt.policy() if isinstance(ckpt, DescribedCheckpoint) else None
     hf_config = ckpt.hf_config()
+    check_quantization(ckpt, config.weight_quant())
     engine = build_engine(hf_config, ckpt.tensors(), config, tp, len(ckpt), device, tp.rank == 0, weight_policy)
     if config.save_mp_checkpoint_path:
         save_shards(engine.model, config.save_mp_checkpoint_path, config.storage_options, hf_config,

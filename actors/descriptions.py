@@ -53,7 +53,7 @@ def resolve_description(checkpoint: str | dict, base_dir: str = "", storage_opti
         raise CheckpointError(f"{source}: type {raw.get('type')!r}: expected one of Megatron, ds_model, BLOOM")
     root = raw.get("base_dir") or base_dir or own_dir or "."
     resolved = {"resolved": True, "type": kind, "version": raw.get("version"), "source": source,
-                **_files(raw, kind, source, root)}
+                "quantization": raw.get("quantization"), **_files(raw, kind, source, root)}
     dirs = [own_dir, raw.get("base_dir") or base_dir or None, split_url(resolved["files"][0])[0]]
     config, config_from, meta_dir = _model_config(model, dirs, storage_options)
     if config is None and kind == "megatron":

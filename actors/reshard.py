@@ -150,15 +150,31 @@ class InjectedNames:
         return WeightTarget(name, None, False)
 
 
+class RankShards(InjectedNames):
+    """Weight policy for this rank's own shards as saved (a pre-quantized checkpoint): copied as they are."""
+    pre_sharded = True
+
+
 class ShardedCheckpoint(DescribedCheckpoint):
     """M tensor-parallel shards under the injected names, loaded at any TP degree that splits the
     heads. Resolved description: `files` (chunk-major: file i * M + s is chunk i of shard s), `mp_size`
-    M, `non_tp` (files of replicated tensors; else they are read from a shard this rank reads)."""
+    M, `non_tp` (files of replicated tensors; else they are read from a shard this rank reads),
+    `quantization` (a quantized model's `QuantSpec` as a dict, or None).
+
+    A quantized checkpoint loads at its own degree only: each rank reads its int8/uint8 `qweight` and
+    `scales` as saved (never dequantized). Resharding it would need new scales (row groups and a
+    row-parallel rank's scales are per shard), so another degree is a `CheckpointError`."""
+
+    def quantization(self) -> dict | None:
+        return self.description.get("quantization")
 
     def policy(self) -> InjectedNames:
-        return InjectedNames()
+        return RankShards() if self.quantization() else InjectedNames()
 
     def tensors(self):
+        if self.quantization():
+            yield from self._own_shard()
+            return
         config = self.hf_config()
         num_shards = self.description["mp_size"]
         prefer = shard_sources(self.rank, self.tp_size, num_shards)
@@ -172,6 +188,15 @@ class ShardedCheckpoint(DescribedCheckpoint):
                                              f"shard {s} of {num_shards}"))
                       for s in range(num_shards)]
             yield name, full_view(shards, layout, prefer)
+
+    def _own_shard(self):
+        saved = self.description["mp_size"]
+        if saved != self.tp_size:
+            raise CheckpointError(f"{self.description.get('source')}: a quantized checkpoint saved at tensor-parallel "
+                                  f"degree {saved} loads only at tp_size={saved}, not {self.tp_size} (per-shard "
+                                  "scales); save it again from the float checkpoint at this degree")
+        for url in self.description.get("non_tp", []) + self._chunks(self.rank):
+            yield from self.files.tensors(url).items()
 
     def _chunks(self, shard: int) -> list[str]:
         files, num_shards = self.description["files"], self.description["mp_size"]

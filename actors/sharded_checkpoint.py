@@ -6,7 +6,10 @@ Layout (any fsspec URI), as DeepSpeed's `ds_inference_config.json` describes it:
     non_tp.safetensors         replicated parameters (embeddings, norms, row-parallel biases)
     tp_00.safetensors ...      rank r's shard of every tensor-parallel parameter
     config.json, generation_config.json, tokenizer files
-Names inside are the injected model's parameter names. Loaded at the same tp_size each rank opens
+Names inside are the injected model's parameter names. A quantized model writes its linears' `qweight`
+(int8/uint8) and `scales` (sharded like the weight: row-parallel scales along dim 1) and records its
+`QuantSpec` as "quantization" in the description; such a checkpoint loads at the same tp_size and
+quantization settings only (`check_quantization`). Loaded at the same tp_size each rank opens
 only non_tp and its own file; at another tp_size each rank merges or splits the shards it needs
 (`actors.reshard.ShardedCheckpoint`).
 """
@@ -20,8 +23,10 @@ from safetensors.torch import save as safetensors_bytes
 
 from actors.checkpoint import Checkpoint, open_checkpoint
 from actors.descriptions import is_description, open_description, resolve_description
+from actors.loader import CheckpointError
 from actors.tensor_files import DescribedCheckpoint
 from kernels.model import CausalLM
+from kernels.quant import QuantSpec
 
 DESCRIPTION = "ds_inference_config.json"
 
@@ -51,10 +56,21 @@ def save_shards(model: CausalLM, uri: str, storage_options: dict | None, hf_conf
         _save_metadata(fs, root, hf_config, generation_config, tokenizer)
         description = {"type": "ds_model", "version": 1.0, "parallelization": "tp", "tp_size": tp.size,
                        "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+                       **({"quantization": model.quant.to_dict()} if model.quant else {}),
                        "checkpoints": {"non_tp": ["non_tp.safetensors"],
                                        "tp": [f"tp_{r:02d}.safetensors" for r in range(tp.size)]}}
         fs.pipe(f"{root}/{DESCRIPTION}", json.dumps(description, indent=2).encode())
     return f"{uri.rstrip('/')}/{DESCRIPTION}"
+
+
+def check_quantization(ckpt, quant: QuantSpec | None) -> None:
+    """CheckpointError unless a pre-quantized checkpoint is loaded with the settings it was saved with."""
+    saved = ckpt.quantization() if hasattr(ckpt, "quantization") else None
+    wanted = quant.to_dict() if quant else None
+    if saved is not None and saved != wanted:
+        raise CheckpointError(f"{ckpt.description.get('source')}: the checkpoint is quantized with {saved}; the config "
+                          f"asks for {wanted or 'a float model'}: pass the dtype and quantization settings it was "
+                          "saved with (dtype=torch.int8 or 'int4', quantization_setting/quant)")
 
 
 def _encode(params: dict[str, torch.Tensor]) -> bytes:
