@@ -1,0 +1,142 @@
+"""Weight-streaming matmul on the GPU: cuBLAS (`F.linear`) vs `kernels.gemv.skinny_linear` at fp16,
+int8 and int4 on the linear shapes of GPT-Neo 2.7B and Llama-2-7B, for a few row counts; a small
+sweep of tiles per case shows what the heuristic leaves on the table. Every timing replays a CUDA
+graph over enough distinct weight copies (> 4x the 50 MB L2) that each call streams from HBM.
+
+    python3 bench/gemv_sweep.py --out bench/results
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.decode import commit  # noqa: E402
+from kernels.gemv import Tile, pick_tile, skinny_linear  # noqa: E402
+
+SHAPES = {"neo.qkv": (7680, 2560), "neo.out": (2560, 2560), "neo.fc1": (10240, 2560), "neo.fc2": (2560, 10240),
+          "llama.qkv": (12288, 4096), "llama.out": (4096, 4096), "llama.gate_up": (22016, 4096),
+          "llama.down": (4096, 11008)}
+
+
+def graph_us(fn, calls: int) -> float:
+    """Median microseconds per call of `fn` (which makes `calls` calls), replayed from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def weights(n: int, k: int, bits: int, copies: int):
+    """`copies` distinct (weight, scales, group_size) triples in the format of `bits`."""
+    out = []
+    for _ in range(copies):
+        if bits == 16:
+            out.append((torch.randn(n, k, device="cuda", dtype=torch.half) * 0.02, None, None))
+        elif bits == 8:
+            out.append((torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
+                        torch.rand(n, 1, device="cuda", dtype=torch.half) * 1e-3, k))
+        else:
+            out.append((torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8),
+                        torch.rand(n, k // 128, device="cuda", dtype=torch.half) * 1e-3, 128))
+    return out
+
+
+def dequantize(w, scales, group_size, bits: int) -> torch.Tensor:
+    """The fp32 weight a format stands for (the sweep's own reference)."""
+    if bits == 16:
+        return w.float()
+    if bits == 4:
+        w = torch.stack([(w & 0xF).int() - 8, (w >> 4).int() - 8], dim=-1).flatten(1)
+    return w.float() * scales.float().repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
+
+
+def candidates(m: int, bits: int):
+    if m <= 8:
+        bm = 1 << (m - 1).bit_length()
+        grid = itertools.product([4, 8, 16, 32], [128, 256, 512], [1, 2, 4, 8], [4], [3])
+    else:
+        bm = min(64, 1 << (m - 1).bit_length())
+        grid = itertools.product([32, 64, 128], [64, 128], [1, 2, 4], [4], [3])
+    for bn, bk, split, warps, stages in grid:
+        if bits == 4 and bk > 128:
+            continue
+        if m <= 8 and bm * bn * bk > 16384:
+            continue
+        yield Tile(bm, bn, bk, split, warps, stages)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,8,32")
+    ap.add_argument("--bits", default="16,8,4")
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of tiles per case")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    rows = []
+    t0 = time.time()
+    for (name, (n, k)), bits in itertools.product(SHAPES.items(), [int(b) for b in args.bits.split(",")]):
+        copies = max(4, int(250e6 // (n * k * bits / 8)))
+        ws = weights(n, k, bits, copies)
+        nbytes = sum(w.numel() * w.element_size() + (0 if s is None else s.numel() * 2) for w, s, _ in ws) / copies
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.half)
+            row = {"shape": name, "n": n, "k": k, "m": m, "bits": bits, "weight_mb": nbytes / 1e6}
+            if bits == 16:
+                row["cublas_us"] = graph_us(lambda: [F.linear(x, w) for w, _, _ in ws], copies)
+            else:                                  # dequantize-then-cuBLAS: what a kernel-less path pays
+                deq = ws[0][0].half()
+                row["dequant_cublas_us"] = graph_us(lambda: [F.linear(x, deq.copy_(w)) for w, _, _ in ws], copies)
+            tile = pick_tile(m, n, k, bits, ws[0][2] or k)
+            ref = F.linear(x.float(), dequantize(*ws[0], bits))
+            got = skinny_linear(x, ws[0][0], None, ws[0][1], bits, ws[0][2], tile)
+            row["rel_err_vs_fp32"] = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+            row["triton_us"] = graph_us(lambda: [skinny_linear(x, w, None, s, bits, g, tile) for w, s, g in ws],
+                                        copies)
+            row["tile"] = tile.__dict__
+            if args.sweep:
+                best = (row["triton_us"], tile)
+                for cand in candidates(m, bits):
+                    try:
+                        us = graph_us(lambda: [skinny_linear(x, w, None, s, bits, g, cand) for w, s, g in ws], copies)
+                    except Exception as e:                          # a tile too big for shared memory
+                        print("skip", cand, type(e).__name__, flush=True)
+                        continue
+                    best = min(best, (us, cand), key=lambda b: b[0])
+                row["best_us"], row["best_tile"] = best[0], best[1].__dict__
+            for key in ("cublas_us", "dequant_cublas_us", "triton_us", "best_us"):
+                if key in row:
+                    row[key.replace("_us", "_tb_s")] = nbytes / row[key] / 1e6
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+              "torch": torch.__version__, "seconds": time.time() - t0, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-gemv.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

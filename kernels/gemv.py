@@ -1,0 +1,206 @@
+"""Weight-streaming matmul for few rows: y = x W^T (+ bias) with W in fp16/bf16, int8 or packed int4.
+
+Decode multiplies a handful of token rows by every weight of the model once per step, so its speed
+is the rate at which the weights stream from HBM. One kernel covers the three weight formats of
+`kernels.quant` and dequantizes in registers (no full-precision copy of a quantized weight ever
+exists): each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
+`SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
+small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
+depend on timing. Rows of x: broadcast-multiply-reduce for up to 8 rows, `tl.dot` above.
+
+Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N, K]`; bits=4
+`qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
+`scales [N, K // group_size]`, w = q * scales[n, k // group_size].
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _load_weight_tile(w_ptr, rn, k0, N, K, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weights of rows `rn`, columns k0 .. k0 + BLOCK_K as fp32: one [BN, BK] tile (returned twice;
+    the caller uses the first), or for int4 the even and odd columns as two [BN, BK // 2] tiles."""
+    if BITS == 4:
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = (rn[:, None] < N) & (rb[None, :] < K // 2)
+        packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=mask, other=0x88).to(tl.int32)
+        return ((packed & 0xF) - 8).to(tl.float32), ((packed >> 4) - 8).to(tl.float32)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
+    return w, w
+
+
+@triton.jit
+def _tile_product(x, w, USE_DOT: tl.constexpr):
+    """x [BM, BK] (activation dtype) times w [BN, BK] (fp32 values) transposed -> [BM, BN] in fp32.
+    `tl.dot` runs in x's dtype: int8 and int4 values are exact in fp16 and bf16."""
+    if USE_DOT:
+        return tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+    return tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+
+
+ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr):
+    """fp32 [BM, BN] -> act(acc + bias) + residual, in that order."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:                                       # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc * tl.sigmoid(2.0 * inner)
+    elif ACT == 2:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACT == 3:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 4:
+        acc = acc * tl.sigmoid(acc)
+    if HAS_RESIDUAL:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        acc += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                   stride_rm, stride_om, stride_os, group_size, k_per_split,
+                   BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+                   USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        w, w_odd = _load_weight_tile(w_ptr, rn, k0, N, K, stride_wn, BITS, BLOCK_K)
+        if BITS == 4:
+            rk = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            x_mask = (rm[:, None] < M) & (rk[None, :] < K)
+            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
+            part = _tile_product(x_even, w, USE_DOT) + _tile_product(x_odd, w_odd, USE_DOT)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x_mask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
+            part = _tile_product(x, w, USE_DOT)
+        if BITS < 16 and not PER_ROW_SCALE:           # one scale per (row, K group): the tile lies in one group
+            scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=rn < N, other=0.0).to(tl.float32)
+            part = part * scale[None, :]
+        acc += part
+    if PER_ROW_SCALE:
+        acc *= tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE:                                       # without split-K; the reduction applies it otherwise
+        acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT_K: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum the fp32 partials [SPLIT_K, M, N] in order, then the epilogue."""
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * N + rn[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+NUM_SMS = 132          # H100 SXM; only shapes the split-K choice, never correctness
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
+    """The tile for an [m, k] x [n, k]^T product: few rows stream weights with a broadcast product,
+    more rows use `tl.dot`; split K until there are a few programs per SM."""
+    if m <= 8:
+        block_m = triton.next_power_of_2(m)
+        block_n, block_k = (16, 256) if block_m <= 2 else (8, 128)
+    else:
+        block_m, block_n, block_k = min(64, triton.next_power_of_2(m)), 64, 64
+    if group_size < k:                                   # a tile must lie inside one scale group
+        block_k = min(block_k, _pow2_at_most(group_size & -group_size))
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split_k = 1
+    while tiles * split_k < 4 * NUM_SMS and k // (block_k * split_k * 2) >= 4 and split_k < 16:
+        split_k *= 2
+    return Tile(block_m, block_n, block_k, split_k)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
+                  tile: Tile | None = None, activation: str | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
+    `ACTIVATION_CODES`, `residual` shaped like the output."""
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m, n = rows.shape[0], weight.shape[0]
+    expect = k // 2 if bits == 4 else k
+    assert weight.shape[1] == expect and weight.stride(1) == 1, \
+        f"weight {tuple(weight.shape)} does not fit K={k} at {bits} bits"
+    group_size = group_size or k
+    if bits < 16:
+        assert scales is not None and scales.shape == (n, triton.cdiv(k, group_size)), \
+            f"scales {None if scales is None else tuple(scales.shape)} != ({n}, {triton.cdiv(k, group_size)})"
+    tile = tile or pick_tile(m, n, k, bits, group_size)
+    per_row = bits < 16 and group_size >= k
+    if bits < 16 and not per_row:
+        assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        assert residual.shape == out.shape, f"residual {tuple(residual.shape)} != output {tuple(out.shape)}"
+        residual = residual.reshape(m, n)
+        assert residual.stride(-1) == 1, "residual must be contiguous in its last dimension"
+    if m == 0:
+        return out
+    k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
+    split = triton.cdiv(k, k_per_split)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, tile.block_n), split, triton.cdiv(m, tile.block_m))
+    epilogue = dict(HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None)
+    dummy = weight                                     # for pointers a flag leaves unread
+    bias_, residual_ = dummy if bias is None else bias, dummy if residual is None else residual
+    res_stride = 0 if residual is None else residual.stride(0)
+    _skinny_kernel[grid](
+        rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
+        rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
+        group_size, k_per_split, BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
+        USE_DOT=tile.block_m >= 16, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if split > 1:
+        block_m, block_n = min(16, triton.next_power_of_2(m)), 256
+        _split_k_reduce_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+            target, bias_, residual_, out, m, n, res_stride, SPLIT_K=split, **epilogue,
+            BLOCK_M=block_m, BLOCK_N=block_n)
+    return out

@@ -1,0 +1,89 @@
+"""The weight-streaming matmul (`kernels.gemv.skinny_linear`) against fp32 references of its three
+weight formats, through both of its paths (broadcast product for few rows, `tl.dot` for more),
+with and without split-K, run on CPU by Triton's interpreter."""
+import pytest
+import torch
+
+from kernels.gemv import Tile, pick_tile, skinny_linear
+
+
+def _weight(n: int, k: int, bits: int, group_size: int, g: torch.Generator):
+    """(stored weight, scales, the fp32 weight they stand for)."""
+    if bits == 16:
+        w = torch.randn(n, k, generator=g)
+        return w, None, w
+    scales = torch.rand(n, k // group_size, generator=g) + 0.5
+    q = torch.randint(-8, 8, (n, k), generator=g) if bits == 4 else torch.randint(-127, 128, (n, k), generator=g)
+    full = q.float() * scales.repeat_interleave(group_size, dim=1)
+    if bits == 4:
+        return ((q[:, 0::2] + 8) | ((q[:, 1::2] + 8) << 4)).to(torch.uint8), scales, full
+    return q.to(torch.int8), scales, full
+
+
+CASES = [(16, None), (8, None), (8, 64), (4, 64)]       # (bits, group size; None = one group per row)
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+def test_matches_reference(bits, group, m):
+    g = torch.Generator().manual_seed(m * 31 + bits)
+    n, k = 48, 256
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    got = skinny_linear(x, w, bias, scales, bits, group)
+    ref = x.double() @ full.double().T + bias.double()
+    assert got.dtype == x.dtype and got.shape == (m, n)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("bits,group", CASES)
+@pytest.mark.parametrize("tile", [Tile(1, 8, 64, split_k=3), Tile(4, 16, 32, split_k=2), Tile(16, 32, 32, split_k=4)])
+def test_split_k_and_ragged_edges(bits, group, tile):
+    """N and K not multiples of the tile; K split into uneven parts; bias added once."""
+    g = torch.Generator().manual_seed(7)
+    n, k, m = 37, 320, min(tile.block_m, 5)
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x, bias = torch.randn(2, m, k, generator=g), torch.randn(n, generator=g)
+    got = skinny_linear(x, w, bias, scales, bits, group, tile)
+    ref = x.double() @ full.double().T + bias.double()
+    assert got.shape == (2, m, n)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_half_precision_rows():
+    g = torch.Generator().manual_seed(3)
+    w, scales, full = _weight(64, 128, 8, 128, g)
+    x = torch.randn(4, 128, generator=g).half()
+    got = skinny_linear(x, w, None, scales.half(), 8)
+    ref = x.double() @ full.double().T
+    assert got.dtype == torch.half
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 2e-3
+
+
+def test_heuristic_splits_k_only_when_programs_are_few():
+    assert pick_tile(1, 2560, 10240, 16, 10240).split_k > 1          # 160 tiles: split for the GPU's SMs
+    assert pick_tile(1, 50257, 2560, 16, 2560).split_k == 1          # the LM head fills the GPU already
+    assert 128 % pick_tile(1, 4096, 4096, 4, 128).block_k == 0       # tiles stay inside a scale group
+
+
+def test_rejects_mismatched_scales():
+    w, scales, _ = _weight(16, 128, 8, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError, match="scales"):
+        skinny_linear(torch.randn(1, 128), w, None, scales[:, :1], 8, 64)
+
+
+EPILOGUE_REFS = {None: lambda y: y, "gelu_tanh": lambda y: torch.nn.functional.gelu(y, approximate="tanh"),
+                 "gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu}
+
+
+@pytest.mark.parametrize("activation", list(EPILOGUE_REFS))
+@pytest.mark.parametrize("tile", [Tile(2, 16, 64), Tile(2, 16, 64, split_k=4), Tile(16, 16, 64, split_k=2)])
+def test_fused_epilogue(activation, tile):
+    """act(x W^T + b) + residual, fused in the kernel or in the split-K reduction."""
+    g = torch.Generator().manual_seed(11)
+    w, scales, full = _weight(40, 256, 8, 64, g)
+    x, bias = torch.randn(3, 256, generator=g), torch.randn(40, generator=g) * 30
+    residual = torch.randn(3, 40, generator=g) * 100
+    got = skinny_linear(x, w, bias, scales, 8, 64, tile, activation=activation, residual=residual)
+    ref = EPILOGUE_REFS[activation](x.double() @ full.double().T + bias.double()) + residual.double()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
