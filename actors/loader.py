@@ -20,7 +20,7 @@ def load_weights(model: CausalLM, policy: Policy | None, tensors: Iterable[tuple
     under the injected names. A float `<linear>.weight` of a quantized linear is quantized into its
     `qweight` and `scales` as it loads (`load_float_weight`)."""
     params = dict(model.named_parameters())
-    quantized = {f"{name}.weight": m for name, m in model.named_modules() if getattr(m, "quant", None)}
+    quantized = {f"{name}.weight": m for name, m in model.named_modules() if hasattr(m, "qweight")}
     sharded = policy is not None and not getattr(policy, "pre_sharded", False)
     family = policy.name if policy else "injected"
     loaded: set[str] = set()
