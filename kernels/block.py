@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.activation import activation
+from kernels.activation import FUSED_NAME, activation
 from kernels.attention import AttentionMetadata, paged_attention, store_kv
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
@@ -74,13 +74,14 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache) -> torch.Tensor:
+                kv_cache: KVCache, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """attention(x) + residual (added in the output projection's epilogue)."""
         q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         store_kv(k, v, *kv_cache, meta.slot_mapping)
         o = paged_attention(q, *kv_cache, meta, self.scale, self.window, self.alibi, k, v)
-        return self.out(o.flatten(1))
+        return self.out(o.flatten(1), residual)
 
 
 class MLP(nn.Module):
@@ -94,16 +95,16 @@ class MLP(nn.Module):
         else:
             self.up = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, tp, dtype, quant)
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
-        self.act = activation(spec.activation)
+        self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """mlp(x) + residual; the activation (ungated) and the residual ride in the matmul epilogues."""
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = self.up(x).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.act(h)
-        return self.down(h)
+            h = self.up(x, self.act_name)
+        return self.down(h, residual)
 
 
 class DecoderBlock(nn.Module):
@@ -126,11 +127,11 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         if self.post_norm:
-            x = self.attn_norm(x + self.attn(x, positions, meta, kv_cache))
-            return self.mlp_norm(x + self.mlp(x))
+            x = self.attn_norm(self.attn(x, positions, meta, kv_cache, residual=x))
+            return self.mlp_norm(self.mlp(x, residual=x))
         h = self.attn_norm(x)
-        attn = self.attn(h, positions, meta, kv_cache)
         if self.parallel_residual:
-            return x + attn + self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
-        x = x + attn
-        return x + self.mlp(self.mlp_norm(x))
+            after_attn = self.attn(h, positions, meta, kv_cache, residual=x)
+            return self.mlp(h if self.mlp_norm is None else self.mlp_norm(x), residual=after_attn)
+        x = self.attn(h, positions, meta, kv_cache, residual=x)
+        return self.mlp(self.mlp_norm(x), residual=x)

@@ -8,6 +8,7 @@ With a `QuantSpec` (`quant=`) a layer holds `qweight` and `scales` (kernels/quan
 of `weight`: never a float copy. Their `weight_loader`s shard pre-quantized tensors like the float
 weight; `load_float_weight` quantizes each part of this rank's shard of a float weight as it loads.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.activation import FUSABLE_ACTIVATIONS
+from kernels.dispatch import use_triton
+from kernels.gemv import skinny_linear
 from kernels.quant import QuantSpec, quant_linear
+
+# Float products of at most this many rows stream the weight through kernels/gemv.py on CUDA
+# (decode batches); more rows go to cuBLAS. Measured: bench/gemv_sweep.py.
+SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", "16"))
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,22 @@ class _Linear(nn.Module):
         """A float checkpoint weight, quantized part by part (this rank's shard) into qweight/scales."""
         self.weight_loader(QuantizedRows(self.qweight, self.scales, self.quant), full, shard_id)
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(x W^T + bias) + residual. On CUDA the weight-streaming Triton kernel takes quantized
+        weights and few-row float products (decode), with the epilogue fused; cuBLAS the rest."""
+        bits = 16 if self.quant is None else self.quant.bits
+        if use_triton(x) and (bits < 16 or x.numel() // x.shape[-1] <= SKINNY_MAX_ROWS):
+            weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
+            return skinny_linear(x, weight, bias, scales, bits, None if bits == 16 else self.group_size,
+                                 activation=activation, residual=residual)
         if self.quant is None:
-            return F.linear(x, self.weight, bias)
-        return quant_linear(x, self.qweight, self.scales, self.quant.bits, self.group_size, bias)
+            y = F.linear(x, self.weight, bias)
+        else:
+            y = quant_linear(x, self.qweight, self.scales, self.quant.bits, self.group_size, bias)
+        if activation is not None:
+            y = FUSABLE_ACTIVATIONS[activation](y)
+        return y if residual is None else y + residual
 
 
 class ColumnParallelLinear(_Linear):
@@ -142,8 +162,9 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self.bias)
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue."""
+        return self._matmul(x, self.bias, activation)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -229,6 +250,9 @@ class RowParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(self._matmul(x))
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """all_reduce(x W^T) + bias + residual; rank 0 adds bias and residual to its partial sum
+        before the all-reduce, so the epilogue fuses at any tp_size."""
+        lead = self.tp.rank == 0
+        return self.tp.all_reduce(self._matmul(x, self.bias if lead else None,
+                                               residual=residual if lead else None))
