@@ -77,10 +77,15 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr, out_ptr,
-                         q_seq_stride, q_head_stride, cache_block_stride, cache_row_stride, table_stride,
-                         num_heads, group, head_dim, scale, window,
-                         USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                         k_new_ptr, v_new_ptr, slots_ptr,
+                         q_seq_stride, q_head_stride, k_new_stride, v_new_stride, cache_block_stride, cache_row_stride,
+                         table_stride, num_heads, group, head_dim, scale, window,
+                         USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (head, sequence): online softmax over the cached keys in chunks of CHUNK positions
+    (several cache blocks per step, so few dependent round trips). With NEW_KV this step's key and
+    value come from k_new/v_new (registers), and the program of each KV head's first query head
+    writes them to their cache slot: no separate store kernel, and no program reads that slot."""
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     kv_head = head // group
@@ -94,26 +99,41 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     first = 0
     if USE_WINDOW:
         first = tl.maximum(q_pos - window + 1, 0)
-    rows = tl.arange(0, BLOCK)
     head_offs = kv_head * head_dim + d                                      # [BLOCK_D]
-    m = tl.full((), float("-inf"), tl.float32)
-    l = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for b in range(first // BLOCK, tl.cdiv(ctx, BLOCK)):
-        block = tl.load(block_tables_ptr + seq * table_stride + b).to(tl.int64)
-        k_pos = b * BLOCK + rows                                            # [BLOCK]
-        visible = (k_pos < ctx) & (k_pos >= first)
-        offs = block * cache_block_stride + rows[:, None] * cache_row_stride + head_offs[None, :]
-        kv_mask = visible[:, None] & d_mask[None, :]                        # [BLOCK, BLOCK_D]
+    if NEW_KV:                                # start the softmax from this step's token (always visible)
+        k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
+        v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
+        m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
+        l = tl.full((), 1.0, tl.float32)
+        acc = v_new.to(tl.float32)
+        cached = ctx - 1
+        if head % group == 0:
+            slot = tl.load(slots_ptr + seq)
+            row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride + head_offs
+            tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
+            tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
+    else:
+        m = tl.full((), float("-inf"), tl.float32)
+        l = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        cached = ctx
+    positions = tl.arange(0, CHUNK)
+    for c in range(first // CHUNK, tl.cdiv(cached, CHUNK)):
+        k_pos = c * CHUNK + positions                                       # [CHUNK]
+        visible = (k_pos < cached) & (k_pos >= first)
+        block = tl.load(block_tables_ptr + seq * table_stride + k_pos // BLOCK_SIZE, mask=visible, other=0)
+        offs = block.to(tl.int64)[:, None] * cache_block_stride + (k_pos % BLOCK_SIZE)[:, None] * cache_row_stride \
+            + head_offs[None, :]
+        kv_mask = visible[:, None] & d_mask[None, :]                        # [CHUNK, BLOCK_D]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[None, :] * k, axis=1) * scale                     # [BLOCK]
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.sum(q[None, :] * k, axis=1) * scale                     # [CHUNK]
         if HAS_ALIBI:
             scores += slope * (k_pos - q_pos).to(tl.float32)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new)                                          # [BLOCK]
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+        p = tl.exp(scores - m_new)                                          # [CHUNK]
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_new
@@ -147,26 +167,38 @@ def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                  window: int | None = None,
-                                  alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                                  window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                                  k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                                  slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention, one query per sequence at position context_len - 1; one program per (head, sequence).
 
     q: [num_seqs, num_heads, head_dim] -> same shape, q's dtype. Same result as `paged_attention_torch`
-    with cu_seqlens_q = arange(num_seqs + 1).
+    with cu_seqlens_q = arange(num_seqs + 1). Given this step's `k_new`, `v_new` [num_seqs, kv_heads,
+    head_dim] and their `slot_mapping`, the kernel also writes them to the cache (`store_kv` included).
     """
     _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes)
     assert window is None or window >= 1, f"window must be >= 1, got {window}"
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
+    new_kv = k_new is not None
+    if new_kv:
+        assert v_new is not None and slot_mapping is not None, "k_new needs v_new and slot_mapping"
+        assert k_new.shape == v_new.shape == (num_seqs, num_kv_heads, head_dim), \
+            f"k_new/v_new must be [{num_seqs}, {num_kv_heads}, {head_dim}], got {tuple(k_new.shape)}"
+        assert k_new.stride()[1:] == v_new.stride()[1:] == (head_dim, 1), "k_new, v_new: contiguous per token"
+        assert slot_mapping.shape == (num_seqs,), f"slot_mapping must be [{num_seqs}]"
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    chunk = max(block_size, 64)
     _paged_decode_kernel[(num_heads, num_seqs)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
-        USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
-        BLOCK=block_size, BLOCK_D=triton.next_power_of_2(head_dim))
+        k_new if new_kv else q, v_new if new_kv else q, slot_mapping if new_kv else context_lens,
+        q.stride(0), q.stride(1), k_new.stride(0) if new_kv else 0, v_new.stride(0) if new_kv else 0,
+        k_cache.stride(0), k_cache.stride(1),
+        block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
+        USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=triton.next_power_of_2(head_dim))
     return out
 
 
@@ -192,6 +224,18 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                                                              scale=scale, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              meta: AttentionMetadata, scale: float, window: int | None = None,
+              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Write this step's k, v [tokens, kv_heads, head_dim] to the cache and attend: on CUDA a decode
+    step does both in one kernel; otherwise `store_kv` then `paged_attention`."""
+    if use_triton(q) and meta.is_decode:
+        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                             window, alibi_slopes, k, v, meta.slot_mapping)
+    store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention(q, k_cache, v_cache, meta, scale, window, alibi_slopes, k, v)
 
 
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kernels.activation import FUSED_NAME, activation
-from kernels.attention import AttentionMetadata, paged_attention, store_kv
+from kernels.attention import AttentionMetadata, attention
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
@@ -79,8 +79,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
-        store_kv(k, v, *kv_cache, meta.slot_mapping)
-        o = paged_attention(q, *kv_cache, meta, self.scale, self.window, self.alibi, k, v)
+        o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi)
         return self.out(o.flatten(1), residual)
 
 

@@ -1,5 +1,5 @@
 """Weight-only quantization of the injected blocks' linears: the storage format, quantize/dequantize,
-and `quant_linear` (the torch reference; kernels/gemv.py registers the CUDA Triton path).
+and `quant_linear` (the torch reference on CPU; kernels/gemv.py's Triton kernel on CUDA).
 
 Format (a quantized linear stores `qweight` and `scales` instead of `weight`; its bias stays in the
 compute dtype). N = output features of this rank's shard, K = its input features:
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
+from kernels.gemv import skinny_linear
 
 QMAX = {8: 127, 4: 7}
-_triton_quant_linear = None     # kernels/gemv.py registers its CUDA launcher here (same signature)
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,6 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_siz
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b with W stored quantized. x [..., K] -> [..., N]."""
-    if use_triton(x) and _triton_quant_linear is not None:      # the one CUDA dispatch point
-        return _triton_quant_linear(x, qweight, scales, bits, group_size, bias)
+    if use_triton(x):                  # dequantized in registers by the Triton kernel: no float weight copy
+        return skinny_linear(x, qweight, bias, scales, bits, group_size)
     return F.linear(x, dequantize(qweight, scales, bits, group_size, x.dtype), bias)

@@ -177,3 +177,26 @@ def test_fresh_prefill_sdpa_matches_the_paged_reference(window, alibi, kv_heads)
                                      torch.tensor(cu, dtype=torch.int32), 0.3, window, slopes)
     got = prefill_attention_sdpa(q, k, v, cu, 0.3, window, slopes)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
+                                                            (None, True, 2, 2)])
+def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads):
+    """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;
+    contexts span several 64-position chunks and a single token."""
+    context_lens = [5, 37, 1, 150]
+    q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(len(context_lens), heads + 2 * kv_heads, HEAD_DIM, generator=g).to(dtype)
+    k_new, v_new = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]       # strided views, as in the model
+    slots = _slots(tables, [torch.tensor([c - 1]) for c in context_lens], BLOCK_SIZE)
+    slopes = _alibi(heads) if with_alibi else None
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv(k_new, v_new, k_ref, v_ref, slots)
+    ref = paged_attention_torch(q, k_ref, v_ref, tables, lens, torch.arange(5, dtype=torch.int32)[:len(lens) + 1],
+                                0.2, window, slopes)
+    out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
+                                                  k_new, v_new, slots)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
