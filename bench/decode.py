@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rayspeed  # noqa: E402
 
 PROMPT, NEW = 32, 128
+KV_BLOCKS = {"neo": 4096, "llama": 2048}       # fixed, so several engines fit beside the HF model
 
 
 def build(model: str):
@@ -123,35 +124,111 @@ def commit() -> str:
         return os.environ.get("RAYSPEED_COMMIT", "unknown")
 
 
+def block_linear_bytes(engine) -> int:
+    """Bytes of the injected blocks' linear weights (quantized: qweight + scales) on this rank."""
+    model = engine.backend.runner.model
+    return sum(p.numel() * p.element_size() for name, p in model.layers.named_parameters()
+               if name.rsplit(".", 1)[-1] in ("weight", "qweight", "scales") and "norm" not in name)
+
+
+def quality_vs(reference, engine, vocab: int) -> dict:
+    """Logits error and greedy agreement of `engine` against the fp16 `reference` engine."""
+    ids = prompts(8, vocab, 99)
+    a, b = (e.module(ids.cpu()).logits.float() for e in (reference, engine))
+    tokens = [ours_greedy(e, ids) for e in (reference, engine)]
+    return {"logits_rel_err_vs_fp16": ((b - a).abs().max() / a.abs().max()).item(),
+            "greedy_token_match_64_vs_fp16": (tokens[0] == tokens[1]).float().mean().item()}
+
+
+def matmul_errors(engine, reference) -> dict:
+    """Each quantized linear of layer 0 against the fp32 product with the fp16 weights it was
+    quantized from (the `reference` engine's), on random activations: ||got - ref|| / ||ref||."""
+    ours, theirs = engine.backend.runner.model.layers[0], reference.backend.runner.model.layers[0]
+    out = {}
+    for name in ("attn.qkv", "attn.out", "mlp.up", "mlp.down"):
+        lin, ref_lin = ours.get_submodule(name), theirs.get_submodule(name)
+        x = torch.randn(8, ref_lin.weight.shape[1], device="cuda", dtype=torch.half)
+        ref = x.float() @ ref_lin.weight.float().T
+        got = lin._matmul(x).float()
+        out[name] = ((got - ref).norm() / ref.norm()).item()
+    return out
+
+
+def prefill_ms(engine, vocab: int, length: int = 512) -> float:
+    seed = iter(range(10**6))
+    return timed(lambda: engine.generate(prompts(1, vocab, next(seed) + 500)[:, :1].repeat(1, length).tolist(),
+                                         max_new_tokens=1, ignore_eos=True), repeats=5) * 1e3
+
+
+def concurrent_tok_s(engine, vocab: int, requests: int) -> float:
+    """Generated tokens per second with `requests` prompts in flight (continuous batching)."""
+    ids = prompts(requests, vocab, 4242).tolist()
+    engine.generate(ids[:8], max_new_tokens=8, ignore_eos=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine.generate(ids, max_new_tokens=NEW, ignore_eos=True)
+    torch.cuda.synchronize()
+    return requests * NEW / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["neo", "llama"], default="neo")
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--dtypes", default="float16", help="comma list of float16, bfloat16, int8, int4")
+    ap.add_argument("--concurrent", type=int, default=0, help="also time this many requests in flight (fp16)")
+    ap.add_argument("--no-hf", action="store_true", help="skip HF eager timings")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     hf = build(args.model)
     vocab = hf.config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    t = time.perf_counter()
-    engine = rayspeed.init_inference(hf, dtype=torch.half, replace_with_kernel_inject=True,
-                                     gpu_memory_utilization=0.6)
-    load_s = time.perf_counter() - t
+    batches = [int(b) for b in args.batches.split(",")]
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "commit": commit(),
               "date": datetime.date.today().isoformat(), "torch": torch.__version__, "prompt": PROMPT, "new": NEW,
-              "weight_gb": weight_bytes / 1e9, "load_s": load_s, "correctness": correctness(hf, engine, vocab),
-              "batches": {}}
-    print(json.dumps(result["correctness"]), flush=True)
-    for batch in (int(b) for b in args.batches.split(",")):
-        row = {}
-        for name, run in (("hf_eager", hf_run(hf)), ("rayspeed", rs_run(engine))):
-            ms, prefill = decode_ms(run, batch, vocab)
-            row[name] = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "prefill_ms": prefill}
-        row["speedup_vs_hf"] = row["hf_eager"]["decode_ms_per_step"] / row["rayspeed"]["decode_ms_per_step"]
-        row["roof_ms"] = weight_bytes / 3.0e12 * 1e3
-        result["batches"][batch] = row
-        print(batch, json.dumps(row), flush=True)
+              "weight_gb": weight_bytes / 1e9, "roof_ms": weight_bytes / 3.0e12 * 1e3, "hf_eager": {}, "variants": {}}
+    if not args.no_hf:
+        for batch in batches:
+            ms, first = decode_ms(hf_run(hf), batch, vocab)
+            result["hf_eager"][batch] = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "ttft_ms": first}
+            print("hf_eager", batch, json.dumps(result["hf_eager"][batch]), flush=True)
+    reference = None
+    for dtype in args.dtypes.split(","):
+        t = time.perf_counter()
+        engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, kv_cache_blocks=KV_BLOCKS[args.model],
+                                         max_num_seqs=max(64, args.concurrent))
+        row = {"load_s": time.perf_counter() - t, "block_linear_gb": block_linear_bytes(engine) / 1e9,
+               "prefill_512_ms": prefill_ms(engine, vocab), "batches": {}}
+        if dtype in ("float16", "bfloat16") and reference is None:
+            if dtype == "float16":
+                row["correctness"] = correctness(hf, engine, vocab)
+            reference = engine
+        else:
+            row["quality"] = quality_vs(reference, engine, vocab) if reference is not None else None
+            if dtype in ("int8", "int4"):
+                row["matmul_rel_err_vs_fp32"] = matmul_errors(engine, reference)
+        for batch in batches:
+            ms, first = decode_ms(rs_run(engine), batch, vocab)
+            cell = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "ttft_ms": first}
+            if batch in result["hf_eager"]:
+                cell["speedup_vs_hf"] = result["hf_eager"][batch]["decode_ms_per_step"] / ms
+            row["batches"][batch] = cell
+            print(dtype, batch, json.dumps(cell), flush=True)
+        if args.concurrent and dtype == "float16":
+            row[f"concurrent_{args.concurrent}_tok_s"] = concurrent_tok_s(engine, vocab, args.concurrent)
+        result["variants"][dtype] = row
+        print(dtype, json.dumps({k: v for k, v in row.items() if k != "batches"}), flush=True)
+        if engine is not reference:
+            engine.shutdown()
+            del engine
+        torch.cuda.empty_cache()
+    fp16 = result["variants"].get("float16", {}).get("block_linear_gb")
+    for dtype, row in result["variants"].items():
+        if fp16:
+            row["block_linear_bytes_vs_fp16"] = row["block_linear_gb"] / fp16
     os.makedirs(args.out, exist_ok=True)
-    name = f"{result['device'].replace(' ', '-')}-{result['date']}-{args.model}.json"
+    name = f"{result['device'].replace(' ', '-')}-{result['date']}-{args.model}{args.tag}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)
     print("wrote", os.path.join(args.out, name))

@@ -9,7 +9,9 @@ from torch import nn
 
 from kernels.attention import AttentionMetadata
 from kernels.block import DecoderBlock, KVCache, Norm, Rotary
-from kernels.linear import SINGLE, TensorParallel, _param, default_weight_loader
+from kernels.dispatch import use_triton
+from kernels.gemv import skinny_linear
+from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
 from kernels.quant import QuantSpec
 from kernels.spec import ModelSpec
 
@@ -73,4 +75,6 @@ class CausalLM(nn.Module):
         if self.project_out is not None:
             hidden = F.linear(hidden, self.project_out)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
+        if use_triton(hidden) and hidden.shape[0] <= SKINNY_MAX_ROWS:     # decode: stream the LM head
+            return skinny_linear(hidden, weight, self.lm_head_bias).float()
         return F.linear(hidden, weight, self.lm_head_bias).float()
