@@ -19,6 +19,7 @@ from torch import nn
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.gemv import skinny_linear
+from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
 # Float products of at most this many rows stream the weight through kernels/gemv.py on CUDA
@@ -34,8 +35,15 @@ class TensorParallel:
     group: object = None
 
     def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, op=op, group=self.group)
+        """The reduction over the group: in place through NCCL, or (opt-in, small sums on CUDA) a new
+        tensor from the symmetric-memory one-shot all-reduce (kernels/allreduce.py)."""
+        if self.size == 1:
+            return x
+        if op == dist.ReduceOp.SUM and allreduce.enabled():
+            out = allreduce.all_reduce(x, self.group)
+            if out is not None:
+                return out
+        dist.all_reduce(x, op=op, group=self.group)
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:

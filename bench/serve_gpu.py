@@ -1,0 +1,218 @@
+"""The Serve app with one TP=2 replica on a local Ray cluster: startup time, a completion and an SSE
+stream, 64 concurrent requests (generated tok/s, TTFT p50/p99, streaming vs not), and a follower rank
+killed (SIGKILL) while requests run: seconds until requests fail with 503 and until a replacement
+replica serves again.
+
+    python3 bench/serve_gpu.py --out bench/results            # 2 GPUs: GPT-Neo 2.7B shape, random fp16 weights
+    python3 bench/serve_gpu.py --cpu --out bench/results      # CPU: the tiny demo model over gloo
+
+On GPU the checkpoint (random weights, the demo byte-level tokenizer) is written to --ckpt first by a
+child process, so this driver never holds GPU memory. Writes <out>/<device>x2-<date>-serve-tp2.json.
+"""
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.decode import commit  # noqa: E402
+from bench.soak import one, summary  # noqa: E402
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def write_checkpoint(path: str) -> None:
+    """GPT-Neo 2.7B's shape with random fp16 weights (built on the GPU, fast) and the demo tokenizer."""
+    import torch
+
+    from bench.decode import build
+    from serve_apps.demo_model import byte_tokenizer
+    hf = build("neo")
+    hf.generation_config.pad_token_id = 0
+    hf.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    del hf
+    torch.cuda.empty_cache()
+
+
+def app_args(cpu: bool, ckpt: str) -> dict:
+    common = {"tp_size": 2, "health_check_period_s": 1, "max_queued_requests": 1024}
+    if cpu:
+        return common | {"accelerator": "cpu", "replica_cpus": 0.5, "worker_cpus": 0.5, "kv_cache_blocks": 1024,
+                         "block_size": 8, "max_num_seqs": 64, "step_timeout_s": 30}
+    return common | {"model": ckpt, "accelerator": "gpu", "dtype": "float16", "max_num_seqs": 64,
+                     "gpu_memory_utilization": 0.8, "step_timeout_s": 60}
+
+
+def start(cpu: bool, ckpt: str) -> tuple[str, object, float]:
+    """Local Ray + Serve on a free loopback port, the app deployed; (url, handle, seconds to healthy)."""
+    import ray
+    from ray import serve
+
+    from serve_apps.gpt_neo import app
+    env = NO_MULTICAST | ({"TRITON_INTERPRET": "1"} if cpu else {})
+    os.environ.update(env)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4 if cpu else 8, num_gpus=0 if cpu else 2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False, runtime_env={"env_vars": env})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    t = time.perf_counter()
+    serve.run(app(app_args(cpu, ckpt)), name="tp2", route_prefix="/")
+    wait_healthy(url, 300)
+    return url, serve.get_app_handle("tp2"), time.perf_counter() - t
+
+
+def wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"no healthy replica within {timeout}s")
+
+
+def smoke(url: str) -> dict:
+    """/healthz, one completion, one SSE stream."""
+    body = {"prompt": "DeepSpeed is", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    health = httpx.get(url + "/healthz", timeout=10)
+    unary = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    events = []
+    with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=60) as reply:
+        stream_status = reply.status_code
+        events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    streamed = "".join(c["text"] for e in events[:-1] for c in json.loads(e).get("choices", []))
+    return {"healthz": health.status_code, "completion": unary.status_code,
+            "completion_tokens": unary.json()["usage"]["completion_tokens"], "stream": stream_status,
+            "stream_events": len(events), "stream_ends_done": events[-1:] == ["[DONE]"],
+            "stream_equals_unary": streamed == unary.json()["choices"][0]["text"]}
+
+
+async def concurrent(url: str, n: int, stream: bool, max_tokens: int) -> dict:
+    """n requests at once, all streamed or all not."""
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n + 2)) as http:
+        await asyncio.gather(*[one(http, i, stream, 4) for i in range(4)])           # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*[one(http, i, stream, max_tokens) for i in range(n)])
+        return summary(results, time.perf_counter() - start, {})
+
+
+def load(url: str, n: int, max_tokens: int) -> dict:
+    streamed = asyncio.run(concurrent(url, n, True, max_tokens))
+    unary = asyncio.run(concurrent(url, n, False, max_tokens))
+    return {"requests": n, "max_tokens": max_tokens, "streaming": streamed, "non_streaming": unary,
+            "streaming_over_non_streaming_wall": streamed["wall_s"] / unary["wall_s"],
+            "streaming_over_non_streaming_p50_latency": streamed["latency_s"]["p50"] / unary["latency_s"]["p50"]}
+
+
+def follower_pid(handle) -> int:
+    (rank1,) = [r for r in handle.ranks.remote().result(timeout_s=30) if r["rank"] == 1]
+    return rank1["pid"]
+
+
+async def probe_until_recovered(url: str, killed_at: float, timeout: float) -> dict:
+    """Small completions every 0.2 s after the kill: when the first failure (503, or a timeout) came and
+    when 200 came back after it."""
+    body = {"prompt": "ok", "max_tokens": 4, "ignore_eos": True}
+    seen, first_failure, first_503, recovered, codes = [], None, None, None, {}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        while time.perf_counter() - killed_at < timeout and recovered is None:
+            try:
+                code = (await http.post("/v1/completions", json=body)).status_code
+            except httpx.HTTPError as e:
+                code = type(e).__name__
+            now = time.perf_counter() - killed_at
+            codes[str(code)] = codes.get(str(code), 0) + 1
+            if not seen or seen[-1][1] != code:
+                seen.append((round(now, 3), code))
+            first_503 = now if code == 503 and first_503 is None else first_503
+            first_failure = now if code != 200 and first_failure is None else first_failure
+            recovered = now if code == 200 and first_failure is not None else None
+            await asyncio.sleep(0.2)
+    return {"first_failure_s": first_failure, "first_503_s": first_503, "serving_again_s": recovered,
+            "probe_codes": codes, "transitions": seen}
+
+
+async def kill_and_probe(url: str, pid: int, max_tokens: int, timeout: float) -> dict:
+    """8 long requests (half streamed) running, then SIGKILL to `pid`; how they ended and the probe's times."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        inflight = [asyncio.ensure_future(one(http, i, i % 2 == 0, max_tokens)) for i in range(8)]
+        await asyncio.sleep(1.0)                            # let them start generating
+        os.kill(pid, signal.SIGKILL)                        # the rank-1 Worker actor's process
+        probe = await probe_until_recovered(url, time.perf_counter(), timeout)
+        ended = await asyncio.gather(*inflight)
+    return probe | {"inflight": [r.get("reason", "ok") for r in ended]}
+
+
+def failover(url: str, handle, max_tokens: int, timeout: float) -> dict:
+    old = follower_pid(handle)
+    result = asyncio.run(kill_and_probe(url, old, max_tokens, timeout))
+    new = follower_pid(handle) if result["serving_again_s"] is not None else None
+    return result | {"old_follower_pid": old, "new_follower_pid": new}
+
+
+def device_name(cpu: bool) -> str:
+    if cpu:
+        return "cpu"
+    import torch
+    return torch.cuda.get_device_name(0).replace(" ", "-")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="tiny demo model on CPU (gloo) instead of GPUs")
+    ap.add_argument("--ckpt", default="/tmp/rayspeed-gpt-neo-2.7b-random")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 128 on GPU, 16 on CPU")
+    ap.add_argument("--recovery-timeout", type=float, default=240)
+    ap.add_argument("--out", default="bench/results")
+    a = ap.parse_args()
+    max_tokens = a.max_tokens or (16 if a.cpu else 128)
+    result = {"bench": "serve-tp2", "cpu": a.cpu, "app_args": app_args(a.cpu, a.ckpt), "commit": commit(),
+              "date": datetime.date.today().isoformat(),
+              "machine": {"cores": os.cpu_count(), "python": platform.python_version()}}
+    if not a.cpu and not os.path.exists(os.path.join(a.ckpt, "config.json")):
+        t = time.perf_counter()
+        child = multiprocessing.get_context("spawn").Process(target=write_checkpoint, args=(a.ckpt,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0, f"writing the checkpoint failed ({child.exitcode})"
+        result["checkpoint_write_s"] = time.perf_counter() - t
+    url, handle, result["startup_s"] = start(a.cpu, a.ckpt)
+    result["ranks"] = handle.ranks.remote().result(timeout_s=30)
+    for step, run in (("smoke", lambda: smoke(url)), ("load", lambda: load(url, a.requests, max_tokens)),
+                      ("failover", lambda: failover(url, handle, 4 * max_tokens, a.recovery_timeout))):
+        t = time.perf_counter()
+        result[step] = run()
+        print(step, f"{time.perf_counter() - t:.1f}s", json.dumps(result[step])[:1500], flush=True)
+    from ray import serve
+    serve.shutdown()
+    import ray
+    ray.shutdown()
+    result["device"] = result["machine"]["device"] = device_name(a.cpu)
+    text = json.dumps(result, indent=2, default=str)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"{result['device']}x2-{result['date']}-serve-tp2.json")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
