@@ -6,12 +6,15 @@ is the rate at which the weights stream from HBM. One kernel covers the three we
 exists): each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
 `SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
 small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
-depend on timing. Rows of x: broadcast-multiply-reduce for up to 8 rows, `tl.dot` above.
+depend on timing. The product runs on the tensor cores in tiles of at least 16 rows (rows past
+M are zeros: free for a memory-bound product). Which tile (and whether cuBLAS beats it, for float
+weights) is measured once per shape on the device the first time it runs (`tuned_tile`).
 
 Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N, K]`; bits=4
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
 `scales [N, K // group_size]`, w = q * scales[n, k // group_size].
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,30 +30,6 @@ class Tile:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-
-
-@triton.jit
-def _load_weight_tile(w_ptr, rn, k0, N, K, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weights of rows `rn`, columns k0 .. k0 + BLOCK_K as fp32: one [BN, BK] tile (returned twice;
-    the caller uses the first), or for int4 the even and odd columns as two [BN, BK // 2] tiles."""
-    if BITS == 4:
-        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        mask = (rn[:, None] < N) & (rb[None, :] < K // 2)
-        packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :], mask=mask, other=0x88).to(tl.int32)
-        return ((packed & 0xF) - 8).to(tl.float32), ((packed >> 4) - 8).to(tl.float32)
-    rk = k0 + tl.arange(0, BLOCK_K)
-    mask = (rn[:, None] < N) & (rk[None, :] < K)
-    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
-    return w, w
-
-
-@triton.jit
-def _tile_product(x, w, USE_DOT: tl.constexpr):
-    """x [BM, BK] (activation dtype) times w [BN, BK] (fp32 values) transposed -> [BM, BN] in fp32.
-    `tl.dot` runs in x's dtype: int8 and int4 values are exact in fp16 and bf16."""
-    if USE_DOT:
-        return tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-    return tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -82,35 +61,47 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
                    stride_rm, stride_om, stride_os, group_size, k_per_split,
                    BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
-                   USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[BM, BN] = x[BM, K-slice] @ w[BN, K-slice]^T on the tensor cores (rows past M are zeros: a
+    memory-bound product pays nothing for them); weights are converted to x's dtype in registers
+    (int8 and int4 values are exact in fp16 and bf16) and scaled per tile or per row in fp32."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        w, w_odd = _load_weight_tile(w_ptr, rn, k0, N, K, stride_wn, BITS, BLOCK_K)
-        if BITS == 4:
+        if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                             mask=n_mask[:, None] & (rb[None, :] < K // 2), other=0x88).to(tl.int32)
             rk = k0 + 2 * tl.arange(0, BLOCK_K // 2)
             x_mask = (rm[:, None] < M) & (rk[None, :] < K)
             x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
             x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
-            part = _tile_product(x_even, w, USE_DOT) + _tile_product(x_odd, w_odd, USE_DOT)
+            low = ((packed & 0xF) - 8).to(x_even.dtype)
+            high = ((packed >> 4) - 8).to(x_even.dtype)
+            part = tl.dot(x_even, tl.trans(low), input_precision="ieee")
+            part = tl.dot(x_odd, tl.trans(high), part, input_precision="ieee")
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
-            x_mask = (rm[:, None] < M) & (rk[None, :] < K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
-            part = _tile_product(x, w, USE_DOT)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                        other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K),
+                        other=0)
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         if BITS < 16 and not PER_ROW_SCALE:           # one scale per (row, K group): the tile lies in one group
-            scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=rn < N, other=0.0).to(tl.float32)
-            part = part * scale[None, :]
-        acc += part
+            scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part * scale[None, :]
+        else:
+            acc += part
     if PER_ROW_SCALE:
-        acc *= tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE:                                       # without split-K; the reduction applies it otherwise
         acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    out_mask = (rm[:, None] < M) & n_mask[None, :]
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -131,23 +122,15 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-NUM_SMS = 132          # H100 SXM; only shapes the split-K choice, never correctness
-
-
-def _pow2_at_most(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
+NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness
 
 
 def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
-    """The tile for an [m, k] x [n, k]^T product: few rows stream weights with a broadcast product,
-    more rows use `tl.dot`; split K until there are a few programs per SM."""
-    if m <= 8:
-        block_m = triton.next_power_of_2(m)
-        block_n, block_k = (16, 256) if block_m <= 2 else (8, 128)
-    else:
-        block_m, block_n, block_k = min(64, triton.next_power_of_2(m)), 64, 64
+    """Untuned default: 16-row tiles (more for prefill), K split until there are ~4 programs per SM."""
+    block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
+    block_n, block_k = 64, 128
     if group_size < k:                                   # a tile must lie inside one scale group
-        block_k = min(block_k, _pow2_at_most(group_size & -group_size))
+        block_k = min(block_k, group_size & -group_size)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split_k = 1
     while tiles * split_k < 4 * NUM_SMS and k // (block_k * split_k * 2) >= 4 and split_k < 16:
@@ -155,12 +138,62 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     return Tile(block_m, block_n, block_k, split_k)
 
 
+def candidates(m: int, k: int, group_size: int) -> list[Tile]:
+    """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value)."""
+    block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
+    tiles = []
+    for block_n, block_k in ((32, 128), (64, 128), (32, 256), (64, 256)):
+        if group_size < k and group_size % block_k:
+            continue
+        for split_k in (1, 2, 4, 8, 16):
+            if k >= block_k * split_k:
+                tiles.append(Tile(block_m, block_n, block_k, split_k))
+    return tiles
+
+
+CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
+_tuned: dict[tuple, "Tile | str"] = {}
+
+
+def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
+               activation: str | None, residual, torch_path=None) -> "Tile | str":
+    """The fastest way to run this product, measured once per (rows rounded up to a power of two,
+    shape, format, epilogue) with cold caches (`triton.testing.do_bench` flushes L2): a tile, or
+    `CUBLAS` when `torch_path` (the unfused torch computation, offered for float weights) is faster.
+    More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
+    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
+    k = x.shape[-1]
+    m, n = x.numel() // k, weight.shape[0]
+    group = group_size or k
+    if m > 16:                                           # prefill sizes vary: never time on the request path
+        return pick_tile(m, n, k, bits, group)
+    key = (triton.next_power_of_2(m), n, k, bits, group, x.dtype, bias is not None, activation,
+           residual is not None, x.device)
+    if key in _tuned:
+        return _tuned[key]
+    if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return pick_tile(m, n, k, bits, group)
+    from triton.testing import do_bench
+    timings = {}
+    for tile in candidates(m, k, group):
+        try:
+            timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
+                                                           activation, residual), warmup=2, rep=8,
+                                     return_mode="median")
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
+            continue                                     # a tile too large for this GPU's shared memory
+    if torch_path is not None:
+        timings[CUBLAS] = do_bench(torch_path, warmup=2, rep=8, return_mode="median")
+    _tuned[key] = min(timings, key=timings.get)
+    return _tuned[key]
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
-    `ACTIVATION_CODES`, `residual` shaped like the output."""
+    `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default `tuned_tile`'s choice."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -173,7 +206,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bits < 16:
         assert scales is not None and scales.shape == (n, triton.cdiv(k, group_size)), \
             f"scales {None if scales is None else tuple(scales.shape)} != ({n}, {triton.cdiv(k, group_size)})"
-    tile = tile or pick_tile(m, n, k, bits, group_size)
+    if tile is None:
+        tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual) if x.is_cuda \
+            else pick_tile(m, n, k, bits, group_size)
+        if tile == CUBLAS:                               # a float product cuBLAS runs faster
+            tile = pick_tile(m, n, k, bits, group_size)
     per_row = bits < 16 and group_size >= k
     if bits < 16 and not per_row:
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
@@ -196,7 +233,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
         rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
         group_size, k_per_split, BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
-        USE_DOT=tile.block_m >= 16, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         block_m, block_n = min(16, triton.next_power_of_2(m)), 256

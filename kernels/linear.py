@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
-from kernels.gemv import skinny_linear
+from kernels.gemv import CUBLAS, skinny_linear, tuned_tile
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
@@ -139,13 +139,20 @@ class _Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """act(x W^T + bias) + residual. On CUDA the weight-streaming Triton kernel takes quantized
-        weights and few-row float products (decode), with the epilogue fused; cuBLAS the rest."""
+        """act(x W^T + bias) + residual. On CUDA, quantized weights always and float weights at decode
+        sizes go through the weight-streaming Triton kernel with the epilogue fused, unless the tuner
+        measured cuBLAS (plus separate epilogue ops) faster for this shape."""
         bits = 16 if self.quant is None else self.quant.bits
         if use_triton(x) and (bits < 16 or x.numel() // x.shape[-1] <= SKINNY_MAX_ROWS):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
-            return skinny_linear(x, weight, bias, scales, bits, None if bits == 16 else self.group_size,
-                                 activation=activation, residual=residual)
+            group_size = None if bits == 16 else self.group_size
+            torch_path = (lambda: self._torch_matmul(x, bias, activation, residual)) if bits == 16 else None
+            tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+            if tile != CUBLAS:
+                return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)
+        return self._torch_matmul(x, bias, activation, residual)
+
+    def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual) -> torch.Tensor:
         if self.quant is None:
             y = F.linear(x, self.weight, bias)
         else:

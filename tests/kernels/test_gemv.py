@@ -37,7 +37,7 @@ def test_matches_reference(bits, group, m):
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-@pytest.mark.parametrize("tile", [Tile(1, 8, 64, split_k=3), Tile(4, 16, 32, split_k=2), Tile(16, 32, 32, split_k=4)])
+@pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
@@ -77,7 +77,7 @@ EPILOGUE_REFS = {None: lambda y: y, "gelu_tanh": lambda y: torch.nn.functional.g
 
 
 @pytest.mark.parametrize("activation", list(EPILOGUE_REFS))
-@pytest.mark.parametrize("tile", [Tile(2, 16, 64), Tile(2, 16, 64, split_k=4), Tile(16, 16, 64, split_k=2)])
+@pytest.mark.parametrize("tile", [Tile(16, 16, 64), Tile(16, 16, 64, split_k=4), Tile(32, 16, 64, split_k=2)])
 def test_fused_epilogue(activation, tile):
     """act(x W^T + b) + residual, fused in the kernel or in the split-K reduction."""
     g = torch.Generator().manual_seed(11)
