@@ -206,7 +206,7 @@ def main() -> None:
             reference = engine
         else:
             row["quality"] = quality_vs(reference, engine, vocab) if reference is not None else None
-            if dtype in ("int8", "int4"):
+            if dtype in ("int8", "int4") and reference is not None:
                 row["matmul_rel_err_vs_fp32"] = matmul_errors(engine, reference)
         for batch in batches:
             ms, first = decode_ms(rs_run(engine), batch, vocab)

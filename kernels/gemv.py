@@ -30,6 +30,7 @@ class Tile:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -60,7 +61,7 @@ def _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS: tl.constexpr
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                    stride_rm, stride_om, stride_os, group_size, k_per_split,
                    BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, SCALE_IN_TILE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc[BM, BN] = x[BM, K-slice] @ w[BN, K-slice]^T on the tensor cores (rows past M are zeros: a
     memory-bound product pays nothing for them); weights are converted to x's dtype in registers
@@ -73,7 +74,24 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
+        if SCALE_IN_TILE:                              # dequantize the whole tile, then one product
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & k_mask[None, :],
+                        other=0.0)
+            if BITS == 4:
+                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                                 mask=n_mask[:, None] & (rb[None, :] < K // 2), other=0x88).to(tl.int32)
+                q = tl.reshape(tl.join((packed & 0xF) - 8, (packed >> 4) - 8), (BLOCK_N, BLOCK_K))
+            else:
+                q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                            other=0)
+            scale = tl.load(s_ptr + rn[:, None] * stride_sn + (rk // group_size)[None, :],
+                            mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = (q.to(tl.float32) * scale.to(tl.float32)).to(x.dtype)
+            part = tl.dot(x, tl.trans(w), input_precision="ieee")
+        elif BITS == 4:                                # packed pairs: even columns low nibble, odd high
             rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
                              mask=n_mask[:, None] & (rb[None, :] < K // 2), other=0x88).to(tl.int32)
@@ -92,7 +110,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K),
                         other=0)
             part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-        if BITS < 16 and not PER_ROW_SCALE:           # one scale per (row, K group): the tile lies in one group
+        if BITS < 16 and not PER_ROW_SCALE and not SCALE_IN_TILE:   # one scale per (row, K group) per tile
             scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
             acc += part * scale[None, :]
         else:
@@ -138,16 +156,20 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     return Tile(block_m, block_n, block_k, split_k)
 
 
-def candidates(m: int, k: int, group_size: int) -> list[Tile]:
-    """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value)."""
+def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
+    """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
+    Quantized weights also get wide tiles dequantized in registers, which may span K-groups."""
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
+    shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
+    if bits < 16:
+        shapes += [(32, 256, True), (64, 256, True), (32, 512, True)]
     tiles = []
-    for block_n, block_k in ((32, 128), (64, 128), (32, 256), (64, 256)):
-        if group_size < k and group_size % block_k:
+    for block_n, block_k, in_tile in shapes:
+        if group_size < k and group_size % block_k and not in_tile:
             continue
         for split_k in (1, 2, 4, 8, 16):
             if k >= block_k * split_k:
-                tiles.append(Tile(block_m, block_n, block_k, split_k))
+                tiles.append(Tile(block_m, block_n, block_k, split_k, scale_in_tile=in_tile))
     return tiles
 
 
@@ -175,7 +197,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         return pick_tile(m, n, k, bits, group)
     from triton.testing import do_bench
     timings = {}
-    for tile in candidates(m, k, group):
+    for tile in candidates(m, k, bits, group):
         try:
             timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
                                                            activation, residual), warmup=2, rep=8,
@@ -211,8 +233,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             else pick_tile(m, n, k, bits, group_size)
         if tile == CUBLAS:                               # a float product cuBLAS runs faster
             tile = pick_tile(m, n, k, bits, group_size)
-    per_row = bits < 16 and group_size >= k
-    if bits < 16 and not per_row:
+    per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
+    if bits < 16 and not per_row and not tile.scale_in_tile:
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if residual is not None:
@@ -233,6 +255,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
         rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
         group_size, k_per_split, BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
+        SCALE_IN_TILE=bits < 16 and tile.scale_in_tile,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:

@@ -87,3 +87,15 @@ def test_fused_epilogue(activation, tile):
     got = skinny_linear(x, w, bias, scales, 8, 64, tile, activation=activation, residual=residual)
     ref = EPILOGUE_REFS[activation](x.double() @ full.double().T + bias.double()) + residual.double()
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 64)])
+@pytest.mark.parametrize("tile", [Tile(16, 16, 128, scale_in_tile=True), Tile(16, 32, 64, split_k=3, scale_in_tile=True)])
+def test_tiles_dequantized_in_registers_may_span_groups(bits, group, tile):
+    """Wide tiles scale each weight in registers (int4 unpacked by interleaving), across K-groups."""
+    g = torch.Generator().manual_seed(bits + (group or 0))
+    w, scales, full = _weight(40, 256, bits, group or 256, g)
+    x, bias = torch.randn(5, 256, generator=g), torch.randn(40, generator=g)
+    got = skinny_linear(x, w, bias, scales, bits, group, tile, activation="relu", residual=torch.ones(5, 40))
+    ref = torch.relu(x.double() @ full.double().T + bias.double()) + 1
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
