@@ -14,8 +14,9 @@ Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
 `scales [N, K // group_size]`, w = q * scales[n, k // group_size].
 """
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import triton
@@ -174,7 +175,52 @@ def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
 
 
 CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
-_tuned: dict[tuple, "Tile | str"] = {}
+
+
+class _Choices:
+    """Tuned choices by product, kept in memory and on disk per GPU model and Triton version
+    ($RAYSPEED_CACHE/gemv/, default ~/.cache/rayspeed), so later starts time nothing."""
+
+    def __init__(self):
+        self.memory: dict[tuple, "Tile | str"] = {}
+        self.disk: dict[str, dict] | None = None
+
+    @staticmethod
+    def _path(gpu: str) -> str:
+        root = os.environ.get("RAYSPEED_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rayspeed"))
+        name = gpu.replace(" ", "-").replace("/", "-")
+        return os.path.join(root, "gemv", f"{name}-triton-{triton.__version__}.json")
+
+    def get(self, key: tuple, gpu: str) -> "Tile | str | None":
+        """`key`'s choice; its last element (the device) is left out on disk, `gpu` names the file."""
+        if key in self.memory:
+            return self.memory[key]
+        if self.disk is None:
+            try:
+                with open(self._path(gpu)) as f:
+                    self.disk = json.load(f)
+            except (OSError, ValueError):
+                self.disk = {}
+        found = self.disk.get(repr(key[:-1]))
+        if found is not None:
+            self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
+        return self.memory.get(key)
+
+    def put(self, key: tuple, gpu: str, choice: "Tile | str") -> None:
+        self.memory[key] = choice
+        self.disk[repr(key[:-1])] = choice if choice == CUBLAS else asdict(choice)
+        path = self._path(gpu)
+        try:                                             # atomic: TP ranks may write at once
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self.disk, f, indent=0)
+            os.replace(tmp, path)
+        except OSError:
+            pass                                         # a read-only home only costs re-tuning
+
+
+_choices = _Choices()
 
 
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
@@ -189,10 +235,12 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     group = group_size or k
     if m > 16:                                           # prefill sizes vary: never time on the request path
         return pick_tile(m, n, k, bits, group)
-    key = (triton.next_power_of_2(m), n, k, bits, group, x.dtype, bias is not None, activation,
+    key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
            residual is not None, x.device)
-    if key in _tuned:
-        return _tuned[key]
+    gpu = torch.cuda.get_device_name(x.device)
+    cached = _choices.get(key, gpu)
+    if cached is not None:
+        return cached
     if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return pick_tile(m, n, k, bits, group)
     from triton.testing import do_bench
@@ -200,14 +248,15 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     for tile in candidates(m, k, bits, group):
         try:
             timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
-                                                           activation, residual), warmup=2, rep=8,
+                                                           activation, residual), warmup=1, rep=4,
                                      return_mode="median")
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
             continue                                     # a tile too large for this GPU's shared memory
     if torch_path is not None:
-        timings[CUBLAS] = do_bench(torch_path, warmup=2, rep=8, return_mode="median")
-    _tuned[key] = min(timings, key=timings.get)
-    return _tuned[key]
+        timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")
+    choice = min(timings, key=timings.get)
+    _choices.put(key, gpu, choice)
+    return choice
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

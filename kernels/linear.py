@@ -22,9 +22,11 @@ from kernels.gemv import CUBLAS, skinny_linear, tuned_tile
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
-# Float products of at most this many rows stream the weight through kernels/gemv.py on CUDA
-# (decode batches); more rows go to cuBLAS. Measured: bench/gemv_sweep.py.
-SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", "16"))
+# Float products of at most this many rows may stream the weight through kernels/gemv.py on CUDA,
+# where the tuner times it against cuBLAS. Off by default: on the H100 cuBLAS won every block linear
+# of GPT-Neo 2.7B at batch 1 (bench/results/*-neo-x2host.json, profile in bench/results/logs/), and
+# timing at start-up costs a minute of load time. Quantized weights always take the Triton kernel.
+SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", "0"))
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,18 @@ def test_tiles_dequantized_in_registers_may_span_groups(bits, group, tile):
     got = skinny_linear(x, w, bias, scales, bits, group, tile, activation="relu", residual=torch.ones(5, 40))
     ref = torch.relu(x.double() @ full.double().T + bias.double()) + 1
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_tuned_choices_persist_per_gpu_model(tmp_path, monkeypatch):
+    """A later process reads the tuner's choices back (a tile or cuBLAS) instead of timing again."""
+    from kernels import gemv
+    monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
+    key = lambda n: (1, n, 2560, 8, 2560, "torch.float16", False, None, True, "cuda:0")   # noqa: E731
+    writer = gemv._Choices()
+    assert writer.get(key(7680), "NVIDIA H100 80GB HBM3") is None
+    writer.put(key(7680), "NVIDIA H100 80GB HBM3", Tile(16, 64, 256, split_k=4, scale_in_tile=True))
+    writer.put(key(2560), "NVIDIA H100 80GB HBM3", gemv.CUBLAS)
+    reader = gemv._Choices()
+    assert reader.get(key(7680), "NVIDIA H100 80GB HBM3") == Tile(16, 64, 256, split_k=4, scale_in_tile=True)
+    assert reader.get(key(2560), "NVIDIA H100 80GB HBM3") == gemv.CUBLAS
+    assert gemv._Choices().get(key(7680), "NVIDIA H200") is None                       # another GPU model
