@@ -1,4 +1,6 @@
 """The engine loop on one process: add requests, then step = schedule -> run -> sample -> postprocess."""
+import os
+
 import torch
 
 from actors.block_manager import BlockManager
@@ -13,9 +15,16 @@ from kernels.model import CausalLM
 def num_kv_blocks(model: CausalLM, config, device: torch.device) -> int:
     """KV-cache blocks: as configured, else what the memory budget holds (never more than
     max_num_seqs full-length sequences need)."""
-    if config.kv_cache_blocks:
-        return config.kv_cache_blocks
     block_bytes = kv_cache_block_bytes(model, config.block_size, model.embed.weight.dtype)
+    if config.kv_cache_blocks:
+        available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+            os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if config.kv_cache_blocks * block_bytes > available:
+            raise ValueError(f"kv_cache_blocks={config.kv_cache_blocks} needs "
+                             f"{config.kv_cache_blocks * block_bytes / 2**30:.1f} GiB on {device}, more than is free "
+                             f"({available / 2**30:.1f} GiB): ask for fewer blocks, or leave it unset to size the "
+                             "cache from gpu_memory_utilization / cpu_kv_cache_bytes")
+        return config.kv_cache_blocks
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - config.gpu_memory_utilization) * total
@@ -44,7 +53,13 @@ class LLMEngine:
         blocks = num_kv_blocks(model, config, device)
         self.block_manager = BlockManager(blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, blocks, config.block_size, device)
+        try:
+            self.runner = ModelRunner(model, blocks, config.block_size, device)
+        except (RuntimeError, MemoryError) as e:        # torch.OutOfMemoryError is a RuntimeError
+            size = blocks * kv_cache_block_bytes(model, config.block_size, model.embed.weight.dtype) / 2**30
+            raise ValueError(f"could not allocate the KV cache: {blocks} blocks of {config.block_size} tokens = "
+                             f"{size:.1f} GiB on {device} ({type(e).__name__}); set kv_cache_blocks lower "
+                             "(or cpu_kv_cache_bytes / gpu_memory_utilization)") from None
         if device.type == "cuda" and config.enable_cuda_graph is not False:
             self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len)
 

@@ -74,3 +74,10 @@ def test_engine_generate_on_an_encoder_decoder_model_returns_the_decoded_tokens(
     out = engine.generate([[5, 6, 7, 8]], max_new_tokens=8, ignore_eos=True)[0].outputs[0].token_ids
     expected = t5.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out == expected[0, 1:].tolist()                # without the decoder start token
+
+
+def test_a_kv_cache_too_large_to_allocate_names_the_option():
+    """Checked against free memory before anything is allocated (no attempt at 10^12 blocks)."""
+    with pytest.raises(ValueError, match=r"kv_cache_blocks=1000000000000 needs .* GiB on cpu, more than is free"):
+        rayspeed.init_inference(tiny_model("gpt2"), dtype=torch.float32, replace_with_kernel_inject=True,
+                                kv_cache_blocks=10**12)
