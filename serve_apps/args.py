@@ -34,6 +34,8 @@ class AppArgs(BaseModel):
     downscale_delay_s: float = Field(60, ge=0)
     max_ongoing_requests: int = Field(256, ge=1, description="per replica, before Serve queues at the router")
     max_queued_requests: int = Field(1024, ge=1, description="engine queue limit; beyond it HTTP 503")
+    router_queue_limit: int = Field(4096, ge=1, description="requests Serve's router holds for a replica slot "
+                                                            "(beyond max_ongoing_requests); beyond it HTTP 503")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or RAYSPEED_API_KEY)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     health_check_period_s: float = Field(10, gt=0)
@@ -87,7 +89,7 @@ class AppArgs(BaseModel):
         return {
             "ray_actor_options": {"num_cpus": self.replica_cpus, "num_gpus": 1 if use_gpu else 0},
             "placement_group_bundles": bundles, "placement_group_strategy": self.placement_strategy,
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests, "max_queued_requests": self.router_queue_limit,
             "health_check_period_s": self.health_check_period_s,
             "autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                    "initial_replicas": max(1, self.min_replicas),

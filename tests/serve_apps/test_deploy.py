@@ -50,6 +50,24 @@ def test_api_key_and_overload(serve_port):
         serve.delete("keyed")
 
 
+def test_the_router_queue_is_bounded_too(serve_port):
+    """Past max_ongoing_requests a request waits at Serve's router; past router_queue_limit Serve
+    refuses it with 503 at once instead of queueing without bound (our engine queue is left large)."""
+    args = {"replica_cpus": 0.5, "max_ongoing_requests": 1, "router_queue_limit": 1, "max_num_seqs": 1,
+            "kv_cache_blocks": 64, "block_size": 8}
+    serve.run(gpt_neo_app(args), name="routed", route_prefix="/routed")
+    url = f"http://127.0.0.1:{serve_port}/routed/v1/completions"
+    try:
+        import concurrent.futures as cf
+        long = {"prompt": "x", "max_tokens": 150, "ignore_eos": True}
+        with cf.ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda _: httpx.post(url, json=long, timeout=120), range(6)))
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(200) >= 1 and 503 in codes, codes
+    finally:
+        serve.delete("routed")
+
+
 def test_autoscaling_adds_and_removes_whole_tp_groups(serve_port):
     args = {"tp_size": 2, "replica_cpus": 0.5, "worker_cpus": 0.5, "min_replicas": 1, "max_replicas": 2,
             "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2, "kv_cache_blocks": 64,
