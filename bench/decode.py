@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -228,6 +229,10 @@ def main() -> None:
         if fp16:
             row["block_linear_bytes_vs_fp16"] = row["block_linear_gb"] / fp16
     os.makedirs(args.out, exist_ok=True)
+    from kernels.gemv import _Choices
+    tuned = _Choices._path(result["device"])
+    if os.path.exists(tuned):                   # the tuner's table: commit it to kernels/tuned/ to ship it
+        shutil.copy(tuned, os.path.join(args.out, os.path.basename(tuned)))
     name = f"{result['device'].replace(' ', '-')}-{result['date']}-{args.model}{args.tag}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)

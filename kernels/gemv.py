@@ -179,28 +179,39 @@ CUBLAS = "cublas"                                        # the tuner's verdict w
 
 class _Choices:
     """Tuned choices by product, kept in memory and on disk per GPU model and Triton version
-    ($RAYSPEED_CACHE/gemv/, default ~/.cache/rayspeed), so later starts time nothing."""
+    ($RAYSPEED_CACHE/gemv/, default ~/.cache/rayspeed), so later starts time nothing. Tables
+    measured on the project's benchmark machines ship in kernels/tuned/ and are read first."""
 
     def __init__(self):
         self.memory: dict[tuple, "Tile | str"] = {}
         self.disk: dict[str, dict] | None = None
 
     @staticmethod
-    def _path(gpu: str) -> str:
+    def _name(gpu: str) -> str:
+        return f"{gpu.replace(' ', '-').replace('/', '-')}-triton-{triton.__version__}.json"
+
+    @classmethod
+    def _path(cls, gpu: str) -> str:
         root = os.environ.get("RAYSPEED_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rayspeed"))
-        name = gpu.replace(" ", "-").replace("/", "-")
-        return os.path.join(root, "gemv", f"{name}-triton-{triton.__version__}.json")
+        return os.path.join(root, "gemv", cls._name(gpu))
+
+    @classmethod
+    def _read(cls, gpu: str) -> dict:
+        table = {}
+        for path in (os.path.join(os.path.dirname(__file__), "tuned", cls._name(gpu)), cls._path(gpu)):
+            try:
+                with open(path) as f:
+                    table.update(json.load(f))
+            except (OSError, ValueError):
+                pass
+        return table
 
     def get(self, key: tuple, gpu: str) -> "Tile | str | None":
         """`key`'s choice; its last element (the device) is left out on disk, `gpu` names the file."""
         if key in self.memory:
             return self.memory[key]
         if self.disk is None:
-            try:
-                with open(self._path(gpu)) as f:
-                    self.disk = json.load(f)
-            except (OSError, ValueError):
-                self.disk = {}
+            self.disk = self._read(gpu)
         found = self.disk.get(repr(key[:-1]))
         if found is not None:
             self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
@@ -208,6 +219,8 @@ class _Choices:
 
     def put(self, key: tuple, gpu: str, choice: "Tile | str") -> None:
         self.memory[key] = choice
+        if self.disk is None:
+            self.disk = self._read(gpu)
         self.disk[repr(key[:-1])] = choice if choice == CUBLAS else asdict(choice)
         path = self._path(gpu)
         try:                                             # atomic: TP ranks may write at once

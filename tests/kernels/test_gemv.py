@@ -1,6 +1,8 @@
-"""The weight-streaming matmul (`kernels.gemv.skinny_linear`) against fp32 references of its three
-weight formats, through both of its paths (broadcast product for few rows, `tl.dot` for more),
-with and without split-K, run on CPU by Triton's interpreter."""
+"""The weight-streaming matmul (`kernels.gemv.skinny_linear`) against fp64 references of its three
+weight formats, with per-group and in-register dequantization, split-K and the fused epilogue, run
+on CPU by Triton's interpreter; and the tuner's table on disk."""
+import json
+
 import pytest
 import torch
 
@@ -114,3 +116,17 @@ def test_tuned_choices_persist_per_gpu_model(tmp_path, monkeypatch):
     assert reader.get(key(7680), "NVIDIA H100 80GB HBM3") == Tile(16, 64, 256, split_k=4, scale_in_tile=True)
     assert reader.get(key(2560), "NVIDIA H100 80GB HBM3") == gemv.CUBLAS
     assert gemv._Choices().get(key(7680), "NVIDIA H200") is None                       # another GPU model
+
+
+def test_shipped_tables_are_read_and_the_user_cache_wins(tmp_path, monkeypatch):
+    from kernels import gemv
+    monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path / "cache"))
+    shipped = tmp_path / "kernels"
+    (shipped / "tuned").mkdir(parents=True)
+    key = (1, 2560, 2560, 4, 128, "torch.float16", True, None, False)
+    name = gemv._Choices._name("Test GPU")
+    (shipped / "tuned" / name).write_text(json.dumps({repr(key): {"block_m": 16, "block_n": 32, "block_k": 128}}))
+    monkeypatch.setattr(gemv, "__file__", str(shipped / "gemv.py"))
+    assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") == Tile(16, 32, 128)
+    gemv._Choices().put((*key, "cuda:0"), "Test GPU", gemv.CUBLAS)
+    assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") == gemv.CUBLAS
