@@ -86,15 +86,26 @@ def test_autoscaling_adds_and_removes_whole_tp_groups(serve_port):
         assert replicas() == 1
         cpus_one_group = free_cpus()
         import concurrent.futures as cf
+        import threading
         body = {"prompt": "x", "max_tokens": 120, "ignore_eos": True}
+        loaded = threading.Event()
+
+        def client() -> list[int]:                  # keeps one request in flight until the load stops
+            codes = []
+            while not loaded.is_set():
+                codes.append(httpx.post(url, json=body, timeout=180).status_code)
+            return codes
+
         with cf.ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(httpx.post, url, json=body, timeout=180) for _ in range(6)]
+            futures = [pool.submit(client) for _ in range(6)]
             deadline = time.monotonic() + 90
             while replicas() < 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
-            assert replicas() == 2
-            assert free_cpus() == pytest.approx(cpus_one_group - 1.0)      # a second group: 2 bundles x 0.5 CPU
-            assert all(f.result().status_code == 200 for f in futures)
+            scaled_up, cpus_two_groups = replicas(), free_cpus()
+            loaded.set()
+            assert scaled_up == 2
+            assert cpus_two_groups == pytest.approx(cpus_one_group - 1.0)   # a second group: 2 bundles x 0.5 CPU
+            assert all(code == 200 for f in futures for code in f.result())
         deadline = time.monotonic() + 90
         while replicas() > 1 and time.monotonic() < deadline:
             time.sleep(0.5)
