@@ -1,7 +1,8 @@
 """Weight-streaming matmul on the GPU: cuBLAS (`F.linear`) vs `kernels.gemv.skinny_linear` at fp16,
-int8 and int4 on the linear shapes of GPT-Neo 2.7B and Llama-2-7B, for a few row counts; a small
-sweep of tiles per case shows what the heuristic leaves on the table. Every timing replays a CUDA
-graph over enough distinct weight copies (> 4x the 50 MB L2) that each call streams from HBM.
+int8 and int4 on the linear shapes of GPT-Neo 2.7B and Llama-2-7B, for a few row counts; timing the
+tuner's candidate tiles per case (`--sweep`) shows what the heuristic leaves on the table. Every
+timing replays a CUDA graph over enough distinct weight copies (> 4x the 50 MB L2) that each call
+streams from HBM.
 
     python3 bench/gemv_sweep.py --out bench/results
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.gemv import Tile, pick_tile, skinny_linear  # noqa: E402
+from kernels.gemv import candidates, pick_tile, skinny_linear  # noqa: E402
 
 SHAPES = {"neo.qkv": (7680, 2560), "neo.out": (2560, 2560), "neo.fc1": (10240, 2560), "neo.fc2": (2560, 10240),
           "llama.qkv": (12288, 4096), "llama.out": (4096, 4096), "llama.gate_up": (22016, 4096),
@@ -69,21 +70,6 @@ def dequantize(w, scales, group_size, bits: int) -> torch.Tensor:
     return w.float() * scales.float().repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
 
 
-def candidates(m: int, bits: int):
-    if m <= 8:
-        bm = 1 << (m - 1).bit_length()
-        grid = itertools.product([4, 8, 16, 32], [128, 256, 512], [1, 2, 4, 8], [4], [3])
-    else:
-        bm = min(64, 1 << (m - 1).bit_length())
-        grid = itertools.product([32, 64, 128], [64, 128], [1, 2, 4], [4], [3])
-    for bn, bk, split, warps, stages in grid:
-        if bits == 4 and bk > 128:
-            continue
-        if m <= 8 and bm * bn * bk > 16384:
-            continue
-        yield Tile(bm, bn, bk, split, warps, stages)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,8,32")
@@ -114,7 +100,7 @@ def main() -> None:
             row["tile"] = tile.__dict__
             if args.sweep:
                 best = (row["triton_us"], tile)
-                for cand in candidates(m, bits):
+                for cand in candidates(m, k, bits, ws[0][2] or k):
                     try:
                         us = graph_us(lambda: [skinny_linear(x, w, None, s, bits, g, cand) for w, s, g in ws], copies)
                     except Exception as e:                          # a tile too big for shared memory

@@ -14,6 +14,7 @@ Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
 `scales [N, K // group_size]`, w = q * scales[n, k // group_size].
 """
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -236,6 +237,11 @@ class _Choices:
 _choices = _Choices()
 
 
+@functools.cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
                activation: str | None, residual, torch_path=None) -> "Tile | str":
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
@@ -250,7 +256,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         return pick_tile(m, n, k, bits, group)
     key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
            residual is not None, x.device)
-    gpu = torch.cuda.get_device_name(x.device)
+    gpu = _gpu_name(x.device)
     cached = _choices.get(key, gpu)
     if cached is not None:
         return cached
@@ -270,6 +276,17 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     choice = min(timings, key=timings.get)
     _choices.put(key, gpu, choice)
     return choice
+
+
+def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
+                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None):
+    """`skinny_linear` with the tuner's tile, or `torch_path()` (the same product in torch, offered
+    for float weights) where the tuner measured that faster."""
+    tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+    if tile == CUBLAS:
+        return torch_path()
+    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
-from kernels.gemv import CUBLAS, skinny_linear, tuned_tile
+from kernels.gemv import streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
@@ -149,9 +149,7 @@ class _Linear(nn.Module):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda: self._torch_matmul(x, bias, activation, residual)) if bits == 16 else None
-            tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
-            if tile != CUBLAS:
-                return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)
+            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
         return self._torch_matmul(x, bias, activation, residual)
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual) -> torch.Tensor:

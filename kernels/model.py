@@ -10,7 +10,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata
 from kernels.block import DecoderBlock, KVCache, Norm, Rotary
 from kernels.dispatch import use_triton
-from kernels.gemv import CUBLAS, skinny_linear, tuned_tile
+from kernels.gemv import streamed_linear
 from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
 from kernels.quant import QuantSpec
 from kernels.spec import ModelSpec
@@ -76,8 +76,6 @@ class CausalLM(nn.Module):
             hidden = F.linear(hidden, self.project_out)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
         if use_triton(hidden) and hidden.shape[0] <= SKINNY_MAX_ROWS:     # decode: stream the LM head
-            tile = tuned_tile(hidden, weight, self.lm_head_bias, None, 16, None, None, None,
-                              lambda: F.linear(hidden, weight, self.lm_head_bias))
-            if tile != CUBLAS:
-                return skinny_linear(hidden, weight, self.lm_head_bias, tile=tile).float()
+            return streamed_linear(hidden, weight, self.lm_head_bias,
+                                   torch_path=lambda: F.linear(hidden, weight, self.lm_head_bias)).float()
         return F.linear(hidden, weight, self.lm_head_bias).float()

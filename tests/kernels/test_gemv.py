@@ -130,3 +130,16 @@ def test_shipped_tables_are_read_and_the_user_cache_wins(tmp_path, monkeypatch):
     assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") == Tile(16, 32, 128)
     gemv._Choices().put((*key, "cuda:0"), "Test GPU", gemv.CUBLAS)
     assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") == gemv.CUBLAS
+
+
+def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
+    """cuBLAS's verdict runs the offered torch path; a tile runs the kernel with that tile."""
+    from kernels import gemv
+    g = torch.Generator().manual_seed(2)
+    w, _, full = _weight(32, 128, 16, 128, g)
+    x = torch.randn(2, 128, generator=g)
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: gemv.CUBLAS)
+    assert gemv.streamed_linear(x, w, torch_path=lambda: "torch") == "torch"
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
+    got = gemv.streamed_linear(x, w, torch_path=lambda: "torch")
+    assert ((got - x.double() @ full.double().T).abs().max()).item() < 1e-4
