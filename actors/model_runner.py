@@ -66,7 +66,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots, torch.int64), block_tables=self._block_tables(seqs),
             context_lens=self._tensor([len(s) for s in seqs]), cu_seqlens_q=self._tensor(cu_seqlens),
             max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
-            fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs), cu_seqlens_host=cu_seqlens)
+            fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs))
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
 
     def prepare_decode(self, seqs: list[Sequence]):
@@ -131,7 +131,6 @@ class ModelRunner:
         all_logits = bool(flags & 1)
         meta = AttentionMetadata(slot_mapping=slots, block_tables=tables.view(num_seqs, max_blocks).int(),
                                  context_lens=context_lens.int(), cu_seqlens_q=cu_seqlens.int(),
-                                 max_query_len=max_query_len, fresh_prefill=bool(flags & 2),
-                                 cu_seqlens_host=cu_seqlens.tolist() if flags & 2 else None)
+                                 max_query_len=max_query_len, fresh_prefill=bool(flags & 2))
         logits = self._forward(input_ids, positions, meta, all_logits)
         return command, logits if all_logits else None

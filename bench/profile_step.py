@@ -1,13 +1,18 @@
 """Where one eager decode step of GPT-Neo 2.7B (fp16, random weights) spends GPU time, by kernel:
-the same kernels a CUDA-graph replay runs, timed by the profiler one by one.
+the same kernels a CUDA-graph replay runs, timed by the profiler one by one. With `--prefill BxL`,
+a whole 1-token generate call of B fresh L-token prompts instead (what time to first token
+measures): its wall time beside its kernel time, and the host ops that take the most time.
 
     python3 bench/profile_step.py --batch 1
+    python3 bench/profile_step.py --prefill 1x32,32x32,1x512
 """
 import argparse
 import collections
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -25,9 +30,15 @@ def main() -> None:
     ap.add_argument("--model", default="neo")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--prefill", default="", help="profile prefills instead: comma list of BATCHxLENGTH")
     args = ap.parse_args()
     engine = rayspeed.init_inference(build(args.model), dtype=args.dtype, replace_with_kernel_inject=True,
                                      gpu_memory_utilization=0.5).backend
+    if args.prefill:
+        for shape in args.prefill.split(","):
+            batch, length = (int(n) for n in shape.split("x"))
+            profile_prefill(engine, batch, length, args)
+        return
     seqs = [engine.add_request(list(range(100 + i, 132 + i)), SamplingParams(max_new_tokens=64, ignore_eos=True))
             for i in range(args.batch)]
     for _ in range(4):
@@ -43,16 +54,49 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    totals, counts = collections.Counter(), collections.Counter()
+    report(prof, 5, {"model": args.model, "dtype": args.dtype, "batch": args.batch}, args.top)
+
+
+def report(prof, repeats: int, header: dict, top: int, host: bool = False) -> None:
+    totals, counts, cpu = collections.Counter(), collections.Counter(), collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name[:90]] += event.device_time / 5
-            counts[event.name[:90]] += 1 / 5
+            totals[event.name[:90]] += event.device_time / repeats
+            counts[event.name[:90]] += 1 / repeats
+        elif host:
+            cpu[event.name[:90]] += event.self_cpu_time_total / repeats
     total = sum(totals.values())
-    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "kernel_us_per_step": total,
-                      "kernels_per_step": sum(counts.values())}))
-    for name, us in totals.most_common(args.top):
+    print(json.dumps({**header, "kernel_us_per_step": total, "kernels_per_step": sum(counts.values())}))
+    for name, us in totals.most_common(top):
         print(f"{us:9.1f} us {us / total:6.1%} x{counts[name]:5.0f}  {name}")
+    if host:
+        print("host ops by self CPU time (us per call of the step):")
+        for name, us in cpu.most_common(top):
+            print(f"{us:9.1f} us  {name}")
+
+
+def profile_prefill(engine, batch: int, length: int, args) -> None:
+    """Wall time of `batch` fresh prompts of `length` tokens to their first token, and its profile."""
+    vocab, seed = engine.model.spec.vocab_size, iter(range(10**6))
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+
+    def call():
+        g = torch.Generator().manual_seed(next(seed))
+        engine.generate(torch.randint(100, vocab - 100, (batch, length), generator=g).tolist(), params)
+
+    walls = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+    report(prof, 3, {"model": args.model, "dtype": args.dtype, "batch": batch, "prefill": length,
+                     "wall_ms_median": statistics.median(walls[1:]), "wall_ms": walls}, args.top, host=True)
 
 
 if __name__ == "__main__":

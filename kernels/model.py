@@ -2,7 +2,14 @@
 
 Embeddings and the LM head are replicated on every rank (simple, and the vocab of the models we
 serve is small next to their blocks); the blocks are tensor-parallel.
+
+The LM head's rows (the embedding's, when tied) sit in storage padded to a multiple of 64 rows with
+zeros: the parameter is the first `vocab` rows, as checkpoints have it, and on CUDA the LM head
+multiplies the padded matrix and drops the extra logits. cuBLAS picks an unaligned (align1) kernel
+for GPT-Neo's odd vocab of 50,257: 262 us a step at batch 32 on an H100 (bench/profile_step.py).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,14 +23,41 @@ from kernels.quant import QuantSpec
 from kernels.spec import ModelSpec
 
 
+VOCAB_PAD = 64
+
+
+def _padded_rows(rows: int, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, *shape], the first rows of zeroed storage of `rows` rounded up to VOCAB_PAD."""
+    return torch.zeros(-(-rows // VOCAB_PAD) * VOCAB_PAD, *shape, dtype=dtype)[:rows]
+
+
+def with_padding(t: torch.Tensor) -> torch.Tensor:
+    """`t` widened to the padded rows its storage holds (`_padded_rows`); `t` itself when it has none
+    (e.g. a parameter replaced by a compact tensor)."""
+    size = (-(-t.shape[0] // VOCAB_PAD) * VOCAB_PAD, *t.shape[1:])
+    if size[0] == t.shape[0] or t.storage_offset() or not t.is_contiguous() or \
+            t.untyped_storage().nbytes() < math.prod(size) * t.element_size():
+        return t
+    return t.as_strided(size, t.stride())
+
+
 def _embedding(rows: int, width: int, dtype: torch.dtype) -> nn.Embedding:
-    embed = nn.Embedding(rows, width, dtype=dtype, _weight=torch.empty(rows, width, dtype=dtype))
+    embed = nn.Embedding(rows, width, dtype=dtype, _weight=_padded_rows(rows, width, dtype=dtype))
     embed.weight.requires_grad_(False)
     return embed
 
 
 def _replicated(*shape: int, dtype: torch.dtype, present: bool = True) -> nn.Parameter | None:
     return _param(*shape, dtype=dtype, loader=default_weight_loader) if present else None
+
+
+def _lm_head_part(rows: int, *shape: int, dtype: torch.dtype, present: bool) -> nn.Parameter | None:
+    """The LM head's weight [vocab, width] or bias [vocab], in padded storage."""
+    if not present:
+        return None
+    p = nn.Parameter(_padded_rows(rows, *shape, dtype=dtype), requires_grad=False)
+    p.weight_loader, p.tp_dim = default_weight_loader, None
+    return p
 
 
 class CausalLM(nn.Module):
@@ -46,8 +80,8 @@ class CausalLM(nn.Module):
         rotary = Rotary(spec) if spec.positional == "rotary" else None
         self.layers = nn.ModuleList(DecoderBlock(spec, i, tp, dtype, rotary, quant) for i in range(spec.num_layers))
         self.norm = Norm(spec, dtype) if spec.final_norm else None
-        self.lm_head = _replicated(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings)
-        self.lm_head_bias = _replicated(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias)
+        self.lm_head = _lm_head_part(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings)
+        self.lm_head_bias = _lm_head_part(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias)
         # checkpoint tensors that may target nothing here: a tied LM head is the embedding; a final
         # norm the family drops (OPT's `_remove_final_layer_norm`)
         self.optional_targets = ({"lm_head"} if spec.tie_word_embeddings else set()) | \
@@ -75,7 +109,22 @@ class CausalLM(nn.Module):
         if self.project_out is not None:
             hidden = F.linear(hidden, self.project_out)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
-        if use_triton(hidden) and hidden.shape[0] <= SKINNY_MAX_ROWS:     # decode: stream the LM head
-            return streamed_linear(hidden, weight, self.lm_head_bias,
-                                   torch_path=lambda: F.linear(hidden, weight, self.lm_head_bias)).float()
-        return F.linear(hidden, weight, self.lm_head_bias).float()
+        return lm_head_logits(hidden, weight, self.lm_head_bias, padded=hidden.is_cuda)
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   padded: bool) -> torch.Tensor:
+    """fp32 logits [tokens, vocab] of hidden [tokens, width]; with `padded`, the product runs over the
+    padded rows (`with_padding`) and the extra logits are dropped."""
+    vocab = weight.shape[0]
+    if padded:
+        weight = with_padding(weight)
+        if bias is not None:
+            bias = with_padding(bias)
+            if bias.shape[0] != weight.shape[0]:            # one of them lost its padding
+                weight, bias = weight[:vocab], bias[:vocab]
+    if use_triton(hidden) and hidden.shape[0] <= SKINNY_MAX_ROWS:     # decode: stream the LM head
+        logits = streamed_linear(hidden, weight, bias, torch_path=lambda: F.linear(hidden, weight, bias))
+    else:
+        logits = F.linear(hidden, weight, bias)
+    return logits[:, :vocab].float().contiguous()

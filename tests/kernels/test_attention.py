@@ -157,25 +157,63 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("window, alibi, kv_heads", [(None, False, 4), (5, False, 2), (None, True, 4), (7, True, 1)])
+def _fresh_prefill_case(lens, kv_heads, dtype=torch.float32, heads=4, dim=16, block=8):
+    """Fresh prompts of `lens` tokens: q, k, v (k, v as strided views of one fused QKV tensor, as the
+    model gives them), cu_seqlens, and a paged cache holding k, v for the reference."""
+    g = torch.Generator().manual_seed(0)
+    tokens = sum(lens)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g).to(dtype)
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    needed = [_cdiv(n, block) for n in lens]
+    tables = torch.zeros(len(lens), max(needed), dtype=torch.int32)
+    perm, start = torch.randperm(sum(needed), generator=g).int(), 0
+    for s, n in enumerate(needed):
+        tables[s, :n] = perm[start:start + n]
+        start += n
+    k_cache = torch.zeros(sum(needed), block, kv_heads, dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    store_kv(k, v, k_cache, v_cache, _slots(tables, [torch.arange(n) for n in lens], block))
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).int()
+    return q, k, v, cu, k_cache, v_cache, tables
+
+
+PREFILL_CASES = [(None, False, 4), (5, False, 2), (None, True, 4), (7, True, 1), (70, False, 2)]
+
+
+@pytest.mark.parametrize("window, alibi, kv_heads", PREFILL_CASES)
 def test_fresh_prefill_sdpa_matches_the_paged_reference(window, alibi, kv_heads):
     from kernels.attention import prefill_attention_sdpa
 
-    torch.manual_seed(0)
-    lens, heads, dim, block = [9, 1, 20], 4, 16, 8
-    cu = [0, 9, 10, 30]
-    q = torch.randn(30, heads, dim)
-    k, v = torch.randn(30, kv_heads, dim), torch.randn(30, kv_heads, dim)
-    k_cache = torch.zeros(16, block, kv_heads, dim)
-    v_cache = torch.zeros_like(k_cache)
-    tables = torch.tensor([[0, 1, 2], [3, 0, 0], [4, 5, 6]], dtype=torch.int32)
-    slots = torch.cat([tables[s].long().repeat_interleave(block)[:n] * block + torch.arange(n) % block
-                       for s, n in enumerate(lens)])
-    store_kv(k, v, k_cache, v_cache, slots)
-    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if alibi else None
-    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32),
-                                     torch.tensor(cu, dtype=torch.int32), 0.3, window, slopes)
-    got = prefill_attention_sdpa(q, k, v, cu, 0.3, window, slopes)
+    lens = [9, 1, 20]
+    q, k, v, cu, k_cache, v_cache, tables = _fresh_prefill_case(lens, kv_heads)
+    slopes = _alibi(4) if alibi else None
+    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
+                                     window, slopes)
+    got = prefill_attention_sdpa(q, k, v, cu.tolist(), 0.3, window, slopes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window, alibi, kv_heads", PREFILL_CASES)
+def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, kv_heads):
+    """Varlen prompts in one launch: lengths below, at and across the 64-row query/key blocks (130
+    spans three), a single token; windows narrower and wider than a block."""
+    lens = [9, 1, 130, 64]
+    q, k, v, cu, k_cache, v_cache, tables = _fresh_prefill_case(lens, kv_heads, dtype)
+    slopes = _alibi(4) if alibi else None
+    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
+                                     window, slopes)
+    got = attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got, expected, **TOL[dtype])
+
+
+def test_fresh_prefill_triton_head_dim_80_pads_to_128():
+    """GPT-Neo 2.7B's head_dim (80) is not a power of two: the padded lanes must not leak in."""
+    lens = [33, 5]
+    q, k, v, cu, k_cache, v_cache, tables = _fresh_prefill_case(lens, 2, dim=80)
+    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 1.0)
+    got = attention.prefill_attention_triton(q, k, v, cu, max(lens), 1.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
