@@ -1,9 +1,13 @@
 """Where a decode step's time goes on the GPU: the CUDA-graph replay alone vs a whole engine step
 (plan on the host, copies, replay, sampling, stop checks), GPT-Neo 2.7B fp16, random weights.
+With --host, the engine step's host functions by own time (cProfile), per step.
 
-    python3 bench/step_breakdown.py --batches 1,32 --out bench/results
+    python3 bench/step_breakdown.py --batches 1,32,256 --host --out bench/results
 """
 import argparse
+import cProfile
+import io
+import pstats
 import json
 import os
 import sys
@@ -43,13 +47,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--host", action="store_true", help="print the host profile of engine steps")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     hf = build("neo")
     engine = rayspeed.init_inference(hf, dtype=torch.half, replace_with_kernel_inject=True,
-                                     gpu_memory_utilization=0.6).backend
+                                     gpu_memory_utilization=0.6, max_num_seqs=max(64, *batches)).backend
     from actors.sequence import SamplingParams
     rows = {}
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         params = SamplingParams(max_new_tokens=400, ignore_eos=True)
         seqs = [engine.add_request(list(range(100 + i, 132 + i)), params) for i in range(batch)]
         engine.step()                                        # prefill
@@ -57,6 +63,12 @@ def main() -> None:
             engine.step()
         rows[batch] = {"engine_step_ms": step_ms(engine), "graph_replay_ms": replay_ms(engine.runner, seqs)}
         rows[batch]["host_ms"] = rows[batch]["engine_step_ms"] - rows[batch]["graph_replay_ms"]
+        if args.host:
+            profiler = cProfile.Profile()
+            profiler.runcall(step_ms, engine, 20)
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
+            print(f"batch {batch}: host functions, seconds over 20 steps", text.getvalue()[-2600:], flush=True)
         for seq in seqs:
             engine.abort(seq)
         print(batch, json.dumps(rows[batch]), flush=True)

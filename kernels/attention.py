@@ -202,14 +202,17 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                     q_token_stride, q_head_stride, k_token_stride, v_token_stride, out_token_stride,
-                    group, head_dim, scale, window,
-                    USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    cache_block_stride, cache_row_stride, group, head_dim, scale, window,
+                    USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, STORE_KV: tl.constexpr,
+                    CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (query block, head, sequence) of a fresh prefill: flash attention (online softmax over
-    key blocks) of the sequence's queries over its own keys, causal and, with USE_WINDOW, local.
-    Query and key positions are their indices in the sequence (no cached prefix)."""
+    key blocks of BLOCK_M) of the sequence's queries over its own keys, causal and, with USE_WINDOW,
+    local. Query and key positions are their indices in the sequence (no cached prefix).
+    With STORE_KV, the program of each KV head's first query head also writes the key block on its
+    diagonal (the last it visits, and no other program of that head's block row visits it as diagonal)
+    to the cache slots `slots` gives: `store_kv` without a kernel of its own."""
     m_block, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
     length = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
@@ -229,17 +232,17 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     lo = 0
     if USE_WINDOW:
-        lo = tl.maximum(m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(m_block * BLOCK_M - window + 1, 0) // BLOCK_M * BLOCK_M
     hi = tl.minimum((m_block + 1) * BLOCK_M, length)
-    for n in range(lo, hi, BLOCK_N):
-        k_pos = n + tl.arange(0, BLOCK_N)                                  # [BLOCK_N]
+    for n in range(lo, hi, BLOCK_M):
+        k_pos = n + tl.arange(0, BLOCK_M)                                  # [BLOCK_M]
         kv_rows = (start + k_pos)[:, None]
         kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
-            scores = tl.dot(q, tl.trans(k)) * scale                         # [BLOCK_M, BLOCK_N]
+            scores = tl.dot(q, tl.trans(k)) * scale                         # [BLOCK_M, BLOCK_M]
         rel = k_pos[None, :] - q_pos[:, None]                              # key - query, <= 0 where visible
         if HAS_ALIBI:
             scores += slope * rel.to(tl.float32)
@@ -257,6 +260,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+        if STORE_KV:
+            if (n == m_block * BLOCK_M) & (head % group == 0):
+                slot = tl.load(slots_ptr + start + k_pos, mask=k_pos < length, other=0)
+                row_offs = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
+                cache_offs = row_offs[:, None] + kv_head * head_dim + d[None, :]
+                tl.store(k_cache_ptr + cache_offs, k, mask=kv_mask)
+                tl.store(v_cache_ptr + cache_offs, v, mask=kv_mask)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 only in rows past the sequence (not stored)
     tl.store(out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(q_pos < length)[:, None] & d_mask[None, :])
@@ -264,11 +274,14 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr,
 
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              max_len: int, scale: float, window: int | None = None,
-                             alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                             alibi_slopes: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                             v_cache: torch.Tensor | None = None,
+                             slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, from this step's k, v (not the cache): all
     sequences of the batch in one launch. q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads,
     head_dim] (strided views of the fused QKV output are fine); cu_seqlens: [seqs + 1] on q's device;
-    max_len: the longest sequence. Same result as `paged_attention_torch` over a cache holding k, v."""
+    max_len: the longest sequence. Same result as `paged_attention_torch` over a cache holding k, v.
+    Given the caches and `slot_mapping` [tokens], it also writes k, v there (`store_kv` included)."""
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == v.shape == (tokens, num_kv_heads, head_dim), \
@@ -281,6 +294,14 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     assert window is None or window >= 1, f"window must be >= 1, got {window}"
     if alibi_slopes is not None:
         assert alibi_slopes.shape == (num_heads,) and alibi_slopes.device == q.device, f"alibi_slopes: [{num_heads}]"
+    store = k_cache is not None
+    if store:
+        assert v_cache is not None and slot_mapping is not None, "k_cache needs v_cache and slot_mapping"
+        assert k_cache.shape == v_cache.shape and k_cache.is_contiguous() and v_cache.is_contiguous(), \
+            "k_cache, v_cache: contiguous, same shape"
+        assert k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.dtype == k.dtype, \
+            f"cache rows {tuple(k_cache.shape[2:])} {k_cache.dtype} do not hold k {(num_kv_heads, head_dim)} {k.dtype}"
+        assert slot_mapping.shape == (tokens,), f"slot_mapping must be [{tokens}]"
     out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     num_seqs = cu_seqlens.numel() - 1
     if tokens == 0 or num_seqs == 0:
@@ -289,10 +310,13 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     block = 64 if block_d <= 128 else 32          # keeps q, k and the accumulator within registers/shared memory
     grid = (triton.cdiv(max_len, block), num_heads, num_seqs)
     _prefill_kernel[grid](q, k, v, cu_seqlens, q if alibi_slopes is None else alibi_slopes, out,
+                          k_cache if store else q, v_cache if store else q, slot_mapping if store else cu_seqlens,
                           q.stride(0), q.stride(1), k.stride(0), v.stride(0), out.stride(0),
+                          k_cache.stride(0) if store else 0, k_cache.stride(1) if store else 0,
                           num_heads // num_kv_heads, head_dim, scale, window or 0,
                           USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
-                          IEEE=q.dtype == torch.float32, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+                          IEEE=q.dtype == torch.float32, STORE_KV=store,
+                          CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_D=block_d)
     return out
 
 
@@ -325,10 +349,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
               meta: AttentionMetadata, scale: float, window: int | None = None,
               alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Write this step's k, v [tokens, kv_heads, head_dim] to the cache and attend: on CUDA a decode
-    step does both in one kernel; otherwise `store_kv` then `paged_attention`."""
+    step or a fresh prefill does both in one kernel; otherwise `store_kv` then `paged_attention`."""
     if use_triton(q) and meta.is_decode:
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                              window, alibi_slopes, k, v, meta.slot_mapping)
+    if use_triton(q) and meta.fresh_prefill:
+        return prefill_attention_triton(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale, window, alibi_slopes,
+                                        k_cache, v_cache, meta.slot_mapping)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     return paged_attention(q, k_cache, v_cache, meta, scale, window, alibi_slopes, k, v)
 

@@ -159,7 +159,7 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
 
 def _fresh_prefill_case(lens, kv_heads, dtype=torch.float32, heads=4, dim=16, block=8):
     """Fresh prompts of `lens` tokens: q, k, v (k, v as strided views of one fused QKV tensor, as the
-    model gives them), cu_seqlens, and a paged cache holding k, v for the reference."""
+    model gives them), cu_seqlens, a paged cache holding k, v for the reference, and their slots."""
     g = torch.Generator().manual_seed(0)
     tokens = sum(lens)
     qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=g).to(dtype)
@@ -172,9 +172,10 @@ def _fresh_prefill_case(lens, kv_heads, dtype=torch.float32, heads=4, dim=16, bl
         start += n
     k_cache = torch.zeros(sum(needed), block, kv_heads, dim, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    store_kv(k, v, k_cache, v_cache, _slots(tables, [torch.arange(n) for n in lens], block))
+    slots = _slots(tables, [torch.arange(n) for n in lens], block)
+    store_kv(k, v, k_cache, v_cache, slots)
     cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).int()
-    return q, k, v, cu, k_cache, v_cache, tables
+    return q, k, v, cu, k_cache, v_cache, tables, slots
 
 
 PREFILL_CASES = [(None, False, 4), (5, False, 2), (None, True, 4), (7, True, 1), (70, False, 2)]
@@ -185,7 +186,7 @@ def test_fresh_prefill_sdpa_matches_the_paged_reference(window, alibi, kv_heads)
     from kernels.attention import prefill_attention_sdpa
 
     lens = [9, 1, 20]
-    q, k, v, cu, k_cache, v_cache, tables = _fresh_prefill_case(lens, kv_heads)
+    q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, kv_heads)
     slopes = _alibi(4) if alibi else None
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
                                      window, slopes)
@@ -197,21 +198,27 @@ def test_fresh_prefill_sdpa_matches_the_paged_reference(window, alibi, kv_heads)
 @pytest.mark.parametrize("window, alibi, kv_heads", PREFILL_CASES)
 def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, kv_heads):
     """Varlen prompts in one launch: lengths below, at and across the 64-row query/key blocks (130
-    spans three), a single token; windows narrower and wider than a block."""
+    spans three), a single token; windows narrower and wider than a block. Given the caches, the
+    kernel also fills them exactly as `store_kv`."""
     lens = [9, 1, 130, 64]
-    q, k, v, cu, k_cache, v_cache, tables = _fresh_prefill_case(lens, kv_heads, dtype)
+    q, k, v, cu, k_cache, v_cache, tables, slots = _fresh_prefill_case(lens, kv_heads, dtype)
     slopes = _alibi(4) if alibi else None
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
                                      window, slopes)
     got = attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got, expected, **TOL[dtype])
+    k_stored, v_stored, k_ref, v_ref = (torch.full_like(k_cache, 7.0) for _ in range(4))
+    store_kv(k, v, k_ref, v_ref, slots)
+    again = attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes, k_stored, v_stored, slots)
+    assert torch.equal(again, got)
+    assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
 
 
 def test_fresh_prefill_triton_head_dim_80_pads_to_128():
     """GPT-Neo 2.7B's head_dim (80) is not a power of two: the padded lanes must not leak in."""
     lens = [33, 5]
-    q, k, v, cu, k_cache, v_cache, tables = _fresh_prefill_case(lens, 2, dim=80)
+    q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, 2, dim=80)
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 1.0)
     got = attention.prefill_attention_triton(q, k, v, cu, max(lens), 1.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
