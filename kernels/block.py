@@ -24,10 +24,15 @@ class Norm(nn.Module):
         has_bias = spec.norm == "layer" and spec.norm_bias
         self.bias = _param(spec.hidden_size, dtype=dtype, loader=default_weight_loader) if has_bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual) in one kernel."""
         if self.kind == "rms":
-            return rms_norm(x, self.weight, self.eps)
-        return layer_norm(x, self.weight, self.bias, self.eps)
+            return rms_norm(x, self.weight, self.eps, residual)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+    def add(self, x: torch.Tensor, pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + pending), x + pending); pending None: (norm(x), x)."""
+        return (self(x), x) if pending is None else self(x, pending)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -109,7 +114,11 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm (default), post-norm (`post_norm`) or parallel-residual (`parallel_residual`, with one
     norm shared by attention and MLP when `shared_norm`) residual layout around `Attention` and `MLP`.
-    With `quant` its linears hold quantized weights; norms stay in `dtype` (the compute dtype)."""
+    With `quant` its linears hold quantized weights; norms stay in `dtype` (the compute dtype).
+
+    The residual stream travels between blocks as (x, pending): the stream is x + pending, and the
+    next norm adds them in its own kernel (`Norm.add`) instead of a separate add after each
+    sublayer. `pending` is None after a post-norm block."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None, quant: QuantSpec | None = None):
@@ -123,14 +132,17 @@ class DecoderBlock(nn.Module):
         except ValueError as e:                      # e.g. quantization groups that do not divide a part
             raise ValueError(f"layer {layer}: {e}") from None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, pending) in -> (x, pending) out, the stream being their sum."""
         if self.post_norm:
+            if pending is not None:
+                x = x + pending
             x = self.attn_norm(self.attn(x, positions, meta, kv_cache, residual=x))
-            return self.mlp_norm(self.mlp(x, residual=x))
-        h = self.attn_norm(x)
+            return self.mlp_norm(self.mlp(x, residual=x)), None
+        h, x = self.attn_norm.add(x, pending)
         if self.parallel_residual:
             after_attn = self.attn(h, positions, meta, kv_cache, residual=x)
-            return self.mlp(h if self.mlp_norm is None else self.mlp_norm(x), residual=after_attn)
-        x = self.attn(h, positions, meta, kv_cache, residual=x)
-        return self.mlp(self.mlp_norm(x), residual=x)
+            return after_attn, self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
+        h, x = self.mlp_norm(self.attn(h, positions, meta, kv_cache), x)
+        return x, self.mlp(h)

@@ -99,10 +99,12 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: [tokens] -> hidden states [tokens, hidden]."""
-        x = self.embed_tokens(input_ids, positions)
+        x, pending = self.embed_tokens(input_ids, positions), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, meta, kv_cache)
-        return x if self.norm is None else self.norm(x)
+            x, pending = layer(x, positions, meta, kv_cache, pending)
+        if self.norm is not None:
+            return self.norm.add(x, pending)[0]
+        return x if pending is None else x + pending
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[tokens, hidden] -> fp32 logits [tokens, vocab]."""

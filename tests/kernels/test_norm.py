@@ -67,3 +67,29 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
     assert not use_triton(x)
     assert torch.equal(norm.layer_norm(x, w, b, 1e-5), norm.layer_norm_torch(x, w, b, 1e-5))
     assert torch.equal(norm.rms_norm(x, w, 1e-5), norm.rms_norm_torch(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_with_residual_returns_the_sum_and_its_norm(dtype, kind):
+    """norm(x, residual=r) == (norm(x + r), x + r), the sum rounded to x's dtype as a separate add;
+    the Triton kernel against the reference, and the reference against the two-step form."""
+    x, w, b = _inputs(dtype)
+    r = _inputs(dtype, (2, 3, 100))[0].flip(0)
+    if kind == "layer":
+        ref_out, ref_sum = norm.layer_norm_torch(x, w, b, 1e-5, residual=r)
+        out, summed = norm.layer_norm_triton(x, w, b, 1e-5, residual=r)
+        two_step = norm.layer_norm_torch(x + r, w, b, 1e-5)
+    else:
+        ref_out, ref_sum = norm.rms_norm_torch(x, w, 1e-6, residual=r)
+        out, summed = norm.rms_norm_triton(x, w, 1e-6, residual=r)
+        two_step = norm.rms_norm_torch(x + r, w, 1e-6)
+    assert torch.equal(ref_sum, x + r) and torch.equal(ref_out, two_step)
+    assert torch.equal(summed, x + r)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+
+
+def test_residual_must_match_x():
+    x, w, b = _inputs(torch.float32)
+    with pytest.raises(AssertionError, match="residual"):
+        norm.layer_norm_triton(x, w, b, 1e-5, residual=x[..., :50])
