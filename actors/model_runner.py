@@ -7,9 +7,10 @@ Under tensor parallelism only the TP group's rank 0 schedules. Each step it broa
 """
 import torch
 
-from actors.cuda_graphs import DecodeGraphs
+from actors.cuda_graphs import DecodeGraphs, PrefillGraphs
 from actors.sequence import Sequence
 from kernels.attention import AttentionMetadata
+from kernels.dispatch import use_triton
 from kernels.model import CausalLM
 
 STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
@@ -33,15 +34,19 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
 
     def capture_cudagraphs(self, max_batch: int, max_seq_len: int) -> None:
-        """Capture the decode step for every batch bucket up to `max_batch` (CUDA only)."""
+        """Capture the decode step for every batch bucket up to `max_batch`, and set up fresh-prefill
+        graphs (captured on first use) where prefill runs the Triton kernels (CUDA only)."""
         max_blocks = -(-max_seq_len // self.block_size)
-        graphs = DecodeGraphs(lambda ids, pos, meta: self._forward(ids, pos, meta, False),
-                              self.model.spec.vocab_size, max_batch, max_blocks,
+        eager = lambda ids, pos, meta: self._eager(ids, pos, meta, False)     # noqa: E731
+        graphs = DecodeGraphs(eager, self.model.spec.vocab_size, max_batch, max_blocks,
                               self.pad_block * self.block_size, self.pad_block, self.device)
         graphs.capture()
         self.graphs = graphs
+        if use_triton(self.model.embed.weight):
+            self.prefill_graphs = PrefillGraphs(eager, max_batch, self.pad_block * self.block_size, self.device)
 
     def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -92,6 +97,13 @@ class ModelRunner:
     def _forward(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
         if self.graphs is not None and meta.is_decode and self.graphs.fits(*meta.block_tables.shape):
             return self.graphs.run(input_ids, positions, meta)
+        if self.prefill_graphs is not None and meta.fresh_prefill and not meta.is_decode and not all_logits:
+            logits = self.prefill_graphs.run(input_ids, positions, meta)
+            if logits is not None:
+                return logits
+        return self._eager(input_ids, positions, meta, all_logits)
+
+    def _eager(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         if not all_logits:
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]

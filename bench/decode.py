@@ -98,7 +98,8 @@ def ours_greedy(engine, ids, new: int = 64) -> torch.Tensor:
 
 def correctness(hf, engine, vocab: int) -> dict:
     """fp16 rayspeed vs fp32 HF logits; greedy agreement with HF fp16, and (the noise floor of
-    random weights) HF fp16 with HF fp32; CUDA-graph decode vs eager decode, which must be equal."""
+    random weights) HF fp16 with HF fp32; CUDA-graph decode and prefill vs eager, which must be equal
+    (also on prompts of mixed lengths, which the prefill graphs pad)."""
     ids = prompts(8, vocab, 1234)
     with torch.no_grad():
         hf.float()
@@ -108,14 +109,21 @@ def correctness(hf, engine, vocab: int) -> dict:
     got = engine.module(ids.cpu()).logits.cuda()
     rel = lambda a: ((a - reference).abs().max() / reference.abs().max()).item()
     expected, ours = hf_greedy(hf, ids), ours_greedy(engine, ids)
+    mixed = [list(range(100, 100 + n)) for n in (5, 17, 40, 3, 64, 2)]
+    mixed_tokens = lambda: [o.outputs[0].token_ids for o in engine.generate(mixed, max_new_tokens=16,  # noqa: E731
+                                                                            ignore_eos=True)]
+    graphed_mixed = mixed_tokens()
     runner = engine.backend.runner
-    graphs, runner.graphs = runner.graphs, None
-    eager = ours_greedy(engine, ids)
-    runner.graphs = graphs
+    graphs, prefill_graphs = runner.graphs, runner.prefill_graphs
+    runner.graphs = runner.prefill_graphs = None
+    eager, eager_mixed = ours_greedy(engine, ids), mixed_tokens()
+    runner.graphs, runner.prefill_graphs = graphs, prefill_graphs
     return {"logits_rel_err_fp16_vs_hf_fp32": rel(got), "hf_fp16_logits_rel_err_vs_hf_fp32": rel(reference_fp16),
             "greedy_token_match_64_vs_hf_fp16": (ours == expected).float().mean().item(),
             "hf_fp16_greedy_token_match_64_vs_hf_fp32": (expected == greedy_fp32).float().mean().item(),
-            "cuda_graph_decode_equals_eager": bool(torch.equal(ours, eager)), "cuda_graphs": graphs is not None}
+            "cuda_graph_decode_equals_eager": bool(torch.equal(ours, eager)),
+            "cuda_graphs_equal_eager_mixed_prompt_lengths": graphed_mixed == eager_mixed,
+            "cuda_graphs": graphs is not None, "prefill_graphs": prefill_graphs is not None}
 
 
 def commit() -> str:
