@@ -73,7 +73,7 @@ class DecodeGraphs:
         return logits[:batch]
 
 
-PREFILL_GRAPH_MAX_TOKENS = 2048      # beyond this a prefill's kernels outlast its host work: eager
+PREFILL_GRAPH_MAX_TOKENS = 4096      # the default max_num_batched_tokens; beyond, prefill runs eagerly
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
@@ -81,6 +81,8 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 class PrefillGraphs:
+    """Captures lazily, except the smallest bucket (`warm_up`, at start-up: it compiles the kernels)."""
+
     def __init__(self, forward, max_seqs: int, pad_slot: int, device: torch.device,
                  max_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
         self.forward = forward                  # (input_ids, positions, meta) -> logits of each last token
@@ -93,6 +95,10 @@ class PrefillGraphs:
         self.unused = torch.zeros(1, 1, dtype=torch.int32, device=device)   # block tables: a fresh prefill reads none
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.pool = None
+
+    def warm_up(self) -> None:
+        self.cu_seqlens[1:3].fill_(16)                          # one padding sequence of 16 tokens
+        self.graphs[16, 2] = self._capture(16, 2)
 
     def bucket(self, tokens: int, seqs: int) -> tuple[int, int] | None:
         """(padded tokens, padded sequences) for a step, or None when it is too large for a graph."""

@@ -47,6 +47,7 @@ class ModelRunner:
         self.graphs = graphs
         if use_triton(self.model.embed.weight):
             self.prefill_graphs = PrefillGraphs(eager, max_batch, self.pad_block * self.block_size, self.device)
+            self.prefill_graphs.warm_up()
 
     def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
