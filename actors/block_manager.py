@@ -31,10 +31,15 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def blocks_to_append(self, seq: Sequence, ahead: int = 0) -> int:
+        """Fresh blocks the sequence needs to hold `ahead` tokens beyond the ones it has (0 or 1 for ahead <= 1)."""
+        return max(0, -(-(len(seq) + ahead) // self.block_size) - len(seq.block_table))
+
     def can_append(self, seq: Sequence) -> bool:
         """Room for the sequence's newest token (a fresh block only when the last one is full)."""
-        return len(seq.block_table) >= seq.num_blocks(self.block_size) or self.num_free > 0
+        return self.blocks_to_append(seq) <= self.num_free
 
-    def append(self, seq: Sequence) -> None:
-        if len(seq.block_table) < seq.num_blocks(self.block_size):
+    def append(self, seq: Sequence, ahead: int = 0) -> None:
+        """Blocks for the newest token (and `ahead` more: a step launched before its input token is known)."""
+        for _ in range(self.blocks_to_append(seq, ahead)):
             seq.block_table.append(self.free_blocks.popleft())

@@ -1,5 +1,12 @@
-"""The engine loop on one process: add requests, then step = schedule -> run -> sample -> postprocess."""
+"""The engine loop on one process: add requests, then step = schedule -> run -> sample -> postprocess.
+
+Run-ahead (on by default on CUDA): while the whole running batch decodes greedily and nothing waits
+to be admitted, each step launches the *next* decode (its input tokens are this step's argmax, still
+on the GPU) before reading this step's tokens, so the host's per-step work (stop checks, the next
+plan) overlaps the GPU instead of idling it. A sequence that stops on a token it could not foresee
+(EOS) has one extra token computed and dropped; one that is aborted in between, likewise."""
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -8,7 +15,7 @@ from actors.model_runner import DONE, STEP, ModelRunner, kv_cache_block_bytes
 from actors.outputs import RequestOutput, request_outputs
 from actors.sampler import sample
 from actors.scheduler import Scheduler
-from actors.sequence import RequestError, SamplingParams, Sequence
+from actors.sequence import RequestError, SamplingParams, Sequence, SequenceStatus
 from kernels.model import CausalLM
 
 
@@ -39,6 +46,39 @@ def num_kv_blocks(model: CausalLM, config, device: torch.device) -> int:
     return blocks
 
 
+@dataclass
+class _Launched:
+    """A step whose greedy tokens are on their way to the host."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor                    # [seqs] int64 on the device
+    host: torch.Tensor                      # their pinned host copy, complete once `ready` has passed
+    ready: "torch.cuda.Event | None"
+
+    @classmethod
+    def greedy(cls, seqs: list[Sequence], logits: torch.Tensor) -> "_Launched":
+        tokens = logits.argmax(dim=-1)
+        if not tokens.is_cuda:
+            return cls(seqs, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(seqs, tokens, host, ready)
+
+    def wait(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+def _gpu_greedy(seq: Sequence, ahead: int = 0) -> bool:
+    """Whether the sequence's token `ahead` steps from now is a plain argmax of the logits (no
+    penalty, no min_new_tokens mask: the sampler's host-side work)."""
+    p = seq.params
+    masked = p.stop_token_ids and seq.num_output_tokens + ahead < p.min_new_tokens
+    return p.greedy and p.repetition_penalty == 1.0 and not masked
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model replica.
 
@@ -62,6 +102,8 @@ class LLMEngine:
                              "(or cpu_kv_cache_bytes / gpu_memory_utilization)") from None
         if device.type == "cuda" and config.enable_cuda_graph is not False:
             self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len)
+        self.run_ahead = device.type == "cuda" if config.run_ahead is None else config.run_ahead
+        self._ahead: _Launched | None = None     # the decode step launched ahead, tokens not read yet
 
     def check_prompt(self, prompt_token_ids: list[int], max_new_tokens: int = 0) -> None:
         if not prompt_token_ids:
@@ -96,15 +138,46 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """One forward of the scheduled batch; returns the sequences it advanced."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return []
-        tokens = sample(self.runner.run(seqs, is_prefill), seqs)
+        """One forward of the scheduled batch (or the step launched ahead last time); returns the
+        sequences it advanced."""
+        launched, self._ahead = self._ahead, None
+        if launched is not None and all(s.is_finished for s in launched.seqs):
+            launched = None                      # every sequence ended meanwhile: nothing to read
+        if launched is None:
+            seqs, is_prefill = self.scheduler.schedule()
+            if not seqs:
+                return []
+            if not (self.run_ahead and all(_gpu_greedy(s) for s in seqs)):
+                return self._advance(seqs, sample(self.runner.run(seqs, is_prefill), seqs))
+            launched = _Launched.greedy(seqs, self.runner.run(seqs, is_prefill))
+        if self._can_run_ahead(launched.seqs):
+            for seq in launched.seqs:
+                self.block_manager.append(seq, ahead=1)
+            self._ahead = _Launched.greedy(launched.seqs, self.runner.run_ahead(launched.seqs, launched.tokens))
+        return self._advance(launched.seqs, launched.wait())
+
+    def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether the step after `seqs`' (in flight) may be launched now: the same batch, all of it
+        running, greedy on the GPU and sure to need that step (none at max_new_tokens), nothing waiting
+        to be admitted, and a free block for each sequence that needs one."""
+        if not self.run_ahead or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+            return False
+        if not all(s.status == SequenceStatus.RUNNING and _gpu_greedy(s, 1) and
+                   s.num_output_tokens + 1 < s.params.max_new_tokens for s in seqs):
+            return False
+        return sum(self.block_manager.blocks_to_append(s, ahead=1) for s in seqs) <= self.block_manager.num_free
+
+    def _advance(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """Append each sequence's new token and check its stop; sequences ended meanwhile (aborted, or
+        stopped the step before one launched ahead) take none."""
+        advanced = []
         for seq, token in zip(seqs, tokens):
+            if seq.is_finished:
+                continue
             seq.append(token)
             self._check_stop(seq, token)
-        return seqs
+            advanced.append(seq)
+        return advanced
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -50,7 +50,12 @@ class ModelRunner:
             self.prefill_graphs.warm_up()
 
     def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        """On the device, without waiting for the GPU: staged through pinned memory (a plain copy from
+        pageable memory would synchronise the stream, and a step launched ahead would wait)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -75,14 +80,16 @@ class ModelRunner:
             fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs))
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
 
-    def prepare_decode(self, seqs: list[Sequence]):
-        """The newest token of each sequence; returns (input_ids, positions, meta)."""
+    def prepare_decode(self, seqs: list[Sequence], ahead: int = 0):
+        """The newest token of each sequence; returns (input_ids, positions, meta). With `ahead=1`, the
+        token after it (launched before it is known: the caller supplies input_ids)."""
+        last = [len(s) - 1 + ahead for s in seqs]
         meta = AttentionMetadata(
-            slot_mapping=self._tensor([self._slot(s, len(s) - 1) for s in seqs], torch.int64),
-            block_tables=self._block_tables(seqs), context_lens=self._tensor([len(s) for s in seqs]),
+            slot_mapping=self._tensor([self._slot(s, p) for s, p in zip(seqs, last)], torch.int64),
+            block_tables=self._block_tables(seqs), context_lens=self._tensor([p + 1 for p in last]),
             cu_seqlens_q=self._tensor(list(range(len(seqs) + 1))), max_query_len=1)
-        input_ids = self._tensor([s.token_ids[-1] for s in seqs], torch.int64)
-        positions = self._tensor([len(s) - 1 + s.position_offset for s in seqs], torch.int64)
+        input_ids = None if ahead else self._tensor([s.token_ids[-1] for s in seqs], torch.int64)
+        positions = self._tensor([p + s.position_offset for s, p in zip(seqs, last)], torch.int64)
         return input_ids, positions, meta
 
     @torch.inference_mode()
@@ -94,6 +101,17 @@ class ModelRunner:
         for seq in seqs:
             seq.num_cached_tokens = len(seq)
         return self._forward(input_ids, positions, meta, all_logits)
+
+    @torch.inference_mode()
+    def run_ahead(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [seqs, vocab] of the decode step after the one in flight, whose tokens `input_ids`
+        (on the device) are not on the host yet; their blocks must be appended already."""
+        _, positions, meta = self.prepare_decode(seqs, ahead=1)
+        if self.tp.size > 1:
+            self._send_plan(input_ids, positions, meta, False)
+        for seq in seqs:
+            seq.num_cached_tokens = len(seq) + 1
+        return self._forward(input_ids, positions, meta, False)
 
     def _forward(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
         if self.graphs is not None and meta.is_decode and self.graphs.fits(*meta.block_tables.shape):

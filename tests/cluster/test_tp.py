@@ -36,7 +36,8 @@ def free_cpus_settle(expected: float = 4.0, timeout: float = 20.0) -> float:
 def test_tp_matches_tp1_and_hf(family, tp_size):
     hf = tiny_model(family)
     tp1 = rayspeed.init_inference(hf, **TP)
-    engine = rayspeed.init_inference(hf, tensor_parallel={"tp_size": tp_size}, **TP)
+    # at tp_size 2, rank 0 launches greedy decode steps ahead: followers get input tokens still on its device
+    engine = rayspeed.init_inference(hf, tensor_parallel={"tp_size": tp_size}, run_ahead=tp_size == 2, **TP)
     try:
         ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
@@ -49,6 +50,9 @@ def test_tp_matches_tp1_and_hf(family, tp_size):
         kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24)
         assert torch.equal(engine.module.generate(ids, **kwargs), tp1.module.generate(ids, **kwargs))
         prompts = [[1, 2, 3], list(range(50, 90))]
+        greedy = dict(max_new_tokens=12, ignore_eos=True)
+        assert [o.outputs[0].token_ids for o in engine.generate(prompts, **greedy)] == \
+               [o.outputs[0].token_ids for o in tp1.generate(prompts, **greedy)]
         sampled = dict(max_new_tokens=12, do_sample=True, temperature=1.3, seed=5, ignore_eos=True)
         assert [o.outputs[0].token_ids for o in engine.generate(prompts, **sampled)] == \
                [o.outputs[0].token_ids for o in tp1.generate(prompts, **sampled)]

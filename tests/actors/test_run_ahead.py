@@ -1,0 +1,89 @@
+"""Run-ahead decoding (the next greedy step launched before this one's tokens are read) gives exactly
+the tokens, stops and block accounting of lockstep decoding, on CPU where the same logic runs
+synchronously."""
+import pytest
+import torch
+
+import rayspeed
+from actors.sequence import SamplingParams
+from tests.helpers import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_model("gpt_neo")
+
+
+def engine(hf, run_ahead: bool, **config):
+    e = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, tokenizer=byte_tokenizer(),
+                                run_ahead=run_ahead, **config).backend
+    calls = []
+    launch = e.runner.run_ahead
+    e.runner.run_ahead = lambda seqs, ids: calls.append(len(seqs)) or launch(seqs, ids)
+    return e, calls
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def tokens(outputs) -> list[tuple]:
+    return [(c.token_ids, c.finish_reason) for o in outputs for c in o.outputs]
+
+
+def test_same_tokens_and_stops_as_lockstep(hf):
+    """Different lengths, a stop token met mid-batch (its extra token dropped), min_new_tokens."""
+    ps = prompts(6, seed=4)
+    lockstep, _ = engine(hf, False)
+    free = lockstep.generate(ps, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    stop = free[2].outputs[0].token_ids[5]
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=(stop,), min_new_tokens=m)
+              for n, m in zip((20, 3, 20, 11, 17, 20), (0, 0, 0, 4, 0, 8))]
+    expected = lockstep.generate(ps, params)
+    ahead, calls = engine(hf, True)
+    assert tokens(ahead.generate(ps, params)) == tokens(expected)
+    assert any(o.outputs[0].finish_reason == "stop" for o in expected)
+    assert sum(calls) > 0
+    assert ahead.block_manager.num_free == ahead.block_manager.num_blocks and not ahead.scheduler.has_work()
+
+
+def test_abort_between_steps_drops_the_launched_token(hf):
+    ps = prompts(3, seed=5)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    runs = []
+    for run_ahead in (False, True):
+        e, calls = engine(hf, run_ahead)
+        seqs = [e.add_request(p, params) for p in ps]
+        for _ in range(4):
+            e.step()
+        e.abort(seqs[1])
+        while e.scheduler.has_work():
+            e.step()
+        runs.append([(s.output_token_ids, s.finish_reason) for s in seqs])
+        assert e.block_manager.num_free == e.block_manager.num_blocks
+    assert runs[0] == runs[1] and runs[1][1][1] == "abort"
+    assert len(runs[1][1][0]) < 16 and calls
+
+
+def test_kv_cache_pressure_and_admissions_fall_back_to_lockstep(hf):
+    """More requests than the batch holds: admissions and preemptions stop run-ahead for a step,
+    results stay those of a roomy lockstep engine."""
+    ps = prompts(10, seed=6)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    roomy, _ = engine(hf, False)
+    tight, calls = engine(hf, True, kv_cache_blocks=8, block_size=8, max_num_seqs=4, max_out_tokens=64)
+    assert tokens(tight.generate(ps, params)) == tokens(roomy.generate(ps, params))
+    assert calls and tight.block_manager.num_free == 8
+
+
+def test_sampling_in_the_batch_keeps_lockstep(hf):
+    ps = prompts(3, seed=7)
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True),
+              SamplingParams(max_new_tokens=8, ignore_eos=True, do_sample=True, seed=3),
+              SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3)]
+    lockstep, _ = engine(hf, False)
+    ahead, calls = engine(hf, True)
+    assert tokens(ahead.generate(ps, params)) == tokens(lockstep.generate(ps, params))
+    assert calls == []
