@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one device call (about 9 minutes on 2 H100s; on one GPU
-# the Llama and multi-GPU parts are skipped). From the repo root, with .whl, .whl-ray and .commit
-# carried, and the anchors copied to .anchors/:
-#   bash bench/gpu_all.sh            results and logs land in $OUT (then commit them to bench/results)
+# Every GPU measurement of the project, in one or two device calls. From the repo root, with .whl,
+# .whl-ray and .commit carried and the anchors copied to .anchors/:
+#   bash bench/gpu_all.sh [single|multi|all]     results and logs land in $OUT (commit them to bench/results)
+# single: GPT-Neo 2.7B (fp16, int8, int4, 256 requests in flight) and, given a second GPU, the Llama-2-7B
+#         shape (fp16, bf16, int8) at the same time, then the compiled-torch anchors beside them (~5 min);
+# multi:  (2 GPUs) TP=2 over NCCL for both models, then the Serve app with one TP=2 replica (~5 min).
 # Each step has its own time limit, so a slow step costs its own results only.
 . bench/gpu_setup.sh || exit 1
 export RAYSPEED_COMMIT=$(cat .commit 2>/dev/null || echo unknown) ANCHOR_BATCHES=1,8,32
+phase=${1:-all}
 out=${OUT:-bench/results}; mkdir -p "$out"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 run() { local limit=$1 log=$2; shift 2; timeout "$limit" "$@" > "$out/$log.log" 2>&1; echo "$log: exit $?"; }
 
-run 300 neo env CUDA_VISIBLE_DEVICES=0 python3 bench/decode.py --model neo --dtypes float16,int8,int4 \
-    --batches 1,8,32 --concurrent 256 --out "$out" &
-if [ "$gpus" -ge 2 ]; then
-  run 300 llama env CUDA_VISIBLE_DEVICES=1 python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
-      --batches 1,8,32 --out "$out" &
+if [ "$phase" != multi ]; then
+  run 300 neo env CUDA_VISIBLE_DEVICES=0 python3 bench/decode.py --model neo --dtypes float16,int8,int4 \
+      --batches 1,8,32 --concurrent 256 --out "$out" &
+  if [ "$gpus" -ge 2 ]; then
+    run 300 llama env CUDA_VISIBLE_DEVICES=1 python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
+        --batches 1,8,32 --out "$out" &
+  fi
+  wait
+  run 150 anchor-neo env CUDA_VISIBLE_DEVICES=0 python3 .anchors/anchor_compiled.py neo fp16 int8 &
+  if [ "$gpus" -ge 2 ]; then
+    run 150 anchor-llama env CUDA_VISIBLE_DEVICES=1 python3 .anchors/anchor_compiled.py llama fp16 &
+  fi
+  wait
 fi
-wait
-run 120 anchor env CUDA_VISIBLE_DEVICES=0 python3 .anchors/anchor_compiled.py neo fp16
-if [ "$gpus" -ge 2 ]; then
-  run 150 tp python3 bench/tp_bench.py --models neo,llama --out "$out"
-  run 150 serve python3 bench/serve_gpu.py --out "$out"
+if [ "$phase" != single ] && [ "$gpus" -ge 2 ]; then
+  run 180 tp python3 bench/tp_bench.py --models neo,llama --out "$out"
+  run 330 serve python3 bench/serve_gpu.py --out "$out"
 fi
-for log in neo llama anchor tp serve; do
+for log in neo llama anchor-neo anchor-llama tp serve; do
   [ -f "$out/$log.log" ] && { echo "== $log"; grep -v "loading weights\|Warning" "$out/$log.log" | tail -n 6 | cut -c1-400; }
 done
