@@ -228,10 +228,14 @@ def main() -> None:
             row[f"concurrent_{args.concurrent}_tok_s"] = concurrent_tok_s(engine, vocab, args.concurrent)
         result["variants"][dtype] = row
         print(dtype, json.dumps({k: v for k, v in row.items() if k != "batches"}), flush=True)
+        save(result, args)                      # after each variant: a run cut short keeps what it measured
         if engine is not reference:
             engine.shutdown()
             del engine
         torch.cuda.empty_cache()
+
+
+def save(result: dict, args) -> None:
     fp16 = result["variants"].get("float16", {}).get("block_linear_gb")
     for dtype, row in result["variants"].items():
         if fp16:
