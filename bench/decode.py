@@ -127,10 +127,13 @@ def correctness(hf, engine, vocab: int) -> dict:
 
 
 def commit() -> str:
+    """$RAYSPEED_COMMIT when set (device runs: their copy of .git, if any, may be stale), else git's HEAD."""
+    if os.environ.get("RAYSPEED_COMMIT"):
+        return os.environ["RAYSPEED_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
-        return os.environ.get("RAYSPEED_COMMIT", "unknown")
+        return "unknown"
 
 
 def block_linear_bytes(engine) -> int:
