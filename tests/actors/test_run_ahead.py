@@ -1,6 +1,9 @@
 """Run-ahead decoding (the next greedy step launched before this one's tokens are read) gives exactly
 the tokens, stops and block accounting of lockstep decoding, on CPU where the same logic runs
 synchronously."""
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -87,3 +90,44 @@ def test_sampling_in_the_batch_keeps_lockstep(hf):
     ahead, calls = engine(hf, True)
     assert tokens(ahead.generate(ps, params)) == tokens(lockstep.generate(ps, params))
     assert calls == []
+
+
+def test_engine_loop_streams_cancels_and_admits_with_run_ahead(hf):
+    """Through `EngineLoop` (the Serve replica's engine thread): requests arriving while others
+    decode, a stream closed after three deltas; every answer equals lockstep, every block returns."""
+    from actors.engine_loop import EngineLoop
+
+    ps = prompts(5, seed=8)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    lockstep, _ = engine(hf, False)
+    expected = [o.outputs[0].token_ids for o in lockstep.generate(ps, params)]
+    ahead, calls = engine(hf, True)
+    loop = EngineLoop(ahead)
+
+    async def streamed(prompt):
+        return [t async for delta in loop.stream(prompt, params) for t in delta.token_ids]
+
+    async def closed_early(prompt):
+        stream = loop.stream(prompt, params)
+        for _ in range(3):
+            await anext(stream)
+        await stream.aclose()                                      # the client went away: abort
+
+    async def main():
+        first = [asyncio.create_task(streamed(p)) for p in ps[:3]]
+        await asyncio.sleep(0.05)                                  # the others join a running batch
+        cancelled = asyncio.create_task(closed_early(ps[4]))
+        late = await loop.generate([ps[3]], params)
+        await cancelled
+        return [await t for t in first] + [late[0].outputs[0].token_ids]
+
+    try:
+        got = asyncio.run(main())
+        assert got == expected[:4] and calls
+        deadline = time.monotonic() + 10                          # the abort lands at the next step boundary
+        while ahead.block_manager.num_free != ahead.block_manager.num_blocks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ahead.block_manager.num_free == ahead.block_manager.num_blocks
+    finally:
+        loop.shutdown()
+
