@@ -17,7 +17,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.attention import prefill_attention_sdpa, prefill_attention_triton  # noqa: E402
+from kernels.prefill_attention import prefill_attention_sdpa, prefill_attention_triton  # noqa: E402
 
 CASES = [  # (name, heads, head_dim, window, batch, length)
     ("neo.global", 32, 80, None, 1, 512), ("neo.local", 32, 80, 256, 1, 512), ("neo.global", 32, 80, None, 32, 32),

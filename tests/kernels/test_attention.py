@@ -3,7 +3,7 @@ kernel against the reference, and the CPU dispatch rule."""
 import pytest
 import torch
 
-from kernels import attention
+from kernels import attention, prefill_attention
 from kernels.attention import AttentionMetadata, paged_attention_torch, store_kv
 from kernels.dispatch import use_triton
 
@@ -183,14 +183,12 @@ PREFILL_CASES = [(None, False, 4), (5, False, 2), (None, True, 4), (7, True, 1),
 
 @pytest.mark.parametrize("window, alibi, kv_heads", PREFILL_CASES)
 def test_fresh_prefill_sdpa_matches_the_paged_reference(window, alibi, kv_heads):
-    from kernels.attention import prefill_attention_sdpa
-
     lens = [9, 1, 20]
     q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, kv_heads)
     slopes = _alibi(4) if alibi else None
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
                                      window, slopes)
-    got = prefill_attention_sdpa(q, k, v, cu.tolist(), 0.3, window, slopes)
+    got = prefill_attention.prefill_attention_sdpa(q, k, v, cu.tolist(), 0.3, window, slopes)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -205,12 +203,13 @@ def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, 
     slopes = _alibi(4) if alibi else None
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
                                      window, slopes)
-    got = attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes)
+    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got, expected, **TOL[dtype])
     k_stored, v_stored, k_ref, v_ref = (torch.full_like(k_cache, 7.0) for _ in range(4))
     store_kv(k, v, k_ref, v_ref, slots)
-    again = attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes, k_stored, v_stored, slots)
+    again = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes,
+                                                       k_stored, v_stored, slots)
     assert torch.equal(again, got)
     assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
 
@@ -220,7 +219,7 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
     lens = [33, 5]
     q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, 2, dim=80)
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 1.0)
-    got = attention.prefill_attention_triton(q, k, v, cu, max(lens), 1.0)
+    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 1.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,151 @@
+"""Causal attention of fresh prompts (nothing cached): a varlen Triton flash-attention kernel, all
+sequences of a step in one launch, that also writes the new keys/values to the paged cache; and the
+same through torch SDPA, one call per sequence, kept to time against it (bench/attention_sweep.py).
+Masking as in kernels/attention.py (causal, optional local window, optional ALiBi); scores fp32."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+                    q_token_stride, q_head_stride, k_token_stride, v_token_stride, out_token_stride,
+                    cache_block_stride, cache_row_stride, group, head_dim, scale, window,
+                    USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, STORE_KV: tl.constexpr,
+                    CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (query block, head, sequence) of a fresh prefill: flash attention (online softmax over
+    key blocks of BLOCK_M) of the sequence's queries over its own keys, causal and, with USE_WINDOW,
+    local. Query and key positions are their indices in the sequence (no cached prefix).
+    With STORE_KV, the program of each KV head's first query head also writes the key block on its
+    diagonal (the last it visits, and no other program of that head's block row visits it as diagonal)
+    to the cache slots `slots` gives: `store_kv` without a kernel of its own."""
+    m_block, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    length = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
+    if m_block * BLOCK_M >= length:
+        return
+    kv_head = head // group
+    q_pos = m_block * BLOCK_M + tl.arange(0, BLOCK_M)                    # [BLOCK_M]
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    q_rows = (start + q_pos)[:, None]
+    q = tl.load(q_ptr + q_rows * q_token_stride + head * q_head_stride + d[None, :],
+                mask=(q_pos < length)[:, None] & d_mask[None, :], other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + head).to(tl.float32)
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)      # finite: a row whose first block is all masked stays NaN-free
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(m_block * BLOCK_M - window + 1, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum((m_block + 1) * BLOCK_M, length)
+    for n in range(lo, hi, BLOCK_M):
+        k_pos = n + tl.arange(0, BLOCK_M)                                  # [BLOCK_M]
+        kv_rows = (start + k_pos)[:, None]
+        kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale                         # [BLOCK_M, BLOCK_M]
+        rel = k_pos[None, :] - q_pos[:, None]                              # key - query, <= 0 where visible
+        if HAS_ALIBI:
+            scores += slope * rel.to(tl.float32)
+        visible = (rel <= 0) & (k_pos < length)[None, :]
+        if USE_WINDOW:
+            visible &= rel > -window
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        if STORE_KV:
+            if (n == m_block * BLOCK_M) & (head % group == 0):
+                slot = tl.load(slots_ptr + start + k_pos, mask=k_pos < length, other=0)
+                row_offs = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
+                cache_offs = row_offs[:, None] + kv_head * head_dim + d[None, :]
+                tl.store(k_cache_ptr + cache_offs, k, mask=kv_mask)
+                tl.store(v_cache_ptr + cache_offs, v, mask=kv_mask)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 only in rows past the sequence (not stored)
+    tl.store(out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(q_pos < length)[:, None] & d_mask[None, :])
+
+
+def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             max_len: int, scale: float, window: int | None = None,
+                             alibi_slopes: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
+                             v_cache: torch.Tensor | None = None,
+                             slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of prompts with no cached prefix, from this step's k, v (not the cache): all
+    sequences of the batch in one launch. q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads,
+    head_dim] (strided views of the fused QKV output are fine); cu_seqlens: [seqs + 1] on q's device;
+    max_len: the longest sequence. Same result as `paged_attention_torch` over a cache holding k, v.
+    Given the caches and `slot_mapping` [tokens], it also writes k, v there (`store_kv` included)."""
+    tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape == v.shape == (tokens, num_kv_heads, head_dim), \
+        f"k, v must be [{tokens}, kv_heads, {head_dim}], got {tuple(k.shape)}, {tuple(v.shape)}"
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == head_dim, \
+        "q, k, v must be contiguous per head"
+    assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} not a multiple of kv heads {num_kv_heads}"
+    assert head_dim <= 256, f"head_dim up to 256 supported, got {head_dim}"
+    assert cu_seqlens.device == q.device and cu_seqlens.dim() == 1, "cu_seqlens: [seqs + 1] on q's device"
+    assert window is None or window >= 1, f"window must be >= 1, got {window}"
+    if alibi_slopes is not None:
+        assert alibi_slopes.shape == (num_heads,) and alibi_slopes.device == q.device, f"alibi_slopes: [{num_heads}]"
+    store = k_cache is not None
+    if store:
+        assert v_cache is not None and slot_mapping is not None, "k_cache needs v_cache and slot_mapping"
+        assert k_cache.shape == v_cache.shape and k_cache.is_contiguous() and v_cache.is_contiguous(), \
+            "k_cache, v_cache: contiguous, same shape"
+        assert k_cache.shape[2:] == (num_kv_heads, head_dim) and k_cache.dtype == k.dtype, \
+            f"cache rows {tuple(k_cache.shape[2:])} {k_cache.dtype} do not hold k {(num_kv_heads, head_dim)} {k.dtype}"
+        assert slot_mapping.shape == (tokens,), f"slot_mapping must be [{tokens}]"
+    out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = cu_seqlens.numel() - 1
+    if tokens == 0 or num_seqs == 0:
+        return out
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    block = 64 if block_d <= 128 else 32          # keeps q, k and the accumulator within registers/shared memory
+    grid = (triton.cdiv(max_len, block), num_heads, num_seqs)
+    _prefill_kernel[grid](q, k, v, cu_seqlens, q if alibi_slopes is None else alibi_slopes, out,
+                          k_cache if store else q, v_cache if store else q, slot_mapping if store else cu_seqlens,
+                          q.stride(0), q.stride(1), k.stride(0), v.stride(0), out.stride(0),
+                          k_cache.stride(0) if store else 0, k_cache.stride(1) if store else 0,
+                          num_heads // num_kv_heads, head_dim, scale, window or 0,
+                          USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
+                          IEEE=q.dtype == torch.float32, STORE_KV=store,
+                          CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_D=block_d)
+    return out
+
+
+def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                           scale: float, window: int | None = None,
+                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """`prefill_attention_triton` through torch SDPA, one call per sequence: flash attention when there
+    is no mask (no ALiBi, no window shorter than the sequence), else SDPA's masked kernels.
+    Kept to time against the Triton kernel (bench/attention_sweep.py); cu_seqlens on the host."""
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    for start, end in zip(cu_seqlens, cu_seqlens[1:]):
+        # [1, heads, len, head_dim]: SDPA's fused kernels take 4-D inputs only (3-D falls back to math)
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        mask = None
+        if alibi_slopes is not None or (window is not None and window < end - start):
+            pos = torch.arange(end - start, device=q.device)
+            rel = pos[None, :] - pos[:, None]                                # [len, len]: key - query
+            visible = (rel <= 0) & ((rel > -window) if window is not None else True)
+            mask = torch.zeros(rel.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+            if alibi_slopes is not None:
+                mask = mask + (alibi_slopes[:, None, None] * rel).to(q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                                             scale=scale, enable_gqa=gqa)
+        out[start:end] = o[0].transpose(0, 1)
+    return out
