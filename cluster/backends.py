@@ -79,6 +79,7 @@ def _join_launched_group(config: InferenceConfig) -> tuple[TensorParallel, torch
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method="env://",
                                 timeout=timedelta(seconds=config.rendezvous_timeout_s))
+        atexit.register(_leave_group)          # ours to tear down, before the interpreter's own teardown
     if dist.get_world_size() != config.tp_size:
         raise ConfigError(f"tensor_parallel.tp_size={config.tp_size} but the launched world has "
                           f"{dist.get_world_size()} processes")
@@ -87,6 +88,14 @@ def _join_launched_group(config: InferenceConfig) -> tuple[TensorParallel, torch
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device
+
+
+def _leave_group() -> None:
+    """Destroy the process group this module started. Left to interpreter shutdown, its threads
+    can be torn down out of order ("terminate called without an active exception": the rank aborts
+    and loses its buffered stdout)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def auto_tp(model, config: InferenceConfig) -> torch.nn.Module:
