@@ -33,7 +33,8 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
 
 
 def test_prefill_graph_logits_equal_eager_logits():
-    """The padded graph replay returns each prompt's last-token logits exactly as the eager forward."""
+    """The padded graph replay returns each prompt's last-token logits as the eager forward does (to
+    rounding: cuBLAS may pick another algorithm for the padded row count)."""
     _, engine = generate(tiny_model("gpt_neo"))
     runner = engine.runner
     seqs = [Sequence(p, SamplingParams()) for p in PROMPTS]
@@ -43,7 +44,7 @@ def test_prefill_graph_logits_equal_eager_logits():
         ids, positions, meta = runner.prepare_prefill(seqs)
         graphed = runner.prefill_graphs.run(ids, positions, meta).clone()
         eager = runner._eager(ids, positions, meta, False)
-        assert torch.equal(graphed, eager)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
     finally:
         for seq in seqs:
             engine.block_manager.deallocate(seq)
