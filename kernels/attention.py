@@ -206,7 +206,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
               meta: AttentionMetadata, scale: float, window: int | None = None,
               alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Write this step's k, v [tokens, kv_heads, head_dim] to the cache and attend: on CUDA a decode
-    step or a fresh prefill does both in one kernel; otherwise `store_kv` then `paged_attention`."""
+    step or a fresh prefill does both in one kernel; otherwise (CPU, or Triton disabled) `store_kv`
+    then the torch reference."""
     if use_triton(q) and meta.is_decode:
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                              window, alibi_slopes, k, v, meta.slot_mapping)
@@ -214,18 +215,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         return prefill_attention_triton(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale, window, alibi_slopes,
                                         k_cache, v_cache, meta.slot_mapping)
     store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    return paged_attention(q, k_cache, v_cache, meta, scale, window, alibi_slopes, k, v)
-
-
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                    window: int | None = None, alibi_slopes: torch.Tensor | None = None,
-                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of this step's queries over the cache (which already holds this step's keys).
-    On CUDA, a fresh prefill attends from this step's `k`, `v` in one varlen kernel instead."""
-    if use_triton(q) and meta.fresh_prefill and k is not None:
-        return prefill_attention_triton(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale, window, alibi_slopes)
-    if use_triton(q) and meta.is_decode:
-        return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                             scale, window, alibi_slopes)
-    return paged_attention_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                 meta.cu_seqlens_q, scale, window, alibi_slopes)
+    return paged_attention_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+                                 scale, window, alibi_slopes)

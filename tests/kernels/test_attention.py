@@ -146,14 +146,17 @@ def test_dispatch_uses_torch_on_cpu(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("Triton path taken for a CPU tensor")
     monkeypatch.setattr(attention, "paged_decode_attention_triton", fail)
+    monkeypatch.setattr(attention, "prefill_attention_triton", fail)
     q, k_cache, v_cache, tables, context_lens = _decode_case(torch.float32)
     num_seqs = len(context_lens)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(num_seqs, dtype=torch.int64), block_tables=tables,
-                             context_lens=context_lens, cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32),
-                             max_query_len=1)
+    slots = _slots(tables, [torch.tensor([c - 1]) for c in context_lens.tolist()], BLOCK_SIZE)
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=context_lens,
+                             cu_seqlens_q=torch.arange(num_seqs + 1, dtype=torch.int32), max_query_len=1)
     assert meta.is_decode and not use_triton(q)
-    out = attention.paged_attention(q, k_cache, v_cache, meta, 0.2)
-    ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, meta.cu_seqlens_q, 0.2)
+    k_new, v_new = torch.randn(2, num_seqs, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    out = attention.attention(q, k_new, v_new, k_cache, v_cache, meta, 0.2)
+    ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, meta.cu_seqlens_q, 0.2)   # stored
+    assert torch.equal(k_cache.view(-1, KV_HEADS, HEAD_DIM)[slots], k_new)
     assert torch.equal(out, ref)
 
 
