@@ -13,7 +13,7 @@ import torch
 from actors.block_manager import BlockManager
 from actors.model_runner import DONE, STEP, ModelRunner, kv_cache_block_bytes
 from actors.outputs import RequestOutput, request_outputs
-from actors.sampler import sample
+from actors.sampler import is_plain_argmax, sample
 from actors.scheduler import Scheduler
 from actors.sequence import RequestError, SamplingParams, Sequence, SequenceStatus
 from kernels.model import CausalLM
@@ -69,14 +69,6 @@ class _Launched:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
-
-
-def _gpu_greedy(seq: Sequence, ahead: int = 0) -> bool:
-    """Whether the sequence's token `ahead` steps from now is a plain argmax of the logits (no
-    penalty, no min_new_tokens mask: the sampler's host-side work)."""
-    p = seq.params
-    masked = p.stop_token_ids and seq.num_output_tokens + ahead < p.min_new_tokens
-    return p.greedy and p.repetition_penalty == 1.0 and not masked
 
 
 class LLMEngine:
@@ -147,7 +139,7 @@ class LLMEngine:
             seqs, is_prefill = self.scheduler.schedule()
             if not seqs:
                 return []
-            if not (self.run_ahead and all(_gpu_greedy(s) for s in seqs)):
+            if not (self.run_ahead and all(is_plain_argmax(s) for s in seqs)):
                 return self._advance(seqs, sample(self.runner.run(seqs, is_prefill), seqs))
             launched = _Launched.greedy(seqs, self.runner.run(seqs, is_prefill))
         if self._can_run_ahead(launched.seqs):
@@ -162,7 +154,7 @@ class LLMEngine:
         to be admitted, and a free block for each sequence that needs one."""
         if not self.run_ahead or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
             return False
-        if not all(s.status == SequenceStatus.RUNNING and _gpu_greedy(s, 1) and
+        if not all(s.status == SequenceStatus.RUNNING and is_plain_argmax(s, 1) and
                    s.num_output_tokens + 1 < s.params.max_new_tokens for s in seqs):
             return False
         return sum(self.block_manager.blocks_to_append(s, ahead=1) for s in seqs) <= self.block_manager.num_free

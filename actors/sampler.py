@@ -8,6 +8,18 @@ import torch
 from actors.sequence import Sequence
 
 
+def stops_masked(seq: Sequence, ahead: int = 0) -> bool:
+    """Whether the stop tokens are masked for the sequence's token `ahead` steps from now (min_new_tokens)."""
+    return bool(seq.params.stop_token_ids) and seq.num_output_tokens + ahead < seq.params.min_new_tokens
+
+
+def is_plain_argmax(seq: Sequence, ahead: int = 0) -> bool:
+    """Whether `sample` picks the sequence's token `ahead` steps from now as the bare argmax of its
+    logits (greedy, no penalty, no stop mask): a choice the GPU makes without the host."""
+    p = seq.params
+    return p.greedy and p.repetition_penalty == 1.0 and not stops_masked(seq, ahead)
+
+
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -16,7 +28,7 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             scores = logits[row, seen]
             logits[row, seen] = torch.where(scores > 0, scores / p.repetition_penalty,
                                             scores * p.repetition_penalty)
-        if seq.num_output_tokens < p.min_new_tokens and p.stop_token_ids:
+        if stops_masked(seq):
             logits[row, list(p.stop_token_ids)] = float("-inf")
 
 
