@@ -96,22 +96,23 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
         """Logits of each sequence's last token [seqs, vocab], or of every new token when `all_logits`."""
         input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
-        if self.tp.size > 1:
-            self._send_plan(input_ids, positions, meta, all_logits)
-        for seq in seqs:
-            seq.num_cached_tokens = len(seq)
-        return self._forward(input_ids, positions, meta, all_logits)
+        return self._launch(seqs, 0, input_ids, positions, meta, all_logits)
 
     @torch.inference_mode()
     def run_ahead(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [seqs, vocab] of the decode step after the one in flight, whose tokens `input_ids`
         (on the device) are not on the host yet; their blocks must be appended already."""
         _, positions, meta = self.prepare_decode(seqs, ahead=1)
+        return self._launch(seqs, 1, input_ids, positions, meta, False)
+
+    def _launch(self, seqs: list[Sequence], ahead: int, input_ids, positions, meta: AttentionMetadata,
+                all_logits: bool) -> torch.Tensor:
+        """Send the plan to the TP followers, count the step's tokens as cached, run it."""
         if self.tp.size > 1:
-            self._send_plan(input_ids, positions, meta, False)
+            self._send_plan(input_ids, positions, meta, all_logits)
         for seq in seqs:
-            seq.num_cached_tokens = len(seq) + 1
-        return self._forward(input_ids, positions, meta, False)
+            seq.num_cached_tokens = len(seq) + ahead
+        return self._forward(input_ids, positions, meta, all_logits)
 
     def _forward(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
         if self.graphs is not None and meta.is_decode and self.graphs.fits(*meta.block_tables.shape):
