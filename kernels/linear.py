@@ -88,10 +88,11 @@ def default_weight_loader(param: torch.Tensor, full: torch.Tensor, shard_id=None
     copy_checked(param, full)
 
 
-def _param(*shape: int, dtype: torch.dtype, loader, tp_dim: int | None = None) -> nn.Parameter:
-    """An uninitialised parameter with its loader; `tp_dim` is the dimension split across ranks
-    (None: replicated), which is what sharded checkpoints need to know."""
-    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+def _param(*shape: int, dtype: torch.dtype, loader, tp_dim: int | None = None,
+           data: torch.Tensor | None = None) -> nn.Parameter:
+    """An uninitialised parameter (or one over `data`) with its loader; `tp_dim` is the dimension split
+    across ranks (None: replicated), which is what sharded checkpoints need to know."""
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype) if data is None else data, requires_grad=False)
     p.weight_loader = loader
     p.tp_dim = tp_dim
     return p

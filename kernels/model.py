@@ -47,17 +47,12 @@ def _embedding(rows: int, width: int, dtype: torch.dtype) -> nn.Embedding:
     return embed
 
 
-def _replicated(*shape: int, dtype: torch.dtype, present: bool = True) -> nn.Parameter | None:
-    return _param(*shape, dtype=dtype, loader=default_weight_loader) if present else None
-
-
-def _lm_head_part(rows: int, *shape: int, dtype: torch.dtype, present: bool) -> nn.Parameter | None:
-    """The LM head's weight [vocab, width] or bias [vocab], in padded storage."""
+def _replicated(*shape: int, dtype: torch.dtype, present: bool = True, padded: bool = False) -> nn.Parameter | None:
+    """A parameter every rank holds whole; `padded`: in `_padded_rows` storage (the LM head's weight, bias)."""
     if not present:
         return None
-    p = nn.Parameter(_padded_rows(rows, *shape, dtype=dtype), requires_grad=False)
-    p.weight_loader, p.tp_dim = default_weight_loader, None
-    return p
+    return _param(*shape, dtype=dtype, loader=default_weight_loader,
+                  data=_padded_rows(*shape, dtype=dtype) if padded else None)
 
 
 class CausalLM(nn.Module):
@@ -80,8 +75,9 @@ class CausalLM(nn.Module):
         rotary = Rotary(spec) if spec.positional == "rotary" else None
         self.layers = nn.ModuleList(DecoderBlock(spec, i, tp, dtype, rotary, quant) for i in range(spec.num_layers))
         self.norm = Norm(spec, dtype) if spec.final_norm else None
-        self.lm_head = _lm_head_part(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings)
-        self.lm_head_bias = _lm_head_part(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias)
+        self.lm_head = _replicated(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings,
+                                   padded=True)
+        self.lm_head_bias = _replicated(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias, padded=True)
         # checkpoint tensors that may target nothing here: a tied LM head is the embedding; a final
         # norm the family drops (OPT's `_remove_final_layer_norm`)
         self.optional_targets = ({"lm_head"} if spec.tie_word_embeddings else set()) | \

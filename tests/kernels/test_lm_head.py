@@ -4,13 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels.linear import default_weight_loader
-from kernels.model import VOCAB_PAD, _lm_head_part, _padded_rows, lm_head_logits, with_padding
+from kernels.model import VOCAB_PAD, _padded_rows, _replicated, lm_head_logits, with_padding
 
 VOCAB, WIDTH = 50257 % 1000 + 1000, 16          # 1257: odd, as GPT-Neo's 50257
 
 
 def _loaded(*shape):
-    p = _lm_head_part(*shape, dtype=torch.float32, present=True)
+    p = _replicated(*shape, dtype=torch.float32, padded=True)
     full = torch.randn(*shape)
     p.weight_loader(p, full)
     return p, full
