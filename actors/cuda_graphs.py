@@ -15,6 +15,18 @@ import torch
 from kernels.attention import AttentionMetadata
 
 
+def record(forward, args: tuple, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`forward(*args)` captured in a CUDA graph (memory pool `pool`, None for a new one) after
+    `warmups` eager runs (Triton compiles, cuBLAS picks its kernels): the graph and its output."""
+    torch.cuda.synchronize()
+    for _ in range(warmups):
+        forward(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward(*args)
+    return graph, out
+
+
 def buckets(max_batch: int) -> list[int]:
     small = [b for b in (1, 2, 4, 8) if b < max_batch]
     return small + list(range(16, max_batch, 16)) + [max_batch]
@@ -43,12 +55,7 @@ class DecodeGraphs:
         pool = None
         for batch in reversed(self.sizes):                  # largest first: the pool fits the rest
             args = (self.input_ids[:batch], self.positions[:batch], self._meta(batch))
-            torch.cuda.synchronize()
-            for _ in range(2):                              # warm-up: autotune, lazy inits
-                self.forward(*args)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.forward(*args)
+            graph, logits = record(self.forward, args, pool, warmups=2)
             pool = graph.pool()
             self.graphs[batch] = (graph, logits)
         torch.cuda.synchronize()
@@ -115,11 +122,7 @@ class PrefillGraphs:
         memory for the graph's pool: that bucket then runs eagerly)."""
         args = (self.input_ids[:tokens], self.positions[:tokens], self._meta(tokens, seqs))
         try:
-            torch.cuda.synchronize()
-            self.forward(*args)                                # warm-up: Triton compiles, cuBLAS picks
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.forward(*args)
+            graph, logits = record(self.forward, args, self.pool, warmups=1)
         except torch.OutOfMemoryError:
             torch.cuda.synchronize()
             return None
