@@ -33,6 +33,7 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 3
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
+    fma: bool = False              # `_fma_kernel` (CUDA cores, block_m rows) instead of the tensor-core tiles
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -127,6 +128,57 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
 
 
 @triton.jit
+def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                stride_rm, stride_om, stride_os, group_size, k_per_split,
+                BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same product for one to a few rows on the CUDA cores: a [BM, BN, BK] broadcast multiply
+    summed over K. The weight goes from HBM straight to registers (no shared-memory staging, no
+    16-row padding), so small tiles and many programs per SM keep enough loads in flight. A K tile
+    lies inside one scale group (block_k divides group_size) and is scaled once per row."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                             mask=n_mask[:, None] & (rb[None, :] < K // 2), other=0x88).to(tl.int32)
+            rk = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            x_mask = m_mask[:, None] & (rk[None, :] < K)
+            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
+            low = ((packed & 0xF) - 8).to(tl.float32)
+            high = ((packed >> 4) - 8).to(tl.float32)
+            part = tl.sum(x_even.to(tl.float32)[:, None, :] * low[None, :, :]
+                          + x_odd.to(tl.float32)[:, None, :] * high[None, :, :], axis=2)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)
+            part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if BITS < 16 and not PER_ROW_SCALE:
+            scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part * scale[None, :]
+        else:
+            acc += part
+    if PER_ROW_SCALE:
+        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE:
+        acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -158,14 +210,29 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     return Tile(block_m, block_n, block_k, split_k)
 
 
+FMA_MAX_ROWS = 4                                         # products the CUDA-core kernel is offered for
+
+
 def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
-    Quantized weights also get wide tiles dequantized in registers, which may span K-groups."""
+    Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 or 8 KB of 16-bit weights (twice the
+    count of quantized ones). Quantized weights
+    also get wide tensor-core tiles dequantized in registers, which may span K-groups."""
+    tiles = []
+    if m <= FMA_MAX_ROWS:
+        block_m = triton.next_power_of_2(m)
+        for block_k in (128, 256, 512, 1024):
+            if block_k > k or (group_size < k and group_size % block_k):
+                continue
+            for elements in ((2048, 4096) if bits == 16 else (4096, 8192)):
+                block_n = elements // (block_k * block_m)
+                for split_k in (1, 2, 4):
+                    if block_n >= 2 and (split_k == 1 or k >= 2 * block_k * split_k):
+                        tiles.append(Tile(block_m, block_n, block_k, split_k, fma=True))
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
     shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
     if bits < 16:
         shapes += [(32, 256, True), (64, 256, True), (32, 512, True)]
-    tiles = []
     for block_n, block_k, in_tile in shapes:
         if group_size < k and group_size % block_k and not in_tile:
             continue
@@ -187,9 +254,11 @@ class _Choices:
         self.memory: dict[tuple, "Tile | str"] = {}
         self.disk: dict[str, dict] | None = None
 
-    @staticmethod
-    def _name(gpu: str) -> str:
-        return f"{gpu.replace(' ', '-').replace('/', '-')}-triton-{triton.__version__}.json"
+    VERSION = 2                                          # bumped when the candidates change: old tables retire
+
+    @classmethod
+    def _name(cls, gpu: str) -> str:
+        return f"{gpu.replace(' ', '-').replace('/', '-')}-triton-{triton.__version__}-v{cls.VERSION}.json"
 
     @classmethod
     def _path(cls, gpu: str) -> str:
@@ -330,13 +399,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dummy = weight                                     # for pointers a flag leaves unread
     bias_, residual_ = dummy if bias is None else bias, dummy if residual is None else residual
     res_stride = 0 if residual is None else residual.stride(0)
-    _skinny_kernel[grid](
-        rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
-        rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
-        group_size, k_per_split, BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
-        SCALE_IN_TILE=bits < 16 and tile.scale_in_tile,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    flags = dict(BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
+                 BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                 num_warps=tile.num_warps, num_stages=tile.num_stages)
+    args = (rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
+            rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
+            group_size, k_per_split)
+    if tile.fma:
+        _fma_kernel[grid](*args, **flags)
+    else:
+        _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:
         block_m, block_n = min(16, triton.next_power_of_2(m)), 256
         _split_k_reduce_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](

@@ -39,7 +39,8 @@ def test_matches_reference(bits, group, m):
 
 
 @pytest.mark.parametrize("bits,group", CASES)
-@pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4)])
+@pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4),
+                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(2, 4, 32, split_k=2, fma=True)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
@@ -68,6 +69,15 @@ def test_heuristic_splits_k_only_when_programs_are_few():
     assert 128 % pick_tile(1, 4096, 4096, 4, 128).block_k == 0       # tiles stay inside a scale group
 
 
+def test_few_rows_are_offered_the_cuda_core_kernel():
+    """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles, each inside one scale group."""
+    from kernels.gemv import FMA_MAX_ROWS, candidates
+    fma = [t for t in candidates(1, 2560, 4, 128) if t.fma]
+    assert fma and all(128 % t.block_k == 0 and t.block_m == 1 for t in fma)
+    assert {t.block_m for t in candidates(3, 4096, 16, 4096) if t.fma} == {4}
+    assert not any(t.fma for t in candidates(FMA_MAX_ROWS + 1, 4096, 16, 4096))
+
+
 def test_rejects_mismatched_scales():
     w, scales, _ = _weight(16, 128, 8, 64, torch.Generator().manual_seed(0))
     with pytest.raises(AssertionError, match="scales"):
@@ -79,7 +89,8 @@ EPILOGUE_REFS = {None: lambda y: y, "gelu_tanh": lambda y: torch.nn.functional.g
 
 
 @pytest.mark.parametrize("activation", list(EPILOGUE_REFS))
-@pytest.mark.parametrize("tile", [Tile(16, 16, 64), Tile(16, 16, 64, split_k=4), Tile(32, 16, 64, split_k=2)])
+@pytest.mark.parametrize("tile", [Tile(16, 16, 64), Tile(16, 16, 64, split_k=4), Tile(32, 16, 64, split_k=2),
+                                  Tile(4, 8, 64, fma=True), Tile(4, 8, 32, split_k=2, fma=True)])
 def test_fused_epilogue(activation, tile):
     """act(x W^T + b) + residual, fused in the kernel or in the split-K reduction."""
     g = torch.Generator().manual_seed(11)
