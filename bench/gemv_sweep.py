@@ -15,11 +15,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.gemv import candidates, pick_tile, skinny_linear  # noqa: E402
+from kernels.gemv import FMA_MAX_ROWS, Tile, candidates, pick_tile, skinny_linear  # noqa: E402
 
 SHAPES = {"neo.qkv": (7680, 2560), "neo.out": (2560, 2560), "neo.fc1": (10240, 2560), "neo.fc2": (2560, 10240),
           "llama.qkv": (12288, 4096), "llama.out": (4096, 4096), "llama.gate_up": (22016, 4096),
@@ -70,16 +71,31 @@ def dequantize(w, scales, group_size, bits: int) -> torch.Tensor:
     return w.float() * scales.float().repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
 
 
+def fma_grid(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
+    """A wider grid of CUDA-core tiles than the tuner's: warps, pipeline stages, per-tile reduction."""
+    tiles = []
+    for block_n, block_k in ((2, 1024), (4, 512), (8, 256), (4, 1024), (8, 512), (16, 256), (16, 128), (32, 128)):
+        if block_k > k or (group_size < k and group_size % block_k):
+            continue
+        for warps, stages, late in itertools.product((2, 4, 8), (1, 3), (True, False)):
+            tiles.append(Tile(triton.next_power_of_2(m), block_n, block_k, 1, warps, stages, fma=True,
+                              late_reduce=late))
+    return tiles
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,8,32")
     ap.add_argument("--bits", default="16,8,4")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tiles per case")
+    ap.add_argument("--fma-grid", action="store_true", help="with --sweep: many more CUDA-core tiles")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     rows = []
     t0 = time.time()
-    for (name, (n, k)), bits in itertools.product(SHAPES.items(), [int(b) for b in args.bits.split(",")]):
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    for (name, (n, k)), bits in itertools.product(shapes.items(), [int(b) for b in args.bits.split(",")]):
         copies = max(4, int(250e6 // (n * k * bits / 8)))
         ws = weights(n, k, bits, copies)
         nbytes = sum(w.numel() * w.element_size() + (0 if s is None else s.numel() * 2) for w, s, _ in ws) / copies
@@ -88,7 +104,7 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "m": m, "bits": bits, "weight_mb": nbytes / 1e6}
             if bits == 16:
                 row["cublas_us"] = graph_us(lambda: [F.linear(x, w) for w, _, _ in ws], copies)
-            else:                                  # dequantize-then-cuBLAS: what a kernel-less path pays
+            elif bits == 8:                        # dequantize-then-cuBLAS: what a kernel-less path pays
                 deq = ws[0][0].half()
                 row["dequant_cublas_us"] = graph_us(lambda: [F.linear(x, deq.copy_(w)) for w, _, _ in ws], copies)
             tile = pick_tile(m, n, k, bits, ws[0][2] or k)
@@ -99,16 +115,24 @@ def main() -> None:
                                         copies)
             row["tile"] = tile.__dict__
             if args.sweep:
-                best = (row["triton_us"], tile)
-                for cand in candidates(m, k, bits, ws[0][2] or k):
+                best = {"": (row["triton_us"], tile)}          # overall, and per kernel family
+                tiles = candidates(m, k, bits, ws[0][2] or k)
+                if args.fma_grid and m <= FMA_MAX_ROWS:
+                    tiles += fma_grid(m, k, bits, ws[0][2] or k)
+                for cand in tiles:
                     try:
                         us = graph_us(lambda: [skinny_linear(x, w, None, s, bits, g, cand) for w, s, g in ws], copies)
                     except Exception as e:                          # a tile too big for shared memory
                         print("skip", cand, type(e).__name__, flush=True)
                         continue
-                    best = min(best, (us, cand), key=lambda b: b[0])
-                row["best_us"], row["best_tile"] = best[0], best[1].__dict__
-            for key in ("cublas_us", "dequant_cublas_us", "triton_us", "best_us"):
+                    if args.fma_grid and cand.fma:
+                        print("fma", name, bits, round(us, 2), cand, flush=True)
+                    family = "fma" if cand.fma else "dot"
+                    for key in ("", family):
+                        best[key] = min(best.get(key, (us, cand)), (us, cand), key=lambda b: b[0])
+                for key, (us, cand) in best.items():
+                    row[f"best{key and '_' + key}_us"], row[f"best{key and '_' + key}_tile"] = us, cand.__dict__
+            for key in ("cublas_us", "dequant_cublas_us", "triton_us", "best_us", "best_fma_us", "best_dot_us"):
                 if key in row:
                     row[key.replace("_us", "_tb_s")] = nbytes / row[key] / 1e6
             rows.append(row)

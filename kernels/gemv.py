@@ -34,6 +34,7 @@ class Tile:
     num_stages: int = 3
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
     fma: bool = False              # `_fma_kernel` (CUDA cores, block_m rows) instead of the tensor-core tiles
+    late_reduce: bool = True       # fma: sum over K once after the loop instead of per tile
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -131,32 +132,37 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
 def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                 stride_rm, stride_om, stride_os, group_size, k_per_split,
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, LATE_REDUCE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same product for one to a few rows on the CUDA cores: a [BM, BN, BK] broadcast multiply
-    summed over K. The weight goes from HBM straight to registers (no shared-memory staging, no
-    16-row padding), so small tiles and many programs per SM keep enough loads in flight. A K tile
-    lies inside one scale group (block_k divides group_size) and is scaled once per row."""
+    """The same product for one to a few rows on the CUDA cores: a [BM, BN, BK] broadcast multiply.
+    The weight goes from HBM straight to registers (no shared-memory staging, no 16-row padding), so
+    small tiles and many programs per SM keep enough loads in flight. A K tile lies inside one scale
+    group (block_k divides group_size). LATE_REDUCE keeps [BM, BN, BK] partial sums and reduces over
+    K once after the loop (group scales multiply each product); otherwise every tile is summed."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    KW: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K      # weight columns (bytes at 4 bits) per tile
+    if LATE_REDUCE:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, KW), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
-            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            rb = k0 // 2 + tl.arange(0, KW)
             packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
                              mask=n_mask[:, None] & (rb[None, :] < K // 2), other=0x88).to(tl.int32)
-            rk = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            rk = k0 + 2 * tl.arange(0, KW)
             x_mask = m_mask[:, None] & (rk[None, :] < K)
             x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
             x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
             low = ((packed & 0xF) - 8).to(tl.float32)
             high = ((packed >> 4) - 8).to(tl.float32)
-            part = tl.sum(x_even.to(tl.float32)[:, None, :] * low[None, :, :]
-                          + x_odd.to(tl.float32)[:, None, :] * high[None, :, :], axis=2)
+            prod = (x_even.to(tl.float32)[:, None, :] * low[None, :, :]
+                    + x_odd.to(tl.float32)[:, None, :] * high[None, :, :])
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
@@ -164,12 +170,19 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                         other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
                         other=0)
-            part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         if BITS < 16 and not PER_ROW_SCALE:
             scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
-            acc += part * scale[None, :]
+            if LATE_REDUCE:
+                acc3 += prod * scale[None, :, None]
+            else:
+                acc += tl.sum(prod, axis=2) * scale[None, :]
+        elif LATE_REDUCE:
+            acc3 += prod
         else:
-            acc += part
+            acc += tl.sum(prod, axis=2)
+    if LATE_REDUCE:
+        acc = tl.sum(acc3, axis=2)
     if PER_ROW_SCALE:
         acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE:
@@ -406,7 +419,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
     if tile.fma:
-        _fma_kernel[grid](*args, **flags)
+        _fma_kernel[grid](*args, LATE_REDUCE=tile.late_reduce, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

@@ -40,7 +40,8 @@ def test_matches_reference(bits, group, m):
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4),
-                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(2, 4, 32, split_k=2, fma=True)])
+                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(2, 4, 32, split_k=2, fma=True),
+                                  Tile(1, 4, 64, split_k=2, fma=True, late_reduce=False)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
