@@ -72,14 +72,12 @@ def dequantize(w, scales, group_size, bits: int) -> torch.Tensor:
 
 
 def fma_grid(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
-    """A wider grid of CUDA-core tiles than the tuner's: warps, pipeline stages, per-tile reduction."""
+    """A wider grid of CUDA-core tiles than the tuner's: shapes and warps."""
     tiles = []
-    for block_n, block_k in ((2, 1024), (4, 512), (8, 256), (4, 1024), (8, 512), (16, 256), (16, 128), (32, 128)):
-        if block_k > k or (group_size < k and group_size % block_k):
-            continue
-        for warps, stages, late in itertools.product((2, 4, 8), (1, 3), (True, False)):
-            tiles.append(Tile(triton.next_power_of_2(m), block_n, block_k, 1, warps, stages, fma=True,
-                              late_reduce=late))
+    for block_n, block_k in ((2, 512), (4, 512), (8, 512), (2, 1024), (4, 1024), (8, 1024), (2, 2048), (4, 2048),
+                             (2, 4096)):
+        if block_k <= k and (group_size >= k or block_k % group_size == 0 or group_size % block_k == 0):
+            tiles += [Tile(1, block_n, block_k, 1, warps, 1, fma=True) for warps in (2, 4, 8)]
     return tiles
 
 

@@ -15,6 +15,7 @@ Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N
 `scales [N, K // group_size]`, w = q * scales[n, k // group_size].
 """
 import functools
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -33,8 +34,7 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 3
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
-    fma: bool = False              # `_fma_kernel` (CUDA cores, block_m rows) instead of the tensor-core tiles
-    late_reduce: bool = True       # fma: sum over K once after the loop instead of per tile
+    fma: bool = False              # `_fma_kernel` (CUDA cores, one row per program; block_m 1) instead
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -129,66 +129,67 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
 
 
 @triton.jit
+def _u4_to_f32(nibble):
+    """int32 nibbles 0..15 -> float32 nibble - 8 without a conversion instruction: OR-ing the nibble
+    into the mantissa of 2^23 gives 2^23 + nibble exactly."""
+    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _s8_to_f32(q):
+    """int8 -> float32 the same way: 2^23 + (q + 128), then subtract 2^23 + 128."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
 def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                 stride_rm, stride_om, stride_os, group_size, k_per_split,
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, LATE_REDUCE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The same product for one to a few rows on the CUDA cores: a [BM, BN, BK] broadcast multiply.
-    The weight goes from HBM straight to registers (no shared-memory staging, no 16-row padding), so
-    small tiles and many programs per SM keep enough loads in flight. A K tile lies inside one scale
-    group (block_k divides group_size). LATE_REDUCE keeps [BM, BN, BK] partial sums and reduces over
-    K once after the loop (group scales multiply each product); otherwise every tile is summed."""
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+    """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
+    straight to registers (no shared-memory staging, no 16-row padding) as [BN, BK // SUB, SUB]
+    tiles: SUB values share one scale (SUB divides the group size), so scales broadcast over the
+    last axis. Products accumulate in fp32 per element; one reduction after the loop."""
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = rm < M, rn < N
-    KW: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K      # weight columns (bytes at 4 bits) per tile
-    if LATE_REDUCE:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, KW), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    n_mask = rn < N
+    NG: tl.constexpr = BLOCK_K // SUB
+    SW: tl.constexpr = SUB // 2 if BITS == 4 else SUB                 # stored columns per sub-tile
+    rg = tl.arange(0, NG)
+    cols = rg[:, None] * SW + tl.arange(0, SW)[None, :]                # [NG, SW] stored column in the tile
+    w_ptrs = w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :]
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((BLOCK_N, NG, SW), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
-            rb = k0 // 2 + tl.arange(0, KW)
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
-                             mask=n_mask[:, None] & (rb[None, :] < K // 2), other=0x88).to(tl.int32)
-            rk = k0 + 2 * tl.arange(0, KW)
-            x_mask = m_mask[:, None] & (rk[None, :] < K)
-            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
-            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
-            low = ((packed & 0xF) - 8).to(tl.float32)
-            high = ((packed >> 4) - 8).to(tl.float32)
-            prod = (x_even.to(tl.float32)[:, None, :] * low[None, :, :]
-                    + x_odd.to(tl.float32)[:, None, :] * high[None, :, :])
+            kw = k0 // 2 + cols
+            packed = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None, None] & (kw < K // 2)[None, :, :],
+                             other=0x88).to(tl.int32)
+            xk = 2 * kw[:, :, None] + tl.arange(0, 2)[None, None, :]   # [NG, SW, 2]: the pair of each byte
+            x_even, x_odd = tl.split(tl.load(x_row + xk, mask=xk < K, other=0.0).to(tl.float32))
+            prod = _u4_to_f32(packed & 0xF) * x_even[None, :, :] + _u4_to_f32(packed >> 4) * x_odd[None, :, :]
         else:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0)
-            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            kw = k0 + cols
+            w = tl.load(w_ptrs + k0, mask=n_mask[:, None, None] & (kw < K)[None, :, :], other=0)
+            x = tl.load(x_row + kw, mask=kw < K, other=0.0).to(tl.float32)
+            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * x[None, :, :]
         if BITS < 16 and not PER_ROW_SCALE:
-            scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
-            if LATE_REDUCE:
-                acc3 += prod * scale[None, :, None]
-            else:
-                acc += tl.sum(prod, axis=2) * scale[None, :]
-        elif LATE_REDUCE:
-            acc3 += prod
-        else:
-            acc += tl.sum(prod, axis=2)
-    if LATE_REDUCE:
-        acc = tl.sum(acc3, axis=2)
+            group = (k0 + rg * SUB) // group_size
+            scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
+                            mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0)
+            prod = prod * scale.to(tl.float32)[:, :, None]
+        acc += prod
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]               # [1, BN]
     if PER_ROW_SCALE:
-        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    rm = row + tl.arange(0, 1)
     if EPILOGUE:
-        acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+        out = _epilogue(out, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
 @triton.jit
@@ -223,25 +224,23 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     return Tile(block_m, block_n, block_k, split_k)
 
 
-FMA_MAX_ROWS = 4                                         # products the CUDA-core kernel is offered for
+FMA_MAX_ROWS = 2                                         # products the CUDA-core kernel is offered for
 
 
 def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
-    Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 or 8 KB of 16-bit weights (twice the
-    count of quantized ones). Quantized weights
-    also get wide tensor-core tiles dequantized in registers, which may span K-groups."""
+    Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
+    8k stored elements (bytes at 4 bits). Quantized weights also get wide tensor-core tiles dequantized in registers, which
+    may span K-groups."""
     tiles = []
     if m <= FMA_MAX_ROWS:
-        block_m = triton.next_power_of_2(m)
-        for block_k in (128, 256, 512, 1024):
-            if block_k > k or (group_size < k and group_size % block_k):
+        for block_k, block_n in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8)):
+            stored = block_n * block_k // (2 if bits == 4 else 1)          # weight elements in memory
+            if block_k > k or not 4096 <= stored * max(1, bits // 8) <= 16384 or stored > 8192:
                 continue
-            for elements in ((2048, 4096) if bits == 16 else (4096, 8192)):
-                block_n = elements // (block_k * block_m)
-                for split_k in (1, 2, 4):
-                    if block_n >= 2 and (split_k == 1 or k >= 2 * block_k * split_k):
-                        tiles.append(Tile(block_m, block_n, block_k, split_k, fma=True))
+            for split_k in (1, 2, 4):
+                if split_k == 1 or k >= 2 * block_k * split_k:
+                    tiles.append(Tile(1, block_n, block_k, split_k, fma=True))
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
     shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
     if bits < 16:
@@ -297,7 +296,10 @@ class _Choices:
             self.disk = self._read(gpu)
         found = self.disk.get(repr(key[:-1]))
         if found is not None:
-            self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
+            try:
+                self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
+            except TypeError:                            # written by another version of Tile: time again
+                pass
         return self.memory.get(key)
 
     def put(self, key: tuple, gpu: str, choice: "Tile | str") -> None:
@@ -395,7 +397,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if tile == CUBLAS:                               # a float product cuBLAS runs faster
             tile = pick_tile(m, n, k, bits, group_size)
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
-    if bits < 16 and not per_row and not tile.scale_in_tile:
+    if bits < 16 and not per_row and not tile.scale_in_tile and not tile.fma:
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if residual is not None:
@@ -419,7 +421,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
     if tile.fma:
-        _fma_kernel[grid](*args, LATE_REDUCE=tile.late_reduce, **flags)
+        grouped = bits < 16 and not per_row
+        sub = min(tile.block_k, group_size) if grouped else tile.block_k
+        assert not grouped or (tile.block_k % sub == 0 and group_size % sub == 0), \
+            f"block_k={tile.block_k} and group_size={group_size}: one must divide the other"
+        flags.pop("BLOCK_M")
+        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

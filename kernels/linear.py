@@ -18,15 +18,14 @@ from torch import nn
 
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
-from kernels.gemv import streamed_linear
+from kernels.gemv import FMA_MAX_ROWS, streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
-# Float products of at most this many rows may stream the weight through kernels/gemv.py on CUDA,
-# where the tuner times it against cuBLAS. Off by default: on the H100 cuBLAS won every block linear
-# of GPT-Neo 2.7B at batch 1 (bench/results/*-neo-x2host.json, profile in bench/results/logs/), and
-# timing at start-up costs a minute of load time. Quantized weights always take the Triton kernel.
-SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", "0"))
+# Float products of at most this many rows (decode at batch 1 or 2) stream the weight through
+# kernels/gemv.py on CUDA where the tuner measured that faster than cuBLAS (with its separate epilogue
+# ops); larger float products always take cuBLAS. Quantized weights always take the Triton kernels.
+SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(FMA_MAX_ROWS)))
 
 
 @dataclass(frozen=True)

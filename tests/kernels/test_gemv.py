@@ -40,8 +40,7 @@ def test_matches_reference(bits, group, m):
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4),
-                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(2, 4, 32, split_k=2, fma=True),
-                                  Tile(1, 4, 64, split_k=2, fma=True, late_reduce=False)])
+                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 128, split_k=2, fma=True)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
@@ -71,12 +70,26 @@ def test_heuristic_splits_k_only_when_programs_are_few():
 
 
 def test_few_rows_are_offered_the_cuda_core_kernel():
-    """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles, each inside one scale group."""
+    """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles of 4-16 KB of weights."""
     from kernels.gemv import FMA_MAX_ROWS, candidates
-    fma = [t for t in candidates(1, 2560, 4, 128) if t.fma]
-    assert fma and all(128 % t.block_k == 0 and t.block_m == 1 for t in fma)
-    assert {t.block_m for t in candidates(3, 4096, 16, 4096) if t.fma} == {4}
+    for bits in (16, 8, 4):
+        fma = [t for t in candidates(1, 10240, bits, 128 if bits == 4 else 10240) if t.fma]
+        assert fma and all(4096 <= t.block_n * t.block_k * bits // 8 <= 16384 for t in fma)
     assert not any(t.fma for t in candidates(FMA_MAX_ROWS + 1, 4096, 16, 4096))
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 128)])
+@pytest.mark.parametrize("block_k", [32, 128])
+def test_cuda_core_tiles_spanning_or_inside_scale_groups(bits, group, block_k):
+    """A [BN, BK / sub, sub] tile scales each sub-tile by its own group's scale, whether the tile spans
+    several groups (block_k > group) or lies inside one (block_k < group); K not a tile multiple."""
+    g = torch.Generator().manual_seed(bits * block_k)
+    n, k = 37, 384
+    w, scales, full = _weight(n, k, bits, group, g)
+    x, bias = torch.randn(2, k, generator=g), torch.randn(n, generator=g)
+    got = skinny_linear(x, w, bias, scales, bits, group, Tile(1, 8, block_k, fma=True))
+    ref = x.double() @ full.double().T + bias.double()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 def test_rejects_mismatched_scales():
@@ -91,7 +104,7 @@ EPILOGUE_REFS = {None: lambda y: y, "gelu_tanh": lambda y: torch.nn.functional.g
 
 @pytest.mark.parametrize("activation", list(EPILOGUE_REFS))
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64), Tile(16, 16, 64, split_k=4), Tile(32, 16, 64, split_k=2),
-                                  Tile(4, 8, 64, fma=True), Tile(4, 8, 32, split_k=2, fma=True)])
+                                  Tile(1, 8, 64, fma=True), Tile(1, 8, 32, split_k=2, fma=True)])
 def test_fused_epilogue(activation, tile):
     """act(x W^T + b) + residual, fused in the kernel or in the split-K reduction."""
     g = torch.Generator().manual_seed(11)
