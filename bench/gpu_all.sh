@@ -3,7 +3,8 @@
 # .whl-ray and .commit carried and the anchors copied to .anchors/:
 #   bash bench/gpu_all.sh [single|multi|all]     results and logs land in $OUT (commit them to bench/results)
 # single: GPT-Neo 2.7B (fp16, int8, int4, 256 requests in flight) and, given a second GPU, the Llama-2-7B
-#         shape (fp16, bf16, int8) at the same time, then the compiled-torch anchors beside them (~8 min;
+#         shape (fp16, bf16, int8) at the same time, then the CUDA-only tests (`pytest -m gpu`) on the second
+#         GPU, then the compiled-torch anchors beside them (~9 min;
 #         quantized tiles missing from kernels/tuned/ are timed at load);
 # multi:  (2 GPUs) TP=2 over NCCL for both models, then the Serve app with one TP=2 replica (~5 min).
 # Each step has its own time limit, so a slow step costs its own results only.
@@ -18,8 +19,9 @@ if [ "$phase" != multi ]; then
   run 400 neo env CUDA_VISIBLE_DEVICES=0 python3 bench/decode.py --model neo --dtypes float16,int8,int4 \
       --batches 1,8,32 --concurrent 256 --out "$out" &
   if [ "$gpus" -ge 2 ]; then
-    run 300 llama env CUDA_VISIBLE_DEVICES=1 python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
-        --batches 1,8,32 --out "$out" &
+    { run 330 llama env CUDA_VISIBLE_DEVICES=1 python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
+          --batches 1,8,32 --out "$out"
+      run 60 gputests env CUDA_VISIBLE_DEVICES=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   fi
   wait
   run 150 anchor-neo env CUDA_VISIBLE_DEVICES=0 python3 .anchors/anchor_compiled.py neo fp16 int8 &
@@ -32,6 +34,6 @@ if [ "$phase" != single ] && [ "$gpus" -ge 2 ]; then
   run 180 tp python3 bench/tp_bench.py --models neo,llama --out "$out"
   run 330 serve python3 bench/serve_gpu.py --out "$out"
 fi
-for log in neo llama anchor-neo anchor-llama tp serve; do
+for log in neo llama gputests anchor-neo anchor-llama tp serve; do
   [ -f "$out/$log.log" ] && { echo "== $log"; grep -v "loading weights\|Warning" "$out/$log.log" | tail -n 6 | cut -c1-400; }
 done

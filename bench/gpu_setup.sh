@@ -1,5 +1,5 @@
 # Source on a GPU machine of the device tool, from the repo root: `. bench/gpu_setup.sh || exit`.
-# Installs the carried wheels (.whl: pydantic & co; .whl-ray: a trimmed Ray 2.60.0 for cp312 without
+# Installs the carried wheels (.whl: pydantic & co, pytest; .whl-ray: a trimmed Ray 2.60.0 for cp312 without
 # jars/rllib/tune/train/data/dashboard UI, and what Ray core + Serve need that the image lacks) into
 # /tmp/site, puts it and the repo on PYTHONPATH (Ray's workers inherit it), keeps NVLink multicast off,
 # and checks that Ray, Serve, FastAPI and rayspeed import.
