@@ -7,6 +7,7 @@ streams from HBM.
     python3 bench/gemv_sweep.py --out bench/results
 """
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -81,8 +82,45 @@ def fma_grid(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
     return tiles
 
 
+def refine_prefetch(table_path: str, out: str) -> None:
+    """For every CUDA-core tile a tuner table chose for one row, time it with and without
+    `prefetch` on its shape (no epilogue; cold weights as above) and keep the faster: the refined
+    table goes to `out` under the same name, the comparisons to stdout and out/...-prefetch.json."""
+    table = json.load(open(table_path))
+    rows = []
+    for key, choice in table.items():
+        m, n, k, bits, group = ast.literal_eval(key)[:5]
+        if m != 1 or not isinstance(choice, dict) or not choice.get("fma"):
+            continue
+        copies = max(4, int(250e6 // (n * k * bits / 8)))
+        ws = [(w, s, group if bits < 16 else None) for w, s, _ in weights(n, k, bits, copies)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.half)
+        nbytes = sum(w.numel() * w.element_size() + (0 if s is None else s.numel() * 2) for w, s, _ in ws) / copies
+        timings = {}
+        for prefetch in (False, True):
+            tile = Tile(**{**choice, "prefetch": prefetch})
+            timings[prefetch] = graph_us(lambda: [skinny_linear(x, w, None, s, bits, g, tile) for w, s, g in ws],
+                                         copies)
+        choice["prefetch"] = timings[True] < timings[False]
+        row = {"key": key, "us": timings[False], "prefetch_us": timings[True], "tb_s": nbytes / timings[False] / 1e6,
+               "prefetch_tb_s": nbytes / timings[True] / 1e6}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del ws
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, os.path.basename(table_path)), "w") as f:
+        json.dump(table, f, indent=0)
+    path = os.path.join(out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{time.strftime('%Y-%m-%d')}-prefetch.json")
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+                   "table": os.path.basename(table_path), "rows": rows}, f, indent=2)
+    print("wrote", path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--refine-prefetch", metavar="TABLE", help="only: refine a tuner table's one-row CUDA-core "
+                    "tiles with or without prefetch (see refine_prefetch)")
     ap.add_argument("--rows", default="1,8,32")
     ap.add_argument("--bits", default="16,8,4")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tiles per case")
@@ -90,6 +128,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    if args.refine_prefetch:
+        return refine_prefetch(args.refine_prefetch, args.out)
     rows = []
     t0 = time.time()
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}

@@ -18,7 +18,7 @@ import functools
 import itertools
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -35,6 +35,7 @@ class Tile:
     num_stages: int = 3
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
     fma: bool = False              # `_fma_kernel` (CUDA cores, one row per program; block_m 1) instead
+    prefetch: bool = False         # fma: load the next K tile before multiplying this one
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -142,15 +143,32 @@ def _s8_to_f32(q):
 
 
 @triton.jit
+def _fma_tile_loads(w_ptrs, x_row, k0, k_end, cols, n_mask, BITS: tl.constexpr):
+    """The raw weight tile at K offset k0 ([BN, NG, SW], packed bytes at 4 bits) and the x values it
+    multiplies ([NG, SW], or [NG, SW, 2] pairs at 4 bits); nothing at or past k_end is read."""
+    if BITS == 4:
+        kw = k0 // 2 + cols
+        w = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None, None] & (kw < k_end // 2)[None, :, :], other=0x88)
+        xk = 2 * kw[:, :, None] + tl.arange(0, 2)[None, None, :]       # the pair of values of each byte
+        x = tl.load(x_row + xk, mask=xk < k_end, other=0.0)
+    else:
+        kw = k0 + cols
+        w = tl.load(w_ptrs + k0, mask=n_mask[:, None, None] & (kw < k_end)[None, :, :], other=0)
+        x = tl.load(x_row + kw, mask=kw < k_end, other=0.0)
+    return w, x
+
+
+@triton.jit
 def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                 stride_rm, stride_om, stride_os, group_size, k_per_split,
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) as [BN, BK // SUB, SUB]
     tiles: SUB values share one scale (SUB divides the group size), so scales broadcast over the
-    last axis. Products accumulate in fp32 per element; one reduction after the loop."""
+    last axis. Products accumulate in fp32 per element; one reduction after the loop. PREFETCH
+    issues tile i+1's loads before tile i's arithmetic (Triton pipelines only loads that feed a dot)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -163,25 +181,27 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     acc = tl.zeros((BLOCK_N, NG, SW), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    if PREFETCH:
+        w, x = _fma_tile_loads(w_ptrs, x_row, k_begin, k_end, cols, n_mask, BITS)
     for k0 in range(k_begin, k_end, BLOCK_K):
+        if PREFETCH:                                   # the next tile's loads fly while this one computes
+            w_next, x_next = _fma_tile_loads(w_ptrs, x_row, k0 + BLOCK_K, k_end, cols, n_mask, BITS)
+        else:
+            w, x = _fma_tile_loads(w_ptrs, x_row, k0, k_end, cols, n_mask, BITS)
         if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
-            kw = k0 // 2 + cols
-            packed = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None, None] & (kw < K // 2)[None, :, :],
-                             other=0x88).to(tl.int32)
-            xk = 2 * kw[:, :, None] + tl.arange(0, 2)[None, None, :]   # [NG, SW, 2]: the pair of each byte
-            x_even, x_odd = tl.split(tl.load(x_row + xk, mask=xk < K, other=0.0).to(tl.float32))
+            packed = w.to(tl.int32)
+            x_even, x_odd = tl.split(x.to(tl.float32))
             prod = _u4_to_f32(packed & 0xF) * x_even[None, :, :] + _u4_to_f32(packed >> 4) * x_odd[None, :, :]
         else:
-            kw = k0 + cols
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None, None] & (kw < K)[None, :, :], other=0)
-            x = tl.load(x_row + kw, mask=kw < K, other=0.0).to(tl.float32)
-            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * x[None, :, :]
+            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * x.to(tl.float32)[None, :, :]
         if BITS < 16 and not PER_ROW_SCALE:
             group = (k0 + rg * SUB) // group_size
             scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
                             mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0)
             prod = prod * scale.to(tl.float32)[:, :, None]
         acc += prod
+        if PREFETCH:
+            w, x = w_next, x_next
     out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]               # [1, BN]
     if PER_ROW_SCALE:
         out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -331,6 +351,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
     shape, format, epilogue) with cold caches (`triton.testing.do_bench` flushes L2): a tile, or
     `CUBLAS` when `torch_path` (the unfused torch computation, offered for float weights) is faster.
+    A CUDA-core winner is timed once more with `prefetch` (one compile instead of doubling the grid).
     More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
     captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
     k = x.shape[-1]
@@ -348,16 +369,23 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         return pick_tile(m, n, k, bits, group)
     from triton.testing import do_bench
     timings = {}
-    for tile in candidates(m, k, bits, group):
+
+    def measure(tile: Tile) -> None:
         try:
             timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
                                                            activation, residual), warmup=1, rep=4,
                                      return_mode="median")
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
-            continue                                     # a tile too large for this GPU's shared memory
+            pass                                         # a tile too large for this GPU's shared memory
+
+    for tile in candidates(m, k, bits, group):
+        measure(tile)
     if torch_path is not None:
         timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")
     choice = min(timings, key=timings.get)
+    if choice != CUBLAS and choice.fma:                  # the winner again with its next tile prefetched
+        measure(replace(choice, prefetch=True))
+        choice = min(timings, key=timings.get)
     _choices.put(key, gpu, choice)
     return choice
 
@@ -426,7 +454,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         assert not grouped or (tile.block_k % sub == 0 and group_size % sub == 0), \
             f"block_k={tile.block_k} and group_size={group_size}: one must divide the other"
         flags.pop("BLOCK_M")
-        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, **flags)
+        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

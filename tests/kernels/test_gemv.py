@@ -40,7 +40,8 @@ def test_matches_reference(bits, group, m):
 
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4),
-                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 128, split_k=2, fma=True)])
+                                  Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 128, split_k=2, fma=True),
+                                  Tile(1, 8, 64, split_k=3, fma=True, prefetch=True)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
@@ -80,14 +81,15 @@ def test_few_rows_are_offered_the_cuda_core_kernel():
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 128)])
 @pytest.mark.parametrize("block_k", [32, 128])
-def test_cuda_core_tiles_spanning_or_inside_scale_groups(bits, group, block_k):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cuda_core_tiles_spanning_or_inside_scale_groups(bits, group, block_k, prefetch):
     """A [BN, BK / sub, sub] tile scales each sub-tile by its own group's scale, whether the tile spans
     several groups (block_k > group) or lies inside one (block_k < group); K not a tile multiple."""
     g = torch.Generator().manual_seed(bits * block_k)
     n, k = 37, 384
     w, scales, full = _weight(n, k, bits, group, g)
     x, bias = torch.randn(2, k, generator=g), torch.randn(n, generator=g)
-    got = skinny_linear(x, w, bias, scales, bits, group, Tile(1, 8, block_k, fma=True))
+    got = skinny_linear(x, w, bias, scales, bits, group, Tile(1, 8, block_k, fma=True, prefetch=prefetch))
     ref = x.double() @ full.double().T + bias.double()
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
@@ -168,3 +170,32 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
     monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
     got = gemv.streamed_linear(x, w, torch_path=lambda: "torch")
     assert ((got - x.double() @ full.double().T).abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("twin_ms,expect_prefetch", [(0.4, True), (0.6, False)])
+def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, monkeypatch, twin_ms, expect_prefetch):
+    """The fastest candidate, when a CUDA-core tile, is timed once more with `prefetch`; the faster of
+    the two is kept (and persisted)."""
+    import triton.testing
+    from kernels import gemv
+    monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(gemv, "_choices", gemv._Choices())
+    monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    best = next(t for t in gemv.candidates(1, 256, 16, 256) if t.fma)
+    timed = []
+
+    def fake_bench(fn, **kwargs):                      # what tile is this? the one skinny_linear was given
+        tile = fn.__closure__ and next((c.cell_contents for c in fn.__closure__
+                                        if isinstance(c.cell_contents, gemv.Tile)), None)
+        timed.append(tile)
+        if tile == best:
+            return 0.5
+        return twin_ms if tile == gemv.replace(best, prefetch=True) else 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    x, w = torch.randn(1, 256), torch.randn(64, 256)
+    choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None)
+    assert choice == gemv.replace(best, prefetch=expect_prefetch)
+    assert sum(t is not None and t.prefetch for t in timed) == 1
+    assert gemv._Choices().get((1, 64, 256, 16, 256, str(x.dtype), False, None, False, x.device), "Test GPU") == choice
