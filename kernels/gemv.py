@@ -228,6 +228,43 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
+                       BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out [N, K] = q * scale in out's dtype; at 4 bits value k is byte k // 2's low nibble (even k)
+    or high nibble (odd k), minus 8."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    if BITS == 4:
+        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] // 2, mask=mask, other=0x88).to(tl.int32)
+        q = tl.where(rk[None, :] % 2 == 0, byte & 0xF, byte >> 4) - 8
+    else:
+        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.int32)
+    scale = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // group_size, mask=mask, other=0.0)
+    w = q.to(tl.float32) * scale.to(tl.float32)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Rows from which a quantized product runs faster as dequantize-to-float + cuBLAS than with the
+# weight dequantized in registers: prefill, and int4 decode batches past the tuned sizes.
+DEQUANT_MIN_ROWS = {4: 17, 8: 129}
+
+
+def dequantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A fresh float [N, K] copy of a quantized weight, for one large-M product: the caching
+    allocator (or a CUDA graph's pool) hands the same memory to the next layer's copy, so at most
+    one such copy lives at a time."""
+    n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    block_n, block_k = 16, 256
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        weight, scales, out, n, k, weight.stride(0), scales.stride(0), group_size or k, BITS=bits,
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
 NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
-from kernels.gemv import FMA_MAX_ROWS, streamed_linear
+from kernels.gemv import DEQUANT_MIN_ROWS, FMA_MAX_ROWS, streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
@@ -141,11 +141,13 @@ class _Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """act(x W^T + bias) + residual. On CUDA, quantized weights always and float weights at decode
-        sizes go through the weight-streaming Triton kernel with the epilogue fused, unless the tuner
-        measured cuBLAS (plus separate epilogue ops) faster for this shape."""
+        """act(x W^T + bias) + residual. On CUDA, float weights at one or two rows and quantized weights
+        below DEQUANT_MIN_ROWS go through the weight-streaming Triton kernels with the epilogue fused,
+        unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
+        quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""
         bits = 16 if self.quant is None else self.quant.bits
-        if use_triton(x) and (bits < 16 or x.numel() // x.shape[-1] <= SKINNY_MAX_ROWS):
+        rows = x.numel() // x.shape[-1]
+        if use_triton(x) and (rows <= SKINNY_MAX_ROWS or bits < 16 and rows < DEQUANT_MIN_ROWS[bits]):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda: self._torch_matmul(x, bias, activation, residual)) if bits == 16 else None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
-from kernels.gemv import skinny_linear
+from kernels.gemv import DEQUANT_MIN_ROWS, dequantize_weight, skinny_linear
 
 QMAX = {8: 127, 4: 7}
 
@@ -144,6 +144,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_siz
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b with W stored quantized. x [..., K] -> [..., N]."""
-    if use_triton(x):                  # dequantized in registers by the Triton kernel: no float weight copy
-        return skinny_linear(x, qweight, bias, scales, bits, group_size)
+    if use_triton(x):
+        if x.numel() // x.shape[-1] >= DEQUANT_MIN_ROWS[bits]:    # large M: one transient float copy, cuBLAS
+            return F.linear(x, dequantize_weight(qweight, scales, bits, group_size, x.dtype), bias)
+        return skinny_linear(x, qweight, bias, scales, bits, group_size)   # dequantized in registers
     return F.linear(x, dequantize(qweight, scales, bits, group_size, x.dtype), bias)

@@ -199,3 +199,33 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     assert choice == gemv.replace(best, prefetch=expect_prefetch)
     assert sum(t is not None and t.prefetch for t in timed) == 1
     assert gemv._Choices().get((1, 64, 256, 16, 256, str(x.dtype), False, None, False, x.device), "Test GPU") == choice
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 64)])
+def test_dequantize_weight_matches_the_reference(bits, group):
+    from kernels.gemv import dequantize_weight
+    from kernels.quant import dequantize
+    w, scales, full = _weight(37, 320, bits, group or 320, torch.Generator().manual_seed(bits))
+    got = dequantize_weight(w, scales, bits, group, torch.float32)
+    assert torch.equal(got, dequantize(w, scales, bits, group or 320, torch.float32))
+    assert torch.allclose(got, full)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bits):
+    """Kernel dispatch of `quant_linear` (as on CUDA): from DEQUANT_MIN_ROWS rows one float copy of
+    the weight and F.linear, below it the in-register kernel; both equal the reference."""
+    from kernels import quant
+    from kernels.gemv import DEQUANT_MIN_ROWS
+    monkeypatch.setattr(quant, "use_triton", lambda x: True)
+    copies = []
+    real = quant.dequantize_weight
+    monkeypatch.setattr(quant, "dequantize_weight", lambda *args: copies.append(args) or real(*args))
+    w, scales, full = _weight(24, 128, bits, 64, torch.Generator().manual_seed(5))
+    for rows, expect_copy in ((DEQUANT_MIN_ROWS[bits], True), (3, False)):
+        copies.clear()
+        x, bias = torch.randn(rows, 128), torch.randn(24)
+        got = quant.quant_linear(x, w, scales, bits, 64, bias)
+        ref = x.double() @ full.double().T + bias.double()
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+        assert bool(copies) == expect_copy
