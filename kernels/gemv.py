@@ -230,20 +230,31 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
 
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
-                       BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out [N, K] = q * scale in out's dtype; at 4 bits value k is byte k // 2's low nibble (even k)
-    or high nibble (odd k), minus 8."""
+                       BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+    """out [N, K] = q * scale in out's dtype, in [BN, BK // SUB, SUB] tiles as in `_fma_kernel`
+    (SUB values share a scale); at 4 bits each byte's two values are interleaved back in registers."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    n_mask = rn < N
+    k0 = tl.program_id(1) * BLOCK_K
+    NG: tl.constexpr = BLOCK_K // SUB
+    SW: tl.constexpr = SUB // 2 if BITS == 4 else SUB                 # stored columns per sub-tile
+    rg = tl.arange(0, NG)
+    cols = (k0 // 2 if BITS == 4 else k0) + rg[:, None] * SW + tl.arange(0, SW)[None, :]
+    w = tl.load(w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :],
+                mask=n_mask[:, None, None] & (cols < (K // 2 if BITS == 4 else K))[None, :, :], other=0)
+    group = (k0 + rg * SUB) // group_size
+    scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
+                    mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0).to(tl.float32)[:, :, None]
     if BITS == 4:
-        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] // 2, mask=mask, other=0x88).to(tl.int32)
-        q = tl.where(rk[None, :] % 2 == 0, byte & 0xF, byte >> 4) - 8
+        packed = w.to(tl.int32)
+        values = tl.reshape(tl.join(_u4_to_f32(packed & 0xF) * scale, _u4_to_f32(packed >> 4) * scale),
+                            (BLOCK_N, NG, SUB))
+        k = k0 + rg[:, None] * SUB + tl.arange(0, SUB)[None, :]
     else:
-        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.int32)
-    scale = tl.load(s_ptr + rn[:, None] * stride_sn + rk[None, :] // group_size, mask=mask, other=0.0)
-    w = q.to(tl.float32) * scale.to(tl.float32)
-    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+        values = _s8_to_f32(w) * scale
+        k = cols
+    tl.store(out_ptr + rn[:, None, None] * K + k[None, :, :], values.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None, None] & (k < K)[None, :, :])
 
 
 # Rows from which a quantized product runs faster as dequantize-to-float + cuBLAS than with the
@@ -258,10 +269,12 @@ def dequantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int, gro
     one such copy lives at a time."""
     n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
-    block_n, block_k = 16, 256
+    group_size = group_size or k
+    block_n, block_k = 8, 512
+    sub = min(block_k, group_size & -group_size)        # a power of two inside one scale group
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        weight, scales, out, n, k, weight.stride(0), scales.stride(0), group_size or k, BITS=bits,
-        BLOCK_N=block_n, BLOCK_K=block_k)
+        weight, scales, out, n, k, weight.stride(0), scales.stride(0), group_size, BITS=bits,
+        BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub)
     return out
 
 

@@ -201,13 +201,14 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     assert gemv._Choices().get((1, 64, 256, 16, 256, str(x.dtype), False, None, False, x.device), "Test GPU") == choice
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 64)])
-def test_dequantize_weight_matches_the_reference(bits, group):
+@pytest.mark.parametrize("bits,group,k", [(8, None, 320), (8, 64, 320), (4, 64, 320), (4, 32, 1088), (8, 96, 1152)])
+def test_dequantize_weight_matches_the_reference(bits, group, k):
+    """Ragged N and K, groups smaller and larger than the kernel's sub-tile, and not a power of two."""
     from kernels.gemv import dequantize_weight
     from kernels.quant import dequantize
-    w, scales, full = _weight(37, 320, bits, group or 320, torch.Generator().manual_seed(bits))
+    w, scales, full = _weight(37, k, bits, group or k, torch.Generator().manual_seed(bits))
     got = dequantize_weight(w, scales, bits, group, torch.float32)
-    assert torch.equal(got, dequantize(w, scales, bits, group or 320, torch.float32))
+    assert torch.equal(got, dequantize(w, scales, bits, group or k, torch.float32))
     assert torch.allclose(got, full)
 
 
