@@ -143,19 +143,28 @@ def _s8_to_f32(q):
 
 
 @triton.jit
-def _fma_tile_loads(w_ptrs, x_row, k0, k_end, cols, n_mask, BITS: tl.constexpr):
-    """The raw weight tile at K offset k0 ([BN, NG, SW], packed bytes at 4 bits) and the x values it
-    multiplies ([NG, SW], or [NG, SW, 2] pairs at 4 bits); nothing at or past k_end is read."""
+def _fma_tile_loads(w_ptrs, x_ptr, x_row, k0, k_end, cols, n_mask, BITS: tl.constexpr):
+    """(w, xa, xb): the raw weight tile at K offset k0 ([BN, NG, SV, VEC] stored elements, bytes at
+    4 bits) and the x it multiplies ([NG, SV, VEC]; at 4 bits xa/xb the values each byte's low/high
+    nibble pairs with, read as one 32-bit word per pair for 16-bit x; otherwise xa is x and xb
+    unused); nothing at or past k_end is read."""
+    mask_n = n_mask[:, None, None, None]
     if BITS == 4:
-        kw = k0 // 2 + cols
-        w = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None, None] & (kw < k_end // 2)[None, :, :], other=0x88)
-        xk = 2 * kw[:, :, None] + tl.arange(0, 2)[None, None, :]       # the pair of values of each byte
-        x = tl.load(x_row + xk, mask=xk < k_end, other=0.0)
+        kw = k0 // 2 + cols                            # byte column = index of the word of its x pair
+        w = tl.load(w_ptrs + k0 // 2, mask=mask_n & (kw < k_end // 2)[None], other=0x88)
+        if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
+            pair = tl.load(x_row.to(tl.pointer_type(tl.int32)) + kw, mask=kw < k_end // 2, other=0)
+            xa = (pair & 0xFFFF).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+            xb = (pair >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+        else:
+            xa = tl.load(x_row + 2 * kw, mask=kw < k_end // 2, other=0.0)
+            xb = tl.load(x_row + 2 * kw + 1, mask=kw < k_end // 2, other=0.0)
     else:
         kw = k0 + cols
-        w = tl.load(w_ptrs + k0, mask=n_mask[:, None, None] & (kw < k_end)[None, :, :], other=0)
-        x = tl.load(x_row + kw, mask=kw < k_end, other=0.0)
-    return w, x
+        w = tl.load(w_ptrs + k0, mask=mask_n & (kw < k_end)[None], other=0)
+        xa = tl.load(x_row + kw, mask=kw < k_end, other=0.0)
+        xb = xa
+    return w, xa, xb
 
 
 @triton.jit
@@ -165,44 +174,49 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
-    straight to registers (no shared-memory staging, no 16-row padding) as [BN, BK // SUB, SUB]
-    tiles: SUB values share one scale (SUB divides the group size), so scales broadcast over the
-    last axis. Products accumulate in fp32 per element; one reduction after the loop. PREFETCH
-    issues tile i+1's loads before tile i's arithmetic (Triton pipelines only loads that feed a dot)."""
+    straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
+    tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
+    over the last two axes. VEC is chosen so a thread's weights and x values have the same layout
+    (8 weights against 16 bytes of x; at 4 bits 4 bytes against 4 words of x pairs), so nothing
+    round-trips through shared memory inside the loop. Products accumulate in fp32 per element;
+    one reduction after the loop. PREFETCH issues tile i+1's loads before tile i's arithmetic
+    (Triton pipelines only loads that feed a dot)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     NG: tl.constexpr = BLOCK_K // SUB
-    SW: tl.constexpr = SUB // 2 if BITS == 4 else SUB                 # stored columns per sub-tile
+    VEC: tl.constexpr = 4 if BITS == 4 else 8
+    SV: tl.constexpr = (SUB // 2 if BITS == 4 else SUB) // VEC          # vectors of stored columns per sub-tile
     rg = tl.arange(0, NG)
-    cols = rg[:, None] * SW + tl.arange(0, SW)[None, :]                # [NG, SW] stored column in the tile
-    w_ptrs = w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :]
+    cols = (rg[:, None, None] * SV + tl.arange(0, SV)[None, :, None]) * VEC + tl.arange(0, VEC)[None, None, :]
+    w_ptrs = w_ptr + rn[:, None, None, None] * stride_wn + cols[None]
     x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((BLOCK_N, NG, SW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
-        w, x = _fma_tile_loads(w_ptrs, x_row, k_begin, k_end, cols, n_mask, BITS)
+        w, xa, xb = _fma_tile_loads(w_ptrs, x_ptr, x_row, k_begin, k_end, cols, n_mask, BITS)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
-            w_next, x_next = _fma_tile_loads(w_ptrs, x_row, k0 + BLOCK_K, k_end, cols, n_mask, BITS)
+            w_next, xa_next, xb_next = _fma_tile_loads(w_ptrs, x_ptr, x_row, k0 + BLOCK_K, k_end, cols, n_mask,
+                                                       BITS)
         else:
-            w, x = _fma_tile_loads(w_ptrs, x_row, k0, k_end, cols, n_mask, BITS)
-        if BITS == 4:                                  # packed pairs: even columns low nibble, odd high
+            w, xa, xb = _fma_tile_loads(w_ptrs, x_ptr, x_row, k0, k_end, cols, n_mask, BITS)
+        if BITS == 4:                                  # byte j: low nibble pairs with x[2j], high with x[2j + 1]
             packed = w.to(tl.int32)
-            x_even, x_odd = tl.split(x.to(tl.float32))
-            prod = _u4_to_f32(packed & 0xF) * x_even[None, :, :] + _u4_to_f32(packed >> 4) * x_odd[None, :, :]
+            prod = (_u4_to_f32(packed & 0xF) * xa.to(tl.float32)[None]
+                    + _u4_to_f32(packed >> 4) * xb.to(tl.float32)[None])
         else:
-            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * x.to(tl.float32)[None, :, :]
+            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * xa.to(tl.float32)[None]
         if BITS < 16 and not PER_ROW_SCALE:
             group = (k0 + rg * SUB) // group_size
             scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
                             mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0)
-            prod = prod * scale.to(tl.float32)[:, :, None]
+            prod = prod * scale.to(tl.float32)[:, :, None, None]
         acc += prod
         if PREFETCH:
-            w, x = w_next, x_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]               # [1, BN]
+            w, xa, xb = w_next, xa_next, xb_next
+    out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]    # [1, BN]
     if PER_ROW_SCALE:
         out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     rm = row + tl.arange(0, 1)
@@ -239,9 +253,14 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, group_
     NG: tl.constexpr = BLOCK_K // SUB
     SW: tl.constexpr = SUB // 2 if BITS == 4 else SUB                 # stored columns per sub-tile
     rg = tl.arange(0, NG)
-    cols = (k0 // 2 if BITS == 4 else k0) + rg[:, None] * SW + tl.arange(0, SW)[None, :]
-    w = tl.load(w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :],
-                mask=n_mask[:, None, None] & (cols < (K // 2 if BITS == 4 else K))[None, :, :], other=0)
+    cols = rg[:, None] * SW + tl.arange(0, SW)[None, :]                # [NG, SW] stored column in the tile
+    if BITS == 4:
+        cols += k0 // 2
+        w_mask = n_mask[:, None, None] & (cols < K // 2)[None, :, :]
+    else:
+        cols += k0
+        w_mask = n_mask[:, None, None] & (cols < K)[None, :, :]
+    w = tl.load(w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :], mask=w_mask, other=0)
     group = (k0 + rg * SUB) // group_size
     scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
                     mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0).to(tl.float32)[:, :, None]
@@ -461,6 +480,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    if bits == 4 and (rows.data_ptr() % 4 or rows.stride(0) % 2):    # 16-bit x pairs are read as 32-bit words
+        rows = rows.clone()
     m, n = rows.shape[0], weight.shape[0]
     expect = k // 2 if bits == 4 else k
     assert weight.shape[1] == expect and weight.stride(1) == 1, \
@@ -503,6 +524,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         sub = min(tile.block_k, group_size) if grouped else tile.block_k
         assert not grouped or (tile.block_k % sub == 0 and group_size % sub == 0), \
             f"block_k={tile.block_k} and group_size={group_size}: one must divide the other"
+        assert sub % 8 == 0, f"the CUDA-core kernel needs K tiles of multiples of 8 values, got {sub}"
         flags.pop("BLOCK_M")
         _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, **flags)
     else:

@@ -70,6 +70,24 @@ def test_heuristic_splits_k_only_when_programs_are_few():
     assert 128 % pick_tile(1, 4096, 4096, 4, 128).block_k == 0       # tiles stay inside a scale group
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, None), (16, None)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cuda_core_kernel_with_16_bit_rows(dtype, bits, group, prefetch):
+    """16-bit x, as on GPUs (int4 reads each pair of x values as one 32-bit word), also from a view
+    that starts at an odd element (copied to an aligned buffer first)."""
+    g = torch.Generator().manual_seed(bits)
+    w, scales, full = _weight(24, 256, bits, group or 256, g)
+    storage = torch.randn(2 * 256 + 1, generator=g).to(dtype)
+    x = storage[1:].view(2, 256)                       # the second row starts 2 * 257 bytes in
+    scales = None if scales is None else scales.to(dtype)
+    got = skinny_linear(x, w.to(dtype) if bits == 16 else w, None, scales, bits, group,
+                        Tile(1, 8, 128, fma=True, prefetch=prefetch))
+    ref = x.double() @ full.double().T
+    assert got.dtype == dtype
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
 def test_few_rows_are_offered_the_cuda_core_kernel():
     """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles of 4-16 KB of weights."""
     from kernels.gemv import FMA_MAX_ROWS, candidates
