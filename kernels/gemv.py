@@ -1,14 +1,19 @@
 """Weight-streaming matmul for few rows: y = x W^T (+ bias) with W in fp16/bf16, int8 or packed int4.
 
 Decode multiplies a handful of token rows by every weight of the model once per step, so its speed
-is the rate at which the weights stream from HBM. One kernel covers the three weight formats of
-`kernels.quant` and dequantizes in registers (no full-precision copy of a quantized weight ever
-exists): each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
+is the rate at which the weights stream from HBM. Two kernels cover the three weight formats of
+`kernels.quant` and dequantize in registers (no full-precision copy of a quantized weight exists
+for a decode product), bias, activation and residual fused:
+- `_fma_kernel`, one row per program on the CUDA cores: the weight goes from HBM straight to
+  registers; the fastest at one or two rows (bench/results/*-gemv-fma.json);
+- `_skinny_kernel`, tensor-core tiles of at least 16 rows (rows past M are zeros: free for a
+  memory-bound product).
+Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
 `SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
 small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
-depend on timing. The product runs on the tensor cores in tiles of at least 16 rows (rows past
-M are zeros: free for a memory-bound product). Which tile (and whether cuBLAS beats it, for float
-weights) is measured once per shape on the device the first time it runs (`tuned_tile`).
+depend on timing. Which tile, which kernel (and whether cuBLAS beats both, for float weights) is
+measured once per shape on the device the first time it runs (`tuned_tile`). Quantized products
+of many rows (prefill) dequantize the weight once (`dequantize_weight`) and run cuBLAS.
 
 Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N, K]`; bits=4
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
