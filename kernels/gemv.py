@@ -109,8 +109,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
             x_mask = (rm[:, None] < M) & (rk[None, :] < K)
             x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
             x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
-            low = ((packed & 0xF) - 8).to(x_even.dtype)
-            high = ((packed >> 4) - 8).to(x_even.dtype)
+            low = _nibble_minus_8(packed & 0xF, x_even.dtype)
+            high = _nibble_minus_8(packed >> 4, x_even.dtype)
             part = tl.dot(x_even, tl.trans(low), input_precision="ieee")
             part = tl.dot(x_odd, tl.trans(high), part, input_precision="ieee")
         else:
@@ -119,7 +119,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
                         other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K),
                         other=0)
-            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+            part = tl.dot(x, tl.trans(_s8_to(w, x.dtype) if BITS == 8 else w), input_precision="ieee")
         if BITS < 16 and not PER_ROW_SCALE and not SCALE_IN_TILE:   # one scale per (row, K group) per tile
             scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
             acc += part * scale[None, :]
@@ -150,9 +150,31 @@ def _one_plus_sixteenth(v):
 
 
 @triton.jit
+def _nibble_minus_8(nibble, dtype: tl.constexpr):
+    """int32 nibbles 0..15 -> nibble - 8 in `dtype` by the mantissa trick at that width (fp16:
+    1024 + n, bf16: 128 + n), which spares the slow integer-to-half conversions."""
+    if dtype == tl.float16:
+        return (nibble | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    elif dtype == tl.bfloat16:
+        return (nibble | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+    else:
+        return _u4_to_f32(nibble).to(dtype)
+
+
+@triton.jit
 def _s8_to_f32(q):
     """int8 -> float32 the same way: 2^23 + (q + 128), then subtract 2^23 + 128."""
     return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _s8_to(q, dtype: tl.constexpr):
+    """int8 -> `dtype`: in fp16 as 1024 + (q + 128) - 1152 (exact: fp16 holds 1024..2047 in steps of
+    one); bf16's 8-bit mantissa cannot, so through float32."""
+    if dtype == tl.float16:
+        return (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return _s8_to_f32(q).to(dtype)
 
 
 @triton.jit

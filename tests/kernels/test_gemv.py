@@ -2,6 +2,7 @@
 weight formats, with per-group and in-register dequantization, split-K and the fused epilogue, run
 on CPU by Triton's interpreter; and the tuner's table on disk."""
 import json
+import os
 
 import pytest
 import torch
@@ -72,17 +73,20 @@ def test_heuristic_splits_k_only_when_programs_are_few():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, None), (16, None)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_cuda_core_kernel_with_16_bit_rows(dtype, bits, group, prefetch):
-    """16-bit x, as on GPUs (int4 reads each pair of x values as one 32-bit word), also from a view
-    that starts at an odd element (copied to an aligned buffer first)."""
+@pytest.mark.parametrize("tile", [Tile(1, 8, 128, fma=True), Tile(1, 8, 128, fma=True, prefetch=True), Tile(16, 16, 64)],
+                         ids=["fma", "fma-prefetch", "tensor-cores"])
+def test_16_bit_rows(dtype, bits, group, tile):
+    """16-bit x, as on GPUs (the CUDA-core kernel reads each pair of x values of an int4 byte as one
+    32-bit word; the tensor-core tiles build int8/int4 values in the mantissa of 16-bit floats), also
+    from a view that starts at an odd element (copied to an aligned buffer first)."""
+    if dtype == torch.bfloat16 and not tile.fma and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter computes tl.dot of bfloat16 operands wrongly (even for float weights)")
     g = torch.Generator().manual_seed(bits)
     w, scales, full = _weight(24, 256, bits, group or 256, g)
     storage = torch.randn(2 * 256 + 1, generator=g).to(dtype)
     x = storage[1:].view(2, 256)                       # the second row starts 2 * 257 bytes in
     scales = None if scales is None else scales.to(dtype)
-    got = skinny_linear(x, w.to(dtype) if bits == 16 else w, None, scales, bits, group,
-                        Tile(1, 8, 128, fma=True, prefetch=prefetch))
+    got = skinny_linear(x, w.to(dtype) if bits == 16 else w, None, scales, bits, group, tile)
     ref = x.double() @ full.double().T
     assert got.dtype == dtype
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2

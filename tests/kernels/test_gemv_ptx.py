@@ -28,7 +28,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.gemv import _dequantize_kernel, _fma_kernel
+from kernels.gemv import _dequantize_kernel, _fma_kernel, _skinny_kernel
 
 def compile_for_sm90(fn, types, constexprs, aligned):
     signature = {**types, **{name: "constexpr" for name in constexprs}}
@@ -40,7 +40,7 @@ def inner_loop(ptx):
     start = ptx.index("Inner Loop Header")
     return ptx[start:ptx.index("bra", start)]
 
-out = {"fma": [], "dequantize": {}}
+out = {"fma": [], "dequantize": {}, "tensor_cores": {}}
 sizes = ["M", "N", "K", "stride_xm", "stride_wn", "stride_sn", "stride_rm", "stride_om", "stride_os", "group_size",
          "k_per_split"]
 for bits, weight, x, block_n, block_k, sub, prefetch in json.loads(sys.argv[1]):
@@ -57,6 +57,14 @@ for bits, weight in ((8, "i8"), (4, "u8")):
              "stride_sn": "i32", "group_size": "i32"}
     out["dequantize"][bits] = compile_for_sm90(_dequantize_kernel, types, dict(BITS=bits, BLOCK_N=8, BLOCK_K=512, SUB=128),
                                                ["w_ptr", "s_ptr", "out_ptr", "N", "K", "stride_wn", "group_size"])
+for bits, weight, block_n, block_k in ((8, "i8", 32, 256), (4, "u8", 64, 128)):
+    pointers = {name: "*fp16" for name in ("x_ptr", "s_ptr", "b_ptr", "r_ptr", "out_ptr")}
+    types = {**pointers, "w_ptr": "*" + weight, **{name: "i32" for name in sizes}}
+    types = {name: types[name] for name in _skinny_kernel.arg_names if name in types}
+    ptx = compile_for_sm90(_skinny_kernel, types, dict(
+        BITS=bits, EPILOGUE=True, HAS_BIAS=False, ACT=0, HAS_RESIDUAL=False, PER_ROW_SCALE=False, SCALE_IN_TILE=False,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k), [*pointers, "w_ptr", *sizes[1:]])
+    out["tensor_cores"][bits] = inner_loop(ptx)
 print(json.dumps(out))
 """
 
@@ -77,6 +85,14 @@ def test_cuda_core_loop_stays_in_registers(compiled, case):
     loop = compiled["fma"][case]
     assert "bar.sync" not in loop and "ld.shared" not in loop
     assert ".v4" in loop                               # x (at least) arrives in 16-byte loads
+
+
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_tensor_core_tiles_build_halves_without_conversions(compiled, bits):
+    """int8/int4 -> fp16 for the MMA by the mantissa trick: no integer-to-float conversion (I2F, a
+    quarter-rate instruction) left in the loop."""
+    loop = compiled["tensor_cores"][bits]
+    assert "mma" in loop and "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop
 
 
 @pytest.mark.parametrize("bits", ["8", "4"])
