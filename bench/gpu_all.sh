@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project, in one or two device calls. From the repo root, with .whl,
 # .whl-ray and .commit carried and the anchors copied to .anchors/:
-#   bash bench/gpu_all.sh [single|multi|all]     results and logs land in $OUT (commit them to bench/results)
+#   bash bench/gpu_all.sh [tune|single|multi|all]   results and logs land in $OUT (commit them to bench/results)
+# tune:   (after a kernel change, ~4 min) the gemv tuner's table for both models (bench/tune.py), one model per
+#         GPU; commit $OUT/<GPU>-triton-*.json to kernels/tuned/ before `single`, whose loads then time nothing;
 # single: GPT-Neo 2.7B (fp16, int8, int4, 256 requests in flight) and, given a second GPU, the Llama-2-7B
 #         shape (fp16, bf16, int8) at the same time, then the CUDA-only tests (`pytest -m gpu`) on the second
 #         GPU, then the compiled-torch anchors beside them (~9 min;
@@ -15,7 +17,16 @@ out=${OUT:-bench/results}; mkdir -p "$out"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 run() { local limit=$1 log=$2; shift 2; timeout "$limit" "$@" > "$out/$log.log" 2>&1; echo "$log: exit $?"; }
 
-if [ "$phase" != multi ]; then
+if [ "$phase" = tune ]; then
+  run 540 tune-neo env CUDA_VISIBLE_DEVICES=0 RAYSPEED_CACHE=/tmp/tune-neo python3 bench/tune.py --model neo \
+      --dtypes float16,int8,int4 --out "$out" &
+  if [ "$gpus" -ge 2 ]; then
+    run 540 tune-llama env CUDA_VISIBLE_DEVICES=1 RAYSPEED_CACHE=/tmp/tune-llama python3 bench/tune.py --model llama \
+        --dtypes float16,bfloat16,int8 --out "$out" &
+  fi
+  wait
+fi
+if [ "$phase" = single ] || [ "$phase" = all ]; then
   run 400 neo env CUDA_VISIBLE_DEVICES=0 python3 bench/decode.py --model neo --dtypes float16,int8,int4 \
       --batches 1,8,32 --concurrent 256 --out "$out" &
   if [ "$gpus" -ge 2 ]; then
@@ -30,10 +41,10 @@ if [ "$phase" != multi ]; then
   fi
   wait
 fi
-if [ "$phase" != single ] && [ "$gpus" -ge 2 ]; then
+if { [ "$phase" = multi ] || [ "$phase" = all ]; } && [ "$gpus" -ge 2 ]; then
   run 180 tp python3 bench/tp_bench.py --models neo,llama --out "$out"
   run 330 serve python3 bench/serve_gpu.py --out "$out"
 fi
-for log in neo llama gputests anchor-neo anchor-llama tp serve; do
+for log in tune-neo tune-llama neo llama gputests anchor-neo anchor-llama tp serve; do
   [ -f "$out/$log.log" ] && { echo "== $log"; grep -v "loading weights\|Warning" "$out/$log.log" | tail -n 6 | cut -c1-400; }
 done

@@ -409,7 +409,10 @@ class _Choices:
     @classmethod
     def _read(cls, gpu: str) -> dict:
         table = {}
-        for path in (os.path.join(os.path.dirname(__file__), "tuned", cls._name(gpu)), cls._path(gpu)):
+        paths = [cls._path(gpu)]
+        if os.environ.get("RAYSPEED_GEMV_SHIPPED", "1") != "0":          # 0: time everything anew (bench/tune.py)
+            paths.insert(0, os.path.join(os.path.dirname(__file__), "tuned", cls._name(gpu)))
+        for path in paths:
             try:
                 with open(path) as f:
                     table.update(json.load(f))

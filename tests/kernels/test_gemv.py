@@ -177,6 +177,9 @@ def test_shipped_tables_are_read_and_the_user_cache_wins(tmp_path, monkeypatch):
     (shipped / "tuned" / name).write_text(json.dumps({repr(key): {"block_m": 16, "block_n": 32, "block_k": 128}}))
     monkeypatch.setattr(gemv, "__file__", str(shipped / "gemv.py"))
     assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") == Tile(16, 32, 128)
+    monkeypatch.setenv("RAYSPEED_GEMV_SHIPPED", "0")                 # bench/tune.py: time anew
+    assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") is None
+    monkeypatch.delenv("RAYSPEED_GEMV_SHIPPED")
     gemv._Choices().put((*key, "cuda:0"), "Test GPU", gemv.CUBLAS)
     assert gemv._Choices().get((*key, "cuda:0"), "Test GPU") == gemv.CUBLAS
 

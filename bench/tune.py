@@ -1,0 +1,59 @@
+"""The gemv tuner's choices for the benchmark models, timed before anything is measured: builds each
+engine once (its CUDA-graph warm-up runs every decode batch bucket, which is when
+`kernels.gemv.tuned_tile` times the candidates of each product; the shipped tables are ignored,
+RAYSPEED_GEMV_SHIPPED=0, so the current kernels are timed) and copies the table it wrote to
+--out, merged with what is there already (one process per GPU may tune one model each; give each
+its own $RAYSPEED_CACHE). Commit that table to kernels/tuned/ to ship it, so `bench/decode.py`'s
+load times are those of a start that times nothing.
+
+    python3 bench/tune.py --model neo --dtypes float16,int8,int4 --out bench/results
+"""
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import rayspeed  # noqa: E402
+from bench.decode import KV_BLOCKS, build  # noqa: E402
+from kernels.gemv import _Choices  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["neo", "llama"], default="neo")
+    ap.add_argument("--dtypes", default="float16,int8,int4")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    os.environ["RAYSPEED_GEMV_SHIPPED"] = "0"             # re-time the shapes kernels/tuned/ holds as well
+    hf = build(args.model)
+    for dtype in args.dtypes.split(","):
+        t = time.perf_counter()
+        engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True,
+                                         kv_cache_blocks=KV_BLOCKS[args.model], max_num_seqs=64)
+        print(f"{args.model} {dtype}: built and tuned in {time.perf_counter() - t:.1f} s", flush=True)
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
+    table = _Choices._path(torch.cuda.get_device_name())
+    if not os.path.exists(table):
+        return
+    os.makedirs(args.out, exist_ok=True)
+    target = os.path.join(args.out, os.path.basename(table))
+    with open(target + ".lock", "w") as lock:                # another model's process may merge at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.load(open(target)) if os.path.exists(target) else {}
+        merged.update(json.load(open(table)))
+        with open(target, "w") as f:
+            json.dump(merged, f, indent=0)
+    os.remove(target + ".lock")
+    print("merged", len(merged), "choices into", target)
+
+
+if __name__ == "__main__":
+    main()
