@@ -8,6 +8,7 @@ Masking, shared by every path: a query at position qp sees key positions kp with
 when `window` is set, qp - kp < window (GPT-Neo local layers, Mistral sliding window).
 ALiBi adds slope[h] * (kp - qp) to the scores. Scores and softmax are fp32.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -117,26 +118,38 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         l = tl.zeros((), tl.float32)
         acc = tl.zeros((BLOCK_D,), tl.float32)
         cached = ctx
-    positions = tl.arange(0, CHUNK)
+    # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
+    # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
+    # never across positions (across warps, through shared memory and barriers).
+    positions = tl.arange(0, CHUNK)[:, None]                                # [CHUNK, 1]
+    m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
+    l_lane = tl.zeros((CHUNK, 1), tl.float32)
+    acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
     for c in range(first // CHUNK, tl.cdiv(cached, CHUNK)):
-        k_pos = c * CHUNK + positions                                       # [CHUNK]
+        k_pos = c * CHUNK + positions
         visible = (k_pos < cached) & (k_pos >= first)
         block = tl.load(block_tables_ptr + seq * table_stride + k_pos // BLOCK_SIZE, mask=visible, other=0)
-        offs = block.to(tl.int64)[:, None] * cache_block_stride + (k_pos % BLOCK_SIZE)[:, None] * cache_row_stride \
-            + head_offs[None, :]
-        kv_mask = visible[:, None] & d_mask[None, :]                        # [CHUNK, BLOCK_D]
+        offs = block.to(tl.int64) * cache_block_stride + (k_pos % BLOCK_SIZE) * cache_row_stride + head_offs[None, :]
+        kv_mask = visible & d_mask[None, :]                                 # [CHUNK, BLOCK_D]
         k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
         v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[None, :] * k, axis=1) * scale                     # [CHUNK]
+        scores = tl.sum(q[None, :] * k, axis=1, keep_dims=True) * scale     # [CHUNK, 1]
         if HAS_ALIBI:
             scores += slope * (k_pos - q_pos).to(tl.float32)
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new)                                          # [CHUNK]
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
-        m = m_new
+        m_new = tl.maximum(m_lane, scores)
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
+        alpha = tl.exp(m_lane - base)
+        p = tl.exp(scores - base)
+        acc_lane = acc_lane * alpha + p * v
+        l_lane = l_lane * alpha + p
+        m_lane = m_new
+    m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the new token
+    base = tl.where(m_all == float("-inf"), 0.0, m_all)
+    lane_weight = tl.exp(m_lane - base)
+    own_weight = tl.exp(m - base)
+    l = l * own_weight + tl.sum(l_lane * lane_weight)
+    acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
     out = acc / tl.where(l > 0, l, 1.0)
     out_offs = (seq * num_heads + head) * head_dim + d
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
@@ -165,6 +178,20 @@ def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_
         assert alibi_slopes.is_contiguous() and alibi_slopes.device == q.device, "alibi_slopes: contiguous, q's device"
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_chunk(programs: int, device: torch.device) -> int:
+    """Cache positions per loop step of `_paged_decode_kernel`: 64, unless the grid would then take
+    more than one wave of the GPU, then 32. At head_dim <= 128 a program needs ~168 registers a thread
+    at 64 positions and 96 at 32 (bench/kernel_report.py, sm_90): 3 and 5 programs of 4 warps per SM."""
+    if device.type != "cuda":
+        return 64
+    return 64 if programs <= 3 * _sm_count(device.index or 0) else 32
+
+
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                   window: int | None = None, alibi_slopes: torch.Tensor | None = None,
@@ -190,7 +217,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    chunk = max(block_size, 64)
+    chunk = max(block_size, _decode_chunk(num_heads * num_seqs, q.device))
     _paged_decode_kernel[(num_heads, num_seqs)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
         k_new if new_kv else q, v_new if new_kv else q, slot_mapping if new_kv else context_lens,

@@ -131,6 +131,14 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
+def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
+    """64 positions a step while 3 programs per SM hold the grid, else 32 (5 per SM fit)."""
+    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert attention._decode_chunk(20 * 8, cuda) == 64 and attention._decode_chunk(20 * 32, cuda) == 32
+    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == 64
+
+
 def test_decode_launcher_rejects_bad_inputs():
     q, k_cache, v_cache, tables, context_lens = _decode_case(torch.float32)
     with pytest.raises(AssertionError, match="dtypes differ"):
@@ -229,9 +237,12 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
                                                             (None, True, 2, 2)])
-def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads):
+@pytest.mark.parametrize("chunk", [64, 16])
+def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, monkeypatch):
     """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;
-    contexts span several 64-position chunks and a single token."""
+    contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
+    leaves empty) and a single token."""
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: chunk)
     context_lens = [5, 37, 1, 150]
     q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
     g = torch.Generator().manual_seed(5)

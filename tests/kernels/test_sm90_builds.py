@@ -1,0 +1,102 @@
+"""The hot Triton kernels compiled for Hopper (sm_90) on this CPU machine (bench/kernel_report.py),
+as a launch with aligned pointers and sizes would specialize them: they compile, and their main
+loops keep what made them fast: no round trip through shared memory (`bar.sync`) in the CUDA-core
+gemv loop (x and the weights share a register layout) or in the decode attention loop (per-lane
+softmax states, merged after it); no integer-to-float conversions where the mantissa trick does.
+
+The suite runs Triton's interpreter (tests/conftest.py), so the compiling happens in one child
+process without it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
+
+GEMV_POINTERS = {name: "*fp16" for name in ("x_ptr", "s_ptr", "b_ptr", "r_ptr", "out_ptr")}
+EPILOGUE = dict(EPILOGUE=True, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
+ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_new_ptr",
+                                                     "v_new_ptr")},
+                      "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
+
+
+def fma(bits, weight, x, block_n, block_k, sub, prefetch):
+    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
+    return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
+                                                BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch), pointers)
+
+
+def tensor_cores(bits, weight, block_n, block_k):
+    return ("kernels.gemv", "_skinny_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=False, SCALE_IN_TILE=False,
+                                                   BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k),
+            {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
+
+
+def decode_attention(chunk, window, alibi):
+    return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
+                                                              BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128),
+            ATTENTION_POINTERS)
+
+
+BUILDS = {
+    "fma-int16-fp16": fma(16, "fp16", "fp16", 2, 1024, 1024, False),
+    "fma-int16-bf16-prefetch": fma(16, "bf16", "bf16", 4, 1024, 1024, True),
+    "fma-int8-per-row": fma(8, "i8", "fp16", 4, 1024, 1024, False),
+    "fma-int8-groups-prefetch": fma(8, "i8", "fp16", 4, 1024, 128, True),
+    "fma-int4": fma(4, "u8", "fp16", 8, 1024, 128, False),
+    "fma-int4-bf16-prefetch": fma(4, "u8", "bf16", 8, 1024, 128, True),
+    "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
+    "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
+    "decode-chunk64": decode_attention(64, False, False),
+    "decode-chunk32-window-alibi": decode_attention(32, True, True),
+    "dequantize-int8": ("kernels.gemv", "_dequantize_kernel", dict(BITS=8, BLOCK_N=8, BLOCK_K=512, SUB=128),
+                        {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
+    "dequantize-int4": ("kernels.gemv", "_dequantize_kernel", dict(BITS=4, BLOCK_N=8, BLOCK_K=512, SUB=128),
+                        {"w_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
+}
+
+CHILD = r"""
+import importlib, json, sys
+from bench.kernel_report import compile_for_sm90, inner_loop_ptx
+out = {}
+for name, (module, kernel, constexprs, pointers) in json.loads(sys.argv[1]).items():
+    ptx = compile_for_sm90(getattr(importlib.import_module(module), kernel), constexprs, pointers).asm["ptx"]
+    out[name] = {"ptx": ptx, "loop": inner_loop_ptx(ptx) if "Inner Loop Header" in ptx else ""}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def built() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(BUILDS)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith(("fma", "decode"))])
+def test_loops_stay_in_registers(built, name):
+    loop = built[name]["loop"]
+    assert loop and "bar.sync" not in loop and "ld.shared" not in loop
+
+
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith("fma")])
+def test_cuda_core_gemv_loads_16_bytes_of_x_at_a_time(built, name):
+    assert ".v4" in built[name]["loop"]
+
+
+@pytest.mark.parametrize("name", ["tensor-cores-int8", "tensor-cores-int4"])
+def test_tensor_core_tiles_build_halves_without_conversions(built, name):
+    """int8/int4 -> fp16 for the MMA by the mantissa trick: no integer-to-float conversion (I2F, a
+    quarter-rate instruction) left in the loop."""
+    loop = built[name]["loop"]
+    assert "mma" in loop and "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop
+
+
+@pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
+def test_dequantize_kernel_writes_16_byte_vectors(built, name):
+    assert "st.global.v4" in built[name]["ptx"]
