@@ -20,6 +20,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.attention import _paged_decode_kernel  # noqa: E402
+from kernels.prefill_attention import _prefill_kernel  # noqa: E402
 from kernels.gemv import _dequantize_kernel, _fma_kernel, _skinny_kernel  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -114,11 +115,20 @@ def attention_cases():
                pointers, None)
 
 
+def prefill_cases():
+    pointers = {name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")}
+    pointers.update({"cu_seqlens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"})
+    for block_m, block_d in ((64, 128), (128, 128), (64, 64)):
+        yield (f"prefill {block_m} x head_dim<={block_d}", _prefill_kernel,
+               dict(USE_WINDOW=False, HAS_ALIBI=False, IEEE=False, STORE_KV=True, CACHE_BLOCK=16, BLOCK_M=block_m,
+                    BLOCK_D=block_d), pointers, None)
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
     print(f"{'kernel':42} {'regs':>5} {'spill':>6} {'smem':>6} {'loop':>6} {'bar':>4} {'per byte':>9}  top loop ops")
-    for name, fn, consts, pointers, bytes_per_thread in [*gemv_cases(), *attention_cases()]:
+    for name, fn, consts, pointers, bytes_per_thread in [*gemv_cases(), *attention_cases(), *prefill_cases()]:
         r = resources(compile_for_sm90(fn, consts, pointers))
         per_byte = f"{r['loop_instructions'] / bytes_per_thread:.1f}" if bytes_per_thread else ""
         print(f"{name:42} {r['registers']:5} {r['spill_bytes']:6} {r['shared']:6} {r['loop_instructions']:6} "

@@ -8,6 +8,41 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim, d, d_mask,
+                  k_token_stride, v_token_stride, qk_scale, slope, window, MASKED: tl.constexpr,
+                  USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One key block of the online softmax, in base 2 (scores carry log2(e), so exp2 needs no extra
+    multiply). MASKED: apply causality, the window and the sequence end; blocks wholly visible skip
+    that work. Returns the new state and the block's k, v (the diagonal block stores them)."""
+    k_pos = n + tl.arange(0, BLOCK_M)
+    kv_rows = (start + k_pos)[:, None]
+    kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + kv_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        scores = tl.dot(q, tl.trans(k)) * qk_scale                         # [BLOCK_M, BLOCK_M]
+    rel = k_pos[None, :] - q_pos[:, None]                                  # key - query, <= 0 where visible
+    if HAS_ALIBI:
+        scores += slope * rel.to(tl.float32)
+    if MASKED:
+        visible = (rel <= 0) & (k_pos < length)[None, :]
+        if USE_WINDOW:
+            visible &= rel > -window
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptr + kv_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc, k, v
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                     q_token_stride, q_head_stride, k_token_stride, v_token_stride, out_token_stride,
                     cache_block_stride, cache_row_stride, group, head_dim, scale, window,
@@ -15,7 +50,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
                     CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (query block, head, sequence) of a fresh prefill: flash attention (online softmax over
     key blocks of BLOCK_M) of the sequence's queries over its own keys, causal and, with USE_WINDOW,
-    local. Query and key positions are their indices in the sequence (no cached prefix).
+    local. Query and key positions are their indices in the sequence (no cached prefix). Only the
+    blocks on the window's lower edge and the diagonal are masked; those between are wholly visible.
     With STORE_KV, the program of each KV head's first query head also writes the key block on its
     diagonal (the last it visits, and no other program of that head's block row visits it as diagonal)
     to the cache slots `slots` gives: `store_kv` without a kernel of its own."""
@@ -31,48 +67,38 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
     q_rows = (start + q_pos)[:, None]
     q = tl.load(q_ptr + q_rows * q_token_stride + head * q_head_stride + d[None, :],
                 mask=(q_pos < length)[:, None] & d_mask[None, :], other=0.0)
+    qk_scale = scale * 1.4426950408889634                                # log2(e): softmax in base 2
+    slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + head).to(tl.float32)
+        slope = tl.load(alibi_ptr + head).to(tl.float32) * 1.4426950408889634
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)      # finite: a row whose first block is all masked stays NaN-free
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    lo = 0
+    diagonal = m_block * BLOCK_M
+    lo, full = 0, 0                                      # [lo, full): window edge blocks; [full, diagonal): visible
     if USE_WINDOW:
-        lo = tl.maximum(m_block * BLOCK_M - window + 1, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum((m_block + 1) * BLOCK_M, length)
-    for n in range(lo, hi, BLOCK_M):
-        k_pos = n + tl.arange(0, BLOCK_M)                                  # [BLOCK_M]
-        kv_rows = (start + k_pos)[:, None]
-        kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            scores = tl.dot(q, tl.trans(k)) * scale                         # [BLOCK_M, BLOCK_M]
-        rel = k_pos[None, :] - q_pos[:, None]                              # key - query, <= 0 where visible
-        if HAS_ALIBI:
-            scores += slope * rel.to(tl.float32)
-        visible = (rel <= 0) & (k_pos < length)[None, :]
-        if USE_WINDOW:
-            visible &= rel > -window
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        if STORE_KV:
-            if (n == m_block * BLOCK_M) & (head % group == 0):
-                slot = tl.load(slots_ptr + start + k_pos, mask=k_pos < length, other=0)
-                row_offs = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
-                cache_offs = row_offs[:, None] + kv_head * head_dim + d[None, :]
-                tl.store(k_cache_ptr + cache_offs, k, mask=kv_mask)
-                tl.store(v_cache_ptr + cache_offs, v, mask=kv_mask)
+        lo = tl.maximum(diagonal - window + 1, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.cdiv(tl.maximum(diagonal + BLOCK_M - window, 0), BLOCK_M) * BLOCK_M, diagonal)
+    for n in range(lo, full, BLOCK_M):
+        m_i, l_i, acc, k, v = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
+                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
+                                            window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_M)
+    for n in range(full, diagonal, BLOCK_M):
+        m_i, l_i, acc, k, v = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
+                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
+                                            window, False, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_M)
+    m_i, l_i, acc, k, v = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, diagonal, q_pos, length, kv_head,
+                                        head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
+                                        window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_M)
+    if STORE_KV:
+        if head % group == 0:
+            k_pos = diagonal + tl.arange(0, BLOCK_M)
+            slot = tl.load(slots_ptr + start + k_pos, mask=k_pos < length, other=0)
+            row_offs = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
+            cache_offs = row_offs[:, None] + kv_head * head_dim + d[None, :]
+            kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
+            tl.store(k_cache_ptr + cache_offs, k, mask=kv_mask)
+            tl.store(v_cache_ptr + cache_offs, v, mask=kv_mask)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 only in rows past the sequence (not stored)
     tl.store(out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(q_pos < length)[:, None] & d_mask[None, :])

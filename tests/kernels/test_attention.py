@@ -225,6 +225,19 @@ def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, 
     assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
 
 
+@pytest.mark.parametrize("window,alibi", [(None, True), (150, False), (150, True), (64, False)])
+def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi):
+    """Prompts of five key blocks: the blocks on the window's lower edge and the diagonal are masked,
+    those between are taken whole; all three kinds of step in one query block row."""
+    lens = [300, 70]
+    q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, 2)
+    slopes = _alibi(4) if alibi else None
+    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
+                                     window, slopes)
+    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_fresh_prefill_triton_head_dim_80_pads_to_128():
     """GPT-Neo 2.7B's head_dim (80) is not a power of two: the padded lanes must not leak in."""
     lens = [33, 5]

@@ -51,6 +51,12 @@ BUILDS = {
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "decode-chunk64": decode_attention(64, False, False),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
+    "prefill-window-alibi": ("kernels.prefill_attention", "_prefill_kernel",
+                             dict(USE_WINDOW=True, HAS_ALIBI=True, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
+                                  BLOCK_M=64, BLOCK_D=128),
+                             {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
+                                                            "v_cache_ptr")},
+                              "cu_seqlens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}),
     "dequantize-int8": ("kernels.gemv", "_dequantize_kernel", dict(BITS=8, BLOCK_N=8, BLOCK_K=512, SUB=128),
                         {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
     "dequantize-int4": ("kernels.gemv", "_dequantize_kernel", dict(BITS=4, BLOCK_N=8, BLOCK_K=512, SUB=128),
@@ -95,6 +101,12 @@ def test_tensor_core_tiles_build_halves_without_conversions(built, name):
     quarter-rate instruction) left in the loop."""
     loop = built[name]["loop"]
     assert "mma" in loop and "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop
+
+
+def test_prefill_attention_builds_with_every_option(built):
+    """The three kinds of key-block step (window edge, wholly visible, diagonal) compile, on the tensor
+    cores."""
+    assert "mma" in built["prefill-window-alibi"]["ptx"]
 
 
 @pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
