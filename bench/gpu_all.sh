@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project, in one or two device calls. From the repo root, with .whl,
 # .whl-ray and .commit carried and the anchors copied to .anchors/:
-#   bash bench/gpu_all.sh [tune|single|multi|all]   results and logs land in $OUT (commit them to bench/results)
+#   bash bench/gpu_all.sh [tune|pdl|single|multi|all]   results and logs land in $OUT (commit them to bench/results)
 # tune:   (after a kernel change, ~4 min) the gemv tuner's table for both models (bench/tune.py), one model per
 #         GPU; commit $OUT/<GPU>-triton-*.json to kernels/tuned/ before `single`, whose loads then time nothing;
+# pdl:    (~5 min) batch 1 and 32 with and without programmatic dependent launch (RAYSPEED_PDL, kernels/pdl.py),
+#         GPT-Neo fp16/int8 on GPU 0 and the Llama shape fp16 on GPU 1, HF eager beside the first of each pair;
 # single: GPT-Neo 2.7B (fp16, int8, int4, 256 requests in flight) and, given a second GPU, the Llama-2-7B
 #         shape (fp16, bf16, int8) at the same time, then the CUDA-only tests (`pytest -m gpu`) on the second
 #         GPU, then the compiled-torch anchors beside them (~9 min;
@@ -26,6 +28,17 @@ if [ "$phase" = tune ]; then
   fi
   wait
 fi
+if [ "$phase" = pdl ]; then
+  for model in neo llama; do
+    gpu=$([ $model = neo ] && echo 0 || echo 1); dtypes=$([ $model = neo ] && echo float16,int8 || echo float16)
+    [ $gpu = 1 ] && [ "$gpus" -lt 2 ] && continue
+    { run 280 $model-nopdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=0 python3 bench/decode.py --model $model \
+          --dtypes $dtypes --batches 1,32 --tag=-nopdl --out "$out"
+      run 200 $model-pdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=1 python3 bench/decode.py --model $model \
+          --dtypes $dtypes --batches 1,32 --no-hf --tag=-pdl --out "$out"; } &
+  done
+  wait
+fi
 if [ "$phase" = single ] || [ "$phase" = all ]; then
   run 400 neo env CUDA_VISIBLE_DEVICES=0 python3 bench/decode.py --model neo --dtypes float16,int8,int4 \
       --batches 1,8,32 --concurrent 256 --out "$out" &
@@ -45,6 +58,7 @@ if { [ "$phase" = multi ] || [ "$phase" = all ]; } && [ "$gpus" -ge 2 ]; then
   run 180 tp python3 bench/tp_bench.py --models neo,llama --out "$out"
   run 330 serve python3 bench/serve_gpu.py --out "$out"
 fi
-for log in tune-neo tune-llama neo llama gputests anchor-neo anchor-llama tp serve; do
+for log in tune-neo tune-llama neo-nopdl neo-pdl llama-nopdl llama-pdl neo llama gputests anchor-neo anchor-llama tp \
+    serve; do
   [ -f "$out/$log.log" ] && { echo "== $log"; grep -v "loading weights\|Warning" "$out/$log.log" | tail -n 6 | cut -c1-400; }
 done

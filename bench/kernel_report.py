@@ -92,7 +92,7 @@ def gemv_cases():
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",
                     "out_ptr": "*fp16"}
         consts = dict(BITS=bits, **epilogue, PER_ROW_SCALE=bits == 8, BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub,
-                      PREFETCH=False)
+                      PREFETCH=False, PDL=False)
         yield f"fma int{bits} {block_n}x{block_k}", _fma_kernel, consts, pointers, block_n * block_k * bits // 8 / 128
     for bits, weight, block_n, block_k in ((16, "*fp16", 32, 256), (8, "*i8", 32, 256), (4, "*u8", 64, 128)):
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",
@@ -111,7 +111,7 @@ def attention_cases():
     pointers.update({"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"})
     for chunk in (16, 32, 64):
         yield (f"paged decode chunk {chunk} head_dim<=128", _paged_decode_kernel,
-               dict(USE_WINDOW=False, HAS_ALIBI=False, NEW_KV=True, BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128),
+               dict(USE_WINDOW=False, HAS_ALIBI=False, NEW_KV=True, BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=False),
                pointers, None)
 
 

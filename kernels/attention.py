@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
+from kernels.pdl import await_previous
+from kernels.pdl import enabled as programmatic_launch
 from kernels.prefill_attention import prefill_attention_triton
 
 
@@ -82,11 +84,12 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          q_seq_stride, q_head_stride, k_new_stride, v_new_stride, cache_block_stride, cache_row_stride,
                          table_stride, num_heads, group, head_dim, scale, window,
                          USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One (head, sequence): online softmax over the cached keys in chunks of CHUNK positions
     (several cache blocks per step, so few dependent round trips). With NEW_KV this step's key and
     value come from k_new/v_new (registers), and the program of each KV head's first query head
     writes them to their cache slot: no separate store kernel, and no program reads that slot."""
+    await_previous(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     kv_head = head // group
@@ -218,6 +221,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if out.numel() == 0:
         return out
     chunk = max(block_size, _decode_chunk(num_heads * num_seqs, q.device))
+    pdl = programmatic_launch(q)
     _paged_decode_kernel[(num_heads, num_seqs)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
         k_new if new_kv else q, v_new if new_kv else q, slot_mapping if new_kv else context_lens,
@@ -225,7 +229,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
-        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=triton.next_power_of_2(head_dim))
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl)
     return out
 
 

@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import await_previous
+from kernels.pdl import enabled as programmatic_launch
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -178,15 +181,23 @@ def _s8_to(q, dtype: tl.constexpr):
 
 
 @triton.jit
-def _fma_tile_loads(w_ptrs, x_ptr, x_row, k0, k_end, cols, n_mask, BITS: tl.constexpr):
-    """(w, xa, xb): the raw weight tile at K offset k0 ([BN, NG, SV, VEC] stored elements, bytes at
-    4 bits) and the x it multiplies ([NG, SV, VEC]; at 4 bits xa/xb the values each byte's low/high
-    nibble pairs with, read as one 32-bit word per pair for 16-bit x; otherwise xa is x and xb
-    unused); nothing at or past k_end is read."""
+def _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS: tl.constexpr):
+    """The raw weight tile at K offset k0: [BN, NG, SV, VEC] stored elements (bytes at 4 bits); nothing
+    at or past k_end is read."""
     mask_n = n_mask[:, None, None, None]
     if BITS == 4:
+        w = tl.load(w_ptrs + k0 // 2, mask=mask_n & (k0 // 2 + cols < k_end // 2)[None], other=0x88)
+    else:
+        w = tl.load(w_ptrs + k0, mask=mask_n & (k0 + cols < k_end)[None], other=0)
+    return w
+
+
+@triton.jit
+def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr):
+    """(xa, xb): the x values the weight tile at k0 multiplies, [NG, SV, VEC]; at 4 bits those each
+    byte's low / high nibble pairs with (one 32-bit word per pair for 16-bit x), otherwise xa = xb = x."""
+    if BITS == 4:
         kw = k0 // 2 + cols                            # byte column = index of the word of its x pair
-        w = tl.load(w_ptrs + k0 // 2, mask=mask_n & (kw < k_end // 2)[None], other=0x88)
         if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
             pair = tl.load(x_row.to(tl.pointer_type(tl.int32)) + kw, mask=kw < k_end // 2, other=0)
             xa = (pair & 0xFFFF).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
@@ -195,11 +206,9 @@ def _fma_tile_loads(w_ptrs, x_ptr, x_row, k0, k_end, cols, n_mask, BITS: tl.cons
             xa = tl.load(x_row + 2 * kw, mask=kw < k_end // 2, other=0.0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kw < k_end // 2, other=0.0)
     else:
-        kw = k0 + cols
-        w = tl.load(w_ptrs + k0, mask=mask_n & (kw < k_end)[None], other=0)
-        xa = tl.load(x_row + kw, mask=kw < k_end, other=0.0)
+        xa = tl.load(x_row + k0 + cols, mask=k0 + cols < k_end, other=0.0)
         xb = xa
-    return w, xa, xb
+    return xa, xb
 
 
 @triton.jit
@@ -207,7 +216,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 stride_rm, stride_om, stride_os, group_size, k_per_split,
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
+                PDL: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -217,7 +227,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     one reduction after the loop. int8 becomes float by the mantissa trick of `_s8_to_f32`, int4 as
     `_one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
     of 465 SASS instructions per 8 x 1024 int4 tile). PREFETCH issues tile i+1's loads before tile
-    i's arithmetic (Triton pipelines only loads that feed a dot)."""
+    i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
+    weight tile is read before waiting for the kernel that produced x."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -232,13 +243,18 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
-        w, xa, xb = _fma_tile_loads(w_ptrs, x_ptr, x_row, k_begin, k_end, cols, n_mask, BITS)
+        w = _fma_weights(w_ptrs, k_begin, k_end, cols, n_mask, BITS)      # weights never change: no wait
+        await_previous(PDL)
+        xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS)
+    else:
+        await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
-            w_next, xa_next, xb_next = _fma_tile_loads(w_ptrs, x_ptr, x_row, k0 + BLOCK_K, k_end, cols, n_mask,
-                                                       BITS)
+            w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS)
+            xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS)
         else:
-            w, xa, xb = _fma_tile_loads(w_ptrs, x_ptr, x_row, k0, k_end, cols, n_mask, BITS)
+            w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS)
+            xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS)
         if BITS == 4:        # byte j: low nibble pairs with x[2j], high with x[2j + 1]; w = 16 (f - 1.5) s
             packed = w.to(tl.int32)
             x_even, x_odd = xa.to(tl.float32)[None], xb.to(tl.float32)[None]
@@ -569,7 +585,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             f"block_k={tile.block_k} and group_size={group_size}: one must divide the other"
         assert sub % 8 == 0, f"the CUDA-core kernel needs K tiles of multiples of 8 values, got {sub}"
         flags.pop("BLOCK_M")
-        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, **flags)
+        pdl = programmatic_launch(x)
+        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
+from kernels.pdl import await_previous
+from kernels.pdl import enabled as programmatic_launch
 
 
 def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
@@ -47,7 +49,8 @@ def _load_row(x_ptr, r_ptr, sum_ptr, row, x_row_stride, r_row_stride, hidden, co
 
 @triton.jit
 def _layer_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, x_row_stride, r_row_stride, hidden, eps,
-                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -64,7 +67,8 @@ def _layer_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, x_row_strid
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, x_row_stride, r_row_stride, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -106,12 +110,12 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     rows = _check_norm_inputs(x, weight, bias)                  # [rows, hidden]
     res_rows, summed = _with_residual(x, residual)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    hidden = x.shape[-1]
+    hidden, pdl = x.shape[-1], programmatic_launch(x)
     if rows.shape[0]:
         _layer_norm_kernel[(rows.shape[0],)](rows, res_rows, summed, weight, weight if bias is None else bias, out,
                                              rows.stride(0), res_rows.stride(0), hidden, eps,
                                              HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                                             BLOCK=triton.next_power_of_2(hidden))
+                                             BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl)
     return out if residual is None else (out, summed)
 
 
@@ -121,11 +125,11 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     rows = _check_norm_inputs(x, weight)                        # [rows, hidden]
     res_rows, summed = _with_residual(x, residual)
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    hidden = x.shape[-1]
+    hidden, pdl = x.shape[-1], programmatic_launch(x)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, res_rows, summed, weight, out, rows.stride(0), res_rows.stride(0),
                                            hidden, eps, HAS_RESIDUAL=residual is not None,
-                                           BLOCK=triton.next_power_of_2(hidden))
+                                           BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl)
     return out if residual is None else (out, summed)
 
 

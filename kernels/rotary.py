@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import use_triton
+from kernels.pdl import await_previous
+from kernels.pdl import enabled as programmatic_launch
 
 
 def rotary_cos_sin(inv_freq: torch.Tensor, max_positions: int, scaling: float = 1.0) -> torch.Tensor:
@@ -44,7 +46,8 @@ def apply_rotary_torch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
 @triton.jit
 def _rotary_kernel(x_ptr, out_ptr, pos_ptr, cos_sin_ptr, x_tok_stride, x_head_stride, cos_sin_stride,
                    heads, head_dim, half, INTERLEAVED: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     x_row = x_ptr + tok * x_tok_stride + head * x_head_stride
@@ -75,10 +78,12 @@ def _rotate_triton(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tens
     out = torch.empty((tokens, heads, head_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    pdl = programmatic_launch(x)
     _rotary_kernel[(tokens, heads)](x, out, positions, cos_sin, x.stride(0), x.stride(1), cos_sin.stride(0),
                                     heads, head_dim, half, INTERLEAVED=interleaved,
                                     BLOCK_R=triton.next_power_of_2(half),
-                                    BLOCK_D=triton.next_power_of_2(max(head_dim - 2 * half, 1)))
+                                    BLOCK_D=triton.next_power_of_2(max(head_dim - 2 * half, 1)), PDL=pdl,
+                                    launch_pdl=pdl)
     return out
 
 

@@ -32,6 +32,24 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float16, "int8"])
+def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monkeypatch):
+    """RAYSPEED_PDL=1 (kernels/pdl.py): the decode chain's kernels overlap their launches and wait on
+    the GPU instead; greedy tokens with graphs and run-ahead equal those of a run without it."""
+    hf = tiny_model(family)
+
+    def tokens():
+        engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, device="cuda",
+                                         max_num_seqs=8)
+        return [o.outputs[0].token_ids for o in engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)]
+
+    monkeypatch.setenv("RAYSPEED_PDL", "0")
+    expected = tokens()
+    monkeypatch.setenv("RAYSPEED_PDL", "1")
+    assert tokens() == expected
+
+
 def test_prefill_graph_logits_equal_eager_logits():
     """The padded graph replay returns each prompt's last-token logits as the eager forward does (to
     rounding: cuBLAS may pick another algorithm for the padded row count)."""

@@ -2,7 +2,8 @@
 as a launch with aligned pointers and sizes would specialize them: they compile, and their main
 loops keep what made them fast: no round trip through shared memory (`bar.sync`) in the CUDA-core
 gemv loop (x and the weights share a register layout) or in the decode attention loop (per-lane
-softmax states, merged after it); no integer-to-float conversions where the mantissa trick does.
+softmax states, merged after it); no integer-to-float conversions where the mantissa trick does;
+with programmatic dependent launch, no activation read or write before the wait.
 
 The suite runs Triton's interpreter (tests/conftest.py), so the compiling happens in one child
 process without it."""
@@ -22,10 +23,11 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
 
 
-def fma(bits, weight, x, block_n, block_k, sub, prefetch):
+def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False):
     pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
-                                                BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch), pointers)
+                                                BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
+                                                PDL=pdl), pointers)
 
 
 def tensor_cores(bits, weight, block_n, block_k):
@@ -34,9 +36,9 @@ def tensor_cores(bits, weight, block_n, block_k):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
-def decode_attention(chunk, window, alibi):
+def decode_attention(chunk, window, alibi, pdl=False):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
-                                                              BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128),
+                                                              BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl),
             ATTENTION_POINTERS)
 
 
@@ -51,6 +53,15 @@ BUILDS = {
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "decode-chunk64": decode_attention(64, False, False),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
+    "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
+    "pdl-decode": decode_attention(64, False, False, pdl=True),
+    "pdl-layer-norm": ("kernels.norm", "_layer_norm_kernel", dict(HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK=4096,
+                                                                 PDL=True),
+                       {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "b_ptr", "out_ptr")}),
+    "pdl-rms-norm": ("kernels.norm", "_rms_norm_kernel", dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=True),
+                     {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "out_ptr")}),
+    "pdl-rotary": ("kernels.rotary", "_rotary_kernel", dict(INTERLEAVED=False, BLOCK_R=64, BLOCK_D=1, PDL=True),
+                   {"x_ptr": "*fp16", "out_ptr": "*fp16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32"}),
     "prefill-window-alibi": ("kernels.prefill_attention", "_prefill_kernel",
                              dict(USE_WINDOW=True, HAS_ALIBI=True, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
                                   BLOCK_M=64, BLOCK_D=128),
@@ -101,6 +112,21 @@ def test_tensor_core_tiles_build_halves_without_conversions(built, name):
     quarter-rate instruction) left in the loop."""
     loop = built[name]["loop"]
     assert "mma" in loop and "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop
+
+
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith("pdl")])
+def test_programmatic_launch_waits_before_reading_activations(built, name):
+    """With PDL each kernel of the decode chain waits for the previous kernels (griddepcontrol.wait)
+    before its first activation read and then lets the next one launch; the CUDA-core matmul reads
+    its first weight tile before the wait."""
+    ptx = built[name]["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert wait < ptx.index("griddepcontrol.launch_dependents")
+    if name.startswith("pdl-fma"):
+        assert ptx.index("ld.global") < wait                  # the weights (they never change)
+        assert "ld.global" in ptx[wait:]                      # x, after the wait
+    else:
+        assert "ld.global" not in ptx[:wait] and "st.global" not in ptx[:wait]
 
 
 def test_prefill_attention_builds_with_every_option(built):

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (Hopper and later), opt-in with RAYSPEED_PDL=1 until measured.
+
+A decode step is a chain of short kernels (norm, matmul, attention, matmul, norm, ...) each waiting
+for the one before. Launched with `launch_pdl=True`, a kernel of the chain may be scheduled while the
+previous one drains: it runs what does not depend on that kernel (index math; the CUDA-core matmul
+also its first weight tile, which never changes), then `await_previous` (griddepcontrol.wait, which
+returns once every earlier kernel has finished and its writes are visible) before reading
+activations or writing anything. A kernel not launched this way is waited for as usual, so the
+chain may hold other kernels (cuBLAS, torch ops). CUDA graphs keep the programmatic edges.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def await_previous(PDL: tl.constexpr):
+        """With PDL: wait for the previous kernels, then let the next kernel of the chain be scheduled
+        (it launches once every program of this one got here or finished)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    AVAILABLE = True
+except ImportError:                                     # a Triton without grid dependency control
+    @triton.jit
+    def await_previous(PDL: tl.constexpr):
+        pass
+
+    AVAILABLE = False
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether kernels working on `x` launch with programmatic dependent launch."""
+    return (AVAILABLE and x.is_cuda and os.environ.get("RAYSPEED_PDL") == "1"
+            and _hopper_or_later(x.device.index or 0))
