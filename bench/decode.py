@@ -244,7 +244,7 @@ def save(result: dict, args) -> None:
         if fp16:
             row["block_linear_bytes_vs_fp16"] = row["block_linear_gb"] / fp16
     os.makedirs(args.out, exist_ok=True)
-    from kernels.gemv import _Choices
+    from kernels.gemv_tuner import _Choices
     tuned = _Choices._path(result["device"])
     if os.path.exists(tuned):                   # the tuner's table: commit it to kernels/tuned/ to ship it
         shutil.copy(tuned, os.path.join(args.out, os.path.basename(tuned)))

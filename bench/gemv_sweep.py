@@ -21,7 +21,8 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.gemv import FMA_MAX_ROWS, Tile, candidates, pick_tile, skinny_linear  # noqa: E402
+from kernels.gemv import Tile, pick_tile, skinny_linear  # noqa: E402
+from kernels.gemv_tuner import FMA_MAX_ROWS, candidates  # noqa: E402
 
 SHAPES = {"neo.qkv": (7680, 2560), "neo.out": (2560, 2560), "neo.fc1": (10240, 2560), "neo.fc2": (2560, 10240),
           "llama.qkv": (12288, 4096), "llama.out": (4096, 4096), "llama.gate_up": (22016, 4096),

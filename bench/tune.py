@@ -1,6 +1,6 @@
 """The gemv tuner's choices for the benchmark models, timed before anything is measured: builds each
 engine once (its CUDA-graph warm-up runs every decode batch bucket, which is when
-`kernels.gemv.tuned_tile` times the candidates of each product; the shipped tables are ignored,
+`kernels.gemv_tuner.tuned_tile` times the candidates of each product; the shipped tables are ignored,
 RAYSPEED_GEMV_SHIPPED=0, so the current kernels are timed) and copies the table it wrote to
 --out, merged with what is there already (one process per GPU may tune one model each; give each
 its own $RAYSPEED_CACHE). Commit that table to kernels/tuned/ to ship it, so `bench/decode.py`'s
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
 from bench.decode import KV_BLOCKS, build  # noqa: E402
-from kernels.gemv import _Choices  # noqa: E402
+from kernels.gemv_tuner import _Choices  # noqa: E402
 
 
 def main() -> None:

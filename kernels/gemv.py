@@ -12,18 +12,14 @@ Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K
 `SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
 small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
 depend on timing. Which tile, which kernel (and whether cuBLAS beats both, for float weights) is
-measured once per shape on the device the first time it runs (`tuned_tile`). Quantized products
-of many rows (prefill) dequantize the weight once (`dequantize_weight`) and run cuBLAS.
+measured once per shape on the device the first time it runs: kernels/gemv_tuner.py. Quantized
+products of many rows (prefill) dequantize the weight once (`dequantize_weight`) and run cuBLAS.
 
 Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N, K]`; bits=4
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
 `scales [N, K // group_size]`, w = q * scales[n, k // group_size].
 """
-import functools
-import itertools
-import json
-import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -371,172 +367,13 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     return Tile(block_m, block_n, block_k, split_k)
 
 
-FMA_MAX_ROWS = 2                                         # products the CUDA-core kernel is offered for
-
-
-def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
-    """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
-    Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
-    8k stored elements (bytes at 4 bits). Quantized weights also get wide tensor-core tiles dequantized in registers, which
-    may span K-groups."""
-    tiles = []
-    if m <= FMA_MAX_ROWS:
-        for block_k, block_n in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8)):
-            stored = block_n * block_k // (2 if bits == 4 else 1)          # weight elements in memory
-            if block_k > k or not 4096 <= stored * max(1, bits // 8) <= 16384 or stored > 8192:
-                continue
-            for split_k in (1, 2, 4):
-                if split_k == 1 or k >= 2 * block_k * split_k:
-                    tiles.append(Tile(1, block_n, block_k, split_k, fma=True))
-    block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
-    shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
-    if bits < 16:
-        shapes += [(32, 256, True), (64, 256, True), (32, 512, True)]
-    for block_n, block_k, in_tile in shapes:
-        if group_size < k and group_size % block_k and not in_tile:
-            continue
-        for split_k in (1, 2, 4, 8, 16):
-            if k >= block_k * split_k:
-                tiles.append(Tile(block_m, block_n, block_k, split_k, scale_in_tile=in_tile))
-    return tiles
-
-
-CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
-
-
-class _Choices:
-    """Tuned choices by product, kept in memory and on disk per GPU model and Triton version
-    ($RAYSPEED_CACHE/gemv/, default ~/.cache/rayspeed), so later starts time nothing. Tables
-    measured on the project's benchmark machines ship in kernels/tuned/ and are read first."""
-
-    def __init__(self):
-        self.memory: dict[tuple, "Tile | str"] = {}
-        self.disk: dict[str, dict] | None = None
-
-    VERSION = 2                                          # bumped when the candidates change: old tables retire
-
-    @classmethod
-    def _name(cls, gpu: str) -> str:
-        return f"{gpu.replace(' ', '-').replace('/', '-')}-triton-{triton.__version__}-v{cls.VERSION}.json"
-
-    @classmethod
-    def _path(cls, gpu: str) -> str:
-        root = os.environ.get("RAYSPEED_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rayspeed"))
-        return os.path.join(root, "gemv", cls._name(gpu))
-
-    @classmethod
-    def _read(cls, gpu: str) -> dict:
-        table = {}
-        paths = [cls._path(gpu)]
-        if os.environ.get("RAYSPEED_GEMV_SHIPPED", "1") != "0":          # 0: time everything anew (bench/tune.py)
-            paths.insert(0, os.path.join(os.path.dirname(__file__), "tuned", cls._name(gpu)))
-        for path in paths:
-            try:
-                with open(path) as f:
-                    table.update(json.load(f))
-            except (OSError, ValueError):
-                pass
-        return table
-
-    def get(self, key: tuple, gpu: str) -> "Tile | str | None":
-        """`key`'s choice; its last element (the device) is left out on disk, `gpu` names the file."""
-        if key in self.memory:
-            return self.memory[key]
-        if self.disk is None:
-            self.disk = self._read(gpu)
-        found = self.disk.get(repr(key[:-1]))
-        if found is not None:
-            try:
-                self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
-            except TypeError:                            # written by another version of Tile: time again
-                pass
-        return self.memory.get(key)
-
-    def put(self, key: tuple, gpu: str, choice: "Tile | str") -> None:
-        self.memory[key] = choice
-        if self.disk is None:
-            self.disk = self._read(gpu)
-        self.disk[repr(key[:-1])] = choice if choice == CUBLAS else asdict(choice)
-        path = self._path(gpu)
-        try:                                             # atomic: TP ranks may write at once
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(self.disk, f, indent=0)
-            os.replace(tmp, path)
-        except OSError:
-            pass                                         # a read-only home only costs re-tuning
-
-
-_choices = _Choices()
-
-
-@functools.cache
-def _gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
-               activation: str | None, residual, torch_path=None) -> "Tile | str":
-    """The fastest way to run this product, measured once per (rows rounded up to a power of two,
-    shape, format, epilogue) with cold caches (`triton.testing.do_bench` flushes L2): a tile, or
-    `CUBLAS` when `torch_path` (the unfused torch computation, offered for float weights) is faster.
-    A CUDA-core winner is timed once more with `prefetch` (one compile instead of doubling the grid).
-    More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
-    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
-    k = x.shape[-1]
-    m, n = x.numel() // k, weight.shape[0]
-    group = group_size or k
-    if m > 16:                                           # prefill sizes vary: never time on the request path
-        return pick_tile(m, n, k, bits, group)
-    key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
-           residual is not None, x.device)
-    gpu = _gpu_name(x.device)
-    cached = _choices.get(key, gpu)
-    if cached is not None:
-        return cached
-    if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return pick_tile(m, n, k, bits, group)
-    from triton.testing import do_bench
-    timings = {}
-
-    def measure(tile: Tile) -> None:
-        try:
-            timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
-                                                           activation, residual), warmup=1, rep=4,
-                                     return_mode="median")
-        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
-            pass                                         # a tile too large for this GPU's shared memory
-
-    for tile in candidates(m, k, bits, group):
-        measure(tile)
-    if torch_path is not None:
-        timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")
-    choice = min(timings, key=timings.get)
-    if choice != CUBLAS and choice.fma:                  # the winner again with its next tile prefetched
-        measure(replace(choice, prefetch=True))
-        choice = min(timings, key=timings.get)
-    _choices.put(key, gpu, choice)
-    return choice
-
-
-def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
-                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None):
-    """`skinny_linear` with the tuner's tile, or `torch_path()` (the same product in torch, offered
-    for float weights) where the tuner measured that faster."""
-    tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
-    if tile == CUBLAS:
-        return torch_path()
-    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
-    `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default `tuned_tile`'s choice."""
+    `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
+    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -551,11 +388,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bits < 16:
         assert scales is not None and scales.shape == (n, triton.cdiv(k, group_size)), \
             f"scales {None if scales is None else tuple(scales.shape)} != ({n}, {triton.cdiv(k, group_size)})"
-    if tile is None:
-        tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual) if x.is_cuda \
-            else pick_tile(m, n, k, bits, group_size)
-        if tile == CUBLAS:                               # a float product cuBLAS runs faster
-            tile = pick_tile(m, n, k, bits, group_size)
+    tile = tile or pick_tile(m, n, k, bits, group_size)
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
     if bits < 16 and not per_row and not tile.scale_in_tile and not tile.fma:
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"

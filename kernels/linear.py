@@ -18,13 +18,15 @@ from torch import nn
 
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
-from kernels.gemv import DEQUANT_MIN_ROWS, FMA_MAX_ROWS, streamed_linear
+from kernels.gemv import DEQUANT_MIN_ROWS
+from kernels.gemv_tuner import FMA_MAX_ROWS, streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
 # Float products of at most this many rows (decode at batch 1 or 2) stream the weight through
-# kernels/gemv.py on CUDA where the tuner measured that faster than cuBLAS (with its separate epilogue
-# ops); larger float products always take cuBLAS. Quantized weights always take the Triton kernels.
+# kernels/gemv.py on CUDA where its tuner (kernels/gemv_tuner.py) measured that faster than cuBLAS
+# (with its separate epilogue ops); larger float products always take cuBLAS. Quantized weights
+# always take the Triton kernels.
 SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(FMA_MAX_ROWS)))
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata
 from kernels.block import DecoderBlock, KVCache, Norm, Rotary
 from kernels.dispatch import use_triton
-from kernels.gemv import streamed_linear
+from kernels.gemv_tuner import streamed_linear
 from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
 from kernels.quant import QuantSpec
 from kernels.spec import ModelSpec

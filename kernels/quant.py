@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
-from kernels.gemv import DEQUANT_MIN_ROWS, dequantize_weight, skinny_linear
+from kernels.gemv import DEQUANT_MIN_ROWS, dequantize_weight
+from kernels.gemv_tuner import streamed_linear
 
 QMAX = {8: 127, 4: 7}
 
@@ -147,5 +148,5 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, b
     if use_triton(x):
         if x.numel() // x.shape[-1] >= DEQUANT_MIN_ROWS[bits]:    # large M: one transient float copy, cuBLAS
             return F.linear(x, dequantize_weight(qweight, scales, bits, group_size, x.dtype), bias)
-        return skinny_linear(x, qweight, bias, scales, bits, group_size)   # dequantized in registers
+        return streamed_linear(x, qweight, bias, scales, bits, group_size)   # dequantized in registers
     return F.linear(x, dequantize(qweight, scales, bits, group_size, x.dtype), bias)

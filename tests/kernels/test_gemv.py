@@ -94,7 +94,7 @@ def test_16_bit_rows(dtype, bits, group, tile):
 
 def test_few_rows_are_offered_the_cuda_core_kernel():
     """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles of 4-16 KB of weights."""
-    from kernels.gemv import FMA_MAX_ROWS, candidates
+    from kernels.gemv_tuner import FMA_MAX_ROWS, candidates
     for bits in (16, 8, 4):
         fma = [t for t in candidates(1, 10240, bits, 128 if bits == 4 else 10240) if t.fma]
         assert fma and all(4096 <= t.block_n * t.block_k * bits // 8 <= 16384 for t in fma)
@@ -154,7 +154,7 @@ def test_tiles_dequantized_in_registers_may_span_groups(bits, group, tile):
 
 def test_tuned_choices_persist_per_gpu_model(tmp_path, monkeypatch):
     """A later process reads the tuner's choices back (a tile or cuBLAS) instead of timing again."""
-    from kernels import gemv
+    from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
     key = lambda n: (1, n, 2560, 8, 2560, "torch.float16", False, None, True, "cuda:0")   # noqa: E731
     writer = gemv._Choices()
@@ -168,7 +168,7 @@ def test_tuned_choices_persist_per_gpu_model(tmp_path, monkeypatch):
 
 
 def test_shipped_tables_are_read_and_the_user_cache_wins(tmp_path, monkeypatch):
-    from kernels import gemv
+    from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path / "cache"))
     shipped = tmp_path / "kernels"
     (shipped / "tuned").mkdir(parents=True)
@@ -186,7 +186,7 @@ def test_shipped_tables_are_read_and_the_user_cache_wins(tmp_path, monkeypatch):
 
 def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
     """cuBLAS's verdict runs the offered torch path; a tile runs the kernel with that tile."""
-    from kernels import gemv
+    from kernels import gemv_tuner as gemv
     g = torch.Generator().manual_seed(2)
     w, _, full = _weight(32, 128, 16, 128, g)
     x = torch.randn(2, 128, generator=g)
@@ -202,7 +202,7 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     """The fastest candidate, when a CUDA-core tile, is timed once more with `prefetch`; the faster of
     the two is kept (and persisted)."""
     import triton.testing
-    from kernels import gemv
+    from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(gemv, "_choices", gemv._Choices())
     monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
@@ -241,9 +241,11 @@ def test_dequantize_weight_matches_the_reference(bits, group, k):
 def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bits):
     """Kernel dispatch of `quant_linear` (as on CUDA): from DEQUANT_MIN_ROWS rows one float copy of
     the weight and F.linear, below it the in-register kernel; both equal the reference."""
-    from kernels import quant
+    from kernels import gemv_tuner, quant
     from kernels.gemv import DEQUANT_MIN_ROWS
     monkeypatch.setattr(quant, "use_triton", lambda x: True)
+    monkeypatch.setattr(gemv_tuner, "tuned_tile", lambda x, w, bias, scales, bits, group, *epilogue: pick_tile(
+        x.shape[0], w.shape[0], x.shape[1], bits, group))                     # no GPU to time tiles on
     copies = []
     real = quant.dequantize_weight
     monkeypatch.setattr(quant, "dequantize_weight", lambda *args: copies.append(args) or real(*args))
