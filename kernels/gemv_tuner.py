@@ -150,7 +150,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
             pass                                         # a tile too large for this GPU's shared memory
 
-    for tile in candidates(m, k, bits, group):
+    for tile in candidates(m, k, bits, group) or [pick_tile(m, n, k, bits, group)]:   # small K: no shape fits
         measure(tile)
     if torch_path is not None:
         timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")
