@@ -98,7 +98,7 @@ def gemv_cases():
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",
                     "out_ptr": "*fp16"}
         consts = dict(BITS=bits, **epilogue, PER_ROW_SCALE=False, SCALE_IN_TILE=False, BLOCK_M=16, BLOCK_N=block_n,
-                      BLOCK_K=block_k, PDL=False)
+                      BLOCK_K=block_k)
         yield (f"tensor-core int{bits} 16x{block_n}x{block_k}", _skinny_kernel, consts, pointers,
                block_n * block_k * bits // 8 / 128)
     for bits, weight in ((8, "*i8"), (4, "*u8")):

@@ -35,8 +35,9 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float16, "int8"])
 def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monkeypatch):
-    """RAYSPEED_PDL=1 (kernels/pdl.py): the decode chain's kernels overlap their launches and wait on
-    the GPU instead; greedy tokens with graphs and run-ahead equal those of a run without it."""
+    """Programmatic dependent launch (kernels/pdl.py, on by default on Hopper): the decode chain's kernels
+    overlap their launches and wait on the GPU instead; greedy tokens with graphs and run-ahead equal
+    those of a run with RAYSPEED_PDL=0."""
     hf = tiny_model(family)
 
     def tokens():

@@ -1,6 +1,6 @@
-"""When the decode chain's kernels launch with programmatic dependent launch (kernels/pdl.py): only
-when asked (RAYSPEED_PDL=1), on CUDA tensors of a Hopper-or-later GPU, with a Triton that has grid
-dependency control. What the kernels do with it is checked on their sm_90 builds (test_sm90_builds)."""
+"""When the decode chain's kernels launch with programmatic dependent launch (kernels/pdl.py): by
+default on CUDA tensors of a Hopper-or-later GPU with a Triton that has grid dependency control;
+never with RAYSPEED_PDL=0. What the kernels do with it is checked on their sm_90 builds (test_sm90_builds)."""
 from types import SimpleNamespace
 
 import torch
@@ -12,9 +12,11 @@ def fake_cuda_tensor(index: int = 0):
     return SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
 
 
-def test_only_when_asked_on_hopper(monkeypatch):
+def test_on_hopper_unless_turned_off(monkeypatch):
     monkeypatch.setattr(pdl, "_hopper_or_later", lambda index: index == 0)
     monkeypatch.delenv("RAYSPEED_PDL", raising=False)
+    assert pdl.enabled(fake_cuda_tensor()) == pdl.AVAILABLE
+    monkeypatch.setenv("RAYSPEED_PDL", "0")
     assert not pdl.enabled(fake_cuda_tensor())
     monkeypatch.setenv("RAYSPEED_PDL", "1")
     assert pdl.enabled(fake_cuda_tensor()) == pdl.AVAILABLE

@@ -32,7 +32,7 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False):
 
 def tensor_cores(bits, weight, block_n, block_k):
     return ("kernels.gemv", "_skinny_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=False, SCALE_IN_TILE=False,
-                                                   BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, PDL=False),
+                                                   BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k),
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
