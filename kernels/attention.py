@@ -79,17 +79,34 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 @triton.jit
+def _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
+                  cache_row_stride, head_offs, d_mask, c, first, cached, BLOCK_SIZE: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    """Cached keys and values [CHUNK, BLOCK_D] at positions c * CHUNK + [0, CHUNK) (zeros where not visible)."""
+    k_pos = c * CHUNK + tl.arange(0, CHUNK)[:, None]                        # [CHUNK, 1]
+    visible = (k_pos < cached) & (k_pos >= first)
+    block = tl.load(block_tables_ptr + seq * table_stride + k_pos // BLOCK_SIZE, mask=visible, other=0)
+    offs = block.to(tl.int64) * cache_block_stride + (k_pos % BLOCK_SIZE) * cache_row_stride + head_offs[None, :]
+    kv_mask = visible & d_mask[None, :]
+    return tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+
+
+@triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr, out_ptr,
                          k_new_ptr, v_new_ptr, slots_ptr,
                          q_seq_stride, q_head_stride, k_new_stride, v_new_stride, cache_block_stride, cache_row_stride,
                          table_stride, num_heads, group, head_dim, scale, window,
                          USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """One (head, sequence): online softmax over the cached keys in chunks of CHUNK positions
-    (several cache blocks per step, so few dependent round trips). With NEW_KV this step's key and
-    value come from k_new/v_new (registers), and the program of each KV head's first query head
-    writes them to their cache slot: no separate store kernel, and no program reads that slot."""
-    await_previous(PDL)
+    (several cache blocks per step). With PREFETCH the next chunk's keys and values load while this
+    one is computed (for small grids, whose programs wait on memory with nothing else to run on
+    their SM; it costs registers, so fewer programs fit an SM). With NEW_KV this step's key and value come from
+    k_new/v_new (registers), and the program of each KV head's first query head writes them to their
+    cache slot: no separate store kernel, and no program reads that slot. With PREFETCH the first
+    chunk is read before waiting for the previous kernel (PDL): earlier steps wrote it, and the block
+    table and context lengths are the step's inputs."""
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     kv_head = head // group
@@ -97,20 +114,25 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     q_pos = ctx - 1
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
-    q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
-    if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + head).to(tl.float32)
     first = 0
     if USE_WINDOW:
         first = tl.maximum(q_pos - window + 1, 0)
     head_offs = kv_head * head_dim + d                                      # [BLOCK_D]
+    cached = ctx - 1 if NEW_KV else ctx     # without NEW_KV the step's token is in the cache (store_kv before)
+    c_first = first // CHUNK
+    if PREFETCH:
+        k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
+                             cache_row_stride, head_offs, d_mask, c_first, first, cached, BLOCK_SIZE, CHUNK)
+    await_previous(PDL)
+    q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + head).to(tl.float32)
     if NEW_KV:                                # start the softmax from this step's token (always visible)
         k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
         v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
         m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
         l = tl.full((), 1.0, tl.float32)
         acc = v_new.to(tl.float32)
-        cached = ctx - 1
         if head % group == 0:
             slot = tl.load(slots_ptr + seq)
             row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride + head_offs
@@ -120,7 +142,6 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         m = tl.full((), float("-inf"), tl.float32)
         l = tl.zeros((), tl.float32)
         acc = tl.zeros((BLOCK_D,), tl.float32)
-        cached = ctx
     # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
     # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
     # never across positions (across warps, through shared memory and barriers).
@@ -128,25 +149,28 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
     l_lane = tl.zeros((CHUNK, 1), tl.float32)
     acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
-    for c in range(first // CHUNK, tl.cdiv(cached, CHUNK)):
+    for c in range(c_first, tl.cdiv(cached, CHUNK)):
+        if PREFETCH:
+            k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
+                                           cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first,
+                                           cached, BLOCK_SIZE, CHUNK)       # all masked past the end
+        else:
+            k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
+                                 cache_row_stride, head_offs, d_mask, c, first, cached, BLOCK_SIZE, CHUNK)
         k_pos = c * CHUNK + positions
-        visible = (k_pos < cached) & (k_pos >= first)
-        block = tl.load(block_tables_ptr + seq * table_stride + k_pos // BLOCK_SIZE, mask=visible, other=0)
-        offs = block.to(tl.int64) * cache_block_stride + (k_pos % BLOCK_SIZE) * cache_row_stride + head_offs[None, :]
-        kv_mask = visible & d_mask[None, :]                                 # [CHUNK, BLOCK_D]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[None, :] * k, axis=1, keep_dims=True) * scale     # [CHUNK, 1]
+        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
         if HAS_ALIBI:
             scores += slope * (k_pos - q_pos).to(tl.float32)
-        scores = tl.where(visible, scores, float("-inf"))
+        scores = tl.where((k_pos < cached) & (k_pos >= first), scores, float("-inf"))
         m_new = tl.maximum(m_lane, scores)
         base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
         alpha = tl.exp(m_lane - base)
         p = tl.exp(scores - base)
-        acc_lane = acc_lane * alpha + p * v
+        acc_lane = acc_lane * alpha + p * v.to(tl.float32)
         l_lane = l_lane * alpha + p
         m_lane = m_new
+        if PREFETCH:
+            k, v = k_next, v_next
     m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the new token
     base = tl.where(m_all == float("-inf"), 0.0, m_all)
     lane_weight = tl.exp(m_lane - base)
@@ -186,13 +210,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_chunk(programs: int, device: torch.device) -> int:
-    """Cache positions per loop step of `_paged_decode_kernel`: 64, unless the grid would then take
-    more than one wave of the GPU, then 32. At head_dim <= 128 a program needs ~168 registers a thread
-    at 64 positions and 96 at 32 (bench/kernel_report.py, sm_90): 3 and 5 programs of 4 warps per SM."""
+def _decode_chunk(programs: int, device: torch.device) -> tuple[int, bool]:
+    """(cache positions per loop step, prefetch) for `_paged_decode_kernel`: the largest step whose
+    grid still fits one wave of the GPU, prefetching where that fits too. At head_dim <= 128 a program
+    of 4 warps needs (bench/kernel_report.py, sm_90) 253 registers a thread at 64 positions with
+    prefetch, ~170 without and ~100 at 32 without: 2, 3 and 5 programs per SM."""
     if device.type != "cuda":
-        return 64
-    return 64 if programs <= 3 * _sm_count(device.index or 0) else 32
+        return 64, True
+    sms = _sm_count(device.index or 0)
+    if programs <= 2 * sms:
+        return 64, True
+    return (64, False) if programs <= 3 * sms else (32, False)
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -220,7 +248,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    chunk = max(block_size, _decode_chunk(num_heads * num_seqs, q.device))
+    chunk, prefetch = _decode_chunk(num_heads * num_seqs, q.device)
+    chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     _paged_decode_kernel[(num_heads, num_seqs)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
@@ -229,7 +258,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
-        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl)
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=triton.next_power_of_2(head_dim), PREFETCH=prefetch, PDL=pdl,
+        launch_pdl=pdl)
     return out
 
 

@@ -132,11 +132,14 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
 
 
 def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
-    """64 positions a step while 3 programs per SM hold the grid, else 32 (5 per SM fit)."""
+    """64 positions a step with prefetch while 2 programs per SM hold the grid, without it while 3 do,
+    else 32 (5 per SM fit)."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert attention._decode_chunk(20 * 8, cuda) == 64 and attention._decode_chunk(20 * 32, cuda) == 32
-    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == 64
+    assert attention._decode_chunk(20 * 8, cuda) == (64, True)
+    assert attention._decode_chunk(20 * 16, cuda) == (64, False)
+    assert attention._decode_chunk(20 * 32, cuda) == (32, False)
+    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, True)
 
 
 def test_decode_launcher_rejects_bad_inputs():
@@ -250,12 +253,13 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
                                                             (None, True, 2, 2)])
-@pytest.mark.parametrize("chunk", [64, 16])
-def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,prefetch", [(64, True), (16, False), (16, True)])
+def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, prefetch,
+                                                  monkeypatch):
     """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;
     contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
-    leaves empty) and a single token."""
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: chunk)
+    leaves empty; the next chunk loaded before or after this one's arithmetic) and a single token."""
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, prefetch))
     context_lens = [5, 37, 1, 150]
     q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
     g = torch.Generator().manual_seed(5)

@@ -36,9 +36,10 @@ def tensor_cores(bits, weight, block_n, block_k):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
-def decode_attention(chunk, window, alibi, pdl=False):
+def decode_attention(chunk, window, alibi, pdl=False, prefetch=False):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
-                                                              BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl),
+                                                              BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
+                                                              PREFETCH=prefetch),
             ATTENTION_POINTERS)
 
 
@@ -52,9 +53,10 @@ BUILDS = {
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "decode-chunk64": decode_attention(64, False, False),
+    "decode-chunk64-prefetch": decode_attention(64, False, False, prefetch=True),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
     "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
-    "pdl-decode": decode_attention(64, False, False, pdl=True),
+    "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
     "pdl-layer-norm": ("kernels.norm", "_layer_norm_kernel", dict(HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK=4096,
                                                                  PDL=True),
                        {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "b_ptr", "out_ptr")}),
@@ -118,15 +120,17 @@ def test_tensor_core_tiles_build_halves_without_conversions(built, name):
 def test_programmatic_launch_waits_before_reading_activations(built, name):
     """With PDL each kernel of the decode chain waits for the previous kernels (griddepcontrol.wait)
     before its first activation read and then lets the next one launch; the CUDA-core matmul reads
-    its first weight tile before the wait."""
+    its first weight tile before the wait, decode attention its first chunk of cached keys and values
+    (earlier steps wrote them); nothing is written before the wait."""
     ptx = built[name]["ptx"]
     wait = ptx.index("griddepcontrol.wait")
     assert wait < ptx.index("griddepcontrol.launch_dependents")
-    if name.startswith("pdl-fma"):
-        assert ptx.index("ld.global") < wait                  # the weights (they never change)
-        assert "ld.global" in ptx[wait:]                      # x, after the wait
+    assert "st.global" not in ptx[:wait]
+    if name.startswith(("pdl-fma", "pdl-decode")):
+        assert ptx.index("ld.global") < wait                  # weights / the cache, which this step leaves alone
+        assert "ld.global" in ptx[wait:]                      # x / q, after the wait
     else:
-        assert "ld.global" not in ptx[:wait] and "st.global" not in ptx[:wait]
+        assert "ld.global" not in ptx[:wait]
 
 
 def test_prefill_attention_builds_with_every_option(built):
