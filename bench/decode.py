@@ -9,9 +9,9 @@ Writes <out>/<device>-<date>-<model>.json with the device, commit and date.
 """
 import argparse
 import datetime
+import fcntl
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -238,16 +238,33 @@ def main() -> None:
         torch.cuda.empty_cache()
 
 
+def merge_tuned_table(device: str, out: str) -> int:
+    """Merge this process's gemv tuner table (its $RAYSPEED_CACHE) into the one of the same name in
+    `out`, under a lock (one process per GPU may do this at once; a copy would drop the entries of
+    other runs or models). Returns how many choices the merged table holds."""
+    from kernels.gemv_tuner import _Choices
+    table = _Choices._path(device)
+    if not os.path.exists(table):
+        return 0
+    os.makedirs(out, exist_ok=True)
+    target = os.path.join(out, os.path.basename(table))
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.load(open(target)) if os.path.exists(target) else {}
+        merged.update(json.load(open(table)))
+        with open(target, "w") as f:
+            json.dump(merged, f, indent=0)
+    os.remove(target + ".lock")
+    return len(merged)
+
+
 def save(result: dict, args) -> None:
     fp16 = result["variants"].get("float16", {}).get("block_linear_gb")
     for dtype, row in result["variants"].items():
         if fp16:
             row["block_linear_bytes_vs_fp16"] = row["block_linear_gb"] / fp16
     os.makedirs(args.out, exist_ok=True)
-    from kernels.gemv_tuner import _Choices
-    tuned = _Choices._path(result["device"])
-    if os.path.exists(tuned):                   # the tuner's table: commit it to kernels/tuned/ to ship it
-        shutil.copy(tuned, os.path.join(args.out, os.path.basename(tuned)))
+    merge_tuned_table(result["device"], args.out)    # the tuner's table: commit it to kernels/tuned/ to ship it
     name = f"{result['device'].replace(' ', '-')}-{result['date']}-{args.model}{args.tag}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)

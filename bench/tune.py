@@ -9,8 +9,6 @@ load times are those of a start that times nothing.
     python3 bench/tune.py --model neo --dtypes float16,int8,int4 --out bench/results
 """
 import argparse
-import fcntl
-import json
 import os
 import sys
 import time
@@ -20,8 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
-from bench.decode import KV_BLOCKS, build  # noqa: E402
-from kernels.gemv_tuner import _Choices  # noqa: E402
+from bench.decode import KV_BLOCKS, build, merge_tuned_table  # noqa: E402
 
 
 def main() -> None:
@@ -40,19 +37,8 @@ def main() -> None:
         engine.shutdown()
         del engine
         torch.cuda.empty_cache()
-    table = _Choices._path(torch.cuda.get_device_name())
-    if not os.path.exists(table):
-        return
-    os.makedirs(args.out, exist_ok=True)
-    target = os.path.join(args.out, os.path.basename(table))
-    with open(target + ".lock", "w") as lock:                # another model's process may merge at once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = json.load(open(target)) if os.path.exists(target) else {}
-        merged.update(json.load(open(table)))
-        with open(target, "w") as f:
-            json.dump(merged, f, indent=0)
-    os.remove(target + ".lock")
-    print("merged", len(merged), "choices into", target)
+    merged = merge_tuned_table(torch.cuda.get_device_name(), args.out)
+    print("merged", merged, "choices into", args.out)
 
 
 if __name__ == "__main__":
