@@ -96,6 +96,15 @@ def ours_greedy(engine, ids, new: int = 64) -> torch.Tensor:
     return torch.tensor([o.outputs[0].token_ids for o in out]).cuda()
 
 
+def agreement(got: list[list[int]], expected: list[list[int]]) -> dict:
+    """How far two runs' generated tokens agree: the fraction of equal tokens, and the first step at
+    which any sequence differs (a rounding flip of near-tied logits diverges late and then everywhere)."""
+    pairs = list(zip(got, expected))
+    equal = sum(a == b for g, e in pairs for a, b in zip(g, e))
+    first = [next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), len(e)) for g, e in pairs]
+    return {"token_match": equal / max(1, sum(len(e) for e in expected)), "first_diverging_step": min(first, default=0)}
+
+
 def correctness(hf, engine, vocab: int) -> dict:
     """fp16 rayspeed vs fp32 HF logits; greedy agreement with HF fp16, and (the noise floor of
     random weights) HF fp16 with HF fp32; CUDA-graph decode and prefill vs eager, which must be equal
@@ -123,6 +132,7 @@ def correctness(hf, engine, vocab: int) -> dict:
             "hf_fp16_greedy_token_match_64_vs_hf_fp32": (expected == greedy_fp32).float().mean().item(),
             "cuda_graph_decode_equals_eager": bool(torch.equal(ours, eager)),
             "cuda_graphs_equal_eager_mixed_prompt_lengths": graphed_mixed == eager_mixed,
+            "mixed_prompt_lengths_agreement": agreement(graphed_mixed, eager_mixed),
             "cuda_graphs": graphs is not None, "prefill_graphs": prefill_graphs is not None}
 
 
