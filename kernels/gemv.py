@@ -5,7 +5,8 @@ is the rate at which the weights stream from HBM. Two kernels cover the three we
 `kernels.quant` and dequantize in registers (no full-precision copy of a quantized weight exists
 for a decode product), bias, activation and residual fused:
 - `_fma_kernel`, one row per program on the CUDA cores: the weight goes from HBM straight to
-  registers; the fastest at one or two rows (bench/results/*-gemv-fma.json);
+  registers; the fastest at one or two rows (bench/results/*-gemv-fma.json); int4 weights against
+  fp16 x also in packed fp16 arithmetic (`half` tiles, `_int4_half_dot`);
 - `_skinny_kernel`, tensor-core tiles of at least 16 rows (rows past M are zeros: free for a
   memory-bound product).
 Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
@@ -19,6 +20,7 @@ Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
 `scales [N, K // group_size]`, w = q * scales[n, k // group_size].
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,7 @@ class Tile:
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
     fma: bool = False              # `_fma_kernel` (CUDA cores, one row per program; block_m 1) instead
     prefetch: bool = False         # fma: load the next K tile before multiplying this one
+    half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`_int4_half_dot`)
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -178,11 +181,82 @@ def _s8_to(q, dtype: tl.constexpr):
 
 
 @triton.jit
-def _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS: tl.constexpr):
-    """The raw weight tile at K offset k0: [BN, NG, SV, VEC] stored elements (bytes at 4 bits); nothing
-    at or past k_end is read."""
+def _int4_half_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
+    """Per 32-bit word of packed int4 weights (8 columns: nibble j holds column j), the sum of its
+    eight products with x, in fp32, divided by 16. The words' x come as fp16 pairs in 32-bit words
+    x0 = (x[0], x[4]), x1 = (x[1], x[5]), x2 = (x[2], x[6]), x3 = (x[3], x[7]), matching the
+    nibbles a shift and one LOP3 place in the top mantissa bits of both halves of fp16 1.0: a pair
+    of 1 + n/16, minus 1.5 exactly (n - 8) / 16. Packed fp16x2 arithmetic then does two columns an
+    instruction: ~20 instructions for 8 weights where the fp32 path needs ~54 (bench/kernel_report.py).
+    The 4-product sums per half stay in fp16 (|sum| <= 2 max|x|, rounding ~1e-3 relative, far under
+    int4's own error); their two halves add in fp32. ASM=False computes the same in Triton
+    operations (the interpreter runs no inline assembly)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, q, a, m;
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 m, 0x3E003E00;
+            shl.b32 t, $1, 6;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            mul.f16x2 a, q, $2;
+            shl.b32 t, $1, 2;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            fma.rn.f16x2 a, q, $3, a;
+            shr.u32 t, $1, 2;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            fma.rn.f16x2 a, q, $4, a;
+            shr.u32 t, $1, 6;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            fma.rn.f16x2 a, q, $5, a;
+            mov.b32 {lo, hi}, a;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            "=f,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+    else:                                              # the same order: nibble j and j + 4 against x_j
+        low = _nibble_sixteenths(w) * _low_half(x0)
+        high = _nibble_sixteenths(w >> 16) * _high_half(x0)
+        low += _nibble_sixteenths(w >> 4) * _low_half(x1)
+        high += _nibble_sixteenths(w >> 20) * _high_half(x1)
+        low += _nibble_sixteenths(w >> 8) * _low_half(x2)
+        high += _nibble_sixteenths(w >> 24) * _high_half(x2)
+        low += _nibble_sixteenths(w >> 12) * _low_half(x3)
+        high += _nibble_sixteenths(w >> 28) * _high_half(x3)
+        return low.to(tl.float32) + high.to(tl.float32)
+
+
+@triton.jit
+def _nibble_sixteenths(v):
+    """int32 -> fp16 ((v & 15) - 8) / 16, exactly (as `_int4_half_dot` builds it)."""
+    return (((v & 0xF) << 6) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True) - 1.5
+
+
+@triton.jit
+def _low_half(v):
+    return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _high_half(v):
+    return ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS: tl.constexpr, HALF: tl.constexpr):
+    """The raw weight tile at K offset k0: [BN, NG, SV, VEC] stored elements (bytes at 4 bits, 32-bit
+    words of 8 nibbles with HALF); nothing at or past k_end is read."""
     mask_n = n_mask[:, None, None, None]
-    if BITS == 4:
+    if HALF:              # K and the split are multiples of 32 columns: whole vectors in or out; padding nibbles 8
+        start, end = tl.multiple_of(k0 // 8, 4), tl.multiple_of(k_end // 8, 4)
+        w = tl.load(w_ptrs + start, mask=mask_n & (start + cols < end)[None], other=-0x77777778)
+    elif BITS == 4:
         w = tl.load(w_ptrs + k0 // 2, mask=mask_n & (k0 // 2 + cols < k_end // 2)[None], other=0x88)
     else:
         w = tl.load(w_ptrs + k0, mask=mask_n & (k0 + cols < k_end)[None], other=0)
@@ -190,10 +264,30 @@ def _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr):
+def _two_words(low, high):
+    return (low.to(tl.int64) & 0xFFFFFFFF) | (high.to(tl.int64) << 32)
+
+
+@triton.jit
+def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr):
     """(xa, xb): the x values the weight tile at k0 multiplies, [NG, SV, VEC]; at 4 bits those each
-    byte's low / high nibble pairs with (one 32-bit word per pair for 16-bit x), otherwise xa = xb = x."""
-    if BITS == 4:
+    byte's low / high nibble pairs with (one 32-bit word per pair for 16-bit x), otherwise xa = xb = x.
+    With HALF, per weight word (columns 8c .. 8c + 7) the fp16 pairs `_int4_half_dot` takes, two to a
+    64-bit integer: xa = x0 | x1 << 32, xb = x2 | x3 << 32 (elementwise, so the tensors keep the
+    weights' register layout; a join along a new axis made Triton convert through shared memory)."""
+    if HALF:
+        words = x_row.to(tl.pointer_type(tl.int32)) + k0 // 2 + 4 * cols     # x[8c], x[8c + 1]; then + 2, ...
+        mask = k0 // 2 + 4 * cols < k_end // 2
+        w0 = tl.load(words, mask=mask, other=0)                              # (x[8c], x[8c + 1])
+        w1 = tl.load(words + 1, mask=mask, other=0)                          # (x[8c + 2], x[8c + 3])
+        w2 = tl.load(words + 2, mask=mask, other=0)
+        w3 = tl.load(words + 3, mask=mask, other=0)
+        x0 = (w0 & 0xFFFF) | (w2 << 16)                                      # (x[8c], x[8c + 4])
+        x1 = ((w0 >> 16) & 0xFFFF) | ((w2 >> 16) << 16)                      # (x[8c + 1], x[8c + 5])
+        x2 = (w1 & 0xFFFF) | (w3 << 16)
+        x3 = ((w1 >> 16) & 0xFFFF) | ((w3 >> 16) << 16)
+        xa, xb = _two_words(x0, x1), _two_words(x2, x3)
+    elif BITS == 4:
         kw = k0 // 2 + cols                            # byte column = index of the word of its x pair
         if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
             pair = tl.load(x_row.to(tl.pointer_type(tl.int32)) + kw, mask=kw < k_end // 2, other=0)
@@ -214,7 +308,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-                PDL: tl.constexpr):
+                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -225,34 +319,45 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     `_one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
     of 465 SASS instructions per 8 x 1024 int4 tile). PREFETCH issues tile i+1's loads before tile
     i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
-    weight tile is read before waiting for the kernel that produced x."""
+    weight tile is read before waiting for the kernel that produced x. HALF (int4, fp16 x) reads the
+    weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`_int4_half_dot`, its
+    inline assembly with ASM, Triton operations without)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     NG: tl.constexpr = BLOCK_K // SUB
     VEC: tl.constexpr = 4 if BITS == 4 else 8
-    SV: tl.constexpr = (SUB // 2 if BITS == 4 else SUB) // VEC          # vectors of stored columns per sub-tile
+    STORED: tl.constexpr = SUB // 8 if HALF else (SUB // 2 if BITS == 4 else SUB)    # stored units per sub-tile
+    SV: tl.constexpr = STORED // VEC                                     # vectors of them per sub-tile
     rg = tl.arange(0, NG)
     cols = (rg[:, None, None] * SV + tl.arange(0, SV)[None, :, None]) * VEC + tl.arange(0, VEC)[None, None, :]
-    w_ptrs = w_ptr + rn[:, None, None, None] * stride_wn + cols[None]
+    if HALF:
+        w_ptrs = (w_ptr + rn[:, None, None, None] * stride_wn).to(tl.pointer_type(tl.int32)) + cols[None]
+    else:
+        w_ptrs = w_ptr + rn[:, None, None, None] * stride_wn + cols[None]
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
-        w = _fma_weights(w_ptrs, k_begin, k_end, cols, n_mask, BITS)      # weights never change: no wait
+        w = _fma_weights(w_ptrs, k_begin, k_end, cols, n_mask, BITS, HALF)      # weights never change: no wait
         await_previous(PDL)
-        xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS)
+        xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF)
     else:
         await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
-            w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS)
-            xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS)
+            w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
+            xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS, HALF)
         else:
-            w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS)
-            xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS)
-        if BITS == 4:        # byte j: low nibble pairs with x[2j], high with x[2j + 1]; w = 16 (f - 1.5) s
+            w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
+            xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
+        if HALF:
+            x0, x1 = xa.to(tl.int32)[None], (xa >> 32).to(tl.int32)[None]
+            x2, x3 = xb.to(tl.int32)[None], (xb >> 32).to(tl.int32)[None]
+            prod = _int4_half_dot(w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape),
+                                  tl.broadcast_to(x2, w.shape), tl.broadcast_to(x3, w.shape), ASM)
+        elif BITS == 4:      # byte j: low nibble pairs with x[2j], high with x[2j + 1]; w = 16 (f - 1.5) s
             packed = w.to(tl.int32)
             x_even, x_odd = xa.to(tl.float32)[None], xb.to(tl.float32)[None]
             prod = _one_plus_sixteenth(packed) * x_even + _one_plus_sixteenth(packed >> 4) * x_odd \
@@ -354,6 +459,10 @@ def dequantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int, gro
 NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     """Untuned default: 16-row tiles (more for prefill), K split until there are ~4 programs per SM."""
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
@@ -420,8 +529,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         assert not grouped or (tile.block_k % sub == 0 and group_size % sub == 0), \
             f"block_k={tile.block_k} and group_size={group_size}: one must divide the other"
         assert sub % 8 == 0, f"the CUDA-core kernel needs K tiles of multiples of 8 values, got {sub}"
+        if tile.half:
+            assert bits == 4 and x.dtype == torch.float16, \
+                f"half tiles take int4 weights and fp16 x, got {bits} bits and {x.dtype}"
+            assert k % 32 == 0 and sub % 32 == 0 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0, \
+                f"half tiles read weights in 16-byte vectors of 32 columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
-        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl, **flags)
+        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl,
+                                         HALF=tile.half, ASM=tile.half and not _interpreting(), **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

@@ -1,13 +1,17 @@
 """The CUDA-only paths of the engine, on a GPU (`pytest -m gpu`; skipped without one): decode and
 fresh-prefill CUDA graphs, the varlen prefill kernel and run-ahead give the tokens of the eager,
 lockstep engine, for families with a local window (GPT-Neo), grouped-query attention (Llama) and
-ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad."""
+ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad. Also the kernels whose GPU code
+the CPU tests cannot run: programmatic dependent launch and the int4 tiles' inline assembly."""
 import pytest
 import torch
 
 import rayspeed
 from actors.sequence import SamplingParams, Sequence
+from kernels.gemv import Tile, skinny_linear
+from kernels.gemv_tuner import HALF_SHAPES
 from tests.helpers import tiny_model
+from tests.kernels.test_gemv import _weight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -67,3 +71,24 @@ def test_prefill_graph_logits_equal_eager_logits():
     finally:
         for seq in seqs:
             engine.block_manager.deallocate(seq)
+
+
+@pytest.mark.parametrize("shape", HALF_SHAPES)
+@pytest.mark.parametrize("split_k,prefetch", [(1, False), (2, True)])
+def test_int4_half_tiles_match_the_fp32_tiles(shape, split_k, prefetch):
+    """The packed-fp16 int4 tiles run their inline assembly here (the CPU tests run its Triton twin):
+    against fp64 and the fp32-arithmetic tile on a GPT-Neo-sized product, bias and residual fused,
+    group 128; their fp16 sums of four products add ~1e-3 relative at most."""
+    block_n, block_k, num_warps = shape
+    g = torch.Generator().manual_seed(block_n + block_k)
+    n, k = 2560, 2560
+    w, scales, full = _weight(n, k, 4, 128, g)
+    x = torch.randn(1, k, generator=g).half()
+    bias, residual = torch.randn(n, generator=g).half(), torch.randn(1, n, generator=g).half()
+    args = [t.cuda() for t in (x, w, bias, scales.half())]
+    half = skinny_linear(*args, 4, 128, Tile(1, block_n, block_k, split_k, num_warps, fma=True, half=True,
+                                            prefetch=prefetch), residual=residual.cuda())
+    fp32 = skinny_linear(*args, 4, 128, Tile(1, 8, 1024, split_k, fma=True), residual=residual.cuda())
+    ref = x.double() @ full.double().T + bias.double() + residual.double()
+    err = lambda got: ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+    assert err(half) < 3e-3 and err(fp32) < 3e-3

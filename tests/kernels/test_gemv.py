@@ -92,6 +92,45 @@ def test_16_bit_rows(dtype, bits, group, tile):
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 
+@pytest.mark.parametrize("group,tile", [(64, Tile(1, 8, 128, fma=True, half=True)),
+                                        (32, Tile(1, 4, 256, split_k=2, fma=True, half=True, prefetch=True)),
+                                        (None, Tile(1, 2, 64, fma=True, half=True))])
+def test_int4_in_packed_half_arithmetic(group, tile):
+    """Half tiles (int4, fp16 x: nibbles to fp16 pairs, packed fp16 multiply-adds of four products
+    before fp32) against fp64: within fp16 rounding of those sums. K not a tile multiple, split K,
+    a tile spanning groups, a group per row, bias and residual fused. On CPU the Triton-operation
+    twin of the inline assembly runs; the assembly itself is built in test_sm90_builds and run by
+    the GPU tests."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 37, 448
+    w, scales, full = _weight(n, k, 4, group or k, g)
+    x = torch.randn(2, k, generator=g).half()
+    bias, residual = torch.randn(n, generator=g).half(), torch.randn(2, n, generator=g).half()
+    got = skinny_linear(x, w, bias, scales.half(), 4, group, tile, residual=residual)
+    ref = x.double() @ full.double().T + bias.double() + residual.double()
+    assert got.dtype == torch.float16
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
+
+
+def test_half_tiles_take_int4_weights_and_fp16_rows():
+    g = torch.Generator().manual_seed(2)
+    w, scales, _ = _weight(8, 256, 4, 64, g)
+    with pytest.raises(AssertionError, match="fp16 x"):
+        skinny_linear(torch.randn(1, 256, generator=g).bfloat16(), w, None, scales.bfloat16(), 4, 64,
+                      Tile(1, 8, 128, fma=True, half=True))
+    w, scales, _ = _weight(8, 240, 4, 48, g)
+    with pytest.raises(AssertionError, match="K=240"):
+        skinny_linear(torch.randn(1, 240, generator=g).half(), w, None, scales.half(), 4, 48,
+                      Tile(1, 8, 96, fma=True, half=True))
+
+
+def test_half_tiles_are_offered_for_int4_only():
+    from kernels.gemv_tuner import HALF_SHAPES, candidates
+    half = [t for t in candidates(1, 2560, 4, 128) if t.half]
+    assert {(t.block_n, t.block_k, t.num_warps) for t in half} == set(HALF_SHAPES)
+    assert not any(t.half for t in candidates(1, 2560, 8, 128) + candidates(1, 2552, 4, 88) + candidates(4, 2560, 4, 128))
+
+
 def test_few_rows_are_offered_the_cuda_core_kernel():
     """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles of 4-16 KB of weights."""
     from kernels.gemv_tuner import FMA_MAX_ROWS, candidates

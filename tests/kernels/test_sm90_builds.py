@@ -23,11 +23,11 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
 
 
-def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False):
+def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4):
     pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
-                                                PDL=pdl), pointers)
+                                                PDL=pdl, HALF=half, ASM=half), pointers, num_warps)
 
 
 def tensor_cores(bits, weight, block_n, block_k):
@@ -50,6 +50,8 @@ BUILDS = {
     "fma-int8-groups-prefetch": fma(8, "i8", "fp16", 4, 1024, 128, True),
     "fma-int4": fma(4, "u8", "fp16", 8, 1024, 128, False),
     "fma-int4-bf16-prefetch": fma(4, "u8", "bf16", 8, 1024, 128, True),
+    "fma-int4-half": fma(4, "u8", "fp16", 16, 512, 128, False, half=True),
+    "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "decode-chunk64": decode_attention(64, False, False),
@@ -80,8 +82,9 @@ CHILD = r"""
 import importlib, json, sys
 from bench.kernel_report import compile_for_sm90, inner_loop_ptx
 out = {}
-for name, (module, kernel, constexprs, pointers) in json.loads(sys.argv[1]).items():
-    ptx = compile_for_sm90(getattr(importlib.import_module(module), kernel), constexprs, pointers).asm["ptx"]
+for name, (module, kernel, constexprs, pointers, *num_warps) in json.loads(sys.argv[1]).items():
+    ptx = compile_for_sm90(getattr(importlib.import_module(module), kernel), constexprs, pointers,
+                           num_warps=num_warps[0] if num_warps else 4).asm["ptx"]
     out[name] = {"ptx": ptx, "loop": inner_loop_ptx(ptx) if "Inner Loop Header" in ptx else ""}
 print(json.dumps(out))
 """
@@ -103,9 +106,18 @@ def test_loops_stay_in_registers(built, name):
     assert loop and "bar.sync" not in loop and "ld.shared" not in loop
 
 
-@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith("fma")])
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith("fma") and "half" not in name])
 def test_cuda_core_gemv_loads_16_bytes_of_x_at_a_time(built, name):
     assert ".v4" in built[name]["loop"]
+
+
+@pytest.mark.parametrize("name", [name for name in BUILDS if "half" in name])
+def test_half_tiles_multiply_in_packed_fp16(built, name):
+    """int4 half tiles: 16-byte vectors of weight words, two columns per fp16x2 multiply-add, and no
+    integer-to-float conversion (the nibbles go into fp16 mantissas)."""
+    loop = built[name]["loop"]
+    assert "ld.global.v4.b32" in loop and "fma.rn.f16x2" in loop
+    assert "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop and "cvt.rn.f32.u" not in loop
 
 
 @pytest.mark.parametrize("name", ["tensor-cores-int8", "tensor-cores-int4"])
