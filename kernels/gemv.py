@@ -43,6 +43,7 @@ class Tile:
     fma: bool = False              # `_fma_kernel` (CUDA cores, one row per program; block_m 1) instead
     prefetch: bool = False         # fma: load the next K tile before multiplying this one
     half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`_int4_half_dot`)
+    x_per_row: bool = False        # fma: every thread loads the x of its own weights (see `_fma_kernel`)
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -265,6 +266,14 @@ def _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS: tl.constexpr, HALF: tl.c
 
 
 @triton.jit
+def _rows(x, X_PER_ROW: tl.constexpr):
+    """An x tile against the [BN, ...] weight tile: as loaded with X_PER_ROW, else broadcast over rows."""
+    if not X_PER_ROW:
+        x = x[None]
+    return x
+
+
+@triton.jit
 def _two_words(low, high):
     return (low.to(tl.int64) & 0xFFFFFFFF) | (high.to(tl.int64) << 32)
 
@@ -309,7 +318,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr):
+                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -322,7 +331,9 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
     weight tile is read before waiting for the kernel that produced x. HALF (int4, fp16 x) reads the
     weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`_int4_half_dot`, its
-    inline assembly with ASM, Triton operations without)."""
+    inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
+    over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
+    otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -337,6 +348,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     else:
         w_ptrs = w_ptr + rn[:, None, None, None] * stride_wn + cols[None]
     x_row = x_ptr + row * stride_xm
+    if X_PER_ROW:
+        x_row += 0 * rn[:, None, None, None]          # x tiles come out [BN, NG, SV, VEC], like the weights
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
@@ -354,17 +367,17 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
             w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
             xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         if HALF:
-            x0, x1 = xa.to(tl.int32)[None], (xa >> 32).to(tl.int32)[None]
-            x2, x3 = xb.to(tl.int32)[None], (xb >> 32).to(tl.int32)[None]
+            x0, x1 = _rows(xa.to(tl.int32), X_PER_ROW), _rows((xa >> 32).to(tl.int32), X_PER_ROW)
+            x2, x3 = _rows(xb.to(tl.int32), X_PER_ROW), _rows((xb >> 32).to(tl.int32), X_PER_ROW)
             prod = _int4_half_dot(w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape),
                                   tl.broadcast_to(x2, w.shape), tl.broadcast_to(x3, w.shape), ASM)
         elif BITS == 4:      # byte j: low nibble pairs with x[2j], high with x[2j + 1]; w = 16 (f - 1.5) s
             packed = w.to(tl.int32)
-            x_even, x_odd = xa.to(tl.float32)[None], xb.to(tl.float32)[None]
+            x_even, x_odd = _rows(xa.to(tl.float32), X_PER_ROW), _rows(xb.to(tl.float32), X_PER_ROW)
             prod = _one_plus_sixteenth(packed) * x_even + _one_plus_sixteenth(packed >> 4) * x_odd \
                 - 1.5 * (x_even + x_odd)
         else:
-            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * xa.to(tl.float32)[None]
+            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * _rows(xa.to(tl.float32), X_PER_ROW)
         if BITS < 16 and not PER_ROW_SCALE:
             group = (k0 + rg * SUB) // group_size
             scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
@@ -537,7 +550,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 f"half tiles read weights in 16-byte vectors of 32 columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
         _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl,
-                                         HALF=tile.half, ASM=tile.half and not _interpreting(), **flags)
+                                         HALF=tile.half, ASM=tile.half and not _interpreting(),
+                                         X_PER_ROW=tile.x_per_row, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

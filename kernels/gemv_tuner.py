@@ -133,7 +133,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
     shape, format, epilogue) with cold caches (`triton.testing.do_bench` flushes L2): a tile, or
     `CUBLAS` when `torch_path` (the unfused torch computation, offered for float weights) is faster.
-    A CUDA-core winner is timed once more with `prefetch` (one compile instead of doubling the grid).
+    A CUDA-core winner is timed once more with `prefetch`, then the better of the two with `x_per_row`
+    (one compile each instead of doubling the grid).
     More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
     captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
     k = x.shape[-1]
@@ -168,6 +169,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     choice = min(timings, key=timings.get)
     if choice != CUBLAS and choice.fma:                  # the winner again with its next tile prefetched
         measure(replace(choice, prefetch=True))
+        choice = min(timings, key=timings.get)
+        measure(replace(choice, x_per_row=True))         # and with x loaded in the weights' layout
         choice = min(timings, key=timings.get)
     _choices.put(key, gpu, choice)
     return choice

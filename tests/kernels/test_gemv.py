@@ -42,7 +42,8 @@ def test_matches_reference(bits, group, m):
 @pytest.mark.parametrize("bits,group", CASES)
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4),
                                   Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 128, split_k=2, fma=True),
-                                  Tile(1, 8, 64, split_k=3, fma=True, prefetch=True)])
+                                  Tile(1, 8, 64, split_k=3, fma=True, prefetch=True),
+                                  Tile(1, 4, 128, split_k=2, fma=True, prefetch=True, x_per_row=True)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
@@ -73,8 +74,9 @@ def test_heuristic_splits_k_only_when_programs_are_few():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, None), (16, None)])
-@pytest.mark.parametrize("tile", [Tile(1, 8, 128, fma=True), Tile(1, 8, 128, fma=True, prefetch=True), Tile(16, 16, 64)],
-                         ids=["fma", "fma-prefetch", "tensor-cores"])
+@pytest.mark.parametrize("tile", [Tile(1, 8, 128, fma=True), Tile(1, 8, 128, fma=True, prefetch=True),
+                                  Tile(1, 8, 128, fma=True, x_per_row=True), Tile(16, 16, 64)],
+                         ids=["fma", "fma-prefetch", "fma-x-per-row", "tensor-cores"])
 def test_16_bit_rows(dtype, bits, group, tile):
     """16-bit x, as on GPUs (the CUDA-core kernel reads each pair of x values of an int4 byte as one
     32-bit word; the tensor-core tiles build int8/int4 values in the mantissa of 16-bit floats), also
@@ -94,7 +96,8 @@ def test_16_bit_rows(dtype, bits, group, tile):
 
 @pytest.mark.parametrize("group,tile", [(64, Tile(1, 8, 128, fma=True, half=True)),
                                         (32, Tile(1, 4, 256, split_k=2, fma=True, half=True, prefetch=True)),
-                                        (None, Tile(1, 2, 64, fma=True, half=True))])
+                                        (None, Tile(1, 2, 64, fma=True, half=True)),
+                                        (64, Tile(1, 8, 128, split_k=2, fma=True, half=True, x_per_row=True))])
 def test_int4_in_packed_half_arithmetic(group, tile):
     """Half tiles (int4, fp16 x: nibbles to fp16 pairs, packed fp16 multiply-adds of four products
     before fp32) against fp64: within fp16 rounding of those sums. K not a tile multiple, split K,
@@ -238,8 +241,8 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
 
 @pytest.mark.parametrize("twin_ms,expect_prefetch", [(0.4, True), (0.6, False)])
 def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, monkeypatch, twin_ms, expect_prefetch):
-    """The fastest candidate, when a CUDA-core tile, is timed once more with `prefetch`; the faster of
-    the two is kept (and persisted)."""
+    """The fastest candidate, when a CUDA-core tile, is timed once more with `prefetch`, the faster of
+    the two once more with `x_per_row`; the fastest is kept (and persisted)."""
     import triton.testing
     from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
@@ -261,7 +264,8 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     x, w = torch.randn(1, 256), torch.randn(64, 256)
     choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None)
     assert choice == gemv.replace(best, prefetch=expect_prefetch)
-    assert sum(t is not None and t.prefetch for t in timed) == 1
+    assert sum(t is not None and t.prefetch and not t.x_per_row for t in timed) == 1
+    assert timed[-1] == gemv.replace(choice, x_per_row=True)          # then x in the weights' layout, slower here
     assert gemv._Choices().get((1, 64, 256, 16, 256, str(x.dtype), False, None, False, x.device), "Test GPU") == choice
 
 

@@ -23,11 +23,12 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
 
 
-def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4):
+def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False):
     pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
-                                                PDL=pdl, HALF=half, ASM=half), pointers, num_warps)
+                                                PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row), pointers,
+            num_warps)
 
 
 def tensor_cores(bits, weight, block_n, block_k):
@@ -51,6 +52,8 @@ BUILDS = {
     "fma-int4": fma(4, "u8", "fp16", 8, 1024, 128, False),
     "fma-int4-bf16-prefetch": fma(4, "u8", "bf16", 8, 1024, 128, True),
     "fma-int4-half": fma(4, "u8", "fp16", 16, 512, 128, False, half=True),
+    "fma-int8-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True),
+    "fma-int4-x-per-row": fma(4, "u8", "fp16", 8, 1024, 128, False, x_per_row=True),
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
