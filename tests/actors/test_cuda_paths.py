@@ -92,3 +92,17 @@ def test_int4_half_tiles_match_the_fp32_tiles(shape, split_k, prefetch):
     ref = x.double() @ full.double().T + bias.double() + residual.double()
     err = lambda got: ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
     assert err(half) < 3e-3 and err(fp32) < 3e-3
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_x_per_row_tiles_agree_with_the_broadcast_ones(bits):
+    """`x_per_row` changes only how x reaches the registers (no shared-memory exchange under Triton
+    3.6): the same products, summed in another order at most."""
+    g = torch.Generator().manual_seed(bits)
+    w, scales, full = _weight(2560, 2560, bits, 128 if bits < 16 else 2560, g)
+    x = torch.randn(1, 2560, generator=g).half()
+    args = [x.cuda(), (w.half() if bits == 16 else w).cuda(), None, None if scales is None else scales.half().cuda()]
+    group = 128 if bits < 16 else None
+    broadcast = skinny_linear(*args, bits, group, Tile(1, 4, 1024, fma=True))
+    per_row = skinny_linear(*args, bits, group, Tile(1, 4, 1024, fma=True, x_per_row=True))
+    torch.testing.assert_close(per_row, broadcast, rtol=2e-3, atol=2e-3)
