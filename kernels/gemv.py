@@ -6,7 +6,7 @@ is the rate at which the weights stream from HBM. Two kernels cover the three we
 for a decode product), bias, activation and residual fused:
 - `_fma_kernel`, one row per program on the CUDA cores: the weight goes from HBM straight to
   registers; the fastest at one or two rows (bench/results/*-gemv-fma.json); int4 weights against
-  fp16 x also in packed fp16 arithmetic (`half` tiles, `_int4_half_dot`);
+  fp16 x also in packed fp16 arithmetic (`half` tiles, `int4_half_dot`);
 - `_skinny_kernel`, tensor-core tiles of at least 16 rows (rows past M are zeros: free for a
   memory-bound product).
 Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
@@ -29,6 +29,8 @@ import triton.language as tl
 
 from kernels.pdl import await_previous
 from kernels.pdl import enabled as programmatic_launch
+from kernels.unpack import (high_half, int4_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32,
+                            u4_to_f32)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Tile:
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
     fma: bool = False              # `_fma_kernel` (CUDA cores, one row per program; block_m 1) instead
     prefetch: bool = False         # fma: load the next K tile before multiplying this one
-    half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`_int4_half_dot`)
+    half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`int4_half_dot`)
     x_per_row: bool = False        # fma: every thread loads the x of its own weights (see `_fma_kernel`)
 
 
@@ -113,8 +115,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
             x_mask = (rm[:, None] < M) & (rk[None, :] < K)
             x_even = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0)
             x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] + 1, mask=x_mask, other=0.0)
-            low = _nibble_minus_8(packed & 0xF, x_even.dtype)
-            high = _nibble_minus_8(packed >> 4, x_even.dtype)
+            low = nibble_minus_8(packed & 0xF, x_even.dtype)
+            high = nibble_minus_8(packed >> 4, x_even.dtype)
             part = tl.dot(x_even, tl.trans(low), input_precision="ieee")
             part = tl.dot(x_odd, tl.trans(high), part, input_precision="ieee")
         else:
@@ -123,7 +125,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
                         other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & (rk[None, :] < K),
                         other=0)
-            part = tl.dot(x, tl.trans(_s8_to(w, x.dtype) if BITS == 8 else w), input_precision="ieee")
+            part = tl.dot(x, tl.trans(s8_to(w, x.dtype) if BITS == 8 else w), input_precision="ieee")
         if BITS < 16 and not PER_ROW_SCALE and not SCALE_IN_TILE:   # one scale per (row, K group) per tile
             scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
             acc += part * scale[None, :]
@@ -136,118 +138,6 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
     out_mask = (rm[:, None] < M) & n_mask[None, :]
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _u4_to_f32(nibble):
-    """int32 nibbles 0..15 -> float32 nibble - 8 without a conversion instruction: OR-ing the nibble
-    into the mantissa of 2^23 gives 2^23 + nibble exactly."""
-    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-
-
-@triton.jit
-def _one_plus_sixteenth(v):
-    """int32 -> float32 1 + (v & 15) / 16: the nibble placed in the top mantissa bits of 1.0. The
-    CUDA-core kernel multiplies these by x and takes 1.5 x off once per x value (not per weight):
-    q - 8 = 16 (f - 1.5), with the 16 applied to the row's sum."""
-    return (((v << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _nibble_minus_8(nibble, dtype: tl.constexpr):
-    """int32 nibbles 0..15 -> nibble - 8 in `dtype` by the mantissa trick at that width (fp16:
-    1024 + n, bf16: 128 + n), which spares the slow integer-to-half conversions."""
-    if dtype == tl.float16:
-        return (nibble | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
-    elif dtype == tl.bfloat16:
-        return (nibble | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
-    else:
-        return _u4_to_f32(nibble).to(dtype)
-
-
-@triton.jit
-def _s8_to_f32(q):
-    """int8 -> float32 the same way: 2^23 + (q + 128), then subtract 2^23 + 128."""
-    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-
-
-@triton.jit
-def _s8_to(q, dtype: tl.constexpr):
-    """int8 -> `dtype`: in fp16 as 1024 + (q + 128) - 1152 (exact: fp16 holds 1024..2047 in steps of
-    one); bf16's 8-bit mantissa cannot, so through float32."""
-    if dtype == tl.float16:
-        return (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-    else:
-        return _s8_to_f32(q).to(dtype)
-
-
-@triton.jit
-def _int4_half_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
-    """Per 32-bit word of packed int4 weights (8 columns: nibble j holds column j), the sum of its
-    eight products with x, in fp32, divided by 16. The words' x come as fp16 pairs in 32-bit words
-    x0 = (x[0], x[4]), x1 = (x[1], x[5]), x2 = (x[2], x[6]), x3 = (x[3], x[7]), matching the
-    nibbles a shift and one LOP3 place in the top mantissa bits of both halves of fp16 1.0: a pair
-    of 1 + n/16, minus 1.5 exactly (n - 8) / 16. Packed fp16x2 arithmetic then does two columns an
-    instruction: 20 instructions for 8 weights; with loads and scales the loop takes 9.1 SASS
-    instructions per weight byte where the fp32 path takes 13.6 (bench/kernel_report.py, sm_90).
-    The 4-product sums per half stay in fp16 (|sum| <= 2 max|x|, rounding ~1e-3 relative, far under
-    int4's own error); their two halves add in fp32. ASM=False computes the same in Triton
-    operations (the interpreter runs no inline assembly)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, q, a, m;
-            .reg .f16 lo, hi;
-            .reg .f32 flo, fhi;
-            mov.b32 m, 0x3E003E00;
-            shl.b32 t, $1, 6;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
-            mul.f16x2 a, q, $2;
-            shl.b32 t, $1, 2;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
-            fma.rn.f16x2 a, q, $3, a;
-            shr.u32 t, $1, 2;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
-            fma.rn.f16x2 a, q, $4, a;
-            shr.u32 t, $1, 6;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
-            fma.rn.f16x2 a, q, $5, a;
-            mov.b32 {lo, hi}, a;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $0, flo, fhi;
-            }""",
-            "=f,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
-    else:                                              # the same order: nibble j and j + 4 against x_j
-        low = _nibble_sixteenths(w) * _low_half(x0)
-        high = _nibble_sixteenths(w >> 16) * _high_half(x0)
-        low += _nibble_sixteenths(w >> 4) * _low_half(x1)
-        high += _nibble_sixteenths(w >> 20) * _high_half(x1)
-        low += _nibble_sixteenths(w >> 8) * _low_half(x2)
-        high += _nibble_sixteenths(w >> 24) * _high_half(x2)
-        low += _nibble_sixteenths(w >> 12) * _low_half(x3)
-        high += _nibble_sixteenths(w >> 28) * _high_half(x3)
-        return low.to(tl.float32) + high.to(tl.float32)
-
-
-@triton.jit
-def _nibble_sixteenths(v):
-    """int32 -> fp16 ((v & 15) - 8) / 16, exactly (as `_int4_half_dot` builds it)."""
-    return (((v & 0xF) << 6) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True) - 1.5
-
-
-@triton.jit
-def _low_half(v):
-    return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _high_half(v):
-    return ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -282,7 +172,7 @@ def _two_words(low, high):
 def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr):
     """(xa, xb): the x values the weight tile at k0 multiplies, [NG, SV, VEC]; at 4 bits those each
     byte's low / high nibble pairs with (one 32-bit word per pair for 16-bit x), otherwise xa = xb = x.
-    With HALF, per weight word (columns 8c .. 8c + 7) the fp16 pairs `_int4_half_dot` takes, two to a
+    With HALF, per weight word (columns 8c .. 8c + 7) the fp16 pairs `int4_half_dot` takes, two to a
     64-bit integer: xa = x0 | x1 << 32, xb = x2 | x3 << 32 (elementwise, so the tensors keep the
     weights' register layout; a join along a new axis made Triton convert through shared memory)."""
     if HALF:
@@ -301,8 +191,7 @@ def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr
         kw = k0 // 2 + cols                            # byte column = index of the word of its x pair
         if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
             pair = tl.load(x_row.to(tl.pointer_type(tl.int32)) + kw, mask=kw < k_end // 2, other=0)
-            xa = (pair & 0xFFFF).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-            xb = (pair >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+            xa, xb = low_half(pair, x_ptr.dtype.element_ty), high_half(pair, x_ptr.dtype.element_ty)
         else:
             xa = tl.load(x_row + 2 * kw, mask=kw < k_end // 2, other=0.0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kw < k_end // 2, other=0.0)
@@ -325,12 +214,12 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     over the last two axes. VEC is chosen so a thread's weights and x values have the same layout
     (8 weights against 16 bytes of x; at 4 bits 4 bytes against 4 words of x pairs), so nothing
     round-trips through shared memory inside the loop. Products accumulate in fp32 per element;
-    one reduction after the loop. int8 becomes float by the mantissa trick of `_s8_to_f32`, int4 as
-    `_one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
+    one reduction after the loop. int8 becomes float by the mantissa trick of `s8_to_f32`, int4 as
+    `one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
     of 465 SASS instructions per 8 x 1024 int4 tile). PREFETCH issues tile i+1's loads before tile
     i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
     weight tile is read before waiting for the kernel that produced x. HALF (int4, fp16 x) reads the
-    weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`_int4_half_dot`, its
+    weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`, its
     inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
     otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides)."""
@@ -369,15 +258,15 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         if HALF:
             x0, x1 = _rows(xa.to(tl.int32), X_PER_ROW), _rows((xa >> 32).to(tl.int32), X_PER_ROW)
             x2, x3 = _rows(xb.to(tl.int32), X_PER_ROW), _rows((xb >> 32).to(tl.int32), X_PER_ROW)
-            prod = _int4_half_dot(w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape),
+            prod = int4_half_dot(w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape),
                                   tl.broadcast_to(x2, w.shape), tl.broadcast_to(x3, w.shape), ASM)
         elif BITS == 4:      # byte j: low nibble pairs with x[2j], high with x[2j + 1]; w = 16 (f - 1.5) s
             packed = w.to(tl.int32)
             x_even, x_odd = _rows(xa.to(tl.float32), X_PER_ROW), _rows(xb.to(tl.float32), X_PER_ROW)
-            prod = _one_plus_sixteenth(packed) * x_even + _one_plus_sixteenth(packed >> 4) * x_odd \
+            prod = one_plus_sixteenth(packed) * x_even + one_plus_sixteenth(packed >> 4) * x_odd \
                 - 1.5 * (x_even + x_odd)
         else:
-            prod = (_s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * _rows(xa.to(tl.float32), X_PER_ROW)
+            prod = (s8_to_f32(w) if BITS == 8 else w.to(tl.float32)) * _rows(xa.to(tl.float32), X_PER_ROW)
         if BITS < 16 and not PER_ROW_SCALE:
             group = (k0 + rg * SUB) // group_size
             scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
@@ -439,11 +328,11 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, group_
                     mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0).to(tl.float32)[:, :, None]
     if BITS == 4:
         packed = w.to(tl.int32)
-        values = tl.reshape(tl.join(_u4_to_f32(packed & 0xF) * scale, _u4_to_f32(packed >> 4) * scale),
+        values = tl.reshape(tl.join(u4_to_f32(packed & 0xF) * scale, u4_to_f32(packed >> 4) * scale),
                             (BLOCK_N, NG, SUB))
         k = k0 + rg[:, None] * SUB + tl.arange(0, SUB)[None, :]
     else:
-        values = _s8_to_f32(w) * scale
+        values = s8_to_f32(w) * scale
         k = cols
     tl.store(out_ptr + rn[:, None, None] * K + k[None, :, :], values.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None, None] & (k < K)[None, :, :])

@@ -1,0 +1,120 @@
+"""Quantized numbers into floats in registers, for the Triton kernels of kernels/gemv.py: integer
+to float without a conversion instruction (I2F runs at a quarter of the FMA rate), by placing the
+integer in the mantissa of a float whose exponent fixes its weight and subtracting the offset; and
+the int4 dot product of eight columns in packed fp16 arithmetic (`int4_half_dot`)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def u4_to_f32(nibble):
+    """int32 nibbles 0..15 -> float32 nibble - 8 without a conversion instruction: OR-ing the nibble
+    into the mantissa of 2^23 gives 2^23 + nibble exactly."""
+    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def one_plus_sixteenth(v):
+    """int32 -> float32 1 + (v & 15) / 16: the nibble placed in the top mantissa bits of 1.0. The
+    CUDA-core kernel multiplies these by x and takes 1.5 x off once per x value (not per weight):
+    q - 8 = 16 (f - 1.5), with the 16 applied to the row's sum."""
+    return (((v << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nibble_minus_8(nibble, dtype: tl.constexpr):
+    """int32 nibbles 0..15 -> nibble - 8 in `dtype` by the mantissa trick at that width (fp16:
+    1024 + n, bf16: 128 + n), which spares the slow integer-to-half conversions."""
+    if dtype == tl.float16:
+        return (nibble | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    elif dtype == tl.bfloat16:
+        return (nibble | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+    else:
+        return u4_to_f32(nibble).to(dtype)
+
+
+@triton.jit
+def s8_to_f32(q):
+    """int8 -> float32 the same way: 2^23 + (q + 128), then subtract 2^23 + 128."""
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def s8_to(q, dtype: tl.constexpr):
+    """int8 -> `dtype`: in fp16 as 1024 + (q + 128) - 1152 (exact: fp16 holds 1024..2047 in steps of
+    one); bf16's 8-bit mantissa cannot, so through float32."""
+    if dtype == tl.float16:
+        return (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return s8_to_f32(q).to(dtype)
+
+
+@triton.jit
+def int4_half_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
+    """Per 32-bit word of packed int4 weights (8 columns: nibble j holds column j), the sum of its
+    eight products with x, in fp32, divided by 16. The words' x come as fp16 pairs in 32-bit words
+    x0 = (x[0], x[4]), x1 = (x[1], x[5]), x2 = (x[2], x[6]), x3 = (x[3], x[7]), matching the
+    nibbles a shift and one LOP3 place in the top mantissa bits of both halves of fp16 1.0: a pair
+    of 1 + n/16, minus 1.5 exactly (n - 8) / 16. Packed fp16x2 arithmetic then does two columns an
+    instruction: 20 instructions for 8 weights; with loads and scales the loop takes 9.1 SASS
+    instructions per weight byte where the fp32 path takes 13.6 (bench/kernel_report.py, sm_90).
+    The 4-product sums per half stay in fp16 (|sum| <= 2 max|x|, rounding ~1e-3 relative, far under
+    int4's own error); their two halves add in fp32. ASM=False computes the same in Triton
+    operations (the interpreter runs no inline assembly)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t, q, a, m;
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 m, 0x3E003E00;
+            shl.b32 t, $1, 6;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            mul.f16x2 a, q, $2;
+            shl.b32 t, $1, 2;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            fma.rn.f16x2 a, q, $3, a;
+            shr.u32 t, $1, 2;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            fma.rn.f16x2 a, q, $4, a;
+            shr.u32 t, $1, 6;
+            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
+            sub.f16x2 q, q, m;
+            fma.rn.f16x2 a, q, $5, a;
+            mov.b32 {lo, hi}, a;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            "=f,r,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1)
+    else:                                              # the same order: nibble j and j + 4 against x_j
+        low = nibble_sixteenths(w) * low_half(x0, tl.float16)
+        high = nibble_sixteenths(w >> 16) * high_half(x0, tl.float16)
+        low += nibble_sixteenths(w >> 4) * low_half(x1, tl.float16)
+        high += nibble_sixteenths(w >> 20) * high_half(x1, tl.float16)
+        low += nibble_sixteenths(w >> 8) * low_half(x2, tl.float16)
+        high += nibble_sixteenths(w >> 24) * high_half(x2, tl.float16)
+        low += nibble_sixteenths(w >> 12) * low_half(x3, tl.float16)
+        high += nibble_sixteenths(w >> 28) * high_half(x3, tl.float16)
+        return low.to(tl.float32) + high.to(tl.float32)
+
+
+@triton.jit
+def nibble_sixteenths(v):
+    """int32 -> fp16 ((v & 15) - 8) / 16, exactly (as `int4_half_dot` builds it)."""
+    return (((v & 0xF) << 6) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True) - 1.5
+
+
+@triton.jit
+def low_half(v, dtype: tl.constexpr):
+    """The 16-bit float (`dtype`) in the low half of 32-bit integers."""
+    return (v & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def high_half(v, dtype: tl.constexpr):
+    """The 16-bit float (`dtype`) in the high half of 32-bit integers."""
+    return ((v >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
