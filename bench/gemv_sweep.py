@@ -155,7 +155,7 @@ def main() -> None:
             row["tile"] = tile.__dict__
             if args.sweep:
                 best = {"": (row["triton_us"], tile)}          # overall, and per kernel family
-                tiles = candidates(m, k, bits, ws[0][2] or k)
+                tiles = candidates(m, k, bits, ws[0][2] or k, x.dtype)
                 if args.fma_grid and m <= FMA_MAX_ROWS:
                     tiles += fma_grid(m, k, bits, ws[0][2] or k)
                 for cand in tiles:

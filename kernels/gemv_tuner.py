@@ -17,11 +17,11 @@ FMA_MAX_ROWS = 2                                         # products the CUDA-cor
 HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (block_n, block_k, warps), int4 fp16
 
 
-def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
+def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
     Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
-    8k stored elements (bytes at 4 bits), and for int4 its packed-fp16 `half` tiles (fp16 x only: the
-    tuner drops them for bf16) in the shapes whose sm_90 builds keep the loop in registers (fewer
+    8k stored elements (bytes at 4 bits), and for int4 against fp16 x its packed-fp16 `half` tiles,
+    in the shapes whose sm_90 builds keep the loop in registers (fewer
     columns than threads; tests/kernels/test_sm90_builds.py). Quantized weights also get wide
     tensor-core tiles dequantized in registers, which may span K-groups."""
     tiles = []
@@ -33,7 +33,8 @@ def candidates(m: int, k: int, bits: int, group_size: int) -> list[Tile]:
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, fma=True))
-        for block_n, block_k, num_warps in HALF_SHAPES if bits == 4 and k % 32 == 0 else ():
+        half_ok = bits == 4 and x_dtype == torch.float16 and k % 32 == 0
+        for block_n, block_k, num_warps in HALF_SHAPES if half_ok else ():
             sub = min(block_k, group_size)
             if block_k > k or sub % 32 or block_k % sub or group_size % sub:
                 continue
@@ -161,8 +162,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
             pass                                         # a tile too large for this GPU's shared memory
 
-    tiles = [t for t in candidates(m, k, bits, group) if not t.half or x.dtype == torch.float16]
-    for tile in tiles or [pick_tile(m, n, k, bits, group)]:   # small K: no shape fits
+    for tile in candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]:   # small K: none fit
         measure(tile)
     if torch_path is not None:
         timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")

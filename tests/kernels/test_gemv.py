@@ -129,18 +129,20 @@ def test_half_tiles_take_int4_weights_and_fp16_rows():
 
 def test_half_tiles_are_offered_for_int4_only():
     from kernels.gemv_tuner import HALF_SHAPES, candidates
-    half = [t for t in candidates(1, 2560, 4, 128) if t.half]
+    fp16 = torch.float16
+    half = [t for t in candidates(1, 2560, 4, 128, fp16) if t.half]
     assert {(t.block_n, t.block_k, t.num_warps) for t in half} == set(HALF_SHAPES)
-    assert not any(t.half for t in candidates(1, 2560, 8, 128) + candidates(1, 2552, 4, 88) + candidates(4, 2560, 4, 128))
+    assert not any(t.half for t in candidates(1, 2560, 8, 128, fp16) + candidates(1, 2552, 4, 88, fp16)
+                   + candidates(4, 2560, 4, 128, fp16) + candidates(1, 2560, 4, 128, torch.bfloat16))
 
 
 def test_few_rows_are_offered_the_cuda_core_kernel():
     """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles of 4-16 KB of weights."""
     from kernels.gemv_tuner import FMA_MAX_ROWS, candidates
     for bits in (16, 8, 4):
-        fma = [t for t in candidates(1, 10240, bits, 128 if bits == 4 else 10240) if t.fma]
+        fma = [t for t in candidates(1, 10240, bits, 128 if bits == 4 else 10240, torch.float16) if t.fma]
         assert fma and all(4096 <= t.block_n * t.block_k * bits // 8 <= 16384 for t in fma)
-    assert not any(t.fma for t in candidates(FMA_MAX_ROWS + 1, 4096, 16, 4096))
+    assert not any(t.fma for t in candidates(FMA_MAX_ROWS + 1, 4096, 16, 4096, torch.float16))
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 128)])
@@ -249,7 +251,7 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     monkeypatch.setattr(gemv, "_choices", gemv._Choices())
     monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    best = next(t for t in gemv.candidates(1, 256, 16, 256) if t.fma)
+    best = next(t for t in gemv.candidates(1, 256, 16, 256, torch.float32) if t.fma)
     timed = []
 
     def fake_bench(fn, **kwargs):                      # what tile is this? the one skinny_linear was given
