@@ -18,6 +18,9 @@ phase=${1:-all}
 out=${OUT:-bench/results}; mkdir -p "$out"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 run() { local limit=$1 log=$2; shift 2; timeout "$limit" "$@" > "$out/$log.log" 2>&1; echo "$log: exit $?"; }
+# a `tune` call earlier on the same (still warm) machine leaves its tables in /tmp/tune-<model>: later phases
+# use them instead of kernels/tuned/, so one lease can tune and measure before the table is committed
+tuned() { [ -d /tmp/tune-$1 ] && echo RAYSPEED_GEMV_SHIPPED=0 RAYSPEED_CACHE=/tmp/tune-$1; }
 
 if [ "$phase" = tune ]; then
   run 540 tune-neo env CUDA_VISIBLE_DEVICES=0 RAYSPEED_CACHE=/tmp/tune-neo python3 bench/tune.py --model neo \
@@ -32,19 +35,20 @@ if [ "$phase" = pdl ]; then
   for model in neo llama; do
     gpu=$([ $model = neo ] && echo 0 || echo 1); dtypes=$([ $model = neo ] && echo float16,int8 || echo float16)
     [ $gpu = 1 ] && [ "$gpus" -lt 2 ] && continue
-    { run 280 $model-nopdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=0 python3 bench/decode.py --model $model \
+    { run 280 $model-nopdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=0 $(tuned $model) python3 bench/decode.py --model $model \
           --dtypes $dtypes --batches 1,32 --tag=-nopdl --out "$out"
-      run 200 $model-pdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=1 python3 bench/decode.py --model $model \
+      run 200 $model-pdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=1 $(tuned $model) python3 bench/decode.py --model $model \
           --dtypes $dtypes --batches 1,32 --no-hf --tag=-pdl --out "$out"; } &
   done
   wait
 fi
 if [ "$phase" = single ] || [ "$phase" = all ]; then
-  run 400 neo env CUDA_VISIBLE_DEVICES=0 python3 bench/decode.py --model neo --dtypes float16,int8,int4 \
-      --batches 1,8,32 --concurrent 256 --out "$out" &
+  { run 400 neo env CUDA_VISIBLE_DEVICES=0 $(tuned neo) python3 bench/decode.py --model neo \
+        --dtypes float16,int8,int4 --batches 1,8,32 --concurrent 256 --out "$out"
+    [ "$gpus" -lt 2 ] && run 60 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   if [ "$gpus" -ge 2 ]; then
-    { run 330 llama env CUDA_VISIBLE_DEVICES=1 python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
-          --batches 1,8,32 --out "$out"
+    { run 330 llama env CUDA_VISIBLE_DEVICES=1 $(tuned llama) python3 bench/decode.py --model llama \
+          --dtypes float16,bfloat16,int8 --batches 1,8,32 --out "$out"
       run 60 gputests env CUDA_VISIBLE_DEVICES=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   fi
   wait
