@@ -10,6 +10,9 @@
 #         shape (fp16, bf16, int8) at the same time, then the CUDA-only tests (`pytest -m gpu`) on the second
 #         GPU, then the compiled-torch anchors beside them (~9 min;
 #         quantized tiles missing from kernels/tuned/ are timed at load);
+# ab VAR [model] [dtypes]: (~6 min) batch 1 and 32 with the switch VAR=0 (HF eager beside) then VAR=1, e.g.
+#         `ab RAYSPEED_FUSED_NORM` (norms inside the next matmul at batch 1-2, kernels/block.py);
+#         then the CUDA-only tests;
 # multi:  (2 GPUs) TP=2 over NCCL for both models, then the Serve app with one TP=2 replica (~5 min).
 # Each step has its own time limit, so a slow step costs its own results only.
 . bench/gpu_setup.sh || exit 1
@@ -42,6 +45,14 @@ if [ "$phase" = pdl ]; then
   done
   wait
 fi
+if [ "$phase" = ab ]; then
+  var=$2 model=${3:-neo} dtypes=${4:-float16,int8,int4}
+  run 280 $model-${var}0 env $var=0 $(tuned $model) python3 bench/decode.py --model $model --dtypes $dtypes \
+      --batches 1,32 --tag=-${var}0 --out "$out"
+  run 280 $model-${var}1 env $var=1 $(tuned $model) python3 bench/decode.py --model $model --dtypes $dtypes \
+      --batches 1,32 --no-hf --tag=-${var}1 --out "$out"
+  run 120 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors
+fi
 if [ "$phase" = single ] || [ "$phase" = all ]; then
   { run 400 neo env CUDA_VISIBLE_DEVICES=0 $(tuned neo) python3 bench/decode.py --model neo \
         --dtypes float16,int8,int4 --batches 1,8,32 --concurrent 256 --out "$out"
@@ -62,7 +73,6 @@ if { [ "$phase" = multi ] || [ "$phase" = all ]; } && [ "$gpus" -ge 2 ]; then
   run 180 tp python3 bench/tp_bench.py --models neo,llama --out "$out"
   run 330 serve python3 bench/serve_gpu.py --out "$out"
 fi
-for log in tune-neo tune-llama neo-nopdl neo-pdl llama-nopdl llama-pdl neo llama gputests anchor-neo anchor-llama tp \
-    serve; do
-  [ -f "$out/$log.log" ] && { echo "== $log"; grep -v "loading weights\|Warning" "$out/$log.log" | tail -n 6 | cut -c1-400; }
+for log in "$out"/*.log; do
+  echo "== $(basename "$log" .log)"; grep -v "loading weights\|Warning" "$log" | tail -n 6 | cut -c1-400
 done

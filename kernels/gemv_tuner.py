@@ -17,13 +17,14 @@ FMA_MAX_ROWS = 2                                         # products the CUDA-cor
 HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (block_n, block_k, warps), int4 fp16
 
 
-def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
+def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype, norm: bool = False) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
     Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
     8k stored elements (bytes at 4 bits), and for int4 against fp16 x its packed-fp16 `half` tiles,
     in the shapes whose sm_90 builds keep the loop in registers (fewer
     columns than threads; tests/kernels/test_sm90_builds.py). Quantized weights also get wide
-    tensor-core tiles dequantized in registers, which may span K-groups."""
+    tensor-core tiles dequantized in registers, which may span K-groups. With `norm` (the product
+    applies a norm to x first) only the CUDA-core tiles that can: not `half`, not tensor-core."""
     tiles = []
     if m <= FMA_MAX_ROWS:
         for block_k, block_n in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8)):
@@ -33,6 +34,8 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, fma=True))
+        if norm:
+            return tiles
         half_ok = bits == 4 and x_dtype == torch.float16 and k % 32 == 0
         for block_n, block_k, num_warps in HALF_SHAPES if half_ok else ():
             sub = min(block_k, group_size)
@@ -41,6 +44,8 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, num_warps, fma=True, half=True))
+    if norm:
+        return tiles
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
     shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
     if bits < 16:
@@ -130,21 +135,23 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
-               activation: str | None, residual, torch_path=None) -> "Tile | str":
+               activation: str | None, residual, torch_path=None, norm=None) -> "Tile | str":
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
     shape, format, epilogue) with cold caches (`triton.testing.do_bench` flushes L2): a tile, or
     `CUBLAS` when `torch_path` (the unfused torch computation, offered for float weights) is faster.
     A CUDA-core winner is timed once more with `prefetch`, then the better of the two with `x_per_row`
     (one compile each instead of doubling the grid).
     More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
-    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
+    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic.
+    With `norm` (see `streamed_linear`) the tiles that apply it are timed against `torch_path`, which
+    then includes the separate norm; a tensor-core verdict (no tile fits) means a separate norm too."""
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
     if m > 16:                                           # prefill sizes vary: never time on the request path
         return pick_tile(m, n, k, bits, group)
     key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
-           residual is not None, x.device)
+           residual is not None) + (() if norm is None else (norm.kind,)) + (x.device,)
     gpu = _gpu_name(x.device)
     cached = _choices.get(key, gpu)
     if cached is not None:
@@ -157,12 +164,17 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     def measure(tile: Tile) -> None:
         try:
             timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
-                                                           activation, residual), warmup=1, rep=4,
+                                                           activation, residual, norm), warmup=1, rep=4,
                                      return_mode="median")
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
             pass                                         # a tile too large for this GPU's shared memory
 
-    for tile in candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]:   # small K: none fit
+    tiles = candidates(m, k, bits, group, x.dtype, norm is not None)
+    if not tiles and norm is not None:                   # small K: the norm runs first, in its own kernel
+        choice = CUBLAS if torch_path is not None else pick_tile(m, n, k, bits, group)
+        _choices.put(key, gpu, choice)
+        return choice
+    for tile in tiles or [pick_tile(m, n, k, bits, group)]:   # small K: none fit
         measure(tile)
     if torch_path is not None:
         timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")
@@ -178,10 +190,15 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
 
 def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
-                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None):
+                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
+                    norm=None):
     """`skinny_linear` with the tuner's tile, or `torch_path()` (the same product in torch, offered
-    for float weights) where the tuner measured that faster."""
-    tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+    for float weights) where the tuner measured that faster. With `norm` (a kernels.block.Norm) the
+    product is of norm(x): applied inside the CUDA-core kernel, or first by the norm's own kernel
+    where the chosen tile cannot (`torch_path` must include it)."""
+    tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm)
     if tile == CUBLAS:
         return torch_path()
-    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)
+    if norm is not None and (not tile.fma or tile.half):
+        x, norm = norm(x), None
+    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual, norm)

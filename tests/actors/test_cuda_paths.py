@@ -106,3 +106,42 @@ def test_x_per_row_tiles_agree_with_the_broadcast_ones(bits):
     broadcast = skinny_linear(*args, bits, group, Tile(1, 4, 1024, fma=True))
     per_row = skinny_linear(*args, bits, group, Tile(1, 4, 1024, fma=True, x_per_row=True))
     torch.testing.assert_close(per_row, broadcast, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_norm_inside_the_cuda_core_kernel_matches_the_norm_kernel_first(kind, bits):
+    """`norm=` on a GPT-Neo-sized product, with programmatic dependent launch as in decode: the
+    separate Triton norm then the same tile, to fp16 rounding."""
+    from kernels.norm import layer_norm, rms_norm
+    from tests.kernels.test_gemv import _norm
+    g = torch.Generator().manual_seed(bits)
+    w, scales, _ = _weight(2560, 2560, bits, 128 if bits < 16 else 2560, g)
+    norm, _ = _norm(kind, 2560, torch.float16, g)
+    norm.weight, norm.bias = norm.weight.cuda(), None if norm.bias is None else norm.bias.cuda()
+    x = (torch.randn(1, 2560, generator=g) * 2 + 0.5).half().cuda()
+    normed = layer_norm(x, norm.weight, norm.bias, norm.eps) if kind == "layer" else rms_norm(x, norm.weight, norm.eps)
+    args = [(w.half() if bits == 16 else w).cuda(), None, None if scales is None else scales.half().cuda(), bits,
+            128 if bits < 16 else None]
+    for tile in (Tile(1, 4, 1024, fma=True, prefetch=True), Tile(1, 8, 512, 2, fma=True, x_per_row=True)):
+        fused = skinny_linear(x, *args, tile, norm=norm)
+        separate = skinny_linear(normed, *args, tile)
+        torch.testing.assert_close(fused, separate, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_decode_with_the_norms_inside_the_matmuls_gives_the_same_tokens(family, monkeypatch):
+    """Batch-1 and -2 decode steps run each block's norms inside the QKV and MLP-up kernels
+    (kernels.block.FUSED_NORM_MAX_ROWS): greedy tokens with graphs equal those with separate norms."""
+    import kernels.block
+    hf = tiny_model(family)
+    prompts = PROMPTS[:2]
+
+    def tokens():
+        engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
+                                         max_num_seqs=8)
+        return [o.outputs[0].token_ids for o in engine.generate(prompts, max_new_tokens=20, ignore_eos=True)]
+
+    fused = tokens()
+    monkeypatch.setattr(kernels.block, "FUSED_NORM_MAX_ROWS", 0)
+    assert tokens() == fused

@@ -115,6 +115,74 @@ def test_int4_in_packed_half_arithmetic(group, tile):
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
 
 
+def _norm(kind: str, k: int, dtype: torch.dtype, g: torch.Generator):
+    """A norm as kernels.block.Norm presents it to the matmul, and its torch reference."""
+    from types import SimpleNamespace
+    from kernels.norm import layer_norm_torch, rms_norm_torch
+    weight = (torch.rand(k, generator=g) + 0.5).to(dtype)
+    bias = torch.randn(k, generator=g).to(dtype) if kind == "layer" else None
+    norm = SimpleNamespace(kind=kind, weight=weight, bias=bias, eps=1e-5)
+    if kind == "layer":
+        return norm, lambda x: layer_norm_torch(x, weight, bias, 1e-5)
+    return norm, lambda x: rms_norm_torch(x, weight, 1e-5)
+
+
+@pytest.mark.parametrize("kind,bits,group,tile", [
+    ("layer", 16, None, Tile(1, 2, 256, fma=True)),
+    ("layer", 8, 64, Tile(1, 4, 128, split_k=2, fma=True, prefetch=True)),
+    ("layer", 4, 64, Tile(1, 8, 256, fma=True, x_per_row=True)),
+    ("rms", 16, None, Tile(1, 4, 128, split_k=2, fma=True, x_per_row=True)),
+    ("rms", 8, None, Tile(1, 4, 256, fma=True, prefetch=True)),
+    ("rms", 4, 32, Tile(1, 8, 128, fma=True, prefetch=True))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norm_applied_inside_the_cuda_core_kernel(kind, bits, group, tile, dtype):
+    """`norm=`: the product of norm(x) (statistics over all of K in every program, x tiles normalised
+    as they load) equals the separate norm followed by the product: to fp32 rounding in fp32, to the
+    fp16 output's rounding in fp16. Two rows, K past the last whole tile, split K, bias, GELU and
+    residual in the epilogue."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 24, 320
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x = (torch.randn(2, k, generator=g) * 3 + 1).to(dtype)
+    bias, residual = torch.randn(n, generator=g).to(dtype), torch.randn(2, n, generator=g).to(dtype)
+    norm, reference = _norm(kind, k, dtype, g)
+    w = w.to(dtype) if bits == 16 else w
+    got = skinny_linear(x, w, bias, None if scales is None else scales.to(dtype), bits, group, tile, "gelu_tanh",
+                        residual, norm)
+    y = reference(x).double() @ full.to(dtype).double().T + bias.double()
+    ref = torch.nn.functional.gelu(y, approximate="tanh") + residual.double()
+    assert ((got.double() - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_norm_needs_a_cuda_core_tile_that_can_apply_it():
+    g = torch.Generator().manual_seed(3)
+    w, scales, _ = _weight(8, 256, 4, 64, g)
+    norm, _ = _norm("rms", 256, torch.float16, g)
+    x = torch.randn(1, 256, generator=g).half()
+    for tile in (Tile(16, 32, 64), Tile(1, 8, 128, fma=True, half=True)):
+        with pytest.raises(AssertionError, match="apply a norm"):
+            skinny_linear(x, w, None, scales.half(), 4, 64, tile, norm=norm)
+
+
+def test_streamed_linear_runs_the_norm_first_where_the_tile_cannot(monkeypatch):
+    """A tensor-core (or half) verdict for a product with a norm: the norm's own kernel, then the tile."""
+    from kernels import gemv_tuner as gemv
+    g = torch.Generator().manual_seed(4)
+    w, _, full = _weight(32, 128, 16, 128, g)
+    x = torch.randn(2, 128, generator=g)
+    norm, reference = _norm("layer", 128, torch.float32, g)
+    calls = []
+    norm = type("Norm", (), {"kind": norm.kind, "weight": norm.weight, "bias": norm.bias, "eps": norm.eps,
+                             "__call__": lambda self, v: calls.append(1) or reference(v)})()
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
+    got = gemv.streamed_linear(x, w, norm=norm)
+    assert calls and ((got - reference(x).double() @ full.double().T).abs().max()).item() < 1e-4
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(1, 8, 128, fma=True))
+    calls.clear()
+    got = gemv.streamed_linear(x, w, norm=norm)
+    assert not calls and ((got - reference(x).double() @ full.double().T).abs().max()).item() < 1e-4
+
+
 def test_half_tiles_take_int4_weights_and_fp16_rows():
     g = torch.Generator().manual_seed(2)
     w, scales, _ = _weight(8, 256, 4, 64, g)
@@ -143,6 +211,14 @@ def test_few_rows_are_offered_the_cuda_core_kernel():
         fma = [t for t in candidates(1, 10240, bits, 128 if bits == 4 else 10240, torch.float16) if t.fma]
         assert fma and all(4096 <= t.block_n * t.block_k * bits // 8 <= 16384 for t in fma)
     assert not any(t.fma for t in candidates(FMA_MAX_ROWS + 1, 4096, 16, 4096, torch.float16))
+
+
+def test_a_product_with_a_norm_is_offered_the_tiles_that_apply_it():
+    """CUDA-core tiles without `half` only: the others would need the norm's own kernel first."""
+    from kernels.gemv_tuner import candidates
+    with_norm = candidates(1, 2560, 4, 128, torch.float16, norm=True)
+    assert with_norm and all(t.fma and not t.half for t in with_norm)
+    assert set(with_norm) == {t for t in candidates(1, 2560, 4, 128, torch.float16) if t.fma and not t.half}
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 128)])
