@@ -38,10 +38,10 @@ if [ "$phase" = pdl ]; then
   for model in neo llama; do
     gpu=$([ $model = neo ] && echo 0 || echo 1); dtypes=$([ $model = neo ] && echo float16,int8 || echo float16)
     [ $gpu = 1 ] && [ "$gpus" -lt 2 ] && continue
-    { run 280 $model-nopdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=0 $(tuned $model) python3 bench/decode.py --model $model \
-          --dtypes $dtypes --batches 1,32 --tag=-nopdl --out "$out"
-      run 200 $model-pdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=1 $(tuned $model) python3 bench/decode.py --model $model \
-          --dtypes $dtypes --batches 1,32 --no-hf --tag=-pdl --out "$out"; } &
+    { run 280 $model-nopdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=0 $(tuned $model) python3 bench/decode.py \
+          --model $model --dtypes $dtypes --batches 1,32 --tag=-nopdl --out "$out"
+      run 200 $model-pdl env CUDA_VISIBLE_DEVICES=$gpu RAYSPEED_PDL=1 $(tuned $model) python3 bench/decode.py \
+          --model $model --dtypes $dtypes --batches 1,32 --no-hf --tag=-pdl --out "$out"; } &
   done
   wait
 fi

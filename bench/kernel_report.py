@@ -97,7 +97,8 @@ def gemv_cases():
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",
                     "out_ptr": "*fp16", "g_ptr": "*fp16", "nb_ptr": "*fp16"}
         consts = dict(BITS=bits, **epilogue, PER_ROW_SCALE=bits == 8, BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub,
-                      PREFETCH=False, PDL=False, HALF=half, ASM=half, X_PER_ROW=False, NORM=0, HAS_NORM_BIAS=False)
+                      PREFETCH=False, PDL=False, HALF=half, ASM=half, X_PER_ROW=False, NORM=0, HAS_NORM_BIAS=False,
+                      STATS_BLOCK=1)
         yield (f"fma int{bits}{' half' if half else ''} {block_n}x{block_k}", _fma_kernel, consts, pointers,
                block_n * block_k * bits // 8 / 128)
     for bits, weight, block_n, block_k in ((16, "*fp16", 32, 256), (8, "*i8", 32, 256), (4, "*u8", 64, 128)):

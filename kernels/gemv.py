@@ -171,25 +171,23 @@ def _two_words(low, high):
 
 @triton.jit
 def _row_stats(x_row, K, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    """(mean, rstd) of one row of K values in fp32 as kernels/norm.py computes them: LayerNorm
-    (NORM 1) in two passes, mean then centred variance; RMSNorm (NORM 2) mean 0 and rstd from the
-    mean square. The row is a few KB the program's other loads bring into L1 anyway."""
+    """(mean, rstd) of one row of K values in fp32: LayerNorm (NORM 1) from the sums of x and x^2 in
+    one pass, RMSNorm (NORM 2) mean 0 and rstd from the mean square. BLOCK (K rounded up to a power of
+    two, at most 8192) reads the row in one load: it sits on every program's critical path."""
     offs = tl.arange(0, BLOCK)
-    mean = 0.0
-    if NORM == 1:
-        total = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            total += tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        mean = tl.sum(total, axis=0) / K
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
     squares = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
-        mask = k0 + offs < K
-        v = tl.where(mask, tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        total += v
         squares += v * v
+    mean_square = tl.sum(squares, axis=0) / K
     if NORM == 1:
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        mean = tl.sum(total, axis=0) / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(mean_square - mean * mean, 0.0) + eps)
     else:
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        mean = 0.0
+        rstd = tl.rsqrt(mean_square + eps)
     return mean, rstd
 
 
@@ -255,7 +253,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
                 PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
-                g_ptr, nb_ptr, eps, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+                g_ptr, nb_ptr, eps, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, STATS_BLOCK: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -299,7 +297,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     await_previous(PDL)
     mean, rstd = 0.0, 1.0
     if NORM:
-        mean, rstd = _row_stats(x_ptr + row * stride_xm, K, eps, NORM, 1024)
+        mean, rstd = _row_stats(x_ptr + row * stride_xm, K, eps, NORM, STATS_BLOCK)
     if PREFETCH:
         xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF, g_row, nb_row, mean, rstd, NORM,
                         HAS_NORM_BIAS)
@@ -508,7 +506,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl,
                                          HALF=tile.half, ASM=tile.half and not _interpreting(),
                                          X_PER_ROW=tile.x_per_row, g_ptr=g, nb_ptr=nb, eps=eps, NORM=norm_code,
-                                         HAS_NORM_BIAS=nb is not dummy, **flags)
+                                         HAS_NORM_BIAS=nb is not dummy,
+                                         STATS_BLOCK=min(8192, triton.next_power_of_2(k)) if norm else 1, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

@@ -60,6 +60,7 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype,
 
 
 CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
+SEPARATE = "separate"                                    # ... when a norm before the product runs on its own
 
 
 class _Choices:
@@ -105,7 +106,7 @@ class _Choices:
         found = self.disk.get(repr(key[:-1]))
         if found is not None:
             try:
-                self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
+                self.memory[key] = found if found in (CUBLAS, SEPARATE) else Tile(**found)
             except TypeError:                            # written by another version of Tile: time again
                 pass
         return self.memory.get(key)
@@ -114,7 +115,7 @@ class _Choices:
         self.memory[key] = choice
         if self.disk is None:
             self.disk = self._read(gpu)
-        self.disk[repr(key[:-1])] = choice if choice == CUBLAS else asdict(choice)
+        self.disk[repr(key[:-1])] = choice if isinstance(choice, str) else asdict(choice)
         path = self._path(gpu)
         try:                                             # atomic: TP ranks may write at once
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -137,19 +138,19 @@ def _gpu_name(device: torch.device) -> str:
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
                activation: str | None, residual, torch_path=None, norm=None) -> "Tile | str":
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
-    shape, format, epilogue) with cold caches (`triton.testing.do_bench` flushes L2): a tile, or
-    `CUBLAS` when `torch_path` (the unfused torch computation, offered for float weights) is faster.
+    shape, format, epilogue, norm) with cold caches (`triton.testing.do_bench` flushes L2): a tile,
+    or `CUBLAS` when `torch_path(x)` (the same product in torch, offered for float weights) is faster.
     A CUDA-core winner is timed once more with `prefetch`, then the better of the two with `x_per_row`
-    (one compile each instead of doubling the grid).
+    (one compile each instead of doubling the grid). With `norm` (the product is of norm(x)), the
+    tiles that apply it inside the kernel are timed against `SEPARATE`: the norm's own kernel, then
+    this product's choice without the norm.
     More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
-    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic.
-    With `norm` (see `streamed_linear`) the tiles that apply it are timed against `torch_path`, which
-    then includes the separate norm; a tensor-core verdict (no tile fits) means a separate norm too."""
+    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
     if m > 16:                                           # prefill sizes vary: never time on the request path
-        return pick_tile(m, n, k, bits, group)
+        return SEPARATE if norm is not None else pick_tile(m, n, k, bits, group)
     key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
            residual is not None) + (() if norm is None else (norm.kind,)) + (x.device,)
     gpu = _gpu_name(x.device)
@@ -157,29 +158,32 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     if cached is not None:
         return cached
     if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return pick_tile(m, n, k, bits, group)
+        return SEPARATE if norm is not None else pick_tile(m, n, k, bits, group)
     from triton.testing import do_bench
+    bench = functools.partial(do_bench, warmup=1, rep=4, return_mode="median")
     timings = {}
 
     def measure(tile: Tile) -> None:
         try:
-            timings[tile] = do_bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile,
-                                                           activation, residual, norm), warmup=1, rep=4,
-                                     return_mode="median")
+            timings[tile] = bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation,
+                                                        residual, norm))
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
             pass                                         # a tile too large for this GPU's shared memory
 
     tiles = candidates(m, k, bits, group, x.dtype, norm is not None)
-    if not tiles and norm is not None:                   # small K: the norm runs first, in its own kernel
-        choice = CUBLAS if torch_path is not None else pick_tile(m, n, k, bits, group)
-        _choices.put(key, gpu, choice)
-        return choice
-    for tile in tiles or [pick_tile(m, n, k, bits, group)]:   # small K: none fit
+    if norm is not None:
+        if tiles:                                        # the product without the norm is tuned first
+            tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+            timings[SEPARATE] = bench(lambda: streamed_linear(norm(x), weight, bias, scales, bits, group_size,
+                                                              activation, residual, torch_path))
+    elif not tiles:                                      # small K: none fit
+        tiles = [pick_tile(m, n, k, bits, group)]
+    for tile in tiles:
         measure(tile)
-    if torch_path is not None:
-        timings[CUBLAS] = do_bench(torch_path, warmup=1, rep=4, return_mode="median")
-    choice = min(timings, key=timings.get)
-    if choice != CUBLAS and choice.fma:                  # the winner again with its next tile prefetched
+    if torch_path is not None and norm is None:
+        timings[CUBLAS] = bench(lambda: torch_path(x))
+    choice = min(timings, key=timings.get) if timings else SEPARATE
+    if isinstance(choice, Tile) and choice.fma:         # the winner again with its next tile prefetched
         measure(replace(choice, prefetch=True))
         choice = min(timings, key=timings.get)
         measure(replace(choice, x_per_row=True))         # and with x loaded in the weights' layout
@@ -192,13 +196,13 @@ def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                     activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
                     norm=None):
-    """`skinny_linear` with the tuner's tile, or `torch_path()` (the same product in torch, offered
+    """`skinny_linear` with the tuner's tile, or `torch_path(x)` (the same product in torch, offered
     for float weights) where the tuner measured that faster. With `norm` (a kernels.block.Norm) the
-    product is of norm(x): applied inside the CUDA-core kernel, or first by the norm's own kernel
-    where the chosen tile cannot (`torch_path` must include it)."""
-    tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm)
-    if tile == CUBLAS:
-        return torch_path()
-    if norm is not None and (not tile.fma or tile.half):
-        x, norm = norm(x), None
-    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual, norm)
+    product is of norm(x): inside the CUDA-core kernel, or, where the tuner measured that faster
+    (`SEPARATE`), by the norm's own kernel first."""
+    choice = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm=norm)
+    if choice == SEPARATE:
+        return streamed_linear(norm(x), weight, bias, scales, bits, group_size, activation, residual, torch_path)
+    if choice == CUBLAS:
+        return torch_path(x)
+    return skinny_linear(x, weight, bias, scales, bits, group_size, choice, activation, residual, norm)

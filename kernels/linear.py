@@ -145,19 +145,16 @@ class _Linear(nn.Module):
                 residual: torch.Tensor | None = None, norm=None) -> torch.Tensor:
         """act(norm(x) W^T + bias) + residual (`norm`: a kernels.block.Norm or None). On CUDA, float
         weights at one or two rows and quantized weights below DEQUANT_MIN_ROWS go through the
-        weight-streaming Triton kernels with the epilogue (and at one or two rows the norm) fused,
-        unless the tuner measured cuBLAS (plus separate norm and epilogue ops) faster for this shape;
-        larger quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""
+        weight-streaming Triton kernels with the epilogue (and at one or two rows, where the tuner
+        measured that faster, the norm) fused, unless the tuner measured cuBLAS (plus separate
+        epilogue ops) faster for this shape; larger quantized products dequantize the weight once
+        and run cuBLAS (`quant_linear`)."""
         bits = 16 if self.quant is None else self.quant.bits
         rows = x.numel() // x.shape[-1]
         if use_triton(x) and (rows <= SKINNY_MAX_ROWS or (bits < 16 and rows < DEQUANT_MIN_ROWS[bits])):
-            if norm is not None and rows > FMA_MAX_ROWS:      # only the CUDA-core tiles apply a norm
-                x, norm = norm(x), None
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
-            torch_path = None
-            if bits == 16:
-                torch_path = lambda: self._torch_matmul(x if norm is None else norm(x), bias, activation, residual)
+            torch_path = (lambda v: self._torch_matmul(v, bias, activation, residual)) if bits == 16 else None
             return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm)
         return self._torch_matmul(x if norm is None else norm(x), bias, activation, residual)
 

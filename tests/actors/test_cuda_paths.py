@@ -112,7 +112,7 @@ def test_x_per_row_tiles_agree_with_the_broadcast_ones(bits):
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_norm_inside_the_cuda_core_kernel_matches_the_norm_kernel_first(kind, bits):
     """`norm=` on a GPT-Neo-sized product, with programmatic dependent launch as in decode: the
-    separate Triton norm then the same tile, to fp16 rounding."""
+    separate Triton norm then the same tile, to fp16 rounding (statistics in one pass here, two there)."""
     from kernels.norm import layer_norm, rms_norm
     from tests.kernels.test_gemv import _norm
     g = torch.Generator().manual_seed(bits)
@@ -126,7 +126,8 @@ def test_norm_inside_the_cuda_core_kernel_matches_the_norm_kernel_first(kind, bi
     for tile in (Tile(1, 4, 1024, fma=True, prefetch=True), Tile(1, 8, 512, 2, fma=True, x_per_row=True)):
         fused = skinny_linear(x, *args, tile, norm=norm)
         separate = skinny_linear(normed, *args, tile)
-        torch.testing.assert_close(fused, separate, rtol=2e-3, atol=2e-3)
+        err = ((fused.double() - separate.double()).norm() / separate.double().norm()).item()
+        assert err < 1e-3             # an x value rounding the other way moves a 2560-term fp16 sum a little
 
 
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])

@@ -164,8 +164,9 @@ def test_norm_needs_a_cuda_core_tile_that_can_apply_it():
             skinny_linear(x, w, None, scales.half(), 4, 64, tile, norm=norm)
 
 
-def test_streamed_linear_runs_the_norm_first_where_the_tile_cannot(monkeypatch):
-    """A tensor-core (or half) verdict for a product with a norm: the norm's own kernel, then the tile."""
+def test_streamed_linear_runs_the_norm_on_its_own_where_the_tuner_says_so(monkeypatch):
+    """`SEPARATE`: the norm's own kernel, then the product's choice without the norm; a tile: the norm
+    inside the kernel."""
     from kernels import gemv_tuner as gemv
     g = torch.Generator().manual_seed(4)
     w, _, full = _weight(32, 128, 16, 128, g)
@@ -174,13 +175,14 @@ def test_streamed_linear_runs_the_norm_first_where_the_tile_cannot(monkeypatch):
     calls = []
     norm = type("Norm", (), {"kind": norm.kind, "weight": norm.weight, "bias": norm.bias, "eps": norm.eps,
                              "__call__": lambda self, v: calls.append(1) or reference(v)})()
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
+    expected = reference(x).double() @ full.double().T
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, norm=None: gemv.SEPARATE if norm else Tile(16, 16, 64, 2))
     got = gemv.streamed_linear(x, w, norm=norm)
-    assert calls and ((got - reference(x).double() @ full.double().T).abs().max()).item() < 1e-4
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(1, 8, 128, fma=True))
+    assert calls and ((got - expected).abs().max()).item() < 1e-4
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, norm=None: Tile(1, 8, 128, fma=True))
     calls.clear()
     got = gemv.streamed_linear(x, w, norm=norm)
-    assert not calls and ((got - reference(x).double() @ full.double().T).abs().max()).item() < 1e-4
+    assert not calls and ((got - expected).abs().max()).item() < 1e-4
 
 
 def test_half_tiles_take_int4_weights_and_fp16_rows():
@@ -310,10 +312,10 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
     g = torch.Generator().manual_seed(2)
     w, _, full = _weight(32, 128, 16, 128, g)
     x = torch.randn(2, 128, generator=g)
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: gemv.CUBLAS)
-    assert gemv.streamed_linear(x, w, torch_path=lambda: "torch") == "torch"
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
-    got = gemv.streamed_linear(x, w, torch_path=lambda: "torch")
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, **kwargs: gemv.CUBLAS)
+    assert gemv.streamed_linear(x, w, torch_path=lambda v: "torch") == "torch"
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, **kwargs: Tile(16, 16, 64, split_k=2))
+    got = gemv.streamed_linear(x, w, torch_path=lambda v: "torch")
     assert ((got - x.double() @ full.double().T).abs().max()).item() < 1e-4
 
 
@@ -347,6 +349,37 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     assert gemv._Choices().get((1, 64, 256, 16, 256, str(x.dtype), False, None, False, x.device), "Test GPU") == choice
 
 
+@pytest.mark.parametrize("separate_ms", [0.5, 2.0])
+def test_tuner_times_the_norm_inside_the_kernel_against_the_norm_on_its_own(tmp_path, monkeypatch, separate_ms):
+    """With a norm: the tiles that apply it against `SEPARATE` (the norm's kernel, then the product's own
+    choice, tuned first); the faster is kept under a key that names the norm."""
+    import triton.testing
+    from kernels import gemv_tuner as gemv
+    monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
+    monkeypatch.setattr(gemv, "_choices", gemv._Choices())
+    monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fused = []
+
+    def fake_bench(fn, **kwargs):
+        cells = {type(c.cell_contents).__name__: c.cell_contents for c in fn.__closure__ or ()}
+        if "Tile" not in cells:
+            return separate_ms                         # the norm on its own, then the product
+        if cells.get("SimpleNamespace") is not None:
+            fused.append(cells["Tile"])
+            assert cells["Tile"].fma and not cells["Tile"].half
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    norm, _ = _norm("rms", 256, torch.float32, torch.Generator().manual_seed(0))
+    x, w = torch.randn(1, 256), torch.randn(64, 256)
+    choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None, norm=norm)
+    assert fused and (choice == gemv.SEPARATE) == (separate_ms < 1.0)
+    key = (1, 64, 256, 16, 256, str(x.dtype), False, None, False, "rms", x.device)
+    assert gemv._Choices().get(key, "Test GPU") == choice
+    assert gemv._Choices().get(key[:9] + key[10:], "Test GPU") is not None       # the product without the norm
+
+
 @pytest.mark.parametrize("bits,group,k", [(8, None, 320), (8, 64, 320), (4, 64, 320), (4, 32, 1088), (8, 96, 1152)])
 def test_dequantize_weight_matches_the_reference(bits, group, k):
     """Ragged N and K, groups smaller and larger than the kernel's sub-tile, and not a power of two."""
@@ -365,7 +398,7 @@ def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bi
     from kernels import gemv_tuner, quant
     from kernels.gemv import DEQUANT_MIN_ROWS
     monkeypatch.setattr(quant, "use_triton", lambda x: True)
-    monkeypatch.setattr(gemv_tuner, "tuned_tile", lambda x, w, bias, scales, bits, group, *epilogue: pick_tile(
+    monkeypatch.setattr(gemv_tuner, "tuned_tile", lambda x, w, bias, scales, bits, group, *epilogue, **kw: pick_tile(
         x.shape[0], w.shape[0], x.shape[1], bits, group))                     # no GPU to time tiles on
     copies = []
     real = quant.dequantize_weight

@@ -29,7 +29,7 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
     return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
                                                 PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row, NORM=norm,
-                                                HAS_NORM_BIAS=norm == 1), pointers,
+                                                HAS_NORM_BIAS=norm == 1, STATS_BLOCK=4096 if norm else 1), pointers,
             num_warps)
 
 
