@@ -1,5 +1,5 @@
 """The tuner of kernels/gemv.py: which kernel and tile (or cuBLAS, for float weights) runs each
-product, timed once per shape on the device the first time it runs, with cold L2, and remembered
+product, timed once per shape on the device the first time it runs, as decode runs it, and remembered
 per GPU model and Triton version on disk (tables measured on the project's benchmark machines ship
 in kernels/tuned/). `streamed_linear` runs the product the way the tuner chose."""
 import functools
@@ -135,15 +135,40 @@ def _gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+L2_BYTES = 50 << 20                                      # H100; at least twice this is streamed per timing
+
+
+def time_in_graph(launch, copies: int, reps: int = 32) -> float:
+    """Milliseconds per call of `launch(i)`, i cycling over `copies` (of the weights), the way decode
+    runs a product: `reps` calls captured in one CUDA graph, so each kernel launches (with programmatic
+    dependent launch where it uses it) behind the previous one, whose weights just left L2."""
+    for i in range(copies):                              # compiles, and raises for a tile that does not fit
+        launch(i)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in range(reps):
+            launch(r % copies)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[1]
+
+
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
                activation: str | None, residual, torch_path=None, norm=None) -> "Tile | str":
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
-    shape, format, epilogue, norm) with cold caches (`triton.testing.do_bench` flushes L2): a tile,
-    or `CUBLAS` when `torch_path(x)` (the same product in torch, offered for float weights) is faster.
-    A CUDA-core winner is timed once more with `prefetch`, then the better of the two with `x_per_row`
-    (one compile each instead of doubling the grid). With `norm` (the product is of norm(x)), the
-    tiles that apply it inside the kernel are timed against `SEPARATE`: the norm's own kernel, then
-    this product's choice without the norm.
+    shape, format, epilogue, norm) as decode runs it (`time_in_graph`, over enough copies of the
+    weights that none is in L2): a tile, or `CUBLAS` when `torch_path(x, weight)` (the same product
+    in torch, offered for float weights) is faster. A CUDA-core winner is timed once more with
+    `prefetch`, then the better of the two with `x_per_row` (one compile each instead of doubling the
+    grid). With `norm` (the product is of norm(x)), the tiles that apply it inside the kernel are
+    timed against `SEPARATE`: the norm's own kernel, then this product's choice without the norm.
     More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
     captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
     k = x.shape[-1]
@@ -159,34 +184,40 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         return cached
     if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return SEPARATE if norm is not None else pick_tile(m, n, k, bits, group)
-    from triton.testing import do_bench
-    bench = functools.partial(do_bench, warmup=1, rep=4, return_mode="median")
+    tiles = candidates(m, k, bits, group, x.dtype, norm is not None)
+    if norm is not None and tiles:                       # the product without the norm is tuned first
+        tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+    nbytes = weight.numel() * weight.element_size()
+    copies = max(1, min(16, -(-2 * L2_BYTES // nbytes)))
+    weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+    scale_copies = [scales] + [None if scales is None else scales.clone() for _ in range(copies - 1)]
     timings = {}
 
-    def measure(tile: Tile) -> None:
+    def measure(choice, launch) -> None:
         try:
-            timings[tile] = bench(lambda: skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation,
-                                                        residual, norm))
+            timings[choice] = time_in_graph(launch, copies)
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError):
             pass                                         # a tile too large for this GPU's shared memory
 
-    tiles = candidates(m, k, bits, group, x.dtype, norm is not None)
+    def measure_tile(tile: Tile) -> None:
+        measure(tile, lambda i: skinny_linear(x, weights[i], bias, scale_copies[i], bits, group_size, tile,
+                                              activation, residual, norm))
+
     if norm is not None:
-        if tiles:                                        # the product without the norm is tuned first
-            tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
-            timings[SEPARATE] = bench(lambda: streamed_linear(norm(x), weight, bias, scales, bits, group_size,
-                                                              activation, residual, torch_path))
+        if tiles:
+            measure(SEPARATE, lambda i: streamed_linear(norm(x), weights[i], bias, scale_copies[i], bits, group_size,
+                                                        activation, residual, torch_path))
     elif not tiles:                                      # small K: none fit
         tiles = [pick_tile(m, n, k, bits, group)]
     for tile in tiles:
-        measure(tile)
+        measure_tile(tile)
     if torch_path is not None and norm is None:
-        timings[CUBLAS] = bench(lambda: torch_path(x))
+        measure(CUBLAS, lambda i: torch_path(x, weights[i]))
     choice = min(timings, key=timings.get) if timings else SEPARATE
     if isinstance(choice, Tile) and choice.fma:         # the winner again with its next tile prefetched
-        measure(replace(choice, prefetch=True))
+        measure_tile(replace(choice, prefetch=True))
         choice = min(timings, key=timings.get)
-        measure(replace(choice, x_per_row=True))         # and with x loaded in the weights' layout
+        measure_tile(replace(choice, x_per_row=True))    # and with x loaded in the weights' layout
         choice = min(timings, key=timings.get)
     _choices.put(key, gpu, choice)
     return choice
@@ -196,13 +227,13 @@ def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                     activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
                     norm=None):
-    """`skinny_linear` with the tuner's tile, or `torch_path(x)` (the same product in torch, offered
-    for float weights) where the tuner measured that faster. With `norm` (a kernels.block.Norm) the
+    """`skinny_linear` with the tuner's tile, or `torch_path(x, weight)` (the same product in torch,
+    offered for float weights) where the tuner measured that faster. With `norm` (a kernels.block.Norm) the
     product is of norm(x): inside the CUDA-core kernel, or, where the tuner measured that faster
     (`SEPARATE`), by the norm's own kernel first."""
     choice = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm=norm)
     if choice == SEPARATE:
         return streamed_linear(norm(x), weight, bias, scales, bits, group_size, activation, residual, torch_path)
     if choice == CUBLAS:
-        return torch_path(x)
+        return torch_path(x, weight)
     return skinny_linear(x, weight, bias, scales, bits, group_size, choice, activation, residual, norm)

@@ -154,13 +154,15 @@ class _Linear(nn.Module):
         if use_triton(x) and (rows <= SKINNY_MAX_ROWS or (bits < 16 and rows < DEQUANT_MIN_ROWS[bits])):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
-            torch_path = (lambda v: self._torch_matmul(v, bias, activation, residual)) if bits == 16 else None
+            torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
             return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm)
         return self._torch_matmul(x if norm is None else norm(x), bias, activation, residual)
 
-    def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual) -> torch.Tensor:
+    def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight`: the float weight's stand-in (the tuner times copies of it)."""
         if self.quant is None:
-            y = F.linear(x, self.weight, bias)
+            y = F.linear(x, self.weight if weight is None else weight, bias)
         else:
             y = quant_linear(x, self.qweight, self.scales, self.quant.bits, self.group_size, bias)
         if activation is not None:

@@ -143,7 +143,7 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             if bias.shape[0] != weight.shape[0]:            # one of them lost its padding
                 weight, bias = weight[:vocab], bias[:vocab]
     if use_triton(hidden) and hidden.shape[0] <= SKINNY_MAX_ROWS:     # decode: stream the LM head
-        logits = streamed_linear(hidden, weight, bias, torch_path=lambda v: F.linear(v, weight, bias), norm=norm)
+        logits = streamed_linear(hidden, weight, bias, torch_path=lambda v, w: F.linear(v, w, bias), norm=norm)
     else:
         logits = F.linear(hidden if norm is None else norm(hidden), weight, bias)
     return logits[:, :vocab].float().contiguous()

@@ -313,9 +313,9 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
     w, _, full = _weight(32, 128, 16, 128, g)
     x = torch.randn(2, 128, generator=g)
     monkeypatch.setattr(gemv, "tuned_tile", lambda *args, **kwargs: gemv.CUBLAS)
-    assert gemv.streamed_linear(x, w, torch_path=lambda v: "torch") == "torch"
+    assert gemv.streamed_linear(x, w, torch_path=lambda v, w: "torch") == "torch"
     monkeypatch.setattr(gemv, "tuned_tile", lambda *args, **kwargs: Tile(16, 16, 64, split_k=2))
-    got = gemv.streamed_linear(x, w, torch_path=lambda v: "torch")
+    got = gemv.streamed_linear(x, w, torch_path=lambda v, w: "torch")
     assert ((got - x.double() @ full.double().T).abs().max()).item() < 1e-4
 
 
@@ -323,7 +323,6 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
 def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, monkeypatch, twin_ms, expect_prefetch):
     """The fastest candidate, when a CUDA-core tile, is timed once more with `prefetch`, the faster of
     the two once more with `x_per_row`; the fastest is kept (and persisted)."""
-    import triton.testing
     from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(gemv, "_choices", gemv._Choices())
@@ -332,7 +331,7 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     best = next(t for t in gemv.candidates(1, 256, 16, 256, torch.float32) if t.fma)
     timed = []
 
-    def fake_bench(fn, **kwargs):                      # what tile is this? the one skinny_linear was given
+    def fake_bench(fn, copies):                        # what tile is this? the one skinny_linear was given
         tile = fn.__closure__ and next((c.cell_contents for c in fn.__closure__
                                         if isinstance(c.cell_contents, gemv.Tile)), None)
         timed.append(tile)
@@ -340,7 +339,7 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
             return 0.5
         return twin_ms if tile == gemv.replace(best, prefetch=True) else 1.0
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gemv, "time_in_graph", fake_bench)
     x, w = torch.randn(1, 256), torch.randn(64, 256)
     choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None)
     assert choice == gemv.replace(best, prefetch=expect_prefetch)
@@ -353,7 +352,6 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
 def test_tuner_times_the_norm_inside_the_kernel_against_the_norm_on_its_own(tmp_path, monkeypatch, separate_ms):
     """With a norm: the tiles that apply it against `SEPARATE` (the norm's kernel, then the product's own
     choice, tuned first); the faster is kept under a key that names the norm."""
-    import triton.testing
     from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(gemv, "_choices", gemv._Choices())
@@ -361,7 +359,7 @@ def test_tuner_times_the_norm_inside_the_kernel_against_the_norm_on_its_own(tmp_
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     fused = []
 
-    def fake_bench(fn, **kwargs):
+    def fake_bench(fn, copies):
         cells = {type(c.cell_contents).__name__: c.cell_contents for c in fn.__closure__ or ()}
         if "Tile" not in cells:
             return separate_ms                         # the norm on its own, then the product
@@ -370,7 +368,7 @@ def test_tuner_times_the_norm_inside_the_kernel_against_the_norm_on_its_own(tmp_
             assert cells["Tile"].fma and not cells["Tile"].half
         return 1.0
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gemv, "time_in_graph", fake_bench)
     norm, _ = _norm("rms", 256, torch.float32, torch.Generator().manual_seed(0))
     x, w = torch.randn(1, 256), torch.randn(64, 256)
     choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None, norm=norm)
