@@ -124,8 +124,10 @@ class ModelRunner:
         return self._eager(input_ids, positions, meta, all_logits)
 
     def _eager(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
-        rows = None if all_logits else meta.cu_seqlens_q[1:].long() - 1
-        return self.model.logits(input_ids, positions, meta, self.kv_caches, rows)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        if not all_logits:
+            hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
+        return self.model.compute_logits(hidden)
 
     # -- lockstep across the TP group --------------------------------------------------------
 

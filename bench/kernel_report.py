@@ -49,13 +49,9 @@ def compile_for_sm90(fn, constexprs: dict, pointers: dict, floats=("scale", "eps
 
 
 def inner_loop_ptx(ptx: str) -> str:
-    """The PTX of the longest innermost loop (LLVM marks each header): the main loop, not e.g. the
-    row statistics' loops before it."""
-    loops, start = [], ptx.find("Inner Loop Header")
-    while start >= 0:
-        loops.append(ptx[start:ptx.index("bra", start)])
-        start = ptx.find("Inner Loop Header", start + 1)
-    return max(loops, key=len)
+    """The PTX of the first innermost loop (LLVM marks its header)."""
+    start = ptx.index("Inner Loop Header")
+    return ptx[start:ptx.index("bra", start)]
 
 
 def resources(kernel) -> dict:
@@ -95,10 +91,9 @@ def gemv_cases():
                                                       (8, "*i8", 4, 1024, 1024, False), (4, "*u8", 8, 1024, 128, False),
                                                       (4, "*u8", 16, 512, 128, True)):
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",
-                    "out_ptr": "*fp16", "g_ptr": "*fp16", "nb_ptr": "*fp16"}
+                    "out_ptr": "*fp16"}
         consts = dict(BITS=bits, **epilogue, PER_ROW_SCALE=bits == 8, BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub,
-                      PREFETCH=False, PDL=False, HALF=half, ASM=half, X_PER_ROW=False, NORM=0, HAS_NORM_BIAS=False,
-                      STATS_BLOCK=1)
+                      PREFETCH=False, PDL=False, HALF=half, ASM=half, X_PER_ROW=False)
         yield (f"fma int{bits}{' half' if half else ''} {block_n}x{block_k}", _fma_kernel, consts, pointers,
                block_n * block_k * bits // 8 / 128)
     for bits, weight, block_n, block_k in ((16, "*fp16", 32, 256), (8, "*i8", 32, 256), (4, "*u8", 64, 128)):

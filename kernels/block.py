@@ -1,13 +1,11 @@
 """The injected decoder block: one generic block whose family differences are knobs on `ModelSpec`."""
 import math
-import os
 
 import torch
 from torch import nn
 
 from kernels.activation import FUSED_NAME, activation
 from kernels.attention import AttentionMetadata, attention
-from kernels.gemv_tuner import FMA_MAX_ROWS
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
@@ -16,9 +14,6 @@ from kernels.rotary import apply_rotary, rotary_cos_sin
 from kernels.spec import ModelSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]     # k, v: [num_blocks, block_size, kv_heads, head_dim]
-# decode steps of at most this many tokens run each norm inside the next matmul (`DecoderBlock`);
-# RAYSPEED_FUSED_NORM=0 keeps the separate norm kernels (for A/B runs)
-FUSED_NORM_MAX_ROWS = FMA_MAX_ROWS if os.environ.get("RAYSPEED_FUSED_NORM", "1") != "0" else 0
 
 
 class Norm(nn.Module):
@@ -84,10 +79,9 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """attention(norm(x)) + residual (the norm inside the QKV kernel where it can be, the residual
-        added in the output projection's epilogue)."""
-        q, k, v = self.qkv(x, norm=norm)             # [tokens, heads | kv_heads, head_dim]
+                kv_cache: KVCache, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """attention(x) + residual (added in the output projection's epilogue)."""
+        q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi)
@@ -107,14 +101,13 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """mlp(norm(x)) + residual; the norm rides in the up projection's kernel where it can, the
-        activation (ungated) and the residual in the matmul epilogues."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """mlp(x) + residual; the activation (ungated) and the residual ride in the matmul epilogues."""
         if self.gated:
-            gate, up = self.up(x, norm=norm).chunk(2, dim=-1)
+            gate, up = self.up(x).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.up(x, self.act_name, norm=norm)
+            h = self.up(x, self.act_name)
         return self.down(h, residual)
 
 
@@ -125,17 +118,12 @@ class DecoderBlock(nn.Module):
 
     The residual stream travels between blocks as (x, pending): the stream is x + pending, and the
     next norm adds them in its own kernel (`Norm.add`) instead of a separate add after each
-    sublayer. `pending` is None after a post-norm block.
-
-    Decode steps of at most FUSED_NORM_MAX_ROWS tokens (pre-norm, sequential residual) run the
-    norms inside the QKV and MLP-up matmuls instead (`_Linear._matmul`'s `norm`) and add the residual
-    in the output and MLP-down epilogues: two kernels a layer fewer at batch 1 and 2, pending None."""
+    sublayer. `pending` is None after a post-norm block."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None, quant: QuantSpec | None = None):
         super().__init__()
         self.parallel_residual, self.post_norm = spec.parallel_residual, spec.post_norm
-        self.fuses_norms = not (spec.parallel_residual or spec.post_norm)
         self.attn_norm = Norm(spec, dtype)
         try:
             self.attn = Attention(spec, layer, tp, dtype, rotary, quant)
@@ -147,11 +135,6 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, pending) in -> (x, pending) out, the stream being their sum."""
-        if self.fuses_norms and x.shape[0] <= FUSED_NORM_MAX_ROWS:
-            if pending is not None:
-                x = x + pending
-            x = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
-            return self.mlp(x, residual=x, norm=self.mlp_norm), None
         if self.post_norm:
             if pending is not None:
                 x = x + pending

@@ -49,7 +49,6 @@ class Tile:
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
-NORM_CODES = {"layer": 1, "rms": 2}
 
 
 @triton.jit
@@ -170,48 +169,9 @@ def _two_words(low, high):
 
 
 @triton.jit
-def _row_stats(x_row, K, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    """(mean, rstd) of one row of K values in fp32: LayerNorm (NORM 1) from the sums of x and x^2 in
-    one pass, RMSNorm (NORM 2) mean 0 and rstd from the mean square. BLOCK (K rounded up to a power of
-    two, at most 8192) reads the row in one load: it sits on every program's critical path."""
-    offs = tl.arange(0, BLOCK)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    squares = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        total += v
-        squares += v * v
-    mean_square = tl.sum(squares, axis=0) / K
-    if NORM == 1:
-        mean = tl.sum(total, axis=0) / K
-        rstd = 1.0 / tl.sqrt(tl.maximum(mean_square - mean * mean, 0.0) + eps)
-    else:
-        mean = 0.0
-        rstd = tl.rsqrt(mean_square + eps)
-    return mean, rstd
-
-
-@triton.jit
-def _normalize(v, offs, mask, g_row, nb_row, mean, rstd, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
-    """x values `v` at columns `offs` normalised with the row's statistics and the norm's weight (and
-    bias), rounded to v's dtype as the separate norm kernel's output is; zero where masked (weight
-    and bias read as zeros there)."""
-    g = tl.load(g_row + offs, mask=mask, other=0.0).to(tl.float32)
-    if NORM == 1:
-        y = (v.to(tl.float32) - mean) * rstd * g
-        if HAS_NORM_BIAS:
-            y += tl.load(nb_row + offs, mask=mask, other=0.0).to(tl.float32)
-    else:                                              # Llama's order: round, then scale
-        y = (v.to(tl.float32) * rstd).to(v.dtype).to(tl.float32) * g
-    return y.to(v.dtype)
-
-
-@triton.jit
-def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr, g_row, nb_row, mean, rstd,
-           NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr):
     """(xa, xb): the x values the weight tile at k0 multiplies, [NG, SV, VEC]; at 4 bits those each
     byte's low / high nibble pairs with (one 32-bit word per pair for 16-bit x), otherwise xa = xb = x.
-    With NORM they come normalised (`_normalize`; not with HALF).
     With HALF, per weight word (columns 8c .. 8c + 7) the fp16 pairs `int4_half_dot` takes, two to a
     64-bit integer: xa = x0 | x1 << 32, xb = x2 | x3 << 32 (elementwise, so the tensors keep the
     weights' register layout; a join along a new axis made Triton convert through shared memory)."""
@@ -235,13 +195,8 @@ def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr
         else:
             xa = tl.load(x_row + 2 * kw, mask=kw < k_end // 2, other=0.0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kw < k_end // 2, other=0.0)
-        if NORM:
-            xa = _normalize(xa, 2 * kw, kw < k_end // 2, g_row, nb_row, mean, rstd, NORM, HAS_NORM_BIAS)
-            xb = _normalize(xb, 2 * kw + 1, kw < k_end // 2, g_row, nb_row, mean, rstd, NORM, HAS_NORM_BIAS)
     else:
         xa = tl.load(x_row + k0 + cols, mask=k0 + cols < k_end, other=0.0)
-        if NORM:
-            xa = _normalize(xa, k0 + cols, k0 + cols < k_end, g_row, nb_row, mean, rstd, NORM, HAS_NORM_BIAS)
         xb = xa
     return xa, xb
 
@@ -252,8 +207,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
-                g_ptr, nb_ptr, eps, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, STATS_BLOCK: tl.constexpr):
+                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -268,10 +222,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`, its
     inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
-    otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
-    NORM (1 LayerNorm, 2 RMSNorm; g/nb the norm's weight and bias) multiplies norm(x) instead of x:
-    every program computes the row's statistics over all of K (`_row_stats`) and normalises its x
-    tiles as it loads them, so the norm before a matmul costs no kernel of its own."""
+    otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -285,31 +236,25 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         w_ptrs = (w_ptr + rn[:, None, None, None] * stride_wn).to(tl.pointer_type(tl.int32)) + cols[None]
     else:
         w_ptrs = w_ptr + rn[:, None, None, None] * stride_wn + cols[None]
-    x_row, g_row, nb_row = x_ptr + row * stride_xm, g_ptr, nb_ptr
-    if X_PER_ROW:                                     # x tiles come out [BN, NG, SV, VEC], like the weights
-        spread = 0 * rn[:, None, None, None]
-        x_row, g_row, nb_row = x_row + spread, g_row + spread, nb_row + spread
+    x_row = x_ptr + row * stride_xm
+    if X_PER_ROW:
+        x_row += 0 * rn[:, None, None, None]          # x tiles come out [BN, NG, SV, VEC], like the weights
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
         w = _fma_weights(w_ptrs, k_begin, k_end, cols, n_mask, BITS, HALF)      # weights never change: no wait
-    await_previous(PDL)
-    mean, rstd = 0.0, 1.0
-    if NORM:
-        mean, rstd = _row_stats(x_ptr + row * stride_xm, K, eps, NORM, STATS_BLOCK)
-    if PREFETCH:
-        xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF, g_row, nb_row, mean, rstd, NORM,
-                        HAS_NORM_BIAS)
+        await_previous(PDL)
+        xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF)
+    else:
+        await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
             w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
-            xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS, HALF, g_row, nb_row, mean,
-                                      rstd, NORM, HAS_NORM_BIAS)
+            xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS, HALF)
         else:
             w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
-            xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF, g_row, nb_row, mean, rstd, NORM,
-                            HAS_NORM_BIAS)
+            xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         if HALF:
             x0, x1 = _rows(xa.to(tl.int32), X_PER_ROW), _rows((xa >> 32).to(tl.int32), X_PER_ROW)
             x2, x3 = _rows(xb.to(tl.int32), X_PER_ROW), _rows((xb >> 32).to(tl.int32), X_PER_ROW)
@@ -437,12 +382,10 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
-                  residual: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
     `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
-    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice). `norm` (CUDA-core tiles
-    without `half`): a LayerNorm or RMSNorm (`kind` "layer" / "rms", `weight`, `bias`, `eps`, as
-    kernels.block.Norm has them) applied to x inside the kernel, so the product is of norm(x)."""
+    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -483,14 +426,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     args = (rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
-    norm_code, g, nb, eps = 0, dummy, dummy, 0.0
-    if norm is not None:
-        assert tile.fma and not tile.half, f"only CUDA-core tiles without `half` apply a norm, not {tile}"
-        assert norm.kind in NORM_CODES, f"norm kind {norm.kind!r} is not one of {sorted(NORM_CODES)}"
-        for p in (norm.weight, norm.bias):
-            assert p is None or (p.shape == (k,) and p.is_contiguous()), f"norm parameter {tuple(p.shape)} != ({k},)"
-        norm_code, g, eps = NORM_CODES[norm.kind], norm.weight, norm.eps
-        nb = dummy if norm.bias is None or norm.kind == "rms" else norm.bias
     if tile.fma:
         grouped = bits < 16 and not per_row
         sub = min(tile.block_k, group_size) if grouped else tile.block_k
@@ -505,9 +440,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         flags.pop("BLOCK_M")
         _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl,
                                          HALF=tile.half, ASM=tile.half and not _interpreting(),
-                                         X_PER_ROW=tile.x_per_row, g_ptr=g, nb_ptr=nb, eps=eps, NORM=norm_code,
-                                         HAS_NORM_BIAS=nb is not dummy,
-                                         STATS_BLOCK=min(8192, triton.next_power_of_2(k)) if norm else 1, **flags)
+                                         X_PER_ROW=tile.x_per_row, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

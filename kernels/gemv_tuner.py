@@ -17,14 +17,13 @@ FMA_MAX_ROWS = 2                                         # products the CUDA-cor
 HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (block_n, block_k, warps), int4 fp16
 
 
-def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype, norm: bool = False) -> list[Tile]:
+def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
     Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
     8k stored elements (bytes at 4 bits), and for int4 against fp16 x its packed-fp16 `half` tiles,
     in the shapes whose sm_90 builds keep the loop in registers (fewer
     columns than threads; tests/kernels/test_sm90_builds.py). Quantized weights also get wide
-    tensor-core tiles dequantized in registers, which may span K-groups. With `norm` (the product
-    applies a norm to x first) only the CUDA-core tiles that can: not `half`, not tensor-core."""
+    tensor-core tiles dequantized in registers, which may span K-groups."""
     tiles = []
     if m <= FMA_MAX_ROWS:
         for block_k, block_n in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8)):
@@ -34,8 +33,6 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype,
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, fma=True))
-        if norm:
-            return tiles
         half_ok = bits == 4 and x_dtype == torch.float16 and k % 32 == 0
         for block_n, block_k, num_warps in HALF_SHAPES if half_ok else ():
             sub = min(block_k, group_size)
@@ -44,8 +41,6 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype,
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, num_warps, fma=True, half=True))
-    if norm:
-        return tiles
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
     shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
     if bits < 16:
@@ -60,7 +55,6 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype,
 
 
 CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
-SEPARATE = "separate"                                    # ... when a norm before the product runs on its own
 
 
 class _Choices:
@@ -106,7 +100,7 @@ class _Choices:
         found = self.disk.get(repr(key[:-1]))
         if found is not None:
             try:
-                self.memory[key] = found if found in (CUBLAS, SEPARATE) else Tile(**found)
+                self.memory[key] = CUBLAS if found == CUBLAS else Tile(**found)
             except TypeError:                            # written by another version of Tile: time again
                 pass
         return self.memory.get(key)
@@ -115,7 +109,7 @@ class _Choices:
         self.memory[key] = choice
         if self.disk is None:
             self.disk = self._read(gpu)
-        self.disk[repr(key[:-1])] = choice if isinstance(choice, str) else asdict(choice)
+        self.disk[repr(key[:-1])] = choice if choice == CUBLAS else asdict(choice)
         path = self._path(gpu)
         try:                                             # atomic: TP ranks may write at once
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -161,32 +155,28 @@ def time_in_graph(launch, copies: int, reps: int = 32) -> float:
 
 
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
-               activation: str | None, residual, torch_path=None, norm=None) -> "Tile | str":
+               activation: str | None, residual, torch_path=None) -> "Tile | str":
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
-    shape, format, epilogue, norm) as decode runs it (`time_in_graph`, over enough copies of the
+    shape, format, epilogue) as decode runs it (`time_in_graph`, over enough copies of the
     weights that none is in L2): a tile, or `CUBLAS` when `torch_path(x, weight)` (the same product
     in torch, offered for float weights) is faster. A CUDA-core winner is timed once more with
     `prefetch`, then the better of the two with `x_per_row` (one compile each instead of doubling the
-    grid). With `norm` (the product is of norm(x)), the tiles that apply it inside the kernel are
-    timed against `SEPARATE`: the norm's own kernel, then this product's choice without the norm.
-    More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
+    grid). More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
     captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
     if m > 16:                                           # prefill sizes vary: never time on the request path
-        return SEPARATE if norm is not None else pick_tile(m, n, k, bits, group)
+        return pick_tile(m, n, k, bits, group)
     key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
-           residual is not None) + (() if norm is None else (norm.kind,)) + (x.device,)
+           residual is not None, x.device)
     gpu = _gpu_name(x.device)
     cached = _choices.get(key, gpu)
     if cached is not None:
         return cached
     if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return SEPARATE if norm is not None else pick_tile(m, n, k, bits, group)
-    tiles = candidates(m, k, bits, group, x.dtype, norm is not None)
-    if norm is not None and tiles:                       # the product without the norm is tuned first
-        tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+        return pick_tile(m, n, k, bits, group)
+    tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()
     copies = max(1, min(16, -(-2 * L2_BYTES // nbytes)))
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
@@ -201,20 +191,14 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
 
     def measure_tile(tile: Tile) -> None:
         measure(tile, lambda i: skinny_linear(x, weights[i], bias, scale_copies[i], bits, group_size, tile,
-                                              activation, residual, norm))
+                                              activation, residual))
 
-    if norm is not None:
-        if tiles:
-            measure(SEPARATE, lambda i: streamed_linear(norm(x), weights[i], bias, scale_copies[i], bits, group_size,
-                                                        activation, residual, torch_path))
-    elif not tiles:                                      # small K: none fit
-        tiles = [pick_tile(m, n, k, bits, group)]
     for tile in tiles:
         measure_tile(tile)
-    if torch_path is not None and norm is None:
+    if torch_path is not None:
         measure(CUBLAS, lambda i: torch_path(x, weights[i]))
-    choice = min(timings, key=timings.get) if timings else SEPARATE
-    if isinstance(choice, Tile) and choice.fma:         # the winner again with its next tile prefetched
+    choice = min(timings, key=timings.get)
+    if choice != CUBLAS and choice.fma:                  # the winner again with its next tile prefetched
         measure_tile(replace(choice, prefetch=True))
         choice = min(timings, key=timings.get)
         measure_tile(replace(choice, x_per_row=True))    # and with x loaded in the weights' layout
@@ -225,15 +209,10 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
 
 def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
-                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
-                    norm=None):
+                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None):
     """`skinny_linear` with the tuner's tile, or `torch_path(x, weight)` (the same product in torch,
-    offered for float weights) where the tuner measured that faster. With `norm` (a kernels.block.Norm) the
-    product is of norm(x): inside the CUDA-core kernel, or, where the tuner measured that faster
-    (`SEPARATE`), by the norm's own kernel first."""
-    choice = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm=norm)
-    if choice == SEPARATE:
-        return streamed_linear(norm(x), weight, bias, scales, bits, group_size, activation, residual, torch_path)
-    if choice == CUBLAS:
+    offered for float weights) where the tuner measured that faster."""
+    tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+    if tile == CUBLAS:
         return torch_path(x, weight)
-    return skinny_linear(x, weight, bias, scales, bits, group_size, choice, activation, residual, norm)
+    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)

@@ -92,49 +92,28 @@ class CausalLM(nn.Module):
             x = x + self.pos_embed(positions + self.spec.position_offset)
         return x if self.embed_norm is None else self.embed_norm(x)
 
-    def _stream(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The residual stream after the last block, as (x, pending) (see `DecoderBlock`)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """input_ids, positions: [tokens] -> hidden states [tokens, hidden]."""
         x, pending = self.embed_tokens(input_ids, positions), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, pending = layer(x, positions, meta, kv_cache, pending)
-        return x, pending
-
-    def _final_norm(self, x: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         if self.norm is not None:
             return self.norm.add(x, pending)[0]
         return x if pending is None else x + pending
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache]) -> torch.Tensor:
-        """input_ids, positions: [tokens] -> hidden states [tokens, hidden]."""
-        return self._final_norm(*self._stream(input_ids, positions, meta, kv_caches))
-
-    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-               kv_caches: list[KVCache], rows: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [len(rows), vocab] of the tokens `rows` (all when None): `forward` then
-        `compute_logits`, except that a decode step whose blocks ran their norms inside the matmuls
-        (no pending residual) runs the final norm inside the LM head's kernel too."""
-        x, pending = self._stream(input_ids, positions, meta, kv_caches)
-        if pending is None and self.norm is not None and self.project_out is None:
-            return self.compute_logits(x if rows is None else x[rows], norm=self.norm)
-        hidden = self._final_norm(x, pending)
-        return self.compute_logits(hidden if rows is None else hidden[rows])
-
-    def compute_logits(self, hidden: torch.Tensor, norm: Norm | None = None) -> torch.Tensor:
-        """[tokens, hidden] -> fp32 logits [tokens, vocab] (of norm(hidden) with `norm`)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[tokens, hidden] -> fp32 logits [tokens, vocab]."""
         if self.project_out is not None:
-            hidden = F.linear(hidden if norm is None else norm(hidden), self.project_out)
-            norm = None
+            hidden = F.linear(hidden, self.project_out)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
-        return lm_head_logits(hidden, weight, self.lm_head_bias, padded=hidden.is_cuda, norm=norm)
+        return lm_head_logits(hidden, weight, self.lm_head_bias, padded=hidden.is_cuda)
 
 
 def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   padded: bool, norm: Norm | None = None) -> torch.Tensor:
-    """fp32 logits [tokens, vocab] of hidden [tokens, width] (of norm(hidden) with `norm`, inside the
-    streaming kernel at decode sizes); with `padded`, the product runs over the padded rows
-    (`with_padding`) and the extra logits are dropped."""
+                   padded: bool) -> torch.Tensor:
+    """fp32 logits [tokens, vocab] of hidden [tokens, width]; with `padded`, the product runs over the
+    padded rows (`with_padding`) and the extra logits are dropped."""
     vocab = weight.shape[0]
     if padded:
         weight = with_padding(weight)
@@ -143,7 +122,7 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             if bias.shape[0] != weight.shape[0]:            # one of them lost its padding
                 weight, bias = weight[:vocab], bias[:vocab]
     if use_triton(hidden) and hidden.shape[0] <= SKINNY_MAX_ROWS:     # decode: stream the LM head
-        logits = streamed_linear(hidden, weight, bias, torch_path=lambda v, w: F.linear(v, w, bias), norm=norm)
+        logits = streamed_linear(hidden, weight, bias, torch_path=lambda v, w: F.linear(v, w, bias))
     else:
-        logits = F.linear(hidden if norm is None else norm(hidden), weight, bias)
+        logits = F.linear(hidden, weight, bias)
     return logits[:, :vocab].float().contiguous()

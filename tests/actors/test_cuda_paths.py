@@ -9,7 +9,7 @@ import torch
 import rayspeed
 from actors.sequence import SamplingParams, Sequence
 from kernels.gemv import Tile, skinny_linear
-from kernels.gemv_tuner import HALF_SHAPES
+from kernels.gemv_tuner import HALF_SHAPES, time_in_graph
 from tests.helpers import tiny_model
 from tests.kernels.test_gemv import _weight
 
@@ -108,41 +108,13 @@ def test_x_per_row_tiles_agree_with_the_broadcast_ones(bits):
     torch.testing.assert_close(per_row, broadcast, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("bits", [16, 8, 4])
-def test_norm_inside_the_cuda_core_kernel_matches_the_norm_kernel_first(kind, bits):
-    """`norm=` on a GPT-Neo-sized product, with programmatic dependent launch as in decode: the
-    separate Triton norm then the same tile, to fp16 rounding (statistics in one pass here, two there)."""
-    from kernels.norm import layer_norm, rms_norm
-    from tests.kernels.test_gemv import _norm
-    g = torch.Generator().manual_seed(bits)
-    w, scales, _ = _weight(2560, 2560, bits, 128 if bits < 16 else 2560, g)
-    norm, _ = _norm(kind, 2560, torch.float16, g)
-    norm.weight, norm.bias = norm.weight.cuda(), None if norm.bias is None else norm.bias.cuda()
-    x = (torch.randn(1, 2560, generator=g) * 2 + 0.5).half().cuda()
-    normed = layer_norm(x, norm.weight, norm.bias, norm.eps) if kind == "layer" else rms_norm(x, norm.weight, norm.eps)
-    args = [(w.half() if bits == 16 else w).cuda(), None, None if scales is None else scales.half().cuda(), bits,
-            128 if bits < 16 else None]
-    for tile in (Tile(1, 4, 1024, fma=True, prefetch=True), Tile(1, 8, 512, 2, fma=True, x_per_row=True)):
-        fused = skinny_linear(x, *args, tile, norm=norm)
-        separate = skinny_linear(normed, *args, tile)
-        err = ((fused.double() - separate.double()).norm() / separate.double().norm()).item()
-        assert err < 1e-3             # an x value rounding the other way moves a 2560-term fp16 sum a little
+def test_the_tuner_times_a_product_as_decode_runs_it():
+    """`time_in_graph` (the tuner's clock): a GPT-Neo MLP-sized fp16 product cycling over weight copies
+    that miss L2 takes at least its bytes at 3.35 TB/s (the H100's HBM peak; more than any GPU here)
+    and, for the tile the benchmarks' tables choose, well under three times that."""
+    weights = [torch.randn(10240, 2560, device="cuda", dtype=torch.float16) for _ in range(4)]
+    x = torch.randn(1, 2560, device="cuda", dtype=torch.float16)
+    ms = time_in_graph(lambda i: skinny_linear(x, weights[i], tile=Tile(1, 4, 512, fma=True)), len(weights))
+    floor = weights[0].numel() * 2 / 3.35e9
+    assert floor <= ms < 3 * floor
 
-
-@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
-def test_decode_with_the_norms_inside_the_matmuls_gives_the_same_tokens(family, monkeypatch):
-    """Batch-1 and -2 decode steps run each block's norms inside the QKV and MLP-up kernels
-    (kernels.block.FUSED_NORM_MAX_ROWS): greedy tokens with graphs equal those with separate norms."""
-    import kernels.block
-    hf = tiny_model(family)
-    prompts = PROMPTS[:2]
-
-    def tokens():
-        engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
-                                         max_num_seqs=8)
-        return [o.outputs[0].token_ids for o in engine.generate(prompts, max_new_tokens=20, ignore_eos=True)]
-
-    fused = tokens()
-    monkeypatch.setattr(kernels.block, "FUSED_NORM_MAX_ROWS", 0)
-    assert tokens() == fused

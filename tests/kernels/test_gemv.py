@@ -115,76 +115,6 @@ def test_int4_in_packed_half_arithmetic(group, tile):
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
 
 
-def _norm(kind: str, k: int, dtype: torch.dtype, g: torch.Generator):
-    """A norm as kernels.block.Norm presents it to the matmul, and its torch reference."""
-    from types import SimpleNamespace
-    from kernels.norm import layer_norm_torch, rms_norm_torch
-    weight = (torch.rand(k, generator=g) + 0.5).to(dtype)
-    bias = torch.randn(k, generator=g).to(dtype) if kind == "layer" else None
-    norm = SimpleNamespace(kind=kind, weight=weight, bias=bias, eps=1e-5)
-    if kind == "layer":
-        return norm, lambda x: layer_norm_torch(x, weight, bias, 1e-5)
-    return norm, lambda x: rms_norm_torch(x, weight, 1e-5)
-
-
-@pytest.mark.parametrize("kind,bits,group,tile", [
-    ("layer", 16, None, Tile(1, 2, 256, fma=True)),
-    ("layer", 8, 64, Tile(1, 4, 128, split_k=2, fma=True, prefetch=True)),
-    ("layer", 4, 64, Tile(1, 8, 256, fma=True, x_per_row=True)),
-    ("rms", 16, None, Tile(1, 4, 128, split_k=2, fma=True, x_per_row=True)),
-    ("rms", 8, None, Tile(1, 4, 256, fma=True, prefetch=True)),
-    ("rms", 4, 32, Tile(1, 8, 128, fma=True, prefetch=True))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_norm_applied_inside_the_cuda_core_kernel(kind, bits, group, tile, dtype):
-    """`norm=`: the product of norm(x) (statistics over all of K in every program, x tiles normalised
-    as they load) equals the separate norm followed by the product: to fp32 rounding in fp32, to the
-    fp16 output's rounding in fp16. Two rows, K past the last whole tile, split K, bias, GELU and
-    residual in the epilogue."""
-    g = torch.Generator().manual_seed(5)
-    n, k = 24, 320
-    w, scales, full = _weight(n, k, bits, group or k, g)
-    x = (torch.randn(2, k, generator=g) * 3 + 1).to(dtype)
-    bias, residual = torch.randn(n, generator=g).to(dtype), torch.randn(2, n, generator=g).to(dtype)
-    norm, reference = _norm(kind, k, dtype, g)
-    w = w.to(dtype) if bits == 16 else w
-    got = skinny_linear(x, w, bias, None if scales is None else scales.to(dtype), bits, group, tile, "gelu_tanh",
-                        residual, norm)
-    y = reference(x).double() @ full.to(dtype).double().T + bias.double()
-    ref = torch.nn.functional.gelu(y, approximate="tanh") + residual.double()
-    assert ((got.double() - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.float32 else 1e-3)
-
-
-def test_norm_needs_a_cuda_core_tile_that_can_apply_it():
-    g = torch.Generator().manual_seed(3)
-    w, scales, _ = _weight(8, 256, 4, 64, g)
-    norm, _ = _norm("rms", 256, torch.float16, g)
-    x = torch.randn(1, 256, generator=g).half()
-    for tile in (Tile(16, 32, 64), Tile(1, 8, 128, fma=True, half=True)):
-        with pytest.raises(AssertionError, match="apply a norm"):
-            skinny_linear(x, w, None, scales.half(), 4, 64, tile, norm=norm)
-
-
-def test_streamed_linear_runs_the_norm_on_its_own_where_the_tuner_says_so(monkeypatch):
-    """`SEPARATE`: the norm's own kernel, then the product's choice without the norm; a tile: the norm
-    inside the kernel."""
-    from kernels import gemv_tuner as gemv
-    g = torch.Generator().manual_seed(4)
-    w, _, full = _weight(32, 128, 16, 128, g)
-    x = torch.randn(2, 128, generator=g)
-    norm, reference = _norm("layer", 128, torch.float32, g)
-    calls = []
-    norm = type("Norm", (), {"kind": norm.kind, "weight": norm.weight, "bias": norm.bias, "eps": norm.eps,
-                             "__call__": lambda self, v: calls.append(1) or reference(v)})()
-    expected = reference(x).double() @ full.double().T
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, norm=None: gemv.SEPARATE if norm else Tile(16, 16, 64, 2))
-    got = gemv.streamed_linear(x, w, norm=norm)
-    assert calls and ((got - expected).abs().max()).item() < 1e-4
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, norm=None: Tile(1, 8, 128, fma=True))
-    calls.clear()
-    got = gemv.streamed_linear(x, w, norm=norm)
-    assert not calls and ((got - expected).abs().max()).item() < 1e-4
-
-
 def test_half_tiles_take_int4_weights_and_fp16_rows():
     g = torch.Generator().manual_seed(2)
     w, scales, _ = _weight(8, 256, 4, 64, g)
@@ -213,14 +143,6 @@ def test_few_rows_are_offered_the_cuda_core_kernel():
         fma = [t for t in candidates(1, 10240, bits, 128 if bits == 4 else 10240, torch.float16) if t.fma]
         assert fma and all(4096 <= t.block_n * t.block_k * bits // 8 <= 16384 for t in fma)
     assert not any(t.fma for t in candidates(FMA_MAX_ROWS + 1, 4096, 16, 4096, torch.float16))
-
-
-def test_a_product_with_a_norm_is_offered_the_tiles_that_apply_it():
-    """CUDA-core tiles without `half` only: the others would need the norm's own kernel first."""
-    from kernels.gemv_tuner import candidates
-    with_norm = candidates(1, 2560, 4, 128, torch.float16, norm=True)
-    assert with_norm and all(t.fma and not t.half for t in with_norm)
-    assert set(with_norm) == {t for t in candidates(1, 2560, 4, 128, torch.float16) if t.fma and not t.half}
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 128)])
@@ -312,9 +234,9 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
     g = torch.Generator().manual_seed(2)
     w, _, full = _weight(32, 128, 16, 128, g)
     x = torch.randn(2, 128, generator=g)
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, **kwargs: gemv.CUBLAS)
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: gemv.CUBLAS)
     assert gemv.streamed_linear(x, w, torch_path=lambda v, w: "torch") == "torch"
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args, **kwargs: Tile(16, 16, 64, split_k=2))
+    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
     got = gemv.streamed_linear(x, w, torch_path=lambda v, w: "torch")
     assert ((got - x.double() @ full.double().T).abs().max()).item() < 1e-4
 
@@ -348,36 +270,6 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     assert gemv._Choices().get((1, 64, 256, 16, 256, str(x.dtype), False, None, False, x.device), "Test GPU") == choice
 
 
-@pytest.mark.parametrize("separate_ms", [0.5, 2.0])
-def test_tuner_times_the_norm_inside_the_kernel_against_the_norm_on_its_own(tmp_path, monkeypatch, separate_ms):
-    """With a norm: the tiles that apply it against `SEPARATE` (the norm's kernel, then the product's own
-    choice, tuned first); the faster is kept under a key that names the norm."""
-    from kernels import gemv_tuner as gemv
-    monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
-    monkeypatch.setattr(gemv, "_choices", gemv._Choices())
-    monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    fused = []
-
-    def fake_bench(fn, copies):
-        cells = {type(c.cell_contents).__name__: c.cell_contents for c in fn.__closure__ or ()}
-        if "Tile" not in cells:
-            return separate_ms                         # the norm on its own, then the product
-        if cells.get("SimpleNamespace") is not None:
-            fused.append(cells["Tile"])
-            assert cells["Tile"].fma and not cells["Tile"].half
-        return 1.0
-
-    monkeypatch.setattr(gemv, "time_in_graph", fake_bench)
-    norm, _ = _norm("rms", 256, torch.float32, torch.Generator().manual_seed(0))
-    x, w = torch.randn(1, 256), torch.randn(64, 256)
-    choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None, norm=norm)
-    assert fused and (choice == gemv.SEPARATE) == (separate_ms < 1.0)
-    key = (1, 64, 256, 16, 256, str(x.dtype), False, None, False, "rms", x.device)
-    assert gemv._Choices().get(key, "Test GPU") == choice
-    assert gemv._Choices().get(key[:9] + key[10:], "Test GPU") is not None       # the product without the norm
-
-
 @pytest.mark.parametrize("bits,group,k", [(8, None, 320), (8, 64, 320), (4, 64, 320), (4, 32, 1088), (8, 96, 1152)])
 def test_dequantize_weight_matches_the_reference(bits, group, k):
     """Ragged N and K, groups smaller and larger than the kernel's sub-tile, and not a power of two."""
@@ -396,7 +288,7 @@ def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bi
     from kernels import gemv_tuner, quant
     from kernels.gemv import DEQUANT_MIN_ROWS
     monkeypatch.setattr(quant, "use_triton", lambda x: True)
-    monkeypatch.setattr(gemv_tuner, "tuned_tile", lambda x, w, bias, scales, bits, group, *epilogue, **kw: pick_tile(
+    monkeypatch.setattr(gemv_tuner, "tuned_tile", lambda x, w, bias, scales, bits, group, *epilogue: pick_tile(
         x.shape[0], w.shape[0], x.shape[1], bits, group))                     # no GPU to time tiles on
     copies = []
     real = quant.dequantize_weight

@@ -16,20 +16,18 @@ import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
 
-GEMV_POINTERS = {name: "*fp16" for name in ("x_ptr", "s_ptr", "b_ptr", "r_ptr", "out_ptr", "g_ptr", "nb_ptr")}
+GEMV_POINTERS = {name: "*fp16" for name in ("x_ptr", "s_ptr", "b_ptr", "r_ptr", "out_ptr")}
 EPILOGUE = dict(EPILOGUE=True, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
 ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_new_ptr",
                                                      "v_new_ptr")},
                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
 
 
-def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
-        norm=0):
+def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False):
     pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
-                                                PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row, NORM=norm,
-                                                HAS_NORM_BIAS=norm == 1, STATS_BLOCK=4096 if norm else 1), pointers,
+                                                PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row), pointers,
             num_warps)
 
 
@@ -57,10 +55,6 @@ BUILDS = {
     "fma-int8-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True),
     "fma-int4-x-per-row": fma(4, "u8", "fp16", 8, 1024, 128, False, x_per_row=True),
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
-    "fma-int16-layer-norm": fma(16, "fp16", "fp16", 2, 1024, 1024, False, norm=1),
-    "fma-int8-rms-norm-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True, norm=2),
-    "fma-int4-layer-norm-prefetch": fma(4, "u8", "fp16", 8, 1024, 128, True, norm=1),
-    "pdl-fma-int16-layer-norm": fma(16, "fp16", "fp16", 2, 1024, 1024, True, pdl=True, norm=1),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "decode-chunk64": decode_attention(64, False, False),
