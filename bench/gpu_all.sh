@@ -2,17 +2,18 @@
 # Every GPU measurement of the project, in one or two device calls. From the repo root, with .whl,
 # .whl-ray and .commit carried and the anchors copied to .anchors/:
 #   bash bench/gpu_all.sh [tune|pdl|single|multi|all]   results and logs land in $OUT (commit them to bench/results)
-# tune:   (after a kernel change, ~4 min) the gemv tuner's table for both models (bench/tune.py), one model per
-#         GPU; commit $OUT/<GPU>-triton-*.json to kernels/tuned/ before `single`, whose loads then time nothing;
+# tune:   (after a kernel change, ~5 min) the gemv tuner's table for both models (bench/tune.py), one model per
+#         GPU (`tune llama`: the Llama shape on a one-GPU machine); commit $OUT/<GPU>-triton-*.json to
+#         kernels/tuned/ before `single`, whose loads then time nothing;
 # pdl:    (~5 min) batch 1 and 32 with and without programmatic dependent launch (RAYSPEED_PDL, kernels/pdl.py),
 #         GPT-Neo fp16/int8 on GPU 0 and the Llama shape fp16 on GPU 1, HF eager beside the first of each pair;
 # single: GPT-Neo 2.7B (fp16, int8, int4, 256 requests in flight) and, given a second GPU, the Llama-2-7B
 #         shape (fp16, bf16, int8) at the same time, then the CUDA-only tests (`pytest -m gpu`) on the second
 #         GPU, then the compiled-torch anchors beside them (~9 min;
-#         quantized tiles missing from kernels/tuned/ are timed at load);
+#         quantized tiles missing from kernels/tuned/ are timed at load); `single llama`: the Llama shape and
+#         its anchor on a one-GPU machine;
 # ab VAR [model] [dtypes]: (~6 min) batch 1 and 32 with the switch VAR=0 (HF eager beside) then VAR=1, e.g.
-#         `ab RAYSPEED_FUSED_NORM` (norms inside the next matmul at batch 1-2, kernels/block.py);
-#         then the CUDA-only tests;
+#         `ab RAYSPEED_PDL`; then the CUDA-only tests;
 # multi:  (2 GPUs) TP=2 over NCCL for both models, then the Serve app with one TP=2 replica (~5 min).
 # Each step has its own time limit, so a slow step costs its own results only.
 . bench/gpu_setup.sh || exit 1
@@ -25,7 +26,10 @@ run() { local limit=$1 log=$2; shift 2; timeout "$limit" "$@" > "$out/$log.log" 
 # use them instead of kernels/tuned/, so one lease can tune and measure before the table is committed
 tuned() { [ -d /tmp/tune-$1 ] && echo RAYSPEED_GEMV_SHIPPED=0 RAYSPEED_CACHE=/tmp/tune-$1; }
 
-if [ "$phase" = tune ]; then
+if [ "$phase" = tune ] && [ "$2" = llama ]; then      # one GPU: the Llama shape's turn
+  run 540 tune-llama env RAYSPEED_CACHE=/tmp/tune-llama python3 bench/tune.py --model llama \
+      --dtypes float16,bfloat16,int8 --out "$out"
+elif [ "$phase" = tune ]; then
   run 540 tune-neo env CUDA_VISIBLE_DEVICES=0 RAYSPEED_CACHE=/tmp/tune-neo python3 bench/tune.py --model neo \
       --dtypes float16,int8,int4 --out "$out" &
   if [ "$gpus" -ge 2 ]; then
@@ -53,7 +57,11 @@ if [ "$phase" = ab ]; then
       --batches 1,32 --no-hf --tag=-${var}1 --out "$out"
   run 120 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors
 fi
-if [ "$phase" = single ] || [ "$phase" = all ]; then
+if [ "$phase" = single ] && [ "$2" = llama ]; then    # one GPU: the Llama shape's turn
+  run 400 llama env $(tuned llama) python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
+      --batches 1,8,32 --out "$out"
+  run 150 anchor-llama python3 .anchors/anchor_compiled.py llama fp16
+elif [ "$phase" = single ] || [ "$phase" = all ]; then
   { run 400 neo env CUDA_VISIBLE_DEVICES=0 $(tuned neo) python3 bench/decode.py --model neo \
         --dtypes float16,int8,int4 --batches 1,8,32 --concurrent 256 --out "$out"
     [ "$gpus" -lt 2 ] && run 60 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
