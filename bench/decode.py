@@ -122,6 +122,7 @@ def correctness(hf, engine, vocab: int) -> dict:
     mixed_tokens = lambda: [o.outputs[0].token_ids for o in engine.generate(mixed, max_new_tokens=16,  # noqa: E731
                                                                             ignore_eos=True)]
     graphed_mixed = mixed_tokens()
+    prefill_gap = prefill_graph_gap(engine, mixed)
     runner = engine.backend.runner
     graphs, prefill_graphs = runner.graphs, runner.prefill_graphs
     runner.graphs = runner.prefill_graphs = None
@@ -133,7 +134,37 @@ def correctness(hf, engine, vocab: int) -> dict:
             "cuda_graph_decode_equals_eager": bool(torch.equal(ours, eager)),
             "cuda_graphs_equal_eager_mixed_prompt_lengths": graphed_mixed == eager_mixed,
             "mixed_prompt_lengths_agreement": agreement(graphed_mixed, eager_mixed),
+            "mixed_prompt_lengths_prefill_graph_vs_eager": prefill_gap,
             "cuda_graphs": graphs is not None, "prefill_graphs": prefill_graphs is not None}
+
+
+def prefill_graph_gap(engine, prompts: list[list[int]]) -> dict:
+    """Where a padded prefill graph and the eager forward disagree on prompts of mixed lengths: the
+    largest relative difference of their last-token logits, how many prompts' argmax differs, and
+    for those the eager top-2 gap next to the median top-2 gap (a flip of near-tied logits is rounding)."""
+    from actors.sequence import SamplingParams, Sequence
+    runner, manager = engine.backend.runner, engine.backend.block_manager
+    if runner.prefill_graphs is None:
+        return {}
+    seqs = [Sequence(p, SamplingParams()) for p in prompts]
+    for seq in seqs:
+        manager.allocate(seq)
+    try:
+        ids, positions, meta = runner.prepare_prefill(seqs)
+        graphed = runner.prefill_graphs.run(ids, positions, meta)
+        if graphed is None:
+            return {}
+        graphed = graphed.float().clone()
+        eager = runner._eager(ids, positions, meta, False).float()
+    finally:
+        for seq in seqs:
+            manager.deallocate(seq)
+    top2 = eager.topk(2, dim=-1).values
+    gaps = (top2[:, 0] - top2[:, 1]).tolist()
+    differs = (graphed.argmax(-1) != eager.argmax(-1)).tolist()
+    return {"logits_max_rel_diff": ((graphed - eager).abs().max() / eager.abs().max()).item(),
+            "argmax_differs": sum(differs), "top2_gap_where_argmax_differs": [g for g, d in zip(gaps, differs) if d],
+            "median_top2_gap": statistics.median(gaps)}
 
 
 def commit() -> str:
