@@ -129,7 +129,9 @@ def _gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-L2_BYTES = 50 << 20                                      # H100; at least twice this is streamed per timing
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)   # 50 MB: H100, H200
 
 
 def time_in_graph(launch, copies: int, reps: int = 32) -> float:
@@ -178,7 +180,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         return pick_tile(m, n, k, bits, group)
     tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()
-    copies = max(1, min(16, -(-2 * L2_BYTES // nbytes)))
+    copies = max(1, min(16, -(-2 * _l2_bytes(x.device) // nbytes)))       # twice L2 streamed per cycle
     weights = [weight] + [weight.clone() for _ in range(copies - 1)]
     scale_copies = [scales] + [None if scales is None else scales.clone() for _ in range(copies - 1)]
     timings = {}

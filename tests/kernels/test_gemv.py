@@ -249,11 +249,13 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(gemv, "_choices", gemv._Choices())
     monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(gemv, "_l2_bytes", lambda device: 160 << 10)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     best = next(t for t in gemv.candidates(1, 256, 16, 256, torch.float32) if t.fma)
     timed = []
 
     def fake_bench(fn, copies):                        # what tile is this? the one skinny_linear was given
+        assert copies == 5                             # 64 KB of weights: 2 x 160 KB of L2 needs 5 copies
         tile = fn.__closure__ and next((c.cell_contents for c in fn.__closure__
                                         if isinstance(c.cell_contents, gemv.Tile)), None)
         timed.append(tile)
