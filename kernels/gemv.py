@@ -14,7 +14,7 @@ Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K
 small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
 depend on timing. Which tile, which kernel (and whether cuBLAS beats both, for float weights) is
 measured once per shape on the device the first time it runs: kernels/gemv_tuner.py. Quantized
-products of many rows (prefill) dequantize the weight once (`dequantize_weight`) and run cuBLAS.
+products of many rows (prefill) dequantize the weight once instead (kernels/dequant.py).
 
 Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N, K]`; bits=4
 `qweight uint8 [N, K // 2]`, column 2j in the low nibble and 2j+1 in the high, value nibble - 8;
@@ -29,8 +29,7 @@ import triton.language as tl
 
 from kernels.pdl import await_previous
 from kernels.pdl import enabled as programmatic_launch
-from kernels.unpack import (high_half, int4_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32,
-                            u4_to_f32)
+from kernels.unpack import high_half, int4_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32
 
 
 @dataclass(frozen=True)
@@ -302,61 +301,6 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
         acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
     acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
-                       BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
-    """out [N, K] = q * scale in out's dtype, in [BN, BK // SUB, SUB] tiles as in `_fma_kernel`
-    (SUB values share a scale); at 4 bits each byte's two values are interleaved back in registers."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    k0 = tl.program_id(1) * BLOCK_K
-    NG: tl.constexpr = BLOCK_K // SUB
-    SW: tl.constexpr = SUB // 2 if BITS == 4 else SUB                 # stored columns per sub-tile
-    rg = tl.arange(0, NG)
-    cols = rg[:, None] * SW + tl.arange(0, SW)[None, :]                # [NG, SW] stored column in the tile
-    if BITS == 4:
-        cols += k0 // 2
-        w_mask = n_mask[:, None, None] & (cols < K // 2)[None, :, :]
-    else:
-        cols += k0
-        w_mask = n_mask[:, None, None] & (cols < K)[None, :, :]
-    w = tl.load(w_ptr + rn[:, None, None] * stride_wn + cols[None, :, :], mask=w_mask, other=0)
-    group = (k0 + rg * SUB) // group_size
-    scale = tl.load(s_ptr + rn[:, None] * stride_sn + group[None, :],
-                    mask=n_mask[:, None] & (k0 + rg * SUB < K)[None, :], other=0.0).to(tl.float32)[:, :, None]
-    if BITS == 4:
-        packed = w.to(tl.int32)
-        values = tl.reshape(tl.join(u4_to_f32(packed & 0xF) * scale, u4_to_f32(packed >> 4) * scale),
-                            (BLOCK_N, NG, SUB))
-        k = k0 + rg[:, None] * SUB + tl.arange(0, SUB)[None, :]
-    else:
-        values = s8_to_f32(w) * scale
-        k = cols
-    tl.store(out_ptr + rn[:, None, None] * K + k[None, :, :], values.to(out_ptr.dtype.element_ty),
-             mask=n_mask[:, None, None] & (k < K)[None, :, :])
-
-
-# Rows from which a quantized product runs faster as dequantize-to-float + cuBLAS than with the
-# weight dequantized in registers: prefill, and int4 decode batches past the tuned sizes.
-DEQUANT_MIN_ROWS = {4: 17, 8: 129}
-
-
-def dequantize_weight(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """A fresh float [N, K] copy of a quantized weight, for one large-M product: the caching
-    allocator (or a CUDA graph's pool) hands the same memory to the next layer's copy, so at most
-    one such copy lives at a time."""
-    n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
-    out = torch.empty(n, k, dtype=dtype, device=weight.device)
-    group_size = group_size or k
-    block_n, block_k = 8, 512
-    sub = min(block_k, group_size & -group_size)        # a power of two inside one scale group
-    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        weight, scales, out, n, k, weight.stride(0), scales.stride(0), group_size, BITS=bits,
-        BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub)
-    return out
 
 
 NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness

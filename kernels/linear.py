@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
-from kernels.gemv import DEQUANT_MIN_ROWS
+from kernels.dequant import DEQUANT_MIN_ROWS
 from kernels.gemv_tuner import FMA_MAX_ROWS, streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear

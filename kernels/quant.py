@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
-from kernels.gemv import DEQUANT_MIN_ROWS, dequantize_weight
+from kernels.dequant import DEQUANT_MIN_ROWS, dequantize_weight
 from kernels.gemv_tuner import streamed_linear
 
 QMAX = {8: 127, 4: 7}

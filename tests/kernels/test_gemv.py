@@ -275,7 +275,7 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
 @pytest.mark.parametrize("bits,group,k", [(8, None, 320), (8, 64, 320), (4, 64, 320), (4, 32, 1088), (8, 96, 1152)])
 def test_dequantize_weight_matches_the_reference(bits, group, k):
     """Ragged N and K, groups smaller and larger than the kernel's sub-tile, and not a power of two."""
-    from kernels.gemv import dequantize_weight
+    from kernels.dequant import dequantize_weight
     from kernels.quant import dequantize
     w, scales, full = _weight(37, k, bits, group or k, torch.Generator().manual_seed(bits))
     got = dequantize_weight(w, scales, bits, group, torch.float32)
@@ -288,7 +288,7 @@ def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bi
     """Kernel dispatch of `quant_linear` (as on CUDA): from DEQUANT_MIN_ROWS rows one float copy of
     the weight and F.linear, below it the in-register kernel; both equal the reference."""
     from kernels import gemv_tuner, quant
-    from kernels.gemv import DEQUANT_MIN_ROWS
+    from kernels.dequant import DEQUANT_MIN_ROWS
     monkeypatch.setattr(quant, "use_triton", lambda x: True)
     monkeypatch.setattr(gemv_tuner, "tuned_tile", lambda x, w, bias, scales, bits, group, *epilogue: pick_tile(
         x.shape[0], w.shape[0], x.shape[1], bits, group))                     # no GPU to time tiles on

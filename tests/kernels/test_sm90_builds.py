@@ -75,9 +75,9 @@ BUILDS = {
                              {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
                                                             "v_cache_ptr")},
                               "cu_seqlens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}),
-    "dequantize-int8": ("kernels.gemv", "_dequantize_kernel", dict(BITS=8, BLOCK_N=8, BLOCK_K=512, SUB=128),
+    "dequantize-int8": ("kernels.dequant", "_dequantize_kernel", dict(BITS=8, BLOCK_N=8, BLOCK_K=512, SUB=128),
                         {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
-    "dequantize-int4": ("kernels.gemv", "_dequantize_kernel", dict(BITS=4, BLOCK_N=8, BLOCK_K=512, SUB=128),
+    "dequantize-int4": ("kernels.dequant", "_dequantize_kernel", dict(BITS=4, BLOCK_N=8, BLOCK_K=512, SUB=128),
                         {"w_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
 }
 
