@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import await_previous
+from kernels.pdl import await_previous, prefetch_l2
 from kernels.pdl import enabled as programmatic_launch
 from kernels.unpack import high_half, int4_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32
 
@@ -202,11 +202,12 @@ def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr
 
 @triton.jit
 def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                stride_rm, stride_om, stride_os, group_size, k_per_split,
+                stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes,
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr):
+                PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
+                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -221,8 +222,14 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`, its
     inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
-    otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides)."""
+    otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
+    With L2_LANES, the first programs of row 0 each ask the L2 for L2_LANES * L2_CHUNK bytes of the
+    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if L2_LANES:
+        first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
+        if (row == 0) & (first < l2_bytes):
+            prefetch_l2(w_ptr, first, l2_bytes, L2_LANES, L2_CHUNK)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     NG: tl.constexpr = BLOCK_K // SUB
@@ -304,6 +311,19 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
 
 
 NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness
+L2_CHUNK = 2048        # bytes per bulk prefetch; a program of 4 warps asks for 256 KB
+
+
+def _l2_prefetch_bytes(weight: torch.Tensor) -> int:
+    """How much of `weight` a CUDA-core product launched with PDL asks the L2 for before its wait: the
+    first RAYSPEED_L2_PREFETCH_MB (whole chunks), which its later programs then read from L2. The
+    kernels before a product (norm, decode attention: a few programs each) leave HBM idle while they
+    run; the product's first wave is resident by then (PDL), so those bytes arrive for free."""
+    if not weight.is_contiguous() or weight.data_ptr() % 16:
+        return 0
+    cap = float(os.environ.get("RAYSPEED_L2_PREFETCH_MB", "8"))
+    nbytes = min(int(cap * 2**20), weight.numel() * weight.element_size())
+    return nbytes // L2_CHUNK * L2_CHUNK
 
 
 def _interpreting() -> bool:
@@ -370,6 +390,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     args = (rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
+    l2_bytes = _l2_prefetch_bytes(weight) if pdl else 0
     if tile.fma:
         grouped = bits < 16 and not per_row
         sub = min(tile.block_k, group_size) if grouped else tile.block_k
@@ -382,9 +403,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             assert k % 32 == 0 and sub % 32 == 0 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0, \
                 f"half tiles read weights in 16-byte vectors of 32 columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
-        _fma_kernel[(grid[0], split, m)](*args, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl, launch_pdl=pdl,
-                                         HALF=tile.half, ASM=tile.half and not _interpreting(),
-                                         X_PER_ROW=tile.x_per_row, **flags)
+        _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
+                                         launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
+                                         X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
+                                         L2_CHUNK=L2_CHUNK, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

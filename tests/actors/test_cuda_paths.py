@@ -53,6 +53,8 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monk
     expected = tokens()
     monkeypatch.setenv("RAYSPEED_PDL", "1")
     assert tokens() == expected
+    monkeypatch.setenv("RAYSPEED_L2_PREFETCH_MB", "0")      # PDL without the matmuls' L2 prefetch
+    assert tokens() == expected
 
 
 def test_prefill_graph_logits_equal_eager_logits():
@@ -106,6 +108,26 @@ def test_x_per_row_tiles_agree_with_the_broadcast_ones(bits):
     broadcast = skinny_linear(*args, bits, group, Tile(1, 4, 1024, fma=True))
     per_row = skinny_linear(*args, bits, group, Tile(1, 4, 1024, fma=True, x_per_row=True))
     torch.testing.assert_close(per_row, broadcast, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_l2_prefetch_changes_no_result(bits, monkeypatch):
+    """The bulk L2 prefetch a CUDA-core product issues before its PDL wait only moves bytes into L2:
+    products with and without it are equal, for a weight larger than the prefetch and one smaller (its
+    lanes past the end repeat the last chunk)."""
+    g = torch.Generator().manual_seed(bits)
+    for n, k in ((10240, 2560), (96, 256)):
+        group = 128 if bits < 16 else None
+        w, scales, _ = _weight(n, k, bits, group or k, g)
+        x = torch.randn(1, k, generator=g).half().cuda()
+        args = [x, (w.half() if bits == 16 else w).cuda(), None, None if scales is None else scales.half().cuda()]
+        tile = Tile(1, 4, 256, fma=True)
+
+        def product(megabytes):
+            monkeypatch.setenv("RAYSPEED_L2_PREFETCH_MB", megabytes)
+            return skinny_linear(*args, bits, group, tile)
+        assert torch.equal(product("0"), product("8"))
+    torch.cuda.synchronize()
 
 
 def test_the_tuner_times_a_product_as_decode_runs_it():

@@ -23,11 +23,13 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
 
 
-def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False):
+def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
+        l2=False):
     pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
-                                                PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row), pointers,
+                                                PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row,
+                                                L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048), pointers,
             num_warps)
 
 
@@ -61,6 +63,7 @@ BUILDS = {
     "decode-chunk64-prefetch": decode_attention(64, False, False, prefetch=True),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
     "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
+    "pdl-fma-fp16-l2": fma(16, "fp16", "fp16", 2, 1024, 1024, False, pdl=True, l2=True),
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
     "pdl-layer-norm": ("kernels.norm", "_layer_norm_kernel", dict(HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK=4096,
                                                                  PDL=True),
@@ -141,11 +144,20 @@ def test_programmatic_launch_waits_before_reading_activations(built, name):
     wait = ptx.index("griddepcontrol.wait")
     assert wait < ptx.index("griddepcontrol.launch_dependents")
     assert "st.global" not in ptx[:wait]
-    if name.startswith(("pdl-fma", "pdl-decode")):
+    if name.startswith(("pdl-fma", "pdl-decode")) and "l2" not in name:
         assert ptx.index("ld.global") < wait                  # weights / the cache, which this step leaves alone
         assert "ld.global" in ptx[wait:]                      # x / q, after the wait
     else:
         assert "ld.global" not in ptx[:wait]
+
+
+def test_l2_prefetch_is_issued_before_the_wait(built):
+    """With L2_LANES the CUDA-core matmul asks the L2 for the head of its weight (bulk prefetches, one
+    per thread) before waiting for the previous kernel, and the loop stays as it was."""
+    ptx = built["pdl-fma-fp16-l2"]["ptx"]
+    assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
+    assert "cp.async.bulk.prefetch" not in built["pdl-fma-fp16-l2"]["loop"]
+    assert "cp.async.bulk.prefetch" not in built["fma-int16-fp16"]["ptx"]
 
 
 def test_prefill_attention_builds_with_every_option(built):
