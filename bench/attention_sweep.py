@@ -1,9 +1,12 @@
-"""Fresh-prefill attention on the GPU: the varlen Triton kernel (`prefill_attention_triton`, one launch
-for the batch) against torch SDPA per sequence (`prefill_attention_sdpa`: flash where no mask is
-needed), on GPT-Neo 2.7B's (32 heads x 80, local layers with a 256 window) and Llama-2-7B's
-(32 x 128) attention shapes. Also checks the two agree.
+"""Attention kernels on the GPU. Fresh prefill: the varlen Triton kernel (`prefill_attention_triton`,
+one launch for the batch) against torch SDPA per sequence (`prefill_attention_sdpa`: flash where no
+mask is needed), on GPT-Neo 2.7B's (20 heads x 128, local layers with a 256 window) and Llama-2-7B's
+(32 x 128) attention shapes; also checks the two agree. `--decode`: paged decode attention with its
+context split over several programs per (head, sequence) (the default where the grid is small)
+against one program each, batch 1 to 32, contexts 160 to 8,192, timed in CUDA graphs as decode
+runs it, over cache copies that miss L2.
 
-    python3 bench/attention_sweep.py --out bench/results
+    python3 bench/attention_sweep.py [--decode] --out bench/results
 """
 import argparse
 import datetime
@@ -17,20 +20,52 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
+from kernels.attention import _decode_splits, paged_decode_attention_triton  # noqa: E402
+from kernels.gemv_tuner import time_in_graph  # noqa: E402
 from kernels.prefill_attention import prefill_attention_sdpa, prefill_attention_triton  # noqa: E402
 
 CASES = [  # (name, heads, head_dim, window, batch, length)
-    ("neo.global", 32, 80, None, 1, 512), ("neo.local", 32, 80, 256, 1, 512), ("neo.global", 32, 80, None, 32, 32),
-    ("neo.local", 32, 80, 256, 8, 128), ("neo.global", 32, 80, None, 4, 2048), ("llama", 32, 128, None, 1, 512),
+    ("neo.global", 20, 128, None, 1, 512), ("neo.local", 20, 128, 256, 1, 512), ("neo.global", 20, 128, None, 32, 32),
+    ("neo.local", 20, 128, 256, 8, 128), ("neo.global", 20, 128, None, 4, 2048), ("llama", 32, 128, None, 1, 512),
     ("llama", 32, 128, None, 32, 32), ("llama", 32, 128, None, 1, 4096)]
+DECODE_CASES = [(heads, batch, ctx) for heads in (20, 32) for batch in (1, 8, 32) for ctx in (160, 1024, 8192)]
+
+
+def decode_rows():
+    """Decode attention (20 or 32 heads of 128, fp16, block 16) with and without context splitting."""
+    for heads, batch, ctx in DECODE_CASES:
+        block = 16
+        blocks_per_seq = ctx // block
+        kv_bytes = 2 * batch * ctx * heads * 128 * 2
+        copies = max(1, min(8, -(-100 * 2**20 // kv_bytes)))
+        caches = [torch.randn(2, batch * blocks_per_seq, block, heads, 128, device="cuda", dtype=torch.float16)
+                  for _ in range(copies)]
+        tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device="cuda").view(batch, blocks_per_seq)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.float16)
+        launch = lambda i: paged_decode_attention_triton(q, caches[i][0], caches[i][1], tables, lens, 0.088)  # noqa
+        splits = _decode_splits(heads * batch, q.device)
+        split_us = time_in_graph(launch, copies) * 1e3
+        os.environ["RAYSPEED_DECODE_SPLITS"] = "1"
+        try:
+            single_us = time_in_graph(launch, copies) * 1e3
+        finally:
+            del os.environ["RAYSPEED_DECODE_SPLITS"]
+        yield {"heads": heads, "batch": batch, "context": ctx, "splits": splits, "split_us": split_us,
+               "one_program_us": single_us, "kv_gb_per_s": kv_bytes / (split_us * 1e3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--decode", action="store_true", help="decode attention, split context vs one program")
     args = ap.parse_args()
     rows = []
-    for name, heads, dim, window, batch, length in CASES:
+    if args.decode:
+        for row in decode_rows():
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for name, heads, dim, window, batch, length in ([] if args.decode else CASES):
         tokens = batch * length
         qkv = torch.randn(tokens, 3 * heads, dim, device="cuda", dtype=torch.float16)
         q, k, v = qkv[:, :heads], qkv[:, heads:2 * heads], qkv[:, 2 * heads:]
@@ -46,7 +81,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "rows": rows}
-    path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-attention.json")
+    path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-"
+                        f"{'decode-' if args.decode else ''}attention.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
 

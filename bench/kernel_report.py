@@ -111,7 +111,8 @@ def gemv_cases():
 
 def attention_cases():
     pointers = {name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_new_ptr", "v_new_ptr")}
-    pointers.update({"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"})
+    pointers.update({"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32",
+                     "ws_ptr": "*fp32", "counters_ptr": "*i32"})
     for chunk, prefetch in ((16, False), (32, False), (64, False), (64, True)):
         yield (f"paged decode chunk {chunk}{' prefetch' if prefetch else ''} head_dim<=128", _paged_decode_kernel,
                dict(USE_WINDOW=False, HAS_ALIBI=False, NEW_KV=True, BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128,

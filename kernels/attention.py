@@ -9,6 +9,7 @@ when `window` is set, qp - kp < window (GPT-Neo local layers, Mistral sliding wi
 ALiBi adds slope[h] * (kp - qp) to the scores. Scores and softmax are fp32.
 """
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -93,22 +94,29 @@ def _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr, out_ptr,
-                         k_new_ptr, v_new_ptr, slots_ptr,
+                         k_new_ptr, v_new_ptr, slots_ptr, ws_ptr, counters_ptr,
                          q_seq_stride, q_head_stride, k_new_stride, v_new_stride, cache_block_stride, cache_row_stride,
                          table_stride, num_heads, group, head_dim, scale, window,
                          USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PREFETCH: tl.constexpr, PDL: tl.constexpr):
-    """One (head, sequence): online softmax over the cached keys in chunks of CHUNK positions
+                         PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1):
+    """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
     (several cache blocks per step). With PREFETCH the next chunk's keys and values load while this
     one is computed (for small grids, whose programs wait on memory with nothing else to run on
     their SM; it costs registers, so fewer programs fit an SM). With NEW_KV this step's key and value come from
     k_new/v_new (registers), and the program of each KV head's first query head writes them to their
     cache slot: no separate store kernel, and no program reads that slot. With PREFETCH the first
     chunk is read before waiting for the previous kernel (PDL): earlier steps wrote it, and the block
-    table and context lengths are the step's inputs."""
+    table and context lengths are the step's inputs.
+
+    SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): the context's chunks are shared
+    out among SPLITS programs per (head, sequence); each writes its softmax state (max, sum, unscaled
+    output) to `ws`, and the last of them to finish (a ticket from `counters`, which it resets to
+    zero) merges the states in split order and writes the output: no second kernel, and the result
+    does not depend on which program finished last."""
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     kv_head = head // group
     ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
     q_pos = ctx - 1
@@ -119,29 +127,35 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         first = tl.maximum(q_pos - window + 1, 0)
     head_offs = kv_head * head_dim + d                                      # [BLOCK_D]
     cached = ctx - 1 if NEW_KV else ctx     # without NEW_KV the step's token is in the cache (store_kv before)
-    c_first = first // CHUNK
+    c_first, c_end = first // CHUNK, tl.cdiv(cached, CHUNK)
+    if SPLITS > 1:                          # this program's share of the chunks, in order
+        per_split = tl.cdiv(c_end - c_first, SPLITS)
+        c_first += split * per_split
+        c_end = tl.minimum(c_first + per_split, c_end)
+    end = tl.minimum(cached, c_end * CHUNK)                                 # positions past it are not ours
     if PREFETCH:
         k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                             cache_row_stride, head_offs, d_mask, c_first, first, cached, BLOCK_SIZE, CHUNK)
+                             cache_row_stride, head_offs, d_mask, c_first, first, end, BLOCK_SIZE, CHUNK)
     await_previous(PDL)
     q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + head).to(tl.float32)
-    if NEW_KV:                                # start the softmax from this step's token (always visible)
-        k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
-        v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
-        m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
-        l = tl.full((), 1.0, tl.float32)
-        acc = v_new.to(tl.float32)
-        if head % group == 0:
-            slot = tl.load(slots_ptr + seq)
-            row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride + head_offs
-            tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
-            tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
-    else:
-        m = tl.full((), float("-inf"), tl.float32)
-        l = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    if NEW_KV:
+        if split == 0:                        # start the softmax from this step's token (always visible)
+            k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
+            v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
+            m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
+            l = tl.full((), 1.0, tl.float32)
+            acc = v_new.to(tl.float32)
+            if head % group == 0:
+                slot = tl.load(slots_ptr + seq)
+                row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride \
+                    + head_offs
+                tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
+                tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
     # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
     # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
     # never across positions (across warps, through shared memory and barriers).
@@ -149,19 +163,19 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
     l_lane = tl.zeros((CHUNK, 1), tl.float32)
     acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
-    for c in range(c_first, tl.cdiv(cached, CHUNK)):
+    for c in range(c_first, c_end):
         if PREFETCH:
             k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
                                            cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first,
-                                           cached, BLOCK_SIZE, CHUNK)       # all masked past the end
+                                           end, BLOCK_SIZE, CHUNK)          # all masked past the end
         else:
             k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                                 cache_row_stride, head_offs, d_mask, c, first, cached, BLOCK_SIZE, CHUNK)
+                                 cache_row_stride, head_offs, d_mask, c, first, end, BLOCK_SIZE, CHUNK)
         k_pos = c * CHUNK + positions
         scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
         if HAS_ALIBI:
             scores += slope * (k_pos - q_pos).to(tl.float32)
-        scores = tl.where((k_pos < cached) & (k_pos >= first), scores, float("-inf"))
+        scores = tl.where((k_pos < end) & (k_pos >= first), scores, float("-inf"))
         m_new = tl.maximum(m_lane, scores)
         base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
         alpha = tl.exp(m_lane - base)
@@ -177,9 +191,28 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     own_weight = tl.exp(m - base)
     l = l * own_weight + tl.sum(l_lane * lane_weight)
     acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
-    out = acc / tl.where(l > 0, l, 1.0)
     out_offs = (seq * num_heads + head) * head_dim + d
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    if SPLITS == 1:
+        out = acc / tl.where(l > 0, l, 1.0)
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    else:
+        pair = seq * num_heads + head
+        states = ws_ptr + tl.num_programs(1) * num_heads * SPLITS * BLOCK_D      # [pairs, SPLITS, 2] after the outputs
+        tl.store(ws_ptr + (pair * SPLITS + split) * BLOCK_D + d, acc)
+        tl.store(states + (pair * SPLITS + split) * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m_all, l))
+        tl.debug_barrier()                  # every thread's stores before the ticket (released with it)
+        ticket = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLITS - 1:            # the others' states are visible: merge them (from L2, not L1)
+            tl.store(counters_ptr + pair, 0)
+            parts = pair * SPLITS + tl.arange(0, SPLITS)
+            ms = tl.load(states + parts * 2, cache_modifier=".cg")
+            ls = tl.load(states + parts * 2 + 1, cache_modifier=".cg")
+            accs = tl.load(ws_ptr + parts[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+            m_top = tl.max(ms)
+            weights = tl.exp(ms - tl.where(m_top == float("-inf"), 0.0, m_top))
+            total = tl.sum(ls * weights)
+            out = tl.sum(accs * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes) -> None:
@@ -223,12 +256,46 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, bool]:
     return (64, False) if programs <= 3 * sms else (32, False)
 
 
+MAX_SPLITS = 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}      # the split tickets, per device; each merge resets its own
+
+
+def _decode_splits(pairs: int, device: torch.device) -> int:
+    """Programs per (head, sequence): a power of two that brings a grid of `pairs` programs up to
+    two per SM (at batch 1 a model's heads alone leave most SMs idle, each walking its whole context);
+    RAYSPEED_DECODE_SPLITS sets it (1: off)."""
+    forced = os.environ.get("RAYSPEED_DECODE_SPLITS")
+    if forced:
+        splits = int(forced)
+        assert splits >= 1 and splits & (splits - 1) == 0 and splits <= MAX_SPLITS, \
+            f"RAYSPEED_DECODE_SPLITS must be a power of two from 1 to {MAX_SPLITS}, got {forced}"
+        return splits
+    if device.type != "cuda":
+        return 1
+    target, splits = 2 * _sm_count(device.index or 0), 1
+    while pairs * splits * 2 <= target and splits < MAX_SPLITS:
+        splits *= 2
+    return splits
+
+
+def _split_counters(pairs: int, device: torch.device) -> torch.Tensor | None:
+    """Zeroed tickets for `pairs` (head, sequence) merges, allocated once per device outside any CUDA
+    graph capture (the decode graphs' eager warm-up runs first); None where that is not possible."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(4096, dtype=torch.int32, device=device)
+    return counters if pairs <= counters.numel() else None
+
+
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                   window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
                                   slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode attention, one query per sequence at position context_len - 1; one program per (head, sequence).
+    """Decode attention, one query per sequence at position context_len - 1; one program per (head,
+    sequence), or several splitting its context where the grid is small (`_decode_splits`).
 
     q: [num_seqs, num_heads, head_dim] -> same shape, q's dtype. Same result as `paged_attention_torch`
     with cu_seqlens_q = arange(num_seqs + 1). Given this step's `k_new`, `v_new` [num_seqs, kv_heads,
@@ -248,17 +315,25 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    chunk, prefetch = _decode_chunk(num_heads * num_seqs, q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    splits = _decode_splits(num_heads * num_seqs, q.device)
+    counters = _split_counters(num_heads * num_seqs, q.device) if splits > 1 else None
+    if counters is None:
+        splits = 1
+    ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,
+                                           device=q.device)       # the splits' softmax states
+    chunk, prefetch = _decode_chunk(num_heads * num_seqs * splits, q.device)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
-    _paged_decode_kernel[(num_heads, num_seqs)](
+    _paged_decode_kernel[(num_heads, num_seqs, splits)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
         k_new if new_kv else q, v_new if new_kv else q, slot_mapping if new_kv else context_lens,
+        ws, context_lens if counters is None else counters,
         q.stride(0), q.stride(1), k_new.stride(0) if new_kv else 0, v_new.stride(0) if new_kv else 0,
         k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
-        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=triton.next_power_of_2(head_dim), PREFETCH=prefetch, PDL=pdl,
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=prefetch, PDL=pdl, SPLITS=splits,
         launch_pdl=pdl)
     return out
 

@@ -11,6 +11,8 @@ from actors.sequence import SamplingParams, Sequence
 from kernels.gemv import Tile, skinny_linear
 from kernels.gemv_tuner import HALF_SHAPES, time_in_graph
 from tests.helpers import tiny_model
+from kernels import attention
+from tests.kernels.test_attention import _decode_case
 from tests.kernels.test_gemv import _weight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -128,6 +130,27 @@ def test_l2_prefetch_changes_no_result(bits, monkeypatch):
             return skinny_linear(*args, bits, group, tile)
         assert torch.equal(product("0"), product("8"))
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("window", [None, 256])
+def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
+    """Split-context decode (the default at small batch) on GPT-Neo 2.7B's attention shape (20 heads
+    of 128), contexts from 1 to 2,000 tokens: against the reference, and bitwise the same over 200
+    launches (the last program of each (head, sequence) merges in split order, whatever order the
+    programs finished in: a race in the tickets would show as a differing or wrong result)."""
+    q, k_cache, v_cache, tables, lens = _decode_case(torch.float16, [1, 37, 160, 2000], heads=20, kv_heads=20,
+                                                     head_dim=128)
+    args = [t.cuda() for t in (q, k_cache, v_cache, tables, lens)]
+    ref = attention.paged_attention_torch(*args[:4], args[4], torch.arange(5, dtype=torch.int32, device="cuda"),
+                                          0.1, window)
+    assert attention._decode_splits(20 * 4, torch.device("cuda")) > 1
+    first = attention.paged_decode_attention_triton(*args, 0.1, window)
+    torch.testing.assert_close(first, ref, rtol=2e-3, atol=2e-3)
+    for _ in range(200):
+        assert torch.equal(attention.paged_decode_attention_triton(*args, 0.1, window), first)
+    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "1")
+    torch.testing.assert_close(attention.paged_decode_attention_triton(*args, 0.1, window), first,
+                               rtol=2e-3, atol=2e-3)
 
 
 def test_the_tuner_times_a_product_as_decode_runs_it():

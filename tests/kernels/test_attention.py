@@ -142,6 +142,54 @@ def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits,chunk", [(2, 16), (4, 16), (16, 64)])
+@pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 1)])
+def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_alibi, heads, kv_heads, monkeypatch):
+    """Flash-decoding: each (head, sequence) context shared out among `splits` programs, the last to
+    finish merging their softmax states; with this step's token (split 0 folds it in and stores it),
+    contexts shorter than the splits (empty splits), of one token and of many chunks; twice in a row,
+    so the tickets are back at zero after each merge."""
+    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, True))
+    context_lens = [5, 37, 1, 150]
+    q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(splits)
+    qkv = torch.randn(len(context_lens), heads + 2 * kv_heads, HEAD_DIM, generator=g).to(dtype)
+    k_new, v_new = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    slots = _slots(tables, [torch.tensor([c - 1]) for c in context_lens], BLOCK_SIZE)
+    slopes = _alibi(heads) if with_alibi else None
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv(k_new, v_new, k_ref, v_ref, slots)
+    ref = paged_attention_torch(q, k_ref, v_ref, tables, lens, torch.arange(5, dtype=torch.int32)[:len(lens) + 1],
+                                0.2, window, slopes)
+    for _ in range(2):
+        out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
+                                                      k_new, v_new, slots)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert not attention._COUNTERS[q.device].any()
+    # without this step's token (already in the cache)
+    out = attention.paged_decode_attention_triton(q, k_ref, v_ref, tables, lens, 0.2, window, slopes)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_decode_splits_fill_two_programs_per_sm(monkeypatch):
+    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert attention._decode_splits(20, cuda) == 8            # GPT-Neo 2.7B at batch 1: 160 programs
+    assert attention._decode_splits(32, cuda) == 8            # Llama-2-7B: 256
+    assert attention._decode_splits(80, cuda) == 2
+    assert attention._decode_splits(160, cuda) == 1
+    assert attention._decode_splits(1, cuda) == attention.MAX_SPLITS
+    assert attention._decode_splits(20, torch.device("cpu")) == 1
+    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "1")
+    assert attention._decode_splits(20, cuda) == 1
+    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "3")
+    with pytest.raises(AssertionError, match="power of two"):
+        attention._decode_splits(20, cuda)
+
+
 def test_decode_launcher_rejects_bad_inputs():
     q, k_cache, v_cache, tables, context_lens = _decode_case(torch.float32)
     with pytest.raises(AssertionError, match="dtypes differ"):
@@ -242,7 +290,7 @@ def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi):
 
 
 def test_fresh_prefill_triton_head_dim_80_pads_to_128():
-    """GPT-Neo 2.7B's head_dim (80) is not a power of two: the padded lanes must not leak in."""
+    """A head_dim of 80 (Phi-2's 32 heads of 80) is not a power of two: the padded lanes must not leak in."""
     lens = [33, 5]
     q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, 2, dim=80)
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 1.0)

@@ -20,7 +20,8 @@ GEMV_POINTERS = {name: "*fp16" for name in ("x_ptr", "s_ptr", "b_ptr", "r_ptr", 
 EPILOGUE = dict(EPILOGUE=True, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
 ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_new_ptr",
                                                      "v_new_ptr")},
-                      "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}
+                      "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32",
+                      "ws_ptr": "*fp32", "counters_ptr": "*i32"}
 
 
 def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
@@ -39,10 +40,10 @@ def tensor_cores(bits, weight, block_n, block_k):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
-def decode_attention(chunk, window, alibi, pdl=False, prefetch=False):
+def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
                                                               BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
-                                                              PREFETCH=prefetch),
+                                                              PREFETCH=prefetch, SPLITS=splits),
             ATTENTION_POINTERS)
 
 
@@ -62,6 +63,7 @@ BUILDS = {
     "decode-chunk64": decode_attention(64, False, False),
     "decode-chunk64-prefetch": decode_attention(64, False, False, prefetch=True),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
+    "decode-split8-prefetch": decode_attention(64, True, False, prefetch=True, splits=8),
     "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
     "pdl-fma-fp16-l2": fma(16, "fp16", "fp16", 2, 1024, 1024, False, pdl=True, l2=True),
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
@@ -158,6 +160,16 @@ def test_l2_prefetch_is_issued_before_the_wait(built):
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["pdl-fma-fp16-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["fma-int16-fp16"]["ptx"]
+
+
+def test_split_decode_merges_after_a_released_ticket(built):
+    """Split-context decode: every thread's partial-state stores, then a barrier, then one acq_rel
+    ticket at GPU scope; the merging program reads the states through L2 (ld.global.cg)."""
+    ptx = built["decode-split8-prefetch"]["ptx"]
+    ticket = ptx.index("atom.global.gpu.acq_rel.add")
+    assert "st.global" in ptx[:ticket] and "bar.sync" in ptx[ptx.rindex("st.global", 0, ticket):ticket]
+    assert "ld.global.cg" in ptx[ticket:]
+    assert "atom." not in built["decode-chunk64-prefetch"]["ptx"]
 
 
 def test_prefill_attention_builds_with_every_option(built):
