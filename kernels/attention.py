@@ -99,7 +99,8 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          table_stride, num_heads, group, head_dim, scale, window,
                          USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1):
+                         PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1,
+                         SPLIT_MIN_CHUNKS: tl.constexpr = 4):
     """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
     (several cache blocks per step). With PREFETCH the next chunk's keys and values load while this
     one is computed (for small grids, whose programs wait on memory with nothing else to run on
@@ -109,11 +110,14 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     chunk is read before waiting for the previous kernel (PDL): earlier steps wrote it, and the block
     table and context lengths are the step's inputs.
 
-    SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): the context's chunks are shared
-    out among SPLITS programs per (head, sequence); each writes its softmax state (max, sum, unscaled
-    output) to `ws`, and the last of them to finish (a ticket from `counters`, which it resets to
-    zero) merges the states in split order and writes the output: no second kernel, and the result
-    does not depend on which program finished last."""
+    SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): a context of more than
+    SPLIT_MIN_CHUNKS chunks is shared out among up to SPLITS programs per (head, sequence), two
+    chunks or more each; each writes its softmax state (max, sum, unscaled output) to `ws`, and the
+    last of them to finish (a ticket from `counters`, which it resets to zero) merges the states in
+    split order and writes the output: no second kernel, and the result does not depend on which
+    program finished last. A shorter context stays with the first program (bench/attention_sweep.py
+    --decode on an H100: at 160 positions one program took 4.7 us, eight splits 5.5; at 1,024
+    positions 21.3 against 9.6, at 8,192 156 against 41)."""
     head = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -128,9 +132,12 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     head_offs = kv_head * head_dim + d                                      # [BLOCK_D]
     cached = ctx - 1 if NEW_KV else ctx     # without NEW_KV the step's token is in the cache (store_kv before)
     c_first, c_end = first // CHUNK, tl.cdiv(cached, CHUNK)
-    if SPLITS > 1:                          # this program's share of the chunks, in order
-        per_split = tl.cdiv(c_end - c_first, SPLITS)
-        c_first += split * per_split
+    active = 1
+    if SPLITS > 1:    # a context of more than SPLIT_MIN_CHUNKS chunks is shared out, 2 or more a program
+        chunks = c_end - c_first
+        active = tl.where(chunks > SPLIT_MIN_CHUNKS, tl.minimum(tl.cdiv(chunks, 2), SPLITS), 1)
+        per_split = tl.cdiv(chunks, active)
+        c_first += split * per_split                                        # past c_end: nothing to do
         c_end = tl.minimum(c_first + per_split, c_end)
     end = tl.minimum(cached, c_end * CHUNK)                                 # positions past it are not ours
     if PREFETCH:
@@ -192,22 +199,25 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     l = l * own_weight + tl.sum(l_lane * lane_weight)
     acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
     out_offs = (seq * num_heads + head) * head_dim + d
-    if SPLITS == 1:
-        out = acc / tl.where(l > 0, l, 1.0)
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-    else:
+    if active == 1:
+        if split == 0:
+            out = acc / tl.where(l > 0, l, 1.0)
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    elif split < active:
         pair = seq * num_heads + head
         states = ws_ptr + tl.num_programs(1) * num_heads * SPLITS * BLOCK_D      # [pairs, SPLITS, 2] after the outputs
         tl.store(ws_ptr + (pair * SPLITS + split) * BLOCK_D + d, acc)
         tl.store(states + (pair * SPLITS + split) * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m_all, l))
         tl.debug_barrier()                  # every thread's stores before the ticket (released with it)
         ticket = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLITS - 1:            # the others' states are visible: merge them (from L2, not L1)
+        if ticket == active - 1:            # the others' states are visible: merge them (from L2, not L1)
             tl.store(counters_ptr + pair, 0)
-            parts = pair * SPLITS + tl.arange(0, SPLITS)
-            ms = tl.load(states + parts * 2, cache_modifier=".cg")
-            ls = tl.load(states + parts * 2 + 1, cache_modifier=".cg")
-            accs = tl.load(ws_ptr + parts[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+            s = tl.arange(0, SPLITS)
+            parts = pair * SPLITS + s
+            ms = tl.load(states + parts * 2, mask=s < active, other=float("-inf"), cache_modifier=".cg")
+            ls = tl.load(states + parts * 2 + 1, mask=s < active, other=0.0, cache_modifier=".cg")
+            accs = tl.load(ws_ptr + parts[:, None] * BLOCK_D + d[None, :], mask=(s < active)[:, None], other=0.0,
+                           cache_modifier=".cg")
             m_top = tl.max(ms)
             weights = tl.exp(ms - tl.where(m_top == float("-inf"), 0.0, m_top))
             total = tl.sum(ls * weights)

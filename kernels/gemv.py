@@ -314,14 +314,17 @@ NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correc
 L2_CHUNK = 2048        # bytes per bulk prefetch; a program of 4 warps asks for 256 KB
 
 
-def _l2_prefetch_bytes(weight: torch.Tensor) -> int:
+def _l2_prefetch_bytes(weight: torch.Tensor, bits: int) -> int:
     """How much of `weight` a CUDA-core product launched with PDL asks the L2 for before its wait: the
-    first RAYSPEED_L2_PREFETCH_MB (whole chunks), which its later programs then read from L2. The
-    kernels before a product (norm, decode attention: a few programs each) leave HBM idle while they
-    run; the product's first wave is resident by then (PDL), so those bytes arrive for free."""
+    first RAYSPEED_L2_PREFETCH_MB (whole chunks), which its first programs then read from L2 (the
+    kernel before a product, a norm or decode attention of a few programs, leaves HBM idle while it
+    runs, and the product's first wave is resident by then). Measured at GPT-Neo 2.7B batch 1 on an
+    H100 (bench/results/*-l2-*.json): 4 MB took fp16 from 2.40 to 2.35-2.37 ms a step and int8 from
+    1.79-1.81 to 1.75-1.77, and cost int4 2-4 % (its products are a quarter the size, so 4 MB is a
+    large share of each); 8 MB and more lost everywhere. So 4 MB but for int4, which gets none."""
     if not weight.is_contiguous() or weight.data_ptr() % 16:
         return 0
-    cap = float(os.environ.get("RAYSPEED_L2_PREFETCH_MB", "8"))
+    cap = float(os.environ.get("RAYSPEED_L2_PREFETCH_MB", "0" if bits == 4 else "4"))
     nbytes = min(int(cap * 2**20), weight.numel() * weight.element_size())
     return nbytes // L2_CHUNK * L2_CHUNK
 
@@ -390,7 +393,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     args = (rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
-    l2_bytes = _l2_prefetch_bytes(weight) if pdl else 0
+    l2_bytes = _l2_prefetch_bytes(weight, bits) if pdl else 0
     if tile.fma:
         grouped = bits < 16 and not per_row
         sub = min(tile.block_k, group_size) if grouped else tile.block_k

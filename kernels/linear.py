@@ -27,6 +27,7 @@ from kernels.quant import QuantSpec, quant_linear
 # kernels/gemv.py on CUDA where its tuner (kernels/gemv_tuner.py) measured that faster than cuBLAS
 # (with its separate epilogue ops); larger float products always take cuBLAS. Quantized weights
 # always take the Triton kernels.
+CUBLAS_EPILOGUES = ("gelu_tanh", "relu")       # activations cuBLASLt applies after the bias (`_torch_matmul`)
 SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(FMA_MAX_ROWS)))
 
 
@@ -158,9 +159,16 @@ class _Linear(nn.Module):
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
-        """`weight`: the float weight's stand-in (the tuner times copies of it)."""
+        """`weight`: the float weight's stand-in (the tuner times copies of it). On CUDA a tanh GELU or a
+        ReLU after a bias rides in cuBLASLt's epilogue (`torch._addmm_activation`; its GELU is the
+        tanh form, computed on the fp32 accumulator) instead of a kernel of its own."""
         if self.quant is None:
-            y = F.linear(x, self.weight if weight is None else weight, bias)
+            w = self.weight if weight is None else weight
+            if x.is_cuda and bias is not None and activation in CUBLAS_EPILOGUES:
+                y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), w.t(),
+                                            use_gelu=activation == "gelu_tanh").view(*x.shape[:-1], -1)
+                return y if residual is None else y + residual
+            y = F.linear(x, w, bias)
         else:
             y = quant_linear(x, self.qweight, self.scales, self.quant.bits, self.group_size, bias)
         if activation is not None:

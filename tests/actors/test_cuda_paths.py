@@ -153,6 +153,25 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
                                rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cublas_epilogue_activations_match_separate_ones(activation, dtype):
+    """Float products of many rows apply a tanh GELU or a ReLU in cuBLASLt's epilogue: the same
+    function as the separate activation (to the rounding of the pre-activation, which the epilogue
+    keeps in fp32)."""
+    from kernels.activation import FUSABLE_ACTIVATIONS
+    from kernels.linear import ColumnParallelLinear, TensorParallel
+    layer = ColumnParallelLinear(256, 1024, True, TensorParallel(), dtype).cuda()
+    torch.nn.init.normal_(layer.weight, std=0.05)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(2, 16, 256, device="cuda", dtype=dtype)
+    fused = layer._torch_matmul(x, layer.bias, activation, None)
+    separate = FUSABLE_ACTIVATIONS[activation](torch.nn.functional.linear(x.float(), layer.weight.float(),
+                                                                          layer.bias.float()))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(fused.float(), separate, **tol)
+
+
 def test_the_tuner_times_a_product_as_decode_runs_it():
     """`time_in_graph` (the tuner's clock): a GPT-Neo MLP-sized fp16 product cycling over weight copies
     that miss L2 takes at least its bytes at 4.8 TB/s (the H200's HBM peak, the fastest GPU here) and,

@@ -143,12 +143,13 @@ def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("splits,chunk", [(2, 16), (4, 16), (16, 64)])
+@pytest.mark.parametrize("splits,chunk", [(2, 16), (4, 16), (16, 16)])
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 1)])
 def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_alibi, heads, kv_heads, monkeypatch):
-    """Flash-decoding: each (head, sequence) context shared out among `splits` programs, the last to
-    finish merging their softmax states; with this step's token (split 0 folds it in and stores it),
-    contexts shorter than the splits (empty splits), of one token and of many chunks; twice in a row,
+    """Flash-decoding: a context of more than 4 chunks (150 positions: 10) shared out among up to
+    `splits` programs, two chunks or more each (some empty with 16), the last to finish merging their
+    softmax states; shorter ones (37, 5, 1 positions; every one under the window) left to the first
+    program; with this step's token (split 0 folds it in and stores it) and without; twice in a row,
     so the tickets are back at zero after each merge."""
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
     monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, True))
