@@ -139,90 +139,90 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         per_split = tl.cdiv(chunks, active)
         c_first += split * per_split                                        # past c_end: nothing to do
         c_end = tl.minimum(c_first + per_split, c_end)
-    end = tl.minimum(cached, c_end * CHUNK)                                 # positions past it are not ours
-    if PREFETCH:
-        k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                             cache_row_stride, head_offs, d_mask, c_first, first, end, BLOCK_SIZE, CHUNK)
-    await_previous(PDL)
-    q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
-    if HAS_ALIBI:
-        slope = tl.load(alibi_ptr + head).to(tl.float32)
-    m = tl.full((), float("-inf"), tl.float32)
-    l = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    if NEW_KV:
-        if split == 0:                        # start the softmax from this step's token (always visible)
-            k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
-            v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
-            m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
-            l = tl.full((), 1.0, tl.float32)
-            acc = v_new.to(tl.float32)
-            if head % group == 0:
-                slot = tl.load(slots_ptr + seq)
-                row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride \
-                    + head_offs
-                tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
-                tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
-    # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
-    # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
-    # never across positions (across warps, through shared memory and barriers).
-    positions = tl.arange(0, CHUNK)[:, None]                                # [CHUNK, 1]
-    m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
-    l_lane = tl.zeros((CHUNK, 1), tl.float32)
-    acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
-    for c in range(c_first, c_end):
+    if split < active:                      # the programs of empty splits exit at once
+        end = tl.minimum(cached, c_end * CHUNK)                             # positions past it are not ours
         if PREFETCH:
-            k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
-                                           cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first,
-                                           end, BLOCK_SIZE, CHUNK)          # all masked past the end
-        else:
             k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                                 cache_row_stride, head_offs, d_mask, c, first, end, BLOCK_SIZE, CHUNK)
-        k_pos = c * CHUNK + positions
-        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
+                                 cache_row_stride, head_offs, d_mask, c_first, first, end, BLOCK_SIZE, CHUNK)
+        await_previous(PDL)
+        q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
         if HAS_ALIBI:
-            scores += slope * (k_pos - q_pos).to(tl.float32)
-        scores = tl.where((k_pos < end) & (k_pos >= first), scores, float("-inf"))
-        m_new = tl.maximum(m_lane, scores)
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
-        alpha = tl.exp(m_lane - base)
-        p = tl.exp(scores - base)
-        acc_lane = acc_lane * alpha + p * v.to(tl.float32)
-        l_lane = l_lane * alpha + p
-        m_lane = m_new
-        if PREFETCH:
-            k, v = k_next, v_next
-    m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the new token
-    base = tl.where(m_all == float("-inf"), 0.0, m_all)
-    lane_weight = tl.exp(m_lane - base)
-    own_weight = tl.exp(m - base)
-    l = l * own_weight + tl.sum(l_lane * lane_weight)
-    acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
-    out_offs = (seq * num_heads + head) * head_dim + d
-    if active == 1:
-        if split == 0:
+            slope = tl.load(alibi_ptr + head).to(tl.float32)
+        m = tl.full((), float("-inf"), tl.float32)
+        l = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        if NEW_KV:
+            if split == 0:                        # start the softmax from this step's token (always visible)
+                k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
+                v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
+                m = tl.sum(q * k_new.to(tl.float32), axis=0) * scale
+                l = tl.full((), 1.0, tl.float32)
+                acc = v_new.to(tl.float32)
+                if head % group == 0:
+                    slot = tl.load(slots_ptr + seq)
+                    row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride \
+                        + head_offs
+                    tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
+                    tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
+        # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
+        # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
+        # never across positions (across warps, through shared memory and barriers).
+        positions = tl.arange(0, CHUNK)[:, None]                                # [CHUNK, 1]
+        m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
+        l_lane = tl.zeros((CHUNK, 1), tl.float32)
+        acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
+        for c in range(c_first, c_end):
+            if PREFETCH:
+                k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
+                                               cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first,
+                                               end, BLOCK_SIZE, CHUNK)          # all masked past the end
+            else:
+                k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
+                                     cache_row_stride, head_offs, d_mask, c, first, end, BLOCK_SIZE, CHUNK)
+            k_pos = c * CHUNK + positions
+            scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
+            if HAS_ALIBI:
+                scores += slope * (k_pos - q_pos).to(tl.float32)
+            scores = tl.where((k_pos < end) & (k_pos >= first), scores, float("-inf"))
+            m_new = tl.maximum(m_lane, scores)
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
+            alpha = tl.exp(m_lane - base)
+            p = tl.exp(scores - base)
+            acc_lane = acc_lane * alpha + p * v.to(tl.float32)
+            l_lane = l_lane * alpha + p
+            m_lane = m_new
+            if PREFETCH:
+                k, v = k_next, v_next
+        m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the new token
+        base = tl.where(m_all == float("-inf"), 0.0, m_all)
+        lane_weight = tl.exp(m_lane - base)
+        own_weight = tl.exp(m - base)
+        l = l * own_weight + tl.sum(l_lane * lane_weight)
+        acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
+        out_offs = (seq * num_heads + head) * head_dim + d
+        if active == 1:
             out = acc / tl.where(l > 0, l, 1.0)
             tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-    elif split < active:
-        pair = seq * num_heads + head
-        states = ws_ptr + tl.num_programs(1) * num_heads * SPLITS * BLOCK_D      # [pairs, SPLITS, 2] after the outputs
-        tl.store(ws_ptr + (pair * SPLITS + split) * BLOCK_D + d, acc)
-        tl.store(states + (pair * SPLITS + split) * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m_all, l))
-        tl.debug_barrier()                  # every thread's stores before the ticket (released with it)
-        ticket = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel", scope="gpu")
-        if ticket == active - 1:            # the others' states are visible: merge them (from L2, not L1)
-            tl.store(counters_ptr + pair, 0)
-            s = tl.arange(0, SPLITS)
-            parts = pair * SPLITS + s
-            ms = tl.load(states + parts * 2, mask=s < active, other=float("-inf"), cache_modifier=".cg")
-            ls = tl.load(states + parts * 2 + 1, mask=s < active, other=0.0, cache_modifier=".cg")
-            accs = tl.load(ws_ptr + parts[:, None] * BLOCK_D + d[None, :], mask=(s < active)[:, None], other=0.0,
-                           cache_modifier=".cg")
-            m_top = tl.max(ms)
-            weights = tl.exp(ms - tl.where(m_top == float("-inf"), 0.0, m_top))
-            total = tl.sum(ls * weights)
-            out = tl.sum(accs * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        else:
+            pair = seq * num_heads + head
+            states = ws_ptr + tl.num_programs(1) * num_heads * SPLITS * BLOCK_D  # [pairs, SPLITS, 2] after outputs
+            tl.store(ws_ptr + (pair * SPLITS + split) * BLOCK_D + d, acc)
+            tl.store(states + (pair * SPLITS + split) * 2 + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m_all, l))
+            tl.debug_barrier()                  # every thread's stores before the ticket (released with it)
+            ticket = tl.atomic_add(counters_ptr + pair, 1, sem="acq_rel", scope="gpu")
+            if ticket == active - 1:            # the others' states are visible: merge them (from L2, not L1)
+                tl.store(counters_ptr + pair, 0)
+                s = tl.arange(0, SPLITS)
+                parts = pair * SPLITS + s
+                ms = tl.load(states + parts * 2, mask=s < active, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(states + parts * 2 + 1, mask=s < active, other=0.0, cache_modifier=".cg")
+                accs = tl.load(ws_ptr + parts[:, None] * BLOCK_D + d[None, :], mask=(s < active)[:, None], other=0.0,
+                               cache_modifier=".cg")
+                m_top = tl.max(ms)
+                weights = tl.exp(ms - tl.where(m_top == float("-inf"), 0.0, m_top))
+                total = tl.sum(ls * weights)
+                out = tl.sum(accs * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+                tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_slopes) -> None:
