@@ -3,7 +3,11 @@
 A decode step's shapes depend only on the batch size, so each bucket is captured once over
 static input buffers; a step copies its inputs into the first `batch` rows, pads the rest with a
 harmless dummy sequence (one token in a reserved cache block), and replays. Block tables are
-`max_blocks` wide; entries past a sequence's length are never read.
+`max_blocks` wide; entries past a sequence's length are never read. In buckets up to
+`short_max_batch` (those whose decode attention may split contexts over several programs,
+kernels/attention.py), steps whose contexts all fit `short_blocks` replay a second graph captured
+over that narrower view of the tables: attention then knows on the host that no context is long
+enough to split, and launches no programs that would find nothing to do.
 
 A fresh prefill (prompts with nothing cached) depends on its token and sequence counts: buckets of
 powers of two, captured the first time a step needs one (tens of ms, once), and replayed after. Its
@@ -34,7 +38,7 @@ def buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, forward, vocab_size: int, max_batch: int, max_blocks: int, pad_slot: int,
-                 pad_block: int, device: torch.device):
+                 pad_block: int, device: torch.device, short_blocks: int = 0, short_max_batch: int = 0):
         self.forward = forward                              # (input_ids, positions, meta) -> logits
         self.pad_slot, self.pad_block = pad_slot, pad_block
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -43,21 +47,32 @@ class DecodeGraphs:
         self.block_tables = torch.full((max_batch, max_blocks), pad_block, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, table width) -> graph and its logits; the width is max_blocks or short_blocks
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.sizes = buckets(max_batch)
+        self.max_blocks, self.pool = max_blocks, None
+        self.short_blocks = short_blocks if 0 < short_blocks < max_blocks else 0
+        self.short_max_batch = short_max_batch if self.short_blocks else 0
 
-    def _meta(self, batch: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slots[:batch], self.block_tables[:batch], self.context_lens[:batch],
+    def _widths(self, batch: int) -> list[int]:
+        return [self.max_blocks, self.short_blocks] if batch <= self.short_max_batch else [self.max_blocks]
+
+    def _meta(self, batch: int, width: int) -> AttentionMetadata:
+        return AttentionMetadata(self.slots[:batch], self.block_tables[:batch, :width], self.context_lens[:batch],
                                  self.cu_seqlens[:batch + 1], 1)
+
+    def _capture(self, batch: int, width: int) -> None:
+        args = (self.input_ids[:batch], self.positions[:batch], self._meta(batch, width))
+        graph, logits = record(self.forward, args, self.pool, warmups=2)
+        self.pool = graph.pool()
+        self.graphs[batch, width] = (graph, logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        pool = None
-        for batch in reversed(self.sizes):                  # largest first: the pool fits the rest
-            args = (self.input_ids[:batch], self.positions[:batch], self._meta(batch))
-            graph, logits = record(self.forward, args, pool, warmups=2)
-            pool = graph.pool()
-            self.graphs[batch] = (graph, logits)
+        """Every bucket at its widths, largest first (the pool then fits the rest)."""
+        for batch in reversed(self.sizes):
+            for width in self._widths(batch):
+                self._capture(batch, width)
         torch.cuda.synchronize()
 
     def fits(self, batch: int, width: int) -> bool:
@@ -75,7 +90,8 @@ class DecodeGraphs:
         self.slots[batch:bucket].fill_(self.pad_slot)       # padding rows: one token in the pad block
         self.block_tables[batch:bucket, 0].fill_(self.pad_block)
         self.context_lens[batch:bucket].fill_(1)
-        graph, logits = self.graphs[bucket]
+        short = bucket <= self.short_max_batch and width <= self.short_blocks
+        graph, logits = self.graphs[bucket, self.short_blocks if short else self.max_blocks]
         graph.replay()
         return logits[:batch]
 

@@ -7,13 +7,14 @@ Under tensor parallelism only the TP group's rank 0 schedules. Each step it broa
 """
 import torch
 
-from actors.cuda_graphs import DecodeGraphs, PrefillGraphs
+from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
 from actors.sequence import Sequence
-from kernels.attention import AttentionMetadata
+from kernels.attention import AttentionMetadata, decode_splits
 from kernels.dispatch import use_triton
 from kernels.model import CausalLM
 
 STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
+SHORT_DECODE_CONTEXT = 256        # decode graphs of their own for steps whose contexts all fit (cuda_graphs.py)
 
 
 def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -41,8 +42,12 @@ class ModelRunner:
         graphs (captured on first use) where prefill runs the Triton kernels (CUDA only)."""
         max_blocks = -(-max_seq_len // self.block_size)
         eager = lambda ids, pos, meta: self._eager(ids, pos, meta, False)     # noqa: E731
+        heads = self.model.layers[0].attn.qkv.num_heads           # this rank's
         graphs = DecodeGraphs(eager, self.model.spec.vocab_size, max_batch, max_blocks,
-                              self.pad_block * self.block_size, self.pad_block, self.device)
+                              self.pad_block * self.block_size, self.pad_block, self.device,
+                              short_blocks=SHORT_DECODE_CONTEXT // self.block_size,
+                              short_max_batch=max((b for b in buckets(max_batch)
+                                                   if decode_splits(heads * b, self.device) > 1), default=0))
         graphs.capture()
         self.graphs = graphs
         if use_triton(self.model.embed.weight):

@@ -20,7 +20,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.attention import _decode_splits, paged_decode_attention_triton  # noqa: E402
+from kernels.attention import decode_splits, paged_decode_attention_triton  # noqa: E402
 from kernels.gemv_tuner import time_in_graph  # noqa: E402
 from kernels.prefill_attention import prefill_attention_sdpa, prefill_attention_triton  # noqa: E402
 
@@ -44,7 +44,7 @@ def decode_rows():
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.float16)
         launch = lambda i: paged_decode_attention_triton(q, caches[i][0], caches[i][1], tables, lens, 0.088)  # noqa
-        splits = _decode_splits(heads * batch, q.device)
+        splits = decode_splits(heads * batch, q.device)
         split_us = time_in_graph(launch, copies) * 1e3
         os.environ["RAYSPEED_DECODE_SPLITS"] = "1"
         try:

@@ -64,11 +64,11 @@ if [ "$phase" = single ] && [ "$2" = llama ]; then    # one GPU: the Llama shape
 elif [ "$phase" = single ] || [ "$phase" = all ]; then
   { run 400 neo env CUDA_VISIBLE_DEVICES=0 $(tuned neo) python3 bench/decode.py --model neo \
         --dtypes float16,int8,int4 --batches 1,8,32 --concurrent 256 --out "$out"
-    [ "$gpus" -lt 2 ] && run 60 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
+    [ "$gpus" -lt 2 ] && run 200 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   if [ "$gpus" -ge 2 ]; then
     { run 330 llama env CUDA_VISIBLE_DEVICES=1 $(tuned llama) python3 bench/decode.py --model llama \
           --dtypes float16,bfloat16,int8 --batches 1,8,32 --out "$out"
-      run 60 gputests env CUDA_VISIBLE_DEVICES=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
+      run 200 gputests env CUDA_VISIBLE_DEVICES=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   fi
   wait
   run 150 anchor-neo env CUDA_VISIBLE_DEVICES=0 python3 .anchors/anchor_compiled.py neo fp16 int8 &

@@ -267,10 +267,11 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, bool]:
 
 
 MAX_SPLITS = 16
+SPLIT_MIN_CHUNKS = 4      # a context of at most this many loop steps stays with one program
 _COUNTERS: dict[torch.device, torch.Tensor] = {}      # the split tickets, per device; each merge resets its own
 
 
-def _decode_splits(pairs: int, device: torch.device) -> int:
+def decode_splits(pairs: int, device: torch.device) -> int:
     """Programs per (head, sequence): a power of two that brings a grid of `pairs` programs up to
     two per SM (at batch 1 a model's heads alone leave most SMs idle, each walking its whole context);
     RAYSPEED_DECODE_SPLITS sets it (1: off)."""
@@ -303,9 +304,11 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                   window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                                  slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+                                  slot_mapping: torch.Tensor | None = None,
+                                  max_context: int | None = None) -> torch.Tensor:
     """Decode attention, one query per sequence at position context_len - 1; one program per (head,
-    sequence), or several splitting its context where the grid is small (`_decode_splits`).
+    sequence), or several splitting its context where the grid is small (`decode_splits`) and
+    `max_context` (a bound on context_lens known on the host; None: unknown) does not rule it out.
 
     q: [num_seqs, num_heads, head_dim] -> same shape, q's dtype. Same result as `paged_attention_torch`
     with cu_seqlens_q = arange(num_seqs + 1). Given this step's `k_new`, `v_new` [num_seqs, kv_heads,
@@ -326,7 +329,10 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if out.numel() == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
-    splits = _decode_splits(num_heads * num_seqs, q.device)
+    splits = decode_splits(num_heads * num_seqs, q.device)
+    if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
+        chunk = max(block_size, _decode_chunk(num_heads * num_seqs * splits, q.device)[0])
+        splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
     counters = _split_counters(num_heads * num_seqs, q.device) if splits > 1 else None
     if counters is None:
         splits = 1
@@ -344,7 +350,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
         BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=prefetch, PDL=pdl, SPLITS=splits,
-        launch_pdl=pdl)
+        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, launch_pdl=pdl)
     return out
 
 
@@ -356,7 +362,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     then the torch reference."""
     if use_triton(q) and meta.is_decode:
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                             window, alibi_slopes, k, v, meta.slot_mapping)
+                                             window, alibi_slopes, k, v, meta.slot_mapping,
+                                             max_context=meta.block_tables.shape[1] * k_cache.shape[1])
     if use_triton(q) and meta.fresh_prefill:
         return prefill_attention_triton(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale, window, alibi_slopes,
                                         k_cache, v_cache, meta.slot_mapping)

@@ -47,9 +47,11 @@ CLASSES = {"gpt_neo": tf.GPTNeoForCausalLM, "gpt2": tf.GPT2LMHeadModel, "llama":
            "gpt_neox_seq": tf.GPTNeoXForCausalLM, "bloom": tf.BloomForCausalLM, "phi": tf.PhiForCausalLM}
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A random-weight HF causal LM; weights drawn wider than HF's default so logits are not flat."""
     config = CONFIGS[family]()
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = BOS, EOS, PAD
     config.initializer_range = 0.1
     torch.manual_seed(seed)

@@ -27,6 +27,30 @@ def generate(hf, **config) -> tuple[list[list[int]], object]:
     return [o.outputs[0].token_ids for o in out], engine.backend
 
 
+@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
+def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
+    """Steps whose contexts all fit SHORT_DECODE_CONTEXT replay graphs captured over that narrower
+    block-table view (one attention program per head and sequence); longer ones the full-width
+    graphs, whose attention splits contexts over several programs (a tiny model's few heads leave
+    the GPU idle). Tokens equal the eager lockstep engine's in both."""
+    hf = tiny_model(family, max_position_embeddings=1024)
+    batches = [[list(range(7, 30)), list(range(60, 77))], [[3 + i % 250 for i in range(400)], list(range(9, 40))]]
+
+    def tokens(**config):
+        engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
+                                         max_num_seqs=4, **config)
+        runs = [[o.outputs[0].token_ids for o in engine.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+                for prompts in batches]
+        return runs, engine.backend
+
+    expected, _ = tokens(enable_cuda_graph=False, run_ahead=False)
+    got, engine = tokens()
+    graphs = engine.runner.graphs
+    assert 0 < graphs.short_blocks < graphs.max_blocks and graphs.short_max_batch >= 2
+    assert {(2, graphs.short_blocks), (2, graphs.max_blocks)} <= graphs.graphs.keys()
+    assert got == expected
+
+
 @pytest.mark.parametrize("family", ["gpt_neo", "llama", "bloom"])
 def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
     hf = tiny_model(family)
@@ -143,7 +167,7 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
     args = [t.cuda() for t in (q, k_cache, v_cache, tables, lens)]
     ref = attention.paged_attention_torch(*args[:4], args[4], torch.arange(5, dtype=torch.int32, device="cuda"),
                                           0.1, window)
-    assert attention._decode_splits(20 * 4, torch.device("cuda")) > 1
+    assert attention.decode_splits(20 * 4, torch.device("cuda")) > 1
     first = attention.paged_decode_attention_triton(*args, 0.1, window)
     torch.testing.assert_close(first, ref, rtol=2e-3, atol=2e-3)
     for _ in range(200):

@@ -178,17 +178,36 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
 def test_decode_splits_fill_two_programs_per_sm(monkeypatch):
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert attention._decode_splits(20, cuda) == 8            # GPT-Neo 2.7B at batch 1: 160 programs
-    assert attention._decode_splits(32, cuda) == 8            # Llama-2-7B: 256
-    assert attention._decode_splits(80, cuda) == 2
-    assert attention._decode_splits(160, cuda) == 1
-    assert attention._decode_splits(1, cuda) == attention.MAX_SPLITS
-    assert attention._decode_splits(20, torch.device("cpu")) == 1
+    assert attention.decode_splits(20, cuda) == 8            # GPT-Neo 2.7B at batch 1: 160 programs
+    assert attention.decode_splits(32, cuda) == 8            # Llama-2-7B: 256
+    assert attention.decode_splits(80, cuda) == 2
+    assert attention.decode_splits(160, cuda) == 1
+    assert attention.decode_splits(1, cuda) == attention.MAX_SPLITS
+    assert attention.decode_splits(20, torch.device("cpu")) == 1
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "1")
-    assert attention._decode_splits(20, cuda) == 1
+    assert attention.decode_splits(20, cuda) == 1
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "3")
     with pytest.raises(AssertionError, match="power of two"):
-        attention._decode_splits(20, cuda)
+        attention.decode_splits(20, cuda)
+
+
+def test_a_host_bound_on_the_context_keeps_one_program_per_pair(monkeypatch):
+    """Told that no context exceeds SPLIT_MIN_CHUNKS loop steps (`max_context`, from the block-table
+    width), the launcher splits nothing and launches no idle programs; past that, or unbounded, it
+    splits as asked."""
+    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "4")
+    grids, real = [], attention._paged_decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+    monkeypatch.setattr(attention, "_paged_decode_kernel", Spy())
+    q, k_cache, v_cache, tables, lens = _decode_case(torch.float32, [5, 37])
+    bound = attention.SPLIT_MIN_CHUNKS * 64                    # 64 positions a loop step off the GPU
+    for max_context in (None, bound, bound + 1):
+        attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, max_context=max_context)
+    assert [grid[2] for grid in grids] == [4, 1, 4]
 
 
 def test_decode_launcher_rejects_bad_inputs():
