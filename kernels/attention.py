@@ -242,7 +242,7 @@ def _check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, alibi_
     assert context_lens.shape == (num_seqs,), f"context_lens must be [{num_seqs}] (one query per sequence)"
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         assert t.dtype in (torch.int32, torch.int64), f"{name} must be int32 or int64, got {t.dtype}"
-        assert t.is_contiguous() and t.device == q.device, f"{name} must be contiguous and on q's device"
+        assert t.stride(-1) == 1 and t.device == q.device, f"{name} must be contiguous (rows) and on q's device"
     if alibi_slopes is not None:
         assert alibi_slopes.shape == (num_heads,), f"alibi_slopes must be [{num_heads}]"
         assert alibi_slopes.is_contiguous() and alibi_slopes.device == q.device, "alibi_slopes: contiguous, q's device"

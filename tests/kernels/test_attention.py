@@ -126,6 +126,7 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
         torch.float32, [3, 45], block_size, heads, kv_heads, head_dim)
     q = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :head_dim]                 # strided q
     cu_seqlens_q = torch.arange(3, dtype=torch.int32)
+    tables = torch.cat([tables, torch.zeros_like(tables)], dim=1)[:, :tables.shape[1]]   # strided rows
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, context_lens, 0.3, window=4)
     ref = paged_attention_torch(q, k_cache, v_cache, tables, context_lens, cu_seqlens_q, 0.3, window=4)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
