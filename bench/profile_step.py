@@ -1,9 +1,12 @@
 """Where one eager decode step of GPT-Neo 2.7B (fp16, random weights) spends GPU time, by kernel:
 the same kernels a CUDA-graph replay runs, timed by the profiler one by one. With `--prefill BxL`,
 a whole 1-token generate call of B fresh L-token prompts instead (what time to first token
-measures): its wall time beside its kernel time, and the host ops that take the most time.
+measures): its wall time beside its kernel time, and the host ops that take the most time. With
+`--graph`, the decode step's CUDA-graph replay instead: its span from first kernel start to last
+kernel end against the sum of its kernels, and the idle time before each kernel (the launch gap
+after the previous one ends; PDL launches overlap, so those count zero), by kernel.
 
-    python3 bench/profile_step.py --batch 1
+    python3 bench/profile_step.py --batch 1 [--graph]
     python3 bench/profile_step.py --prefill 1x32,32x32,1x512
 """
 import argparse
@@ -31,6 +34,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", default="", help="profile prefills instead: comma list of BATCHxLENGTH")
+    ap.add_argument("--graph", action="store_true", help="the decode graph's replay: span, kernels, gaps")
     args = ap.parse_args()
     engine = rayspeed.init_inference(build(args.model), dtype=args.dtype, replace_with_kernel_inject=True,
                                      gpu_memory_utilization=0.5).backend
@@ -44,8 +48,11 @@ def main() -> None:
     for _ in range(4):
         engine.step()
     runner = engine.runner
-    runner.graphs = None
     ids, pos, meta = runner.prepare_decode(seqs)
+    if args.graph:
+        graph_gaps(lambda: runner.graphs.run(ids, pos, meta), args)
+        return
+    runner.graphs = None
     step = lambda: runner._forward(ids, pos, meta, False)       # noqa: E731
     for _ in range(3):
         step()
@@ -73,6 +80,38 @@ def report(prof, repeats: int, header: dict, top: int, host: bool = False) -> No
         print("host ops by self CPU time (us per call of the step):")
         for name, us in cpu.most_common(top):
             print(f"{us:9.1f} us  {name}")
+
+
+def graph_gaps(replay, args, repeats: int = 5) -> None:
+    """Span, kernel time and idle time before each kernel of a decode graph replay, per step."""
+    for _ in range(3):
+        replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            replay()
+            torch.cuda.synchronize()              # replays apart, so each step's span is its own
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                     and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+                    key=lambda e: e.time_range.start)
+    per_step = len(events) // repeats
+    spans, busy, idle, before = [], [], [], collections.Counter()
+    for r in range(repeats):
+        step = events[r * per_step:(r + 1) * per_step]
+        spans.append(step[-1].time_range.end - step[0].time_range.start)
+        busy.append(sum(e.time_range.end - e.time_range.start for e in step))
+        end, gaps = step[0].time_range.end, 0.0
+        for e in step[1:]:
+            gap = max(0.0, e.time_range.start - end)
+            before[e.name[:70]] += gap / repeats
+            gaps += gap
+            end = max(end, e.time_range.end)
+        idle.append(gaps)
+    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "kernels_per_step": per_step,
+                      "span_us": statistics.median(spans), "kernel_us": statistics.median(busy),
+                      "idle_us": statistics.median(idle)}))
+    for name, us in before.most_common(args.top):
+        print(f"{us:9.1f} us idle before  {name}")
 
 
 def profile_prefill(engine, batch: int, length: int, args) -> None:
