@@ -94,10 +94,15 @@ def graph_gaps(replay, args, repeats: int = 5) -> None:
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                      and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
                     key=lambda e: e.time_range.start)
-    per_step = len(events) // repeats
+    steps, end = [[]], None                       # replays are apart by a host synchronisation (> 50 us)
+    for e in events:
+        if end is not None and e.time_range.start - end > 50:
+            steps.append([])
+        steps[-1].append(e)
+        end = e.time_range.end if end is None else max(end, e.time_range.end)
+    repeats, per_step = len(steps), len(events) / len(steps)
     spans, busy, idle, before = [], [], [], collections.Counter()
-    for r in range(repeats):
-        step = events[r * per_step:(r + 1) * per_step]
+    for step in steps:
         spans.append(step[-1].time_range.end - step[0].time_range.start)
         busy.append(sum(e.time_range.end - e.time_range.start for e in step))
         end, gaps = step[0].time_range.end, 0.0
