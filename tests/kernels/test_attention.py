@@ -143,6 +143,24 @@ def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, True)
 
 
+def _new_token_case(dtype, window, with_alibi, heads, kv_heads, seed):
+    """A decode step of four sequences (5, 37, 1 and 150 tokens) with this step's k, v given apart
+    (strided views, as in the model) and the reference: the cache after `store_kv`, the torch output.
+    Returns q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref."""
+    context_lens = [5, 37, 1, 150]
+    q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(len(context_lens), heads + 2 * kv_heads, HEAD_DIM, generator=g).to(dtype)
+    k_new, v_new = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    slots = _slots(tables, [torch.tensor([c - 1]) for c in context_lens], BLOCK_SIZE)
+    slopes = _alibi(heads) if with_alibi else None
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv(k_new, v_new, k_ref, v_ref, slots)
+    ref = paged_attention_torch(q, k_ref, v_ref, tables, lens, torch.arange(5, dtype=torch.int32), 0.2, window,
+                                slopes)
+    return q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits,chunk", [(2, 16), (4, 16), (16, 16)])
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 1)])
@@ -154,17 +172,8 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     so the tickets are back at zero after each merge."""
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
     monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, True))
-    context_lens = [5, 37, 1, 150]
-    q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
-    g = torch.Generator().manual_seed(splits)
-    qkv = torch.randn(len(context_lens), heads + 2 * kv_heads, HEAD_DIM, generator=g).to(dtype)
-    k_new, v_new = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
-    slots = _slots(tables, [torch.tensor([c - 1]) for c in context_lens], BLOCK_SIZE)
-    slopes = _alibi(heads) if with_alibi else None
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv(k_new, v_new, k_ref, v_ref, slots)
-    ref = paged_attention_torch(q, k_ref, v_ref, tables, lens, torch.arange(5, dtype=torch.int32)[:len(lens) + 1],
-                                0.2, window, slopes)
+    q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
+        dtype, window, with_alibi, heads, kv_heads, seed=splits)
     for _ in range(2):
         out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
                                                       k_new, v_new, slots)
@@ -329,17 +338,8 @@ def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, hea
     contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
     leaves empty; the next chunk loaded before or after this one's arithmetic) and a single token."""
     monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, prefetch))
-    context_lens = [5, 37, 1, 150]
-    q, k_cache, v_cache, tables, lens = _decode_case(dtype, context_lens, heads=heads, kv_heads=kv_heads)
-    g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(len(context_lens), heads + 2 * kv_heads, HEAD_DIM, generator=g).to(dtype)
-    k_new, v_new = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]       # strided views, as in the model
-    slots = _slots(tables, [torch.tensor([c - 1]) for c in context_lens], BLOCK_SIZE)
-    slopes = _alibi(heads) if with_alibi else None
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kv(k_new, v_new, k_ref, v_ref, slots)
-    ref = paged_attention_torch(q, k_ref, v_ref, tables, lens, torch.arange(5, dtype=torch.int32)[:len(lens) + 1],
-                                0.2, window, slopes)
+    q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
+        dtype, window, with_alibi, heads, kv_heads, seed=5)
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
                                                   k_new, v_new, slots)
     torch.testing.assert_close(out, ref, **TOL[dtype])
