@@ -268,7 +268,9 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, bool]:
 
 MAX_SPLITS = 16
 SPLIT_MIN_CHUNKS = 4      # a context of at most this many loop steps stays with one program
-_COUNTERS: dict[torch.device, torch.Tensor] = {}      # the split tickets, per device; each merge resets its own
+# The split tickets, per device; each merge resets its own. Two split decode kernels must not run at
+# once on a device (they would share tickets): the engine issues them one after another on one stream.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def decode_splits(pairs: int, device: torch.device) -> int:
