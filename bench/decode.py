@@ -225,6 +225,7 @@ def concurrent_tok_s(engine, vocab: int, requests: int) -> float:
 
 
 def main() -> None:
+    global PROMPT
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["neo", "llama"], default="neo")
     ap.add_argument("--batches", default="1,8,32")
@@ -233,7 +234,10 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip HF eager timings")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--prompt", type=int, default=PROMPT,
+                    help="prompt tokens; other than 32, only the decode timings (a long-context check)")
     args = ap.parse_args()
+    PROMPT, long_context = args.prompt, args.prompt != 32
     hf = build(args.model)
     vocab = hf.config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
@@ -241,7 +245,7 @@ def main() -> None:
     result = {"model": args.model, "device": torch.cuda.get_device_name(), "commit": commit(),
               "date": datetime.date.today().isoformat(), "torch": torch.__version__, "prompt": PROMPT, "new": NEW,
               "weight_gb": weight_bytes / 1e9, "roof_ms": weight_bytes / 3.0e12 * 1e3, "hf_eager": {}, "variants": {}}
-    if not args.no_hf:
+    if not args.no_hf and not long_context:
         for batch in batches:
             ms, first = decode_ms(hf_run(hf), batch, vocab)
             result["hf_eager"][batch] = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "ttft_ms": first}
@@ -250,10 +254,12 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         t = time.perf_counter()
         engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, kv_cache_blocks=KV_BLOCKS[args.model],
-                                         max_num_seqs=max(64, args.concurrent))
+                                         max_num_seqs=max(64, args.concurrent), max_out_tokens=max(512, PROMPT + NEW))
         row = {"load_s": time.perf_counter() - t, "block_linear_gb": block_linear_bytes(engine) / 1e9,
-               "prefill_512_ms": prefill_ms(engine, vocab), "batches": {}}
-        if dtype in ("float16", "bfloat16") and reference is None:
+               "prefill_512_ms": None if long_context else prefill_ms(engine, vocab), "batches": {}}
+        if long_context:
+            pass
+        elif dtype in ("float16", "bfloat16") and reference is None:
             if dtype == "float16":
                 row["correctness"] = correctness(hf, engine, vocab)
             reference = engine
