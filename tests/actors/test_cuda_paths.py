@@ -2,16 +2,17 @@
 fresh-prefill CUDA graphs, the varlen prefill kernel and run-ahead give the tokens of the eager,
 lockstep engine, for families with a local window (GPT-Neo), grouped-query attention (Llama) and
 ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad. Also the kernels whose GPU code
-the CPU tests cannot run: programmatic dependent launch and the int4 tiles' inline assembly."""
+the CPU tests cannot run: programmatic dependent launch, the int4 tiles' inline assembly, the
+matmuls' bulk L2 prefetch, split-context decode attention's tickets and cuBLASLt's epilogues."""
 import pytest
 import torch
 
 import rayspeed
 from actors.sequence import SamplingParams, Sequence
+from kernels import attention
 from kernels.gemv import Tile, skinny_linear
 from kernels.gemv_tuner import HALF_SHAPES, time_in_graph
 from tests.helpers import tiny_model
-from kernels import attention
 from tests.kernels.test_attention import _decode_case
 from tests.kernels.test_gemv import _weight
 
