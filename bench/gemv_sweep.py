@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--bits", default="16,8,4")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tiles per case")
     ap.add_argument("--fma-grid", action="store_true", help="with --sweep: many more CUDA-core tiles")
+    ap.add_argument("--family", choices=["fma", "dot", "swap"], help="with --sweep: only this kernel's tiles")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -159,6 +160,9 @@ def main() -> None:
                 if args.fma_grid and m <= FMA_MAX_ROWS:
                     tiles += fma_grid(m, k, bits, ws[0][2] or k)
                 for cand in tiles:
+                    family = "fma" if cand.fma else "swap" if cand.swap else "dot"
+                    if args.family and family != args.family:
+                        continue
                     try:
                         us = graph_us(lambda: [skinny_linear(x, w, None, s, bits, g, cand) for w, s, g in ws], copies)
                     except Exception as e:                          # a tile too big for shared memory
@@ -166,12 +170,12 @@ def main() -> None:
                         continue
                     if args.fma_grid and cand.fma:
                         print("fma", name, bits, round(us, 2), cand, flush=True)
-                    family = "fma" if cand.fma else "dot"
                     for key in ("", family):
                         best[key] = min(best.get(key, (us, cand)), (us, cand), key=lambda b: b[0])
                 for key, (us, cand) in best.items():
                     row[f"best{key and '_' + key}_us"], row[f"best{key and '_' + key}_tile"] = us, cand.__dict__
-            for key in ("cublas_us", "dequant_cublas_us", "triton_us", "best_us", "best_fma_us", "best_dot_us"):
+            for key in ("cublas_us", "dequant_cublas_us", "triton_us", "best_us", "best_fma_us", "best_dot_us",
+                        "best_swap_us"):
                 if key in row:
                     row[key.replace("_us", "_tb_s")] = nbytes / row[key] / 1e6
             rows.append(row)

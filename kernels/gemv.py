@@ -1,14 +1,16 @@
 """Weight-streaming matmul for few rows: y = x W^T (+ bias) with W in fp16/bf16, int8 or packed int4.
 
 Decode multiplies a handful of token rows by every weight of the model once per step, so its speed
-is the rate at which the weights stream from HBM. Two kernels cover the three weight formats of
+is the rate at which the weights stream from HBM. Three kernels cover the three weight formats of
 `kernels.quant` and dequantize in registers (no full-precision copy of a quantized weight exists
 for a decode product), bias, activation and residual fused:
 - `_fma_kernel`, one row per program on the CUDA cores: the weight goes from HBM straight to
   registers; the fastest at one or two rows (bench/results/*-gemv-fma.json); int4 weights against
   fp16 x also in packed fp16 arithmetic (`half` tiles, `int4_half_dot`);
 - `_skinny_kernel`, tensor-core tiles of at least 16 rows (rows past M are zeros: free for a
-  memory-bound product).
+  memory-bound product);
+- `_swap_kernel`, the same with the operands swapped (weight rows on the instruction's long side),
+  for 16-bit and int8 weights at decode batches, with PDL.
 Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
 `SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
 small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
@@ -27,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import await_previous, prefetch_l2
+from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
 from kernels.unpack import high_half, int4_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32
 
@@ -45,6 +47,8 @@ class Tile:
     prefetch: bool = False         # fma: load the next K tile before multiplying this one
     half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`int4_half_dot`)
     x_per_row: bool = False        # fma: every thread loads the x of its own weights (see `_fma_kernel`)
+    swap: bool = False             # `_swap_kernel` (weight rows on the MMA's long side; 16/8 bits) instead
+    l2_rows: int = 0               # swap: bytes of each of its weight rows a program asks the L2 for before the PDL wait
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -133,6 +137,53 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
     if PER_ROW_SCALE:
         acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE:                                       # without split-K; the reduction applies it otherwise
+        acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    out_mask = (rm[:, None] < M) & n_mask[None, :]
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                 stride_rm, stride_om, stride_os, group_size, k_per_split,
+                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                 L2_ROWS: tl.constexpr):
+    """`_skinny_kernel`'s product with the operands swapped, for 16-bit and int8 weights:
+    acc[BN, BM] = w[BN, K-slice] @ x[BM, K-slice]^T, so the weight's output features fill the long
+    side of the tensor-core instruction (Hopper's wgmma is 64 rows a warp group) and x's few rows its
+    short side (8 to 256), the way cuBLAS's skinny kernels run; transposed once for the epilogue.
+    Launched with PDL where on: with L2_ROWS, each program first asks the L2 for that many bytes of
+    the K slice of each of its weight rows (one bulk prefetch a row; they never change), then waits
+    for the kernel that wrote x."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if L2_ROWS:                                        # bytes [start, start + L2_ROWS) of each row, inside it
+        start = tl.minimum(k_begin * (BITS // 8), K * (BITS // 8) - L2_ROWS)
+        rows = tl.minimum(rn, N - 1).to(tl.int64) * (stride_wn * (BITS // 8))
+        prefetch_rows_l2(w_ptr.to(tl.pointer_type(tl.int8)) + rows + start, L2_ROWS)
+    await_previous(PDL)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < k_end
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & k_mask[None, :],
+                    other=0.0)
+        part = tl.dot(s8_to(w, x.dtype) if BITS == 8 else w, tl.trans(x), input_precision="ieee")
+        if BITS < 16 and not PER_ROW_SCALE:           # one scale per (row, K group) per tile
+            scale = tl.load(s_ptr + rn * stride_sn + k0 // group_size, mask=n_mask, other=0.0).to(tl.float32)
+            part = part * scale[:, None]
+        acc += part
+    if PER_ROW_SCALE:
+        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    acc = tl.trans(acc)                                # [BM, BN]
+    if EPILOGUE:
         acc = _epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     out_mask = (rm[:, None] < M) & n_mask[None, :]
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
@@ -386,7 +437,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dummy = weight                                     # for pointers a flag leaves unread
     bias_, residual_ = dummy if bias is None else bias, dummy if residual is None else residual
     res_stride = 0 if residual is None else residual.stride(0)
-    pdl = tile.fma and programmatic_launch(x)            # the CUDA-core tiles only (see `_skinny_kernel`)
+    pdl = (tile.fma or tile.swap) and programmatic_launch(x)     # not `_skinny_kernel`'s tiles (see there)
     flags = dict(BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
                  BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                  num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -410,6 +461,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                          launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                          X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
                                          L2_CHUNK=L2_CHUNK, **flags)
+    elif tile.swap:
+        assert bits in (16, 8) and not tile.scale_in_tile, f"swapped tiles take 16-bit or int8 weights, not {bits} bits"
+        assert per_row or bits == 16 or group_size % tile.block_k == 0, \
+            f"block_k={tile.block_k} must divide group_size={group_size}"
+        row_bytes = k * bits // 8
+        aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0 and row_bytes % 16 == 0
+        l2_rows = min(tile.l2_rows, row_bytes) // 16 * 16 if pdl and aligned and not _interpreting() else 0
+        _swap_kernel[grid](*args, PDL=pdl, launch_pdl=pdl, L2_ROWS=l2_rows, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
     if split > 1:

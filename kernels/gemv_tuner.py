@@ -14,6 +14,8 @@ import triton
 from kernels.gemv import Tile, pick_tile, skinny_linear
 
 FMA_MAX_ROWS = 2                                         # products the CUDA-core kernel is offered for
+TUNED_MAX_ROWS = 64                                      # products of more rows (prefill) are never timed
+SWAP_SHAPES = [(64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 64, 6)]   # (block_n, block_k, stages)
 HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (block_n, block_k, warps), int4 fp16
 
 
@@ -51,6 +53,13 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
         for split_k in (1, 2, 4, 8, 16):
             if k >= block_k * split_k:
                 tiles.append(Tile(block_m, block_n, block_k, split_k, scale_in_tile=in_tile))
+    if m > FMA_MAX_ROWS and bits in (16, 8):
+        for block_n, block_k, stages in SWAP_SHAPES:
+            if group_size < k and group_size % block_k:
+                continue
+            for split_k in (1, 2, 4, 8):
+                if k >= block_k * split_k:
+                    tiles.append(Tile(block_m, block_n, block_k, split_k, num_stages=stages, swap=True))
     return tiles
 
 
@@ -163,13 +172,16 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     weights that none is in L2): a tile, or `CUBLAS` when `torch_path(x, weight)` (the same product
     in torch, offered for float weights) is faster. A CUDA-core winner is timed once more with
     `prefetch`, then the better of the two with `x_per_row` (one compile each instead of doubling the
-    grid). More than 16 rows (prefill) are never timed: the heuristic tile. While a CUDA graph is being
-    captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached choice or the heuristic."""
+    grid); a swapped-operand winner once more with its rows' first two K tiles asked of L2 before its
+    PDL wait (`l2_rows`). More than TUNED_MAX_ROWS rows (prefill) are never timed: the heuristic tile.
+    While a CUDA graph is being captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached
+    choice, else the heuristic (cuBLAS for float weights past FMA_MAX_ROWS rows)."""
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
-    if m > 16:                                           # prefill sizes vary: never time on the request path
-        return pick_tile(m, n, k, bits, group)
+    untuned = CUBLAS if torch_path is not None and m > FMA_MAX_ROWS else pick_tile(m, n, k, bits, group)
+    if m > TUNED_MAX_ROWS:                               # prefill sizes vary: never time on the request path
+        return untuned
     key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
            residual is not None, x.device)
     gpu = _gpu_name(x.device)
@@ -177,7 +189,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     if cached is not None:
         return cached
     if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return pick_tile(m, n, k, bits, group)
+        return untuned
     tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()
     copies = max(1, min(16, -(-2 * _l2_bytes(x.device) // nbytes)))       # twice L2 streamed per cycle
@@ -204,6 +216,9 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         measure_tile(replace(choice, prefetch=True))
         choice = min(timings, key=timings.get)
         measure_tile(replace(choice, x_per_row=True))    # and with x loaded in the weights' layout
+        choice = min(timings, key=timings.get)
+    if choice != CUBLAS and choice.swap:
+        measure_tile(replace(choice, l2_rows=2 * choice.block_k * bits // 8))
         choice = min(timings, key=timings.get)
     _choices.put(key, gpu, choice)
     return choice

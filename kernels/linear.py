@@ -19,16 +19,16 @@ from torch import nn
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.dequant import DEQUANT_MIN_ROWS
-from kernels.gemv_tuner import FMA_MAX_ROWS, streamed_linear
+from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
-# Float products of at most this many rows (decode at batch 1 or 2) stream the weight through
-# kernels/gemv.py on CUDA where its tuner (kernels/gemv_tuner.py) measured that faster than cuBLAS
-# (with its separate epilogue ops); larger float products always take cuBLAS. Quantized weights
-# always take the Triton kernels.
+# Float products of at most this many rows (decode batches) stream the weight through kernels/gemv.py
+# on CUDA where its tuner (kernels/gemv_tuner.py) measured that faster than cuBLAS (with its
+# separate epilogue ops); larger float products always take cuBLAS. Quantized weights always take
+# the Triton kernels.
 CUBLAS_EPILOGUES = ("gelu_tanh", "relu")       # activations cuBLASLt applies after the bias (`_torch_matmul`)
-SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(FMA_MAX_ROWS)))
+SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(TUNED_MAX_ROWS)))
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class _Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """act(x W^T + bias) + residual. On CUDA, float weights at one or two rows and quantized weights
+        """act(x W^T + bias) + residual. On CUDA, float weights at decode batches and quantized weights
         below DEQUANT_MIN_ROWS go through the weight-streaming Triton kernels with the epilogue fused,
         unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
         quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""

@@ -53,6 +53,15 @@ def prefetch_l2(base_ptr, start, end, LANES: tl.constexpr, CHUNK: tl.constexpr):
                               dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def prefetch_rows_l2(ptrs, NBYTES: tl.constexpr):
+    """Ask the L2 for NBYTES (a multiple of 16) at each of the 16-byte aligned byte pointers `ptrs`
+    (e.g. the start of a program's slice of each of its weight rows): one bulk prefetch each, as in
+    `prefetch_l2`."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [ptrs, tl.full(ptrs.shape, NBYTES, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @functools.cache
 def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)

@@ -56,6 +56,36 @@ def test_split_k_and_ragged_edges(bits, group, tile):
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("bits,group", [(16, None), (8, None), (8, 64)])
+@pytest.mark.parametrize("tile", [Tile(16, 16, 64, swap=True), Tile(32, 32, 64, split_k=3, swap=True),
+                                  Tile(16, 16, 32, split_k=2, swap=True, l2_rows=128)])
+@pytest.mark.parametrize("m", [3, 20])
+def test_swapped_operand_tiles(bits, group, tile, m):
+    """`_swap_kernel` (weight rows on the MMA's long side): ragged N and K, K split unevenly, rows past
+    the tile's, the epilogue fused (or in the split-K reduction); `l2_rows` only matters on a GPU."""
+    g = torch.Generator().manual_seed(m + bits)
+    n, k = 37, 320
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    residual = torch.randn(m, n, generator=g)
+    got = skinny_linear(x, w, bias, scales, bits, group, tile, activation="gelu_tanh", residual=residual)
+    ref = EPILOGUE_REFS["gelu_tanh"](x.double() @ full.double().T + bias.double()) + residual.double()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_swapped_tiles_are_offered_past_the_cuda_core_rows_for_16_and_8_bits():
+    from kernels.gemv_tuner import FMA_MAX_ROWS, SWAP_SHAPES, candidates
+    swapped = [t for t in candidates(32, 2560, 16, 2560, torch.float16) if t.swap]
+    assert {(t.block_n, t.block_k, t.num_stages) for t in swapped} == set(SWAP_SHAPES)
+    assert all(t.block_m == 32 for t in swapped)
+    assert all(128 % t.block_k == 0 for t in candidates(8, 2560, 8, 128, torch.float16) if t.swap)
+    assert not any(t.swap for t in candidates(FMA_MAX_ROWS, 2560, 16, 2560, torch.float16)
+                   + candidates(32, 2560, 4, 128, torch.float16))
+    with pytest.raises(AssertionError, match="16-bit or int8"):
+        w, scales, _ = _weight(8, 256, 4, 64, torch.Generator().manual_seed(0))
+        skinny_linear(torch.randn(4, 256), w, None, scales, 4, 64, Tile(16, 16, 64, swap=True))
+
+
 def test_half_precision_rows():
     g = torch.Generator().manual_seed(3)
     w, scales, full = _weight(64, 128, 8, 128, g)

@@ -40,6 +40,12 @@ def tensor_cores(bits, weight, block_n, block_k):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
+def swapped(bits, weight, block_n, block_k, pdl=False, l2_rows=0):
+    return ("kernels.gemv", "_swap_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=False, BLOCK_M=32,
+                                                 BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, L2_ROWS=l2_rows),
+            {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
+
+
 def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
                                                               BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
@@ -60,6 +66,8 @@ BUILDS = {
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
+    "swapped-int8": swapped(8, "i8", 64, 128),
+    "pdl-swapped-fp16-l2": swapped(16, "fp16", 64, 128, pdl=True, l2_rows=512),
     "decode-chunk64": decode_attention(64, False, False),
     "decode-chunk64-prefetch": decode_attention(64, False, False, prefetch=True),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
@@ -128,7 +136,7 @@ def test_half_tiles_multiply_in_packed_fp16(built, name):
     assert "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop and "cvt.rn.f32.u" not in loop
 
 
-@pytest.mark.parametrize("name", ["tensor-cores-int8", "tensor-cores-int4"])
+@pytest.mark.parametrize("name", ["tensor-cores-int8", "tensor-cores-int4", "swapped-int8"])
 def test_tensor_core_tiles_build_halves_without_conversions(built, name):
     """int8/int4 -> fp16 for the MMA by the mantissa trick: no integer-to-float conversion (I2F, a
     quarter-rate instruction) left in the loop."""
@@ -160,6 +168,15 @@ def test_l2_prefetch_is_issued_before_the_wait(built):
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["pdl-fma-fp16-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["fma-int16-fp16"]["ptx"]
+
+
+def test_swapped_tiles_use_hopper_mma_and_ask_l2_for_their_rows_first(built):
+    """The swapped-operand gemv puts 64 weight rows on wgmma's long side (x's 32 rows on its short
+    one) and, with L2_ROWS, asks the L2 for each row's slice before the PDL wait."""
+    ptx = built["pdl-swapped-fp16-l2"]["ptx"]
+    assert "wgmma.mma_async" in ptx and "m64n32k16" in ptx
+    assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
+    assert "cp.async.bulk.prefetch" not in built["swapped-int8"]["ptx"]
 
 
 def test_split_decode_merges_after_a_released_ticket(built):
