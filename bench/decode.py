@@ -254,7 +254,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         t = time.perf_counter()
         engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, kv_cache_blocks=KV_BLOCKS[args.model],
-                                         max_num_seqs=max(64, args.concurrent), max_out_tokens=max(512, PROMPT + NEW))
+                                         max_num_seqs=max(64, args.concurrent), max_out_tokens=max(1024, PROMPT + NEW))
         row = {"load_s": time.perf_counter() - t, "block_linear_gb": block_linear_bytes(engine) / 1e9,
                "prefill_512_ms": None if long_context else prefill_ms(engine, vocab), "batches": {}}
         if long_context:
