@@ -3,7 +3,7 @@ fresh-prefill CUDA graphs, the varlen prefill kernel and run-ahead give the toke
 lockstep engine, for families with a local window (GPT-Neo), grouped-query attention (Llama) and
 ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad. Also the kernels whose GPU code
 the CPU tests cannot run: programmatic dependent launch, the int4 tiles' inline assembly, the
-matmuls' bulk L2 prefetch, split-context decode attention's tickets and cuBLASLt's epilogues."""
+matmuls' bulk L2 prefetch, the swapped-operand tiles' wgmma, split-context decode attention's tickets and cuBLASLt's epilogues."""
 import pytest
 import torch
 
@@ -154,6 +154,30 @@ def test_l2_prefetch_changes_no_result(bits, monkeypatch):
             monkeypatch.setenv("RAYSPEED_L2_PREFETCH_MB", megabytes)
             return skinny_linear(*args, bits, group, tile)
         assert torch.equal(product("0"), product("8"))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("m", [5, 32])
+def test_swapped_tiles_on_hopper_match_the_reference(bits, m, monkeypatch):
+    """`_swap_kernel` on the GPU (wgmma, PDL, per-row bulk L2 prefetch) against fp32 products of the
+    same fp16/int8 weights, epilogue fused and in the split-K reduction; the prefetch and PDL change
+    no bit of the result (the last split's prefetch is clamped into its rows: the last row included)."""
+    g = torch.Generator().manual_seed(bits + m)
+    n, k = 7680, 2560
+    group = 128 if bits == 8 else None
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x, bias = torch.randn(m, k, generator=g).half().cuda(), torch.randn(n, generator=g).half().cuda()
+    args = [x, (w.half() if bits == 16 else w).cuda(), bias, None if scales is None else scales.half().cuda(), bits,
+            group]
+    ref = torch.nn.functional.gelu(x.float() @ full.half().float().cuda().T + bias.float(), approximate="tanh")
+    for tile in (Tile(32, 64, 128, num_stages=4, swap=True), Tile(32, 128, 128, split_k=3, swap=True)):
+        plain = skinny_linear(*args, tile, "gelu_tanh")
+        torch.testing.assert_close(plain.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        assert torch.equal(skinny_linear(*args, Tile(**{**tile.__dict__, "l2_rows": 512}), "gelu_tanh"), plain)
+        monkeypatch.setenv("RAYSPEED_PDL", "0")
+        assert torch.equal(skinny_linear(*args, tile, "gelu_tanh"), plain)
+        monkeypatch.delenv("RAYSPEED_PDL")
     torch.cuda.synchronize()
 
 
