@@ -150,7 +150,7 @@ class _Linear(nn.Module):
         quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""
         bits = 16 if self.quant is None else self.quant.bits
         rows = x.numel() // x.shape[-1]
-        if use_triton(x) and (rows <= SKINNY_MAX_ROWS or (bits < 16 and rows < DEQUANT_MIN_ROWS[bits])):
+        if use_triton(x) and (rows < DEQUANT_MIN_ROWS[bits] if bits < 16 else rows <= SKINNY_MAX_ROWS):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
