@@ -120,3 +120,21 @@ def test_float_layers_are_unchanged():
     layer = ColumnParallelLinear(64, 32, True, TensorParallel(), torch.float32)
     assert not hasattr(layer, "qweight") and layer.quant is None
     assert set(dict(layer.named_parameters())) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("quant,rows,path", [(None, 32, "streamed"), (None, 64, "streamed"), (None, 65, "torch"),
+                                             (QuantSpec(4, 64), 16, "streamed"), (QuantSpec(4, 64), 32, "dequant"),
+                                             (QuantSpec(8), 128, "streamed"), (QuantSpec(8), 129, "dequant")])
+def test_kernel_dispatch_by_rows_and_format(quant, rows, path, monkeypatch):
+    """On a GPU (use_triton patched in): float products up to SKINNY_MAX_ROWS rows (decode batches) go to
+    the tuner, which may still pick cuBLAS; quantized ones below their DEQUANT_MIN_ROWS, past which one
+    float copy of the weight feeds cuBLAS (int4 from 17 rows, int8 from 129)."""
+    import kernels.linear as linear
+    taken = []
+    monkeypatch.setattr(linear, "use_triton", lambda x: True)
+    monkeypatch.setattr(linear, "streamed_linear", lambda *args, **kw: taken.append("streamed"))
+    monkeypatch.setattr(linear, "quant_linear", lambda *args, **kw: taken.append("dequant") or args[0])
+    monkeypatch.setattr(linear.F, "linear", lambda *args, **kw: taken.append("torch") or args[0])
+    layer = ColumnParallelLinear(128, 64, False, TensorParallel(), torch.float32, quant=quant)
+    layer(torch.zeros(rows, 128))
+    assert taken == [path]
