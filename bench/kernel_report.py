@@ -90,12 +90,15 @@ def gemv_cases():
     epilogue = dict(EPILOGUE=True, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
     for bits, weight, block_n, block_k, sub, half in ((16, "*fp16", 2, 1024, 1024, False),
                                                       (8, "*i8", 4, 1024, 1024, False), (4, "*u8", 8, 1024, 128, False),
-                                                      (4, "*u8", 16, 512, 128, True)):
+                                                      (4, "*u8", 16, 512, 128, True), (8, "*i8", 16, 256, 256, True),
+                                                      (8, "*i8", 4, 1024, 1024, "x_per_row")):
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",
                     "out_ptr": "*fp16"}
         consts = dict(BITS=bits, **epilogue, PER_ROW_SCALE=bits == 8, BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub,
-                      PREFETCH=False, PDL=False, HALF=half, ASM=half, X_PER_ROW=False)
-        yield (f"fma int{bits}{' half' if half else ''} {block_n}x{block_k}", _fma_kernel, consts, pointers,
+                      PREFETCH=False, PDL=False, HALF=half is True, ASM=half is True, X_PER_ROW=half == "x_per_row",
+                      L2_LANES=0, L2_CHUNK=2048)
+        label = {True: " half", False: "", "x_per_row": " x-per-row"}[half]
+        yield (f"fma int{bits}{label} {block_n}x{block_k}", _fma_kernel, consts, pointers,
                block_n * block_k * bits // 8 / 128)
     for bits, weight, block_n, block_k in ((16, "*fp16", 32, 256), (8, "*i8", 32, 256), (4, "*u8", 64, 128)):
         pointers = {"x_ptr": "*fp16", "w_ptr": weight, "s_ptr": "*fp16", "b_ptr": "*fp16", "r_ptr": "*fp16",

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
-from kernels.unpack import high_half, int4_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32
+from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,13 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
 @triton.jit
 def _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS: tl.constexpr, HALF: tl.constexpr):
     """The raw weight tile at K offset k0: [BN, NG, SV, VEC] stored elements (bytes at 4 bits, 32-bit
-    words of 8 nibbles with HALF); nothing at or past k_end is read."""
+    words of 8 nibbles or 4 int8 with HALF); nothing at or past k_end is read."""
     mask_n = n_mask[:, None, None, None]
-    if HALF:              # K and the split are multiples of 32 columns: whole vectors in or out; padding nibbles 8
-        start, end = tl.multiple_of(k0 // 8, 4), tl.multiple_of(k_end // 8, 4)
-        w = tl.load(w_ptrs + start, mask=mask_n & (start + cols < end)[None], other=-0x77777778)
+    if HALF:              # K and the split hold whole 16-byte vectors: in or out; padding weighs nothing
+        per_word: tl.constexpr = 8 if BITS == 4 else 4
+        start, end = tl.multiple_of(k0 // per_word, 4), tl.multiple_of(k_end // per_word, 4)
+        w = tl.load(w_ptrs + start, mask=mask_n & (start + cols < end)[None],
+                    other=-0x77777778 if BITS == 4 else 0)
     elif BITS == 4:
         w = tl.load(w_ptrs + k0 // 2, mask=mask_n & (k0 // 2 + cols < k_end // 2)[None], other=0x88)
     else:
@@ -222,10 +224,14 @@ def _two_words(low, high):
 def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr):
     """(xa, xb): the x values the weight tile at k0 multiplies, [NG, SV, VEC]; at 4 bits those each
     byte's low / high nibble pairs with (one 32-bit word per pair for 16-bit x), otherwise xa = xb = x.
-    With HALF, per weight word (columns 8c .. 8c + 7) the fp16 pairs `int4_half_dot` takes, two to a
-    64-bit integer: xa = x0 | x1 << 32, xb = x2 | x3 << 32 (elementwise, so the tensors keep the
-    weights' register layout; a join along a new axis made Triton convert through shared memory)."""
-    if HALF:
+    With HALF, per int4 weight word (columns 8c .. 8c + 7) the fp16 pairs `int4_half_dot` takes, two
+    to a 64-bit integer: xa = x0 | x1 << 32, xb = x2 | x3 << 32 (elementwise, so the tensors keep the
+    weights' register layout; a join along a new axis made Triton convert through shared memory);
+    per int8 word (columns 4c .. 4c + 3) the two 32-bit words of its x pairs, read as one 64-bit word."""
+    if HALF and BITS == 8:                             # x[4c .. 4c + 3] in one 64-bit word
+        quad = tl.load(x_row.to(tl.pointer_type(tl.int64)) + k0 // 4 + cols, mask=k0 // 4 + cols < k_end // 4, other=0)
+        xa, xb = quad.to(tl.int32), (quad >> 32).to(tl.int32)
+    elif HALF:
         words = x_row.to(tl.pointer_type(tl.int32)) + k0 // 2 + 4 * cols     # x[8c], x[8c + 1]; then + 2, ...
         mask = k0 // 2 + 4 * cols < k_end // 2
         w0 = tl.load(words, mask=mask, other=0)                              # (x[8c], x[8c + 1])
@@ -269,8 +275,9 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     `one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
     of 465 SASS instructions per 8 x 1024 int4 tile). PREFETCH issues tile i+1's loads before tile
     i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
-    weight tile is read before waiting for the kernel that produced x. HALF (int4, fp16 x) reads the
-    weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`, its
+    weight tile is read before waiting for the kernel that produced x. HALF (int4 or int8, fp16 x) reads
+    the weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`,
+    `int8_half_dot`, their
     inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
     otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
@@ -284,8 +291,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     NG: tl.constexpr = BLOCK_K // SUB
-    VEC: tl.constexpr = 4 if BITS == 4 else 8
-    STORED: tl.constexpr = SUB // 8 if HALF else (SUB // 2 if BITS == 4 else SUB)    # stored units per sub-tile
+    VEC: tl.constexpr = 4 if BITS == 4 or HALF else 8
+    STORED: tl.constexpr = SUB // (8 if BITS == 4 else 4) if HALF else (SUB // 2 if BITS == 4 else SUB)   # per sub-tile
     SV: tl.constexpr = STORED // VEC                                     # vectors of them per sub-tile
     rg = tl.arange(0, NG)
     cols = (rg[:, None, None] * SV + tl.arange(0, SV)[None, :, None]) * VEC + tl.arange(0, VEC)[None, None, :]
@@ -312,7 +319,10 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         else:
             w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
             xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
-        if HALF:
+        if HALF and BITS == 8:
+            prod = int8_half_dot(w, tl.broadcast_to(_rows(xa, X_PER_ROW), w.shape),
+                                 tl.broadcast_to(_rows(xb, X_PER_ROW), w.shape), ASM)
+        elif HALF:
             x0, x1 = _rows(xa.to(tl.int32), X_PER_ROW), _rows((xa >> 32).to(tl.int32), X_PER_ROW)
             x2, x3 = _rows(xb.to(tl.int32), X_PER_ROW), _rows((xb >> 32).to(tl.int32), X_PER_ROW)
             prod = int4_half_dot(w, tl.broadcast_to(x0, w.shape), tl.broadcast_to(x1, w.shape),
@@ -335,6 +345,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]    # [1, BN]
     if BITS == 4:
         out *= 16.0
+    elif HALF:
+        out *= 128.0
     if PER_ROW_SCALE:
         out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     rm = row + tl.arange(0, 1)
@@ -408,8 +420,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    if bits == 4 and (rows.data_ptr() % 4 or rows.stride(0) % 2):    # 16-bit x pairs are read as 32-bit words
-        rows = rows.clone()
+    if bits == 4 and (rows.data_ptr() % 4 or rows.stride(0) % 2):
+        rows = rows.clone()                                # 16-bit x pairs are read as 32-bit words
+    elif bits == 8 and tile is not None and tile.half and (rows.data_ptr() % 8 or rows.stride(0) % 4):
+        rows = rows.clone()                                # and int8 half tiles' x quads as 64-bit words
     m, n = rows.shape[0], weight.shape[0]
     expect = k // 2 if bits == 4 else k
     assert weight.shape[1] == expect and weight.stride(1) == 1, \
@@ -452,10 +466,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             f"block_k={tile.block_k} and group_size={group_size}: one must divide the other"
         assert sub % 8 == 0, f"the CUDA-core kernel needs K tiles of multiples of 8 values, got {sub}"
         if tile.half:
-            assert bits == 4 and x.dtype == torch.float16, \
-                f"half tiles take int4 weights and fp16 x, got {bits} bits and {x.dtype}"
-            assert k % 32 == 0 and sub % 32 == 0 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0, \
-                f"half tiles read weights in 16-byte vectors of 32 columns: K={k}, K tiles of {sub} do not fit"
+            assert bits in (4, 8) and x.dtype == torch.float16, \
+                f"half tiles take int4 or int8 weights and fp16 x, got {bits} bits and {x.dtype}"
+            vector = 32 if bits == 4 else 16                # columns per 16 bytes of weights
+            assert k % vector == 0 and sub % vector == 0 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0, \
+                f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
         _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
                                          launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),

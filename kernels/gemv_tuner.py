@@ -17,12 +17,14 @@ FMA_MAX_ROWS = 2                                         # products the CUDA-cor
 TUNED_MAX_ROWS = 64                                      # products of more rows (prefill) are never timed
 SWAP_SHAPES = [(64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 64, 6)]   # (block_n, block_k, stages)
 HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (block_n, block_k, warps), int4 fp16
+# int8's: the same 32-bit words per row (four columns a word instead of eight)
+HALF_SHAPES_INT8 = [(block_n, block_k // 2, warps) for block_n, block_k, warps in HALF_SHAPES]
 
 
 def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
     Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
-    8k stored elements (bytes at 4 bits), and for int4 against fp16 x its packed-fp16 `half` tiles,
+    8k stored elements (bytes at 4 bits), and for int4 and int8 against fp16 x its packed-fp16 `half` tiles,
     in the shapes whose sm_90 builds keep the loop in registers (fewer
     columns than threads; tests/kernels/test_sm90_builds.py). Quantized weights also get wide
     tensor-core tiles dequantized in registers, which may span K-groups."""
@@ -35,10 +37,11 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, fma=True))
-        half_ok = bits == 4 and x_dtype == torch.float16 and k % 32 == 0
-        for block_n, block_k, num_warps in HALF_SHAPES if half_ok else ():
+        vector = 32 if bits == 4 else 16                 # columns in 16 bytes of weights
+        half_ok = bits in (4, 8) and x_dtype == torch.float16 and k % vector == 0
+        for block_n, block_k, num_warps in (HALF_SHAPES if bits == 4 else HALF_SHAPES_INT8) if half_ok else ():
             sub = min(block_k, group_size)
-            if block_k > k or sub % 32 or block_k % sub or group_size % sub:
+            if block_k > k or sub % vector or block_k % sub or group_size % sub:
                 continue
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:

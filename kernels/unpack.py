@@ -1,7 +1,8 @@
 """Quantized numbers into floats in registers, for the Triton kernels of kernels/gemv.py: integer
 to float without a conversion instruction (I2F runs at a quarter of the FMA rate), by placing the
 integer in the mantissa of a float whose exponent fixes its weight and subtracting the offset; and
-the int4 dot product of eight columns in packed fp16 arithmetic (`int4_half_dot`)."""
+the dot products of a 32-bit word of int4 (eight columns, `int4_half_dot`) or int8 weights (four,
+`int8_half_dot`) in packed fp16 arithmetic."""
 import triton
 import triton.language as tl
 
@@ -100,6 +101,52 @@ def int4_half_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
         low += nibble_sixteenths(w >> 12) * low_half(x3, tl.float16)
         high += nibble_sixteenths(w >> 28) * high_half(x3, tl.float16)
         return low.to(tl.float32) + high.to(tl.float32)
+
+
+@triton.jit
+def int8_half_dot(w, x0, x1, ASM: tl.constexpr):
+    """Per 32-bit word of int8 weights (4 columns: byte j holds column j), the sum of its four
+    products with x, in fp32, divided by 128. Its x come as fp16 pairs in 32-bit words, in order:
+    x0 = (x[0], x[1]), x1 = (x[2], x[3]). The bytes, their sign bit flipped (q + 128), go by one
+    PRMT each pair into the mantissas of two fp16 1024s (1024 + q + 128), and one fp16x2 FMA makes
+    both exactly q / 128 (8 + (q + 128) / 128 is exact in fp16, and so is taking 9 off); packed
+    multiply-adds then do two columns an instruction. |q / 128| < 1, so each half's two-product sum
+    stays within 2 max|x| (fp16 rounding ~5e-4 relative, under int8's own error); the halves add in
+    fp32. ASM=False computes the same in Triton operations (the interpreter runs no inline assembly)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 u, q, a, s, o, m;
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 s, 0x20002000;
+            mov.b32 o, 0xC880C880;
+            mov.b32 m, 0x64646464;
+            xor.b32 u, $1, 0x80808080;
+            prmt.b32 q, u, m, 0x4140;
+            fma.rn.f16x2 q, q, s, o;
+            mul.f16x2 a, q, $2;
+            prmt.b32 q, u, m, 0x4342;
+            fma.rn.f16x2 q, q, s, o;
+            fma.rn.f16x2 a, q, $3, a;
+            mov.b32 {lo, hi}, a;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            "=f,r,r,r", [w, x0, x1], dtype=tl.float32, is_pure=True, pack=1)
+    else:                                              # the same order: bytes 0, 2 low halves, 1, 3 high
+        low = byte_over_128(w) * low_half(x0, tl.float16)
+        high = byte_over_128(w >> 8) * high_half(x0, tl.float16)
+        low += byte_over_128(w >> 16) * low_half(x1, tl.float16)
+        high += byte_over_128(w >> 24) * high_half(x1, tl.float16)
+        return low.to(tl.float32) + high.to(tl.float32)
+
+
+@triton.jit
+def byte_over_128(v):
+    """int32 -> fp16 q / 128 of its low byte read as int8 q, exactly (as `int8_half_dot` builds it)."""
+    return (((v & 0xFF) ^ 0x80) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) * 0.0078125 - 9.0
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import rayspeed
 from actors.sequence import SamplingParams, Sequence
 from kernels import attention
 from kernels.gemv import Tile, skinny_linear
-from kernels.gemv_tuner import HALF_SHAPES, time_in_graph
+from kernels.gemv_tuner import HALF_SHAPES, HALF_SHAPES_INT8, time_in_graph
 from tests.helpers import tiny_model
 from tests.kernels.test_attention import _decode_case
 from tests.kernels.test_gemv import _weight
@@ -102,22 +102,23 @@ def test_prefill_graph_logits_equal_eager_logits():
             engine.block_manager.deallocate(seq)
 
 
-@pytest.mark.parametrize("shape", HALF_SHAPES)
+@pytest.mark.parametrize("bits,shape", [(4, s) for s in HALF_SHAPES] + [(8, s) for s in HALF_SHAPES_INT8])
 @pytest.mark.parametrize("split_k,prefetch", [(1, False), (2, True)])
-def test_int4_half_tiles_match_the_fp32_tiles(shape, split_k, prefetch):
-    """The packed-fp16 int4 tiles run their inline assembly here (the CPU tests run its Triton twin):
-    against fp64 and the fp32-arithmetic tile on a GPT-Neo-sized product, bias and residual fused,
-    group 128; their fp16 sums of four products add ~1e-3 relative at most."""
+def test_half_tiles_match_the_fp32_tiles(bits, shape, split_k, prefetch):
+    """The packed-fp16 int4 and int8 tiles run their inline assembly here (the CPU tests run its
+    Triton twin): against fp64 and the fp32-arithmetic tile on a GPT-Neo-sized product, bias and
+    residual fused, group 128; their fp16 sums of two or four products add ~1e-3 relative at most."""
     block_n, block_k, num_warps = shape
     g = torch.Generator().manual_seed(block_n + block_k)
     n, k = 2560, 2560
-    w, scales, full = _weight(n, k, 4, 128, g)
+    w, scales, full = _weight(n, k, bits, 128, g)
     x = torch.randn(1, k, generator=g).half()
     bias, residual = torch.randn(n, generator=g).half(), torch.randn(1, n, generator=g).half()
     args = [t.cuda() for t in (x, w, bias, scales.half())]
-    half = skinny_linear(*args, 4, 128, Tile(1, block_n, block_k, split_k, num_warps, fma=True, half=True,
-                                            prefetch=prefetch), residual=residual.cuda())
-    fp32 = skinny_linear(*args, 4, 128, Tile(1, 8, 1024, split_k, fma=True), residual=residual.cuda())
+    half = skinny_linear(*args, bits, 128, Tile(1, block_n, block_k, split_k, num_warps, fma=True, half=True,
+                                               prefetch=prefetch), residual=residual.cuda())
+    fp32 = skinny_linear(*args, bits, 128, Tile(1, 8, 1024 if bits == 4 else 512, split_k, fma=True),
+                         residual=residual.cuda())
     ref = x.double() @ full.double().T + bias.double() + residual.double()
     err = lambda got: ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
     assert err(half) < 3e-3 and err(fp32) < 3e-3

@@ -124,29 +124,33 @@ def test_16_bit_rows(dtype, bits, group, tile):
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group,tile", [(64, Tile(1, 8, 128, fma=True, half=True)),
                                         (32, Tile(1, 4, 256, split_k=2, fma=True, half=True, prefetch=True)),
                                         (None, Tile(1, 2, 64, fma=True, half=True)),
                                         (64, Tile(1, 8, 128, split_k=2, fma=True, half=True, x_per_row=True))])
-def test_int4_in_packed_half_arithmetic(group, tile):
-    """Half tiles (int4, fp16 x: nibbles to fp16 pairs, packed fp16 multiply-adds of four products
-    before fp32) against fp64: within fp16 rounding of those sums. K not a tile multiple, split K,
-    a tile spanning groups, a group per row, bias and residual fused. On CPU the Triton-operation
-    twin of the inline assembly runs; the assembly itself is built in test_sm90_builds and run by
-    the GPU tests."""
+def test_quantized_weights_in_packed_half_arithmetic(bits, group, tile):
+    """Half tiles (int4 or int8, fp16 x: weights to fp16 pairs, packed fp16 multiply-adds of four
+    (int4) or two (int8) products per half before fp32) against fp64: within fp16 rounding of those
+    sums. K not a tile multiple, split K, a tile spanning groups, a group per row, bias and residual
+    fused. On CPU the Triton-operation twins of the inline assembly run; the assembly itself is
+    built in test_sm90_builds and run by the GPU tests."""
     g = torch.Generator().manual_seed(11)
     n, k = 37, 448
-    w, scales, full = _weight(n, k, 4, group or k, g)
+    w, scales, full = _weight(n, k, bits, group or k, g)
     x = torch.randn(2, k, generator=g).half()
     bias, residual = torch.randn(n, generator=g).half(), torch.randn(2, n, generator=g).half()
-    got = skinny_linear(x, w, bias, scales.half(), 4, group, tile, residual=residual)
+    got = skinny_linear(x, w, bias, scales.half(), bits, group, tile, residual=residual)
     ref = x.double() @ full.double().T + bias.double() + residual.double()
     assert got.dtype == torch.float16
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
 
 
-def test_half_tiles_take_int4_weights_and_fp16_rows():
+def test_half_tiles_take_quantized_weights_and_fp16_rows():
     g = torch.Generator().manual_seed(2)
+    with pytest.raises(AssertionError, match="fp16 x"):
+        skinny_linear(torch.randn(1, 256, generator=g).half(), torch.randn(8, 256, generator=g).half(), None, None,
+                      16, None, Tile(1, 8, 128, fma=True, half=True))
     w, scales, _ = _weight(8, 256, 4, 64, g)
     with pytest.raises(AssertionError, match="fp16 x"):
         skinny_linear(torch.randn(1, 256, generator=g).bfloat16(), w, None, scales.bfloat16(), 4, 64,
@@ -157,13 +161,16 @@ def test_half_tiles_take_int4_weights_and_fp16_rows():
                       Tile(1, 8, 96, fma=True, half=True))
 
 
-def test_half_tiles_are_offered_for_int4_only():
-    from kernels.gemv_tuner import HALF_SHAPES, candidates
+def test_half_tiles_are_offered_for_quantized_weights_and_fp16_rows():
+    from kernels.gemv_tuner import HALF_SHAPES, HALF_SHAPES_INT8, candidates
     fp16 = torch.float16
-    half = [t for t in candidates(1, 2560, 4, 128, fp16) if t.half]
-    assert {(t.block_n, t.block_k, t.num_warps) for t in half} == set(HALF_SHAPES)
-    assert not any(t.half for t in candidates(1, 2560, 8, 128, fp16) + candidates(1, 2552, 4, 88, fp16)
-                   + candidates(4, 2560, 4, 128, fp16) + candidates(1, 2560, 4, 128, torch.bfloat16))
+    for bits, shapes in ((4, HALF_SHAPES), (8, HALF_SHAPES_INT8)):
+        half = [t for t in candidates(1, 2560, bits, 128, fp16) if t.half]
+        assert {(t.block_n, t.block_k, t.num_warps) for t in half} == set(shapes)
+    assert {t.block_k for t in candidates(1, 2560, 8, 2560, fp16) if t.half} == {b for _, b, _ in HALF_SHAPES_INT8}
+    assert not any(t.half for t in candidates(1, 2560, 16, 2560, fp16) + candidates(1, 2552, 4, 88, fp16)
+                   + candidates(1, 2552, 8, 2552, fp16) + candidates(4, 2560, 4, 128, fp16)
+                   + candidates(1, 2560, 4, 128, torch.bfloat16) + candidates(1, 2560, 8, 128, torch.bfloat16))
 
 
 def test_few_rows_are_offered_the_cuda_core_kernel():

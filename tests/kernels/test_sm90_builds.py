@@ -61,6 +61,8 @@ BUILDS = {
     "fma-int4": fma(4, "u8", "fp16", 8, 1024, 128, False),
     "fma-int4-bf16-prefetch": fma(4, "u8", "bf16", 8, 1024, 128, True),
     "fma-int4-half": fma(4, "u8", "fp16", 16, 512, 128, False, half=True),
+    "fma-int8-half": fma(8, "i8", "fp16", 16, 256, 256, False, half=True),
+    "fma-int8-half-groups-prefetch": fma(8, "i8", "fp16", 32, 128, 64, True, half=True),
     "fma-int8-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True),
     "fma-int4-x-per-row": fma(4, "u8", "fp16", 8, 1024, 128, False, x_per_row=True),
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
@@ -129,10 +131,11 @@ def test_cuda_core_gemv_loads_16_bytes_of_x_at_a_time(built, name):
 
 @pytest.mark.parametrize("name", [name for name in BUILDS if "half" in name])
 def test_half_tiles_multiply_in_packed_fp16(built, name):
-    """int4 half tiles: 16-byte vectors of weight words, two columns per fp16x2 multiply-add, and no
-    integer-to-float conversion (the nibbles go into fp16 mantissas)."""
+    """int4 and int8 half tiles: 16-byte vectors of weight words, two columns per fp16x2 multiply-add,
+    and no integer-to-float conversion (nibbles and bytes go into fp16 mantissas; int8's by PRMT)."""
     loop = built[name]["loop"]
     assert "ld.global.v4.b32" in loop and "fma.rn.f16x2" in loop
+    assert "int8" not in name or "prmt.b32" in loop
     assert "cvt.rn.f16.s" not in loop and "cvt.rn.f32.s" not in loop and "cvt.rn.f32.u" not in loop
 
 
