@@ -92,6 +92,8 @@ class LLMEngine:
             raise ValueError(f"could not allocate the KV cache: {blocks} blocks of {config.block_size} tokens = "
                              f"{size:.1f} GiB on {device} ({type(e).__name__}); set kv_cache_blocks lower "
                              "(or cpu_kv_cache_bytes / gpu_memory_utilization)") from None
+        if device.type == "cuda":
+            self.runner.tune_kernels()
         if device.type == "cuda" and config.enable_cuda_graph is not False:
             self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len)
         self.run_ahead = device.type == "cuda" if config.run_ahead is None else config.run_ahead

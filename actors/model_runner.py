@@ -11,6 +11,7 @@ from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
 from actors.sequence import Sequence
 from kernels.attention import AttentionMetadata, decode_splits
 from kernels.dispatch import use_triton
+from kernels.gemv_tuner import TUNED_MAX_ROWS, tuning_window
 from kernels.model import CausalLM
 
 STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
@@ -36,6 +37,24 @@ class ModelRunner:
                            torch.zeros(shape, dtype=dtype, device=device)) for _ in model.layers]
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+
+    @torch.inference_mode()
+    def tune_kernels(self) -> None:
+        """Let the matmul tuner (kernels/gemv_tuner.py) time whatever it has no choice for yet, now at
+        start-up rather than on a request: one eager decode-shaped step of 1, 2, 4, ... TUNED_MAX_ROWS
+        sequences (every row count it tunes; a prefill of n tokens multiplies the same n rows), each
+        a token in the padding block, as CUDA-graph padding rows are. The tuner times only inside
+        this window. Every TP rank runs the same steps (their all-reduces pair up)."""
+        pad_slot = self.pad_block * self.block_size
+        with tuning_window():
+            for rows in (1 << i for i in range(TUNED_MAX_ROWS.bit_length())):
+                meta = AttentionMetadata(
+                    torch.full((rows,), pad_slot, dtype=torch.int64, device=self.device),
+                    torch.full((rows, 1), self.pad_block, dtype=torch.int32, device=self.device),
+                    torch.ones(rows, dtype=torch.int32, device=self.device),
+                    torch.arange(rows + 1, dtype=torch.int32, device=self.device), 1)
+                ids = torch.zeros(rows, dtype=torch.int64, device=self.device)
+                self._eager(ids, ids, meta, False)
 
     def capture_cudagraphs(self, max_batch: int, max_seq_len: int) -> None:
         """Capture the decode step for every batch bucket up to `max_batch`, and set up fresh-prefill

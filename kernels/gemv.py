@@ -15,7 +15,7 @@ Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K
 `SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
 small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
 depend on timing. Which tile, which kernel (and whether cuBLAS beats both, for float weights) is
-measured once per shape on the device the first time it runs: kernels/gemv_tuner.py. Quantized
+measured once per shape on the device at the engine's start-up: kernels/gemv_tuner.py. Quantized
 products of many rows (prefill) dequantize the weight once instead (kernels/dequant.py).
 
 Formats (see kernels/quant.py): bits=16 `weight [N, K]`; bits=8 `qweight int8 [N, K]`; bits=4

@@ -1,7 +1,8 @@
 """The tuner of kernels/gemv.py: which kernel and tile (or cuBLAS, for float weights) runs each
-product, timed once per shape on the device the first time it runs, as decode runs it, and remembered
+product, timed once per shape on the device at the engine's start-up, as decode runs it, and remembered
 per GPU model and Triton version on disk (tables measured on the project's benchmark machines ship
 in kernels/tuned/). `streamed_linear` runs the product the way the tuner chose."""
+import contextlib
 import functools
 import itertools
 import json
@@ -67,6 +68,19 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
 
 
 CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
+_window = 0                                              # > 0 inside `tuning_window`
+
+
+@contextlib.contextmanager
+def tuning_window():
+    """The only time the tuner times anything: the engine's start-up (ModelRunner.tune_kernels), so a
+    request never waits on it; outside, a product without a cached choice runs the untuned default."""
+    global _window
+    _window += 1
+    try:
+        yield
+    finally:
+        _window -= 1
 
 
 class _Choices:
@@ -177,8 +191,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     `prefetch`, then the better of the two with `x_per_row` (one compile each instead of doubling the
     grid); a swapped-operand winner once more with its rows' first two K tiles asked of L2 before its
     PDL wait (`l2_rows`). More than TUNED_MAX_ROWS rows (prefill) are never timed: the heuristic tile.
-    While a CUDA graph is being captured, or with RAYSPEED_GEMV_TUNE=0, nothing is timed: the cached
-    choice, else the heuristic (cuBLAS for float weights past FMA_MAX_ROWS rows)."""
+    Outside `tuning_window`, while a CUDA graph is being captured, or with RAYSPEED_GEMV_TUNE=0, nothing
+    is timed: the cached choice, else the heuristic (cuBLAS for float weights past FMA_MAX_ROWS rows)."""
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
@@ -191,7 +205,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     cached = _choices.get(key, gpu)
     if cached is not None:
         return cached
-    if os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if not _window or os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return untuned
     tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()

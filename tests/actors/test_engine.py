@@ -78,3 +78,32 @@ def test_default_stop_is_the_model_eos(hf):
     e.module.generation_config.eos_token_id = first
     out = e.generate([[1, 2, 3]], max_new_tokens=8)[0].outputs[0]
     assert out.token_ids == [first] and out.finish_reason == "stop"
+
+
+def test_start_up_tuning_steps_every_row_bucket_inside_the_window(hf, monkeypatch):
+    """ModelRunner.tune_kernels (run at start-up on CUDA; here on CPU with the kernel dispatch patched
+    in): one decode-shaped step of 1, 2, 4, ... TUNED_MAX_ROWS rows through every product, inside the
+    tuner's window, writing only the KV cache's padding block; generation after it is unchanged."""
+    import kernels.gemv_tuner as tuner
+    import kernels.linear as linear
+    e = engine(hf, kv_cache_blocks=16, block_size=8)
+    before = e.generate(prompts(3), max_new_tokens=8, ignore_eos=True)
+    runner = e.backend.runner
+    caches = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    seen = []
+
+    def streamed(x, weight, *args):                    # args[-1]: the product in torch
+        seen.append((x.shape[0], tuner._window))
+        return args[-1](x, weight)
+    monkeypatch.setattr(linear, "use_triton", lambda x: True)
+    monkeypatch.setattr(linear, "streamed_linear", streamed)
+    runner.tune_kernels()
+    assert sorted({rows for rows, _ in seen}) == [1 << i for i in range(tuner.TUNED_MAX_ROWS.bit_length())]
+    assert all(window == 1 for _, window in seen) and tuner._window == 0
+    pad = runner.pad_block
+    for (k, v), (k0, v0) in zip(runner.kv_caches, caches):
+        assert torch.equal(torch.cat([k[:pad], k[pad + 1:]]), torch.cat([k0[:pad], k0[pad + 1:]]))
+        assert torch.equal(torch.cat([v[:pad], v[pad + 1:]]), torch.cat([v0[:pad], v0[pad + 1:]]))
+    monkeypatch.undo()
+    after = e.generate(prompts(3), max_new_tokens=8, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]

@@ -280,8 +280,9 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
 
 @pytest.mark.parametrize("twin_ms,expect_prefetch", [(0.4, True), (0.6, False)])
 def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, monkeypatch, twin_ms, expect_prefetch):
-    """The fastest candidate, when a CUDA-core tile, is timed once more with `prefetch`, the faster of
-    the two once more with `x_per_row`; the fastest is kept (and persisted)."""
+    """Inside the start-up window, the fastest candidate, when a CUDA-core tile, is timed once more
+    with `prefetch`, the faster of the two once more with `x_per_row`; the fastest is kept (and
+    persisted). Outside it nothing is timed."""
     from kernels import gemv_tuner as gemv
     monkeypatch.setenv("RAYSPEED_CACHE", str(tmp_path))
     monkeypatch.setattr(gemv, "_choices", gemv._Choices())
@@ -302,7 +303,10 @@ def test_tuner_times_the_winning_cuda_core_tile_again_with_prefetch(tmp_path, mo
 
     monkeypatch.setattr(gemv, "time_in_graph", fake_bench)
     x, w = torch.randn(1, 256), torch.randn(64, 256)
-    choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None)
+    assert gemv.tuned_tile(x, w, None, None, 16, None, None, None) == gemv.pick_tile(1, 64, 256, 16, 256)
+    assert not timed                                   # outside the start-up window: nothing is timed
+    with gemv.tuning_window():
+        choice = gemv.tuned_tile(x, w, None, None, 16, None, None, None)
     assert choice == gemv.replace(best, prefetch=expect_prefetch)
     assert sum(t is not None and t.prefetch and not t.x_per_row for t in timed) == 1
     assert timed[-1] == gemv.replace(choice, x_per_row=True)          # then x in the weights' layout, slower here
