@@ -2,8 +2,9 @@
 # Every GPU measurement of the project, in one or two device calls. From the repo root, with .whl,
 # .whl-ray and .commit carried and the anchors copied to .anchors/:
 #   bash bench/gpu_all.sh [tune|pdl|single|multi|all]   results and logs land in $OUT (commit them to bench/results)
-# tune:   (after a kernel change, ~5 min) the gemv tuner's table for both models (bench/tune.py), one model per
-#         GPU (`tune llama`: the Llama shape on a one-GPU machine); commit $OUT/<GPU>-triton-*.json to
+# tune:   (after a kernel change) the gemv tuner's table for both models (bench/tune.py), one model per
+#         GPU; `tune MODEL [DTYPES]` one model on a one-GPU machine (with row counts up to 64 timed, GPT-Neo
+#         fp16 took 2 min, int8 more than 3.5: a dtype or two a call); commit $OUT/<GPU>-triton-*.json to
 #         kernels/tuned/ before `single`, whose loads then time nothing;
 # pdl:    (~5 min) batch 1 and 32 with and without programmatic dependent launch (RAYSPEED_PDL, kernels/pdl.py),
 #         GPT-Neo fp16/int8 on GPU 0 and the Llama shape fp16 on GPU 1, HF eager beside the first of each pair;
@@ -26,9 +27,9 @@ run() { local limit=$1 log=$2; shift 2; timeout "$limit" "$@" > "$out/$log.log" 
 # use them instead of kernels/tuned/, so one lease can tune and measure before the table is committed
 tuned() { [ -d /tmp/tune-$1 ] && echo RAYSPEED_GEMV_SHIPPED=0 RAYSPEED_CACHE=/tmp/tune-$1; }
 
-if [ "$phase" = tune ] && [ "$2" = llama ]; then      # one GPU: the Llama shape's turn
-  run 540 tune-llama env RAYSPEED_CACHE=/tmp/tune-llama python3 bench/tune.py --model llama \
-      --dtypes float16,bfloat16,int8 --out "$out"
+if [ "$phase" = tune ] && [ -n "$2" ]; then          # one GPU, one model: `tune neo int8`, `tune llama`
+  dtypes=${3:-$([ "$2" = neo ] && echo float16,int8,int4 || echo float16,bfloat16,int8)}
+  run 540 tune-$2 env RAYSPEED_CACHE=/tmp/tune-$2 python3 bench/tune.py --model $2 --dtypes $dtypes --out "$out"
 elif [ "$phase" = tune ]; then
   run 540 tune-neo env CUDA_VISIBLE_DEVICES=0 RAYSPEED_CACHE=/tmp/tune-neo python3 bench/tune.py --model neo \
       --dtypes float16,int8,int4 --out "$out" &
@@ -55,7 +56,7 @@ if [ "$phase" = ab ]; then
       --batches 1,32 --tag=-${var}0 --out "$out"
   run 280 $model-${var}1 env $var=1 $(tuned $model) python3 bench/decode.py --model $model --dtypes $dtypes \
       --batches 1,32 --no-hf --tag=-${var}1 --out "$out"
-  run 120 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors
+  run 300 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors
 fi
 if [ "$phase" = single ] && [ "$2" = llama ]; then    # one GPU: the Llama shape's turn
   run 400 llama env $(tuned llama) python3 bench/decode.py --model llama --dtypes float16,bfloat16,int8 \
@@ -64,11 +65,11 @@ if [ "$phase" = single ] && [ "$2" = llama ]; then    # one GPU: the Llama shape
 elif [ "$phase" = single ] || [ "$phase" = all ]; then
   { run 400 neo env CUDA_VISIBLE_DEVICES=0 $(tuned neo) python3 bench/decode.py --model neo \
         --dtypes float16,int8,int4 --batches 1,8,32 --concurrent 256 --out "$out"
-    [ "$gpus" -lt 2 ] && run 200 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
+    [ "$gpus" -lt 2 ] && run 300 gputests python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   if [ "$gpus" -ge 2 ]; then
     { run 330 llama env CUDA_VISIBLE_DEVICES=1 $(tuned llama) python3 bench/decode.py --model llama \
           --dtypes float16,bfloat16,int8 --batches 1,8,32 --out "$out"
-      run 200 gputests env CUDA_VISIBLE_DEVICES=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
+      run 300 gputests env CUDA_VISIBLE_DEVICES=1 python3 -m pytest -m gpu -q -p no:cacheprovider tests/actors; } &
   fi
   wait
   run 150 anchor-neo env CUDA_VISIBLE_DEVICES=0 python3 .anchors/anchor_compiled.py neo fp16 int8 &
