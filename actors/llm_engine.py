@@ -5,6 +5,7 @@ to be admitted, each step launches the *next* decode (its input tokens are this 
 on the GPU) before reading this step's tokens, so the host's per-step work (stop checks, the next
 plan) overlaps the GPU instead of idling it. A sequence that stops on a token it could not foresee
 (EOS) has one extra token computed and dropped; one that is aborted in between, likewise."""
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -103,7 +104,8 @@ class LLMEngine:
         if not prompt_token_ids:
             raise RequestError("empty prompt: at least one token is needed")
         vocab = self.model.spec.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+        if not all(map(isinstance, prompt_token_ids, itertools.repeat(int))) or \
+                min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         needed = len(prompt_token_ids) + max_new_tokens
         if needed > self.max_seq_len:

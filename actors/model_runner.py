@@ -5,6 +5,9 @@ Under tensor parallelism only the TP group's rank 0 schedules. Each step it broa
 (`_Plan`: a 6-number header, then one int64 payload) with torch.distributed, and the other ranks
 `follow()` in lockstep; no Ray call per step.
 """
+import array
+import itertools
+
 import torch
 
 from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
@@ -14,6 +17,7 @@ from kernels.dispatch import use_triton
 from kernels.gemv_tuner import TUNED_MAX_ROWS, tuning_window
 from kernels.model import CausalLM
 
+ARRAY_CODES = {torch.int64: "q", torch.int32: "i"}   # `array` type codes of the step tensors
 STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
 SHORT_DECODE_CONTEXT = 256        # decode graphs of their own for steps whose contexts all fit (cuda_graphs.py)
 
@@ -75,46 +79,71 @@ class ModelRunner:
 
     def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
         """On the device, without waiting for the GPU: staged through pinned memory (a plain copy from
-        pageable memory would synchronise the stream, and a step launched ahead would wait)."""
-        t = torch.tensor(values, dtype=dtype)
+        pageable memory would synchronise the stream, and a step launched ahead would wait). Built
+        from the list through `array` (three times faster than torch.tensor on a 512-token prompt)."""
+        t = torch.frombuffer(array.array(ARRAY_CODES[dtype], values), dtype=dtype) if values else \
+            torch.empty(0, dtype=dtype)
         if self.device.type != "cuda":
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+    def _tensors(self, dtype: torch.dtype, *parts: list) -> list[torch.Tensor]:
+        """Several lists as tensors on the device through one staged copy (`_tensor`): views of one
+        buffer, each starting 16 bytes aligned (as a separate tensor would, so the Triton kernels they
+        reach see the alignment they were specialised for)."""
+        align = 16 // dtype.itemsize
+        flat, sizes = [], []
+        for part in parts:
+            flat += part
+            flat += [0] * (-len(part) % align)
+            sizes.append(len(part))
+        buffer = self._tensor(flat, dtype)
+        starts = itertools.accumulate((n + -n % align for n in sizes), initial=0)
+        return [buffer[start:start + n] for start, n in zip(starts, sizes)]
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """The flat cache slots of `seq`'s positions [start, end): runs of its blocks' slots."""
+        bs = self.block_size
+        first = start // bs
+        runs = (range(b * bs, b * bs + bs) for b in seq.block_table[first:-(-end // bs)])
+        return list(itertools.islice(itertools.chain.from_iterable(runs), start - first * bs, end - first * bs))
+
+    def _step_tensors(self, seqs: list[Sequence], input_ids: list | None, positions: list, slots: list,
+                      context_lens: list, cu_seqlens: list):
+        """(input_ids or None, positions, slot_mapping, block_tables, context_lens, cu_seqlens) on the
+        device in two copies: the int64 lists in one, the int32 ones in the other."""
+        width = max(len(s.block_table) for s in seqs)
+        tables = [b for s in seqs for b in itertools.chain(s.block_table, itertools.repeat(0, width - len(s.block_table)))]
+        longs = self._tensors(torch.int64, *([] if input_ids is None else [input_ids]), positions, slots)
+        tables, context_lens, cu_seqlens = self._tensors(torch.int32, tables, context_lens, cu_seqlens)
+        return (None if input_ids is None else longs[0], *longs[-2:], tables.view(len(seqs), width), context_lens,
+                cu_seqlens)
 
     def prepare_prefill(self, seqs: list[Sequence]):
         """Every uncached token of each sequence; returns (input_ids, positions, meta)."""
         input_ids, positions, slots, cu_seqlens = [], [], [], [0]
         for seq in seqs:
-            new = range(seq.num_cached_tokens, len(seq))
-            input_ids += seq.token_ids[seq.num_cached_tokens:]
-            positions += [p + seq.position_offset for p in new]
-            slots += [self._slot(seq, p) for p in new]
-            cu_seqlens.append(cu_seqlens[-1] + len(new))
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._block_tables(seqs),
-            context_lens=self._tensor([len(s) for s in seqs]), cu_seqlens_q=self._tensor(cu_seqlens),
-            max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
-            fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs))
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta
+            start, end = seq.num_cached_tokens, len(seq)
+            input_ids += seq.token_ids[start:end]
+            positions += range(start + seq.position_offset, end + seq.position_offset)
+            slots += self._slots(seq, start, end)
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+        ids, pos, slot_mapping, tables, context_lens, cu = self._step_tensors(
+            seqs, input_ids, positions, slots, [len(s) for s in seqs], cu_seqlens)
+        meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=context_lens,
+                                 cu_seqlens_q=cu, max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+                                 fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs))
+        return ids, pos, meta
 
     def prepare_decode(self, seqs: list[Sequence], ahead: int = 0):
         """The newest token of each sequence; returns (input_ids, positions, meta). With `ahead=1`, the
         token after it (launched before it is known: the caller supplies input_ids)."""
-        last = [len(s) - 1 + ahead for s in seqs]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor([self._slot(s, p) for s, p in zip(seqs, last)], torch.int64),
-            block_tables=self._block_tables(seqs), context_lens=self._tensor([p + 1 for p in last]),
-            cu_seqlens_q=self._tensor(list(range(len(seqs) + 1))), max_query_len=1)
-        input_ids = None if ahead else self._tensor([s.token_ids[-1] for s in seqs], torch.int64)
-        positions = self._tensor([p + s.position_offset for s, p in zip(seqs, last)], torch.int64)
-        return input_ids, positions, meta
+        last, bs = [len(s) - 1 + ahead for s in seqs], self.block_size
+        ids, positions, slot_mapping, tables, context_lens, cu = self._step_tensors(
+            seqs, None if ahead else [s.token_ids[-1] for s in seqs], [p + s.position_offset for s, p in zip(seqs, last)],
+            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, last)], [p + 1 for p in last],
+            list(range(len(seqs) + 1)))
+        return ids, positions, AttentionMetadata(slot_mapping, tables, context_lens, cu, max_query_len=1)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:

@@ -107,3 +107,36 @@ def test_start_up_tuning_steps_every_row_bucket_inside_the_window(hf, monkeypatc
     monkeypatch.undo()
     after = e.generate(prompts(3), max_new_tokens=8, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]
+
+
+def test_step_inputs_match_the_per_token_formulas(hf):
+    """prepare_prefill / prepare_decode build their six inputs in two staged copies (int64, int32),
+    slots from runs of whole blocks: the same values as token-by-token arithmetic, for sequences with
+    a cached prefix ending mid-block, scattered block tables and position offsets; every view starts
+    16 bytes into its buffer's alignment."""
+    from actors.sequence import SamplingParams, Sequence
+    runner = engine(hf, kv_cache_blocks=32, block_size=8).backend.runner
+    seqs = []
+    for length, cached, table, offset in ((21, 0, [5, 2, 9], 0), (30, 13, [1, 7, 3, 4], 4), (3, 0, [6], 0)):
+        seq = Sequence(list(range(3, 3 + length)), SamplingParams(max_new_tokens=4), offset)
+        seq.block_table, seq.num_cached_tokens = table, cached
+        seqs.append(seq)
+
+    def slot(seq, p):
+        return seq.block_table[p // 8] * 8 + p % 8
+    ids, positions, meta = runner.prepare_prefill(seqs)
+    new = [(s, p) for s in seqs for p in range(s.num_cached_tokens, len(s))]
+    assert ids.tolist() == [s.token_ids[p] for s, p in new]
+    assert positions.tolist() == [p + s.position_offset for s, p in new]
+    assert meta.slot_mapping.tolist() == [slot(s, p) for s, p in new]
+    assert meta.block_tables.tolist() == [[5, 2, 9, 0], [1, 7, 3, 4], [6, 0, 0, 0]]
+    assert meta.context_lens.tolist() == [21, 30, 3] and meta.cu_seqlens_q.tolist() == [0, 21, 38, 41]
+    assert meta.max_query_len == 21 and not meta.fresh_prefill
+    assert ids.dtype == positions.dtype == meta.slot_mapping.dtype == torch.int64
+    assert meta.block_tables.dtype == meta.context_lens.dtype == meta.cu_seqlens_q.dtype == torch.int32
+    for t in (ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, meta.cu_seqlens_q):
+        assert t.storage_offset() * t.element_size() % 16 == 0
+    ids, positions, meta = runner.prepare_decode(seqs, ahead=1)
+    assert ids is None and meta.slot_mapping.tolist() == [slot(s, len(s)) for s in seqs]
+    assert positions.tolist() == [len(s) + s.position_offset for s in seqs] and meta.max_query_len == 1
+    assert meta.context_lens.tolist() == [22, 31, 4] and meta.cu_seqlens_q.tolist() == [0, 1, 2, 3]
