@@ -113,7 +113,10 @@ class ModelRunner:
         """(input_ids or None, positions, slot_mapping, block_tables, context_lens, cu_seqlens) on the
         device in two copies: the int64 lists in one, the int32 ones in the other."""
         width = max(len(s.block_table) for s in seqs)
-        tables = [b for s in seqs for b in itertools.chain(s.block_table, itertools.repeat(0, width - len(s.block_table)))]
+        tables = []
+        for s in seqs:
+            tables += s.block_table
+            tables += [0] * (width - len(s.block_table))
         longs = self._tensors(torch.int64, *([] if input_ids is None else [input_ids]), positions, slots)
         tables, context_lens, cu_seqlens = self._tensors(torch.int32, tables, context_lens, cu_seqlens)
         return (None if input_ids is None else longs[0], *longs[-2:], tables.view(len(seqs), width), context_lens,
@@ -130,8 +133,8 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + end - start)
         ids, pos, slot_mapping, tables, context_lens, cu = self._step_tensors(
             seqs, input_ids, positions, slots, [len(s) for s in seqs], cu_seqlens)
-        meta = AttentionMetadata(slot_mapping=slot_mapping, block_tables=tables, context_lens=context_lens,
-                                 cu_seqlens_q=cu, max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+        meta = AttentionMetadata(slot_mapping, tables, context_lens, cu,
+                                 max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
                                  fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs))
         return ids, pos, meta
 
@@ -139,11 +142,12 @@ class ModelRunner:
         """The newest token of each sequence; returns (input_ids, positions, meta). With `ahead=1`, the
         token after it (launched before it is known: the caller supplies input_ids)."""
         last, bs = [len(s) - 1 + ahead for s in seqs], self.block_size
-        ids, positions, slot_mapping, tables, context_lens, cu = self._step_tensors(
-            seqs, None if ahead else [s.token_ids[-1] for s in seqs], [p + s.position_offset for s, p in zip(seqs, last)],
-            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, last)], [p + 1 for p in last],
-            list(range(len(seqs) + 1)))
-        return ids, positions, AttentionMetadata(slot_mapping, tables, context_lens, cu, max_query_len=1)
+        input_ids = None if ahead else [s.token_ids[-1] for s in seqs]
+        positions = [p + s.position_offset for s, p in zip(seqs, last)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, last)]
+        ids, pos, slot_mapping, tables, context_lens, cu = self._step_tensors(
+            seqs, input_ids, positions, slots, [p + 1 for p in last], list(range(len(seqs) + 1)))
+        return ids, pos, AttentionMetadata(slot_mapping, tables, context_lens, cu, max_query_len=1)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
-from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to, s8_to_f32
+from kernels.unpack import (high_half, int4_half_dot, int8_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to,
+                            s8_to_f32)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Tile:
     half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`int4_half_dot`)
     x_per_row: bool = False        # fma: every thread loads the x of its own weights (see `_fma_kernel`)
     swap: bool = False             # `_swap_kernel` (weight rows on the MMA's long side; 16/8 bits) instead
-    l2_rows: int = 0               # swap: bytes of each of its weight rows a program asks the L2 for before the PDL wait
+    l2_rows: int = 0               # swap: bytes of each weight row a program asks the L2 for before its PDL wait
 
 
 ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
@@ -469,7 +470,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             assert bits in (4, 8) and x.dtype == torch.float16, \
                 f"half tiles take int4 or int8 weights and fp16 x, got {bits} bits and {x.dtype}"
             vector = 32 if bits == 4 else 16                # columns per 16 bytes of weights
-            assert k % vector == 0 and sub % vector == 0 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0, \
+            aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+            assert k % vector == 0 and sub % vector == 0 and aligned, \
                 f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
         _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
