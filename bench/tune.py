@@ -1,8 +1,8 @@
 """The gemv tuner's choices for the benchmark models, timed before anything is measured: builds each
 engine once (its start-up runs a decode-shaped step of every row bucket up to 64,
-`ModelRunner.tune_kernels`, which is when `kernels.gemv_tuner.tuned_tile` times the candidates of each
-product; the shipped tables are ignored,
-RAYSPEED_GEMV_SHIPPED=0, so the current kernels are timed) and copies the table it wrote to
+`ModelRunner.tune_kernels`, which is when `kernels.gemv_tuner.tuned_tile` times the candidates of
+each product; the shipped tables are ignored, RAYSPEED_GEMV_SHIPPED=0, so the current kernels are
+timed) and copies the table it wrote to
 --out, merged with what is there already (one process per GPU may tune one model each; give each
 its own $RAYSPEED_CACHE). Commit that table to kernels/tuned/ to ship it, so `bench/decode.py`'s
 load times are those of a start that times nothing.
