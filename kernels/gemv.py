@@ -31,8 +31,8 @@ import triton.language as tl
 
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
-from kernels.unpack import (high_half, int4_half_dot, int8_half_dot, low_half, nibble_minus_8, one_plus_sixteenth, s8_to,
-                            s8_to_f32)
+from kernels.unpack import (high_half, int4_half_dot, int8_half_dot, low_half, nibble_minus_8, one_plus_sixteenth,
+                            s8_to, s8_to_f32)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 fresh-prefill CUDA graphs, the varlen prefill kernel and run-ahead give the tokens of the eager,
 lockstep engine, for families with a local window (GPT-Neo), grouped-query attention (Llama) and
 ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad. Also the kernels whose GPU code
-the CPU tests cannot run: programmatic dependent launch, the int4 tiles' inline assembly, the
-matmuls' bulk L2 prefetch, the swapped-operand tiles' wgmma, split-context decode attention's tickets and cuBLASLt's epilogues."""
+the CPU tests cannot run: programmatic dependent launch, the half tiles' inline assembly, the
+matmuls' bulk L2 prefetch, the swapped-operand tiles' wgmma, split-context decode attention's
+tickets and cuBLASLt's epilogues."""
 import pytest
 import torch
 
