@@ -182,6 +182,11 @@ def time_in_graph(launch, copies: int, reps: int = 32) -> float:
     return sorted(times)[1]
 
 
+def _untuned(m: int, n: int, k: int, bits: int, group: int, float_weights: bool) -> "Tile | str":
+    """The choice without timing: cuBLAS for float weights past FMA_MAX_ROWS rows, else the heuristic tile."""
+    return CUBLAS if float_weights and m > FMA_MAX_ROWS else pick_tile(m, n, k, bits, group)
+
+
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
                activation: str | None, residual, torch_path=None) -> "Tile | str":
     """The fastest way to run this product, measured once per (rows rounded up to a power of two,
@@ -196,9 +201,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
-    untuned = CUBLAS if torch_path is not None and m > FMA_MAX_ROWS else pick_tile(m, n, k, bits, group)
     if m > TUNED_MAX_ROWS:                               # prefill sizes vary: never time on the request path
-        return untuned
+        return _untuned(m, n, k, bits, group, torch_path is not None)
     key = (triton.next_power_of_2(m), n, k, bits, group, str(x.dtype), bias is not None, activation,
            residual is not None, x.device)
     gpu = _gpu_name(x.device)
@@ -206,7 +210,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     if cached is not None:
         return cached
     if not _window or os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-        return untuned
+        return _untuned(m, n, k, bits, group, torch_path is not None)
     tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()
     copies = max(1, min(16, -(-2 * _l2_bytes(x.device) // nbytes)))       # twice L2 streamed per cycle
