@@ -119,7 +119,7 @@ def attention_cases():
     for chunk, prefetch in ((16, False), (32, False), (64, False), (64, True)):
         yield (f"paged decode chunk {chunk}{' prefetch' if prefetch else ''} head_dim<=128", _paged_decode_kernel,
                dict(USE_WINDOW=False, HAS_ALIBI=False, NEW_KV=True, BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128,
-                    PREFETCH=prefetch, PDL=False), pointers, None)
+                    PREFETCH=prefetch, PDL=False, SPLITS=1, SPLIT_MIN_CHUNKS=4), pointers, None)
 
 
 def prefill_cases():

@@ -40,26 +40,23 @@ except ImportError:                                     # a Triton without grid 
 
 
 @triton.jit
+def prefetch_rows_l2(ptrs, NBYTES: tl.constexpr):
+    """Ask the L2 for NBYTES (a multiple of 16) at each of the 16-byte aligned byte pointers `ptrs`
+    (e.g. the start of a program's slice of each of its weight rows): one bulk prefetch each
+    (`cp.async.bulk.prefetch.L2`, Hopper), which returns at once and loads nothing into registers."""
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [ptrs, tl.full(ptrs.shape, NBYTES, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def prefetch_l2(base_ptr, start, end, LANES: tl.constexpr, CHUNK: tl.constexpr):
     """Ask the L2 for bytes [start, start + LANES * CHUNK) of the buffer at `base_ptr`, none at or past
-    `end` (a multiple of CHUNK, as is start): one bulk prefetch per lane (`cp.async.bulk.prefetch.L2`,
-    Hopper), which returns at once and loads nothing into registers. A kernel issues it before
+    `end` (a multiple of CHUNK, as is start): one `prefetch_rows_l2` of CHUNK bytes per lane. A kernel issues it before
     `await_previous` for data it will read later: the bytes stream in while the previous kernel
     finishes. The caller keeps it out of Triton's interpreter (inline assembly)."""
     offs = start + tl.arange(0, LANES).to(tl.int64) * CHUNK
     offs = tl.minimum(offs, end - CHUNK)                  # lanes past the end repeat the last chunk
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [base_ptr.to(tl.pointer_type(tl.int8)) + offs, tl.full((LANES,), CHUNK, tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_rows_l2(ptrs, NBYTES: tl.constexpr):
-    """Ask the L2 for NBYTES (a multiple of 16) at each of the 16-byte aligned byte pointers `ptrs`
-    (e.g. the start of a program's slice of each of its weight rows): one bulk prefetch each, as in
-    `prefetch_l2`."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [ptrs, tl.full(ptrs.shape, NBYTES, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    prefetch_rows_l2(base_ptr.to(tl.pointer_type(tl.int8)) + offs, CHUNK)
 
 
 @functools.cache
