@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.attention import _paged_decode_kernel  # noqa: E402
 from kernels.prefill_attention import _prefill_kernel  # noqa: E402
 from kernels.dequant import _dequantize_kernel  # noqa: E402
-from kernels.gemv import _fma_kernel, _skinny_kernel  # noqa: E402
+from kernels.gemv import _skinny_kernel  # noqa: E402
+from kernels.gemv_fma import _fma_kernel  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 UNALIGNED = {"M", "stride_sn", "stride_rm", "num_heads", "group", "window", "k_new_stride", "v_new_stride"}

@@ -11,7 +11,7 @@ from kernels.unpack import s8_to_f32, u4_to_f32
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
                        BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
-    """out [N, K] = q * scale in out's dtype, in [BN, BK // SUB, SUB] tiles as in kernels/gemv.py's `_fma_kernel`
+    """out [N, K] = q * scale in out's dtype, in [BN, BK // SUB, SUB] tiles as in kernels/gemv_fma.py's `_fma_kernel`
     (SUB values share a scale); at 4 bits each byte's two values are interleaved back in registers."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N

@@ -27,7 +27,7 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
 def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
         l2=False):
     pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
-    return ("kernels.gemv", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
+    return ("kernels.gemv_fma", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
                                                 PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row,
                                                 L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048), pointers,

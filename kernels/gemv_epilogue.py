@@ -1,0 +1,27 @@
+"""The fused epilogue of the weight-streaming matmul kernels (kernels/gemv.py, kernels/gemv_fma.py):
+bias, activation and residual applied to the fp32 accumulator before the one store."""
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
+
+
+@triton.jit
+def epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+             HAS_RESIDUAL: tl.constexpr):
+    """fp32 [BM, BN] -> act(acc + bias) + residual, in that order."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:                                       # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc * tl.sigmoid(2.0 * inner)
+    elif ACT == 2:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    elif ACT == 3:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 4:
+        acc = acc * tl.sigmoid(acc)
+    if HAS_RESIDUAL:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        acc += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    return acc
