@@ -14,59 +14,21 @@ powers of two, captured the first time a step needs one (tens of ms, once), and 
 padding is one extra sequence that owns the padding tokens (token 0 at position 0, all written to
 the reserved cache slot), followed by empty sequences: every row the kernels compute is finite.
 Eager prefill is host-bound (GPT-Neo 2.7B: 19.5 ms for 32 tokens whose kernels take 3.1 ms)."""
-import os
-
 import torch
 
 from kernels.attention import AttentionMetadata
 
-# Launching a graph costs the host about a microsecond a kernel node, and the GPU starts on it only
-# once the launch returns: GPT-Neo 2.7B's 512-token prefill is 247 nodes, 260-460 us of
-# cudaGraphLaunch ahead of 5.3 ms of kernels (bench/results/logs/prefill-512-profile-*.log). Cut into
-# graphs of 1, 3, 8 and the remaining layers, the GPU runs each while the host launches the next, so
-# only the first, short launch is waited for. The price is the PDL overlap at each cut.
-GRAPH_CUTS = (1, 4, 12)
 
-
-def graph_cuts() -> tuple[int, ...]:
-    """Layer counts after which a captured forward starts a new graph: GRAPH_CUTS, or the comma list
-    in RAYSPEED_GRAPH_CUTS ("" for one graph a forward)."""
-    spec = os.environ.get("RAYSPEED_GRAPH_CUTS")
-    return GRAPH_CUTS if spec is None else tuple(int(c) for c in spec.split(",") if c.strip())
-
-
-def record(forward, args: tuple, pool, warmups: int) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
-    """`forward(*args, after_layer=...)` captured in CUDA graphs (memory pool `pool`, None for a new
-    one) after `warmups` eager runs (Triton compiles, cuBLAS picks its kernels): the graphs, to
-    replay in order, and the output. A new graph starts after each layer count of `graph_cuts()`
-    (see GRAPH_CUTS); the graphs share one pool and pass activations through it."""
+def record(forward, args: tuple, pool, warmups: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`forward(*args)` captured in a CUDA graph (memory pool `pool`, None for a new one) after
+    `warmups` eager runs (Triton compiles, cuBLAS picks its kernels): the graph and its output."""
     torch.cuda.synchronize()
     for _ in range(warmups):
         forward(*args)
-    cuts = set(graph_cuts())
-    graphs = [torch.cuda.CUDAGraph()]
-
-    def after_layer(i: int) -> None:
-        if i + 1 in cuts:
-            graphs[-1].capture_end()
-            graphs.append(torch.cuda.CUDAGraph())
-            graphs[-1].capture_begin(pool=graphs[0].pool())
-
-    stream = torch.cuda.Stream()                      # capture needs a stream other than the default one
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graphs[0].capture_begin(pool=pool)
-        try:
-            out = forward(*args, after_layer=after_layer)
-        finally:
-            graphs[-1].capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
-    return graphs, out
-
-
-def replay(graphs: list[torch.cuda.CUDAGraph]) -> None:
-    for graph in graphs:
-        graph.replay()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward(*args)
+    return graph, out
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -86,7 +48,7 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         # (bucket, table width) -> graph and its logits; the width is max_blocks or short_blocks
-        self.graphs: dict[tuple[int, int], tuple[list[torch.cuda.CUDAGraph], torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.sizes = buckets(max_batch)
         self.max_blocks, self.pool = max_blocks, None
         self.short_blocks = short_blocks if 0 < short_blocks < max_blocks else 0
@@ -101,9 +63,9 @@ class DecodeGraphs:
 
     def _capture(self, batch: int, width: int) -> None:
         args = (self.input_ids[:batch], self.positions[:batch], self._meta(batch, width))
-        graphs, logits = record(self.forward, args, self.pool, warmups=2)
-        self.pool = graphs[0].pool()
-        self.graphs[batch, width] = (graphs, logits)
+        graph, logits = record(self.forward, args, self.pool, warmups=2)
+        self.pool = graph.pool()
+        self.graphs[batch, width] = (graph, logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -129,8 +91,8 @@ class DecodeGraphs:
         self.block_tables[batch:bucket, 0].fill_(self.pad_block)
         self.context_lens[batch:bucket].fill_(1)
         short = bucket <= self.short_max_batch and width <= self.short_blocks
-        graphs, logits = self.graphs[bucket, self.short_blocks if short else self.max_blocks]
-        replay(graphs)
+        graph, logits = self.graphs[bucket, self.short_blocks if short else self.max_blocks]
+        graph.replay()
         return logits[:batch]
 
 
@@ -154,7 +116,7 @@ class PrefillGraphs:
         self.slots = torch.full((max_tokens,), pad_slot, dtype=torch.int64, device=device)
         self.cu_seqlens = torch.zeros(self.max_seqs + 1, dtype=torch.int32, device=device)
         self.unused = torch.zeros(1, 1, dtype=torch.int32, device=device)   # block tables: a fresh prefill reads none
-        self.graphs: dict[tuple[int, int], tuple[list[torch.cuda.CUDAGraph], torch.Tensor] | None] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.pool = None
 
     def warm_up(self) -> None:
@@ -172,16 +134,16 @@ class PrefillGraphs:
                                  self.cu_seqlens[:seqs + 1], tokens, fresh_prefill=True)
 
     def _capture(self, tokens: int, seqs: int):
-        """The graphs of bucket (tokens, seqs) and its logits, or None when capturing fails (e.g. out of
+        """The graph of bucket (tokens, seqs) and its logits, or None when capturing fails (e.g. out of
         memory for the graph's pool: that bucket then runs eagerly)."""
         args = (self.input_ids[:tokens], self.positions[:tokens], self._meta(tokens, seqs))
         try:
-            graphs, logits = record(self.forward, args, self.pool, warmups=1)
+            graph, logits = record(self.forward, args, self.pool, warmups=1)
         except torch.OutOfMemoryError:
             torch.cuda.synchronize()
             return None
-        self.pool = graphs[0].pool()
-        return graphs, logits
+        self.pool = graph.pool()
+        return graph, logits
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """Logits [seqs, vocab] of each sequence's last token, or None when no graph serves this step."""
@@ -203,6 +165,6 @@ class PrefillGraphs:
         entry = self.graphs[key]
         if entry is None:
             return None
-        graphs, logits = entry
-        replay(graphs)
+        graph, logits = entry
+        graph.replay()
         return logits[:seqs]

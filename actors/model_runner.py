@@ -64,7 +64,7 @@ class ModelRunner:
         """Capture the decode step for every batch bucket up to `max_batch`, and set up fresh-prefill
         graphs (captured on first use) where prefill runs the Triton kernels (CUDA only)."""
         max_blocks = -(-max_seq_len // self.block_size)
-        eager = lambda ids, pos, meta, after_layer=None: self._eager(ids, pos, meta, False, after_layer)  # noqa: E731
+        eager = lambda ids, pos, meta: self._eager(ids, pos, meta, False)     # noqa: E731
         heads = self.model.layers[0].attn.qkv.num_heads           # this rank's
         graphs = DecodeGraphs(eager, self.model.spec.vocab_size, max_batch, max_blocks,
                               self.pad_block * self.block_size, self.pad_block, self.device,
@@ -180,9 +180,8 @@ class ModelRunner:
                 return logits
         return self._eager(input_ids, positions, meta, all_logits)
 
-    def _eager(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool,
-               after_layer=None) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, meta, self.kv_caches, after_layer)
+    def _eager(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
         if not all_logits:
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
         return self.model.compute_logits(hidden)

@@ -9,7 +9,6 @@ multiplies the padded matrix and drops the extra logits. cuBLAS picks an unalign
 for GPT-Neo's odd vocab of 50,257: 262 us a step at batch 32 on an H100 (bench/profile_step.py).
 """
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,14 +93,11 @@ class CausalLM(nn.Module):
         return x if self.embed_norm is None else self.embed_norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[KVCache], after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
-        """input_ids, positions: [tokens] -> hidden states [tokens, hidden]. `after_layer(i)` runs once
-        layer i's work is issued (CUDA-graph capture starts a new graph there, actors/cuda_graphs.py)."""
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """input_ids, positions: [tokens] -> hidden states [tokens, hidden]."""
         x, pending = self.embed_tokens(input_ids, positions), None
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+        for layer, kv_cache in zip(self.layers, kv_caches):
             x, pending = layer(x, positions, meta, kv_cache, pending)
-            if after_layer is not None:
-                after_layer(i)
         if self.norm is not None:
             return self.norm.add(x, pending)[0]
         return x if pending is None else x + pending

@@ -64,23 +64,6 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
-def test_graphs_cut_after_layers_give_the_tokens_of_one_graph(monkeypatch):
-    """A captured forward is several graphs, a new one after each layer count of GRAPH_CUTS that the
-    model reaches (GPT-Neo's 4 tiny layers: after 1 and 4, so three); the tokens equal those of one
-    graph a forward (RAYSPEED_GRAPH_CUTS="") and of the eager lockstep engine."""
-    hf = tiny_model("gpt_neo")
-    expected, _ = generate(hf, enable_cuda_graph=False, run_ahead=False)
-    got, engine = generate(hf)
-    decode = engine.runner.graphs.graphs.values()
-    prefill = [entry for entry in engine.runner.prefill_graphs.graphs.values() if entry is not None]
-    assert prefill and all(len(graphs) == 3 for graphs, _ in [*decode, *prefill])
-    assert got == expected
-    monkeypatch.setenv("RAYSPEED_GRAPH_CUTS", "")
-    got, engine = generate(hf)
-    assert all(len(graphs) == 1 for graphs, _ in engine.runner.graphs.graphs.values())
-    assert got == expected
-
-
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float16, "int8"])
 def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monkeypatch):
