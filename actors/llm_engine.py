@@ -1,8 +1,9 @@
 """The engine loop on one process: add requests, then step = schedule -> run -> sample -> postprocess.
 
-Run-ahead (on by default on CUDA): while the whole running batch decodes greedily and nothing waits
-to be admitted, each step launches the *next* decode (its input tokens are this step's argmax, still
-on the GPU) before reading this step's tokens, so the host's per-step work (stop checks, the next
+Run-ahead (on by default on CUDA): while the whole running batch picks its tokens on the GPU (greedy
+or sampled: actors/sampler.py `picks_on_device`) and nothing waits to be admitted, each step launches
+the *next* decode (its input tokens are this step's picks, still on the GPU) before reading this
+step's tokens, so the host's per-step work (stop checks, the next
 plan) overlaps the GPU instead of idling it. A sequence that stops on a token it could not foresee
 (EOS) has one extra token computed and dropped; one that is aborted in between, likewise."""
 import itertools
@@ -14,7 +15,7 @@ import torch
 from actors.block_manager import BlockManager
 from actors.model_runner import DONE, STEP, ModelRunner, kv_cache_block_bytes
 from actors.outputs import RequestOutput, request_outputs
-from actors.sampler import is_plain_argmax, sample
+from actors.sampler import picks_on_device, sample, sample_on_device
 from actors.scheduler import Scheduler
 from actors.sequence import RequestError, SamplingParams, Sequence, SequenceStatus
 from kernels.model import CausalLM
@@ -49,15 +50,15 @@ def num_kv_blocks(model: CausalLM, config, device: torch.device) -> int:
 
 @dataclass
 class _Launched:
-    """A step whose greedy tokens are on their way to the host."""
+    """A step whose tokens, picked on the GPU, are on their way to the host."""
     seqs: list[Sequence]
     tokens: torch.Tensor                    # [seqs] int64 on the device
     host: torch.Tensor                      # their pinned host copy, complete once `ready` has passed
     ready: "torch.cuda.Event | None"
 
     @classmethod
-    def greedy(cls, seqs: list[Sequence], logits: torch.Tensor) -> "_Launched":
-        tokens = logits.argmax(dim=-1)
+    def pick(cls, seqs: list[Sequence], logits: torch.Tensor) -> "_Launched":
+        tokens = sample_on_device(logits, seqs)
         if not tokens.is_cuda:
             return cls(seqs, tokens, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -143,22 +144,22 @@ class LLMEngine:
             seqs, is_prefill = self.scheduler.schedule()
             if not seqs:
                 return []
-            if not (self.run_ahead and all(is_plain_argmax(s) for s in seqs)):
+            if not (self.run_ahead and all(picks_on_device(s) for s in seqs)):
                 return self._advance(seqs, sample(self.runner.run(seqs, is_prefill), seqs))
-            launched = _Launched.greedy(seqs, self.runner.run(seqs, is_prefill))
+            launched = _Launched.pick(seqs, self.runner.run(seqs, is_prefill))
         if self._can_run_ahead(launched.seqs):
             for seq in launched.seqs:
                 self.block_manager.append(seq, ahead=1)
-            self._ahead = _Launched.greedy(launched.seqs, self.runner.run_ahead(launched.seqs, launched.tokens))
+            self._ahead = _Launched.pick(launched.seqs, self.runner.run_ahead(launched.seqs, launched.tokens))
         return self._advance(launched.seqs, launched.wait())
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the step after `seqs`' (in flight) may be launched now: the same batch, all of it
-        running, greedy on the GPU and sure to need that step (none at max_new_tokens), nothing waiting
+        running, picking its tokens on the GPU and sure to need that step (none at max_new_tokens), nothing waiting
         to be admitted, and a free block for each sequence that needs one."""
         if not self.run_ahead or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
             return False
-        if not all(s.status == SequenceStatus.RUNNING and is_plain_argmax(s, 1) and
+        if not all(s.status == SequenceStatus.RUNNING and picks_on_device(s, 1) and
                    s.num_output_tokens + 1 < s.params.max_new_tokens for s in seqs):
             return False
         return sum(self.block_manager.blocks_to_append(s, ahead=1) for s in seqs) <= self.block_manager.num_free

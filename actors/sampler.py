@@ -1,7 +1,14 @@
 """Next-token choice for a batch of sequences, each with its own `SamplingParams`.
 
 Order as in HF `generate`: repetition penalty and the min-new-tokens stop mask on the raw
-logits, then greedy argmax, or temperature -> top-k -> top-p -> multinomial draw.
+logits, then greedy argmax, or temperature -> top-k -> top-p -> a draw.
+
+`sample_on_device` leaves the tokens on the logits' device and never waits for the GPU (the host's
+parameters travel through pinned staging copies; unseeded draws race exponential noise instead of
+calling multinomial), so a step's tokens can feed the next step before the host sees them
+(run-ahead, actors/llm_engine.py) for sampled sequences as for greedy ones. What needs the host
+stays out of that path (`picks_on_device`): the repetition penalty reads the token history, the stop
+mask depends on the step, and a seeded request draws from its own CPU generator.
 """
 import torch
 
@@ -13,11 +20,17 @@ def stops_masked(seq: Sequence, ahead: int = 0) -> bool:
     return bool(seq.params.stop_token_ids) and seq.num_output_tokens + ahead < seq.params.min_new_tokens
 
 
-def is_plain_argmax(seq: Sequence, ahead: int = 0) -> bool:
-    """Whether `sample` picks the sequence's token `ahead` steps from now as the bare argmax of its
-    logits (greedy, no penalty, no stop mask): a choice the GPU makes without the host."""
+def picks_on_device(seq: Sequence, ahead: int = 0) -> bool:
+    """Whether `sample_on_device` picks the sequence's token `ahead` steps from now without the host:
+    greedy or sampled, no repetition penalty, no stop mask, no seeded generator."""
     p = seq.params
-    return p.greedy and p.repetition_penalty == 1.0 and not stops_masked(seq, ahead)
+    return p.repetition_penalty == 1.0 and not stops_masked(seq, ahead) and (p.greedy or p.seed is None)
+
+
+def _staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` on `device` without waiting for the GPU (a copy from pageable memory would)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.to(device) if device.type != "cuda" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -32,40 +45,63 @@ def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             logits[row, list(p.stop_token_ids)] = float("-inf")
 
 
-def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities over tokens sorted by logit (descending), after top-k and top-p; and the sort order."""
-    temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
-    sorted_logits, order = (logits / temps[:, None]).sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)
-    top_k = torch.tensor([s.params.top_k or logits.shape[-1] for s in seqs], device=logits.device)
-    sorted_logits.masked_fill_(rank[None, :] >= top_k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
-    outside = probs.cumsum(dim=-1) - probs > top_p[:, None]       # keeps at least the top token
-    probs = probs.masked_fill(outside, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True), order
+def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities after temperature, top-k and top-p, over the candidate tokens, and which token each
+    candidate is (None: all tokens, in vocabulary order). Candidates are the top max(top_k) tokens in
+    descending order (`topk`, far cheaper than sorting the vocabulary) where every row has a top-k,
+    all tokens sorted where top-p needs an order without one, all tokens unsorted where neither
+    filter is set."""
+    vocab, device = logits.shape[-1], logits.device
+    ks = [min(s.params.top_k or vocab, vocab) for s in seqs]
+    scaled = logits / _staged([s.params.temperature for s in seqs], torch.float32, device)[:, None]
+    if max(ks) == vocab and all(s.params.top_p == 1.0 for s in seqs):
+        return scaled.softmax(dim=-1), None
+    if max(ks) < vocab:
+        scaled, order = scaled.topk(max(ks), dim=-1)
+    else:
+        scaled, order = scaled.sort(dim=-1, descending=True)
+    if min(ks) < scaled.shape[-1]:
+        rank = torch.arange(scaled.shape[-1], device=device)
+        scaled.masked_fill_(rank[None, :] >= _staged(ks, torch.int64, device)[:, None], float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if any(s.params.top_p < 1.0 for s in seqs):
+        top_p = _staged([s.params.top_p for s in seqs], torch.float32, device)
+        outside = probs.cumsum(dim=-1) - probs > top_p[:, None]       # keeps at least the top token
+        probs = probs.masked_fill(outside, 0.0)
+    return probs, order
 
 
 def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    seeded = [i for i, s in enumerate(seqs) if s.generator is not None]
-    if not seeded:
-        return torch.multinomial(probs, 1).squeeze(1)
-    picks = torch.empty(len(seqs), dtype=torch.long, device=probs.device)
+    """One candidate index per row, in proportion to `probs` (rows need not sum to 1). Unseeded rows
+    race exponential noise on the device (argmax of p / E, E ~ Exp(1), picks i with probability p_i);
+    a seeded row draws from its CPU generator (the host waits)."""
+    picks = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
     for i, seq in enumerate(seqs):
-        picks[i] = torch.multinomial(probs[i].cpu(), 1, generator=seq.generator).item() \
-            if seq.generator is not None else torch.multinomial(probs[i], 1).item()
+        if seq.generator is not None:
+            picks[i] = torch.multinomial(probs[i].cpu(), 1, generator=seq.generator).item()
     return picks
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence."""
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence, int64 on the logits'
+    device; waits for the GPU only for sequences `picks_on_device` excludes."""
     _penalize(logits, seqs)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if rows:
-        index = torch.tensor(rows, device=logits.device)
-        sampled_seqs = [seqs[i] for i in rows]
-        probs, order = _filtered_probs(logits[index], sampled_seqs)
-        picks = _draw(probs, sampled_seqs)
-        tokens[index] = order.gather(1, picks[:, None]).squeeze(1)
-    return tokens.tolist()
+    if not rows:
+        return tokens
+    sampled = [seqs[i] for i in rows]
+    every = len(rows) == len(seqs)
+    index = None if every else _staged(rows, torch.int64, logits.device)
+    probs, order = _filtered_probs(logits if every else logits[index], sampled)
+    picks = _draw(probs, sampled)
+    if order is not None:
+        picks = order.gather(1, picks[:, None]).squeeze(1)
+    if every:
+        return picks
+    return tokens.index_copy_(0, index, picks)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence, on the host."""
+    return sample_on_device(logits, seqs).tolist()

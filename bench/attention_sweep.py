@@ -55,10 +55,28 @@ def decode_rows():
                "one_program_us": single_us, "kv_gb_per_s": kv_bytes / (split_us * 1e3)}
 
 
+def prefill_configs(q, k, v, cu, length, scale, window) -> dict:
+    """The Triton prefill kernel's time (us) at each launch configuration; None where it fails to build."""
+    times = {}
+    for block in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                fn = lambda: prefill_attention_triton(q, k, v, cu, length, scale, window, block=block,  # noqa: E731
+                                                      num_warps=warps, num_stages=stages)
+                try:
+                    us = do_bench(fn) * 1e3
+                except Exception:                     # out of shared memory or registers at this size
+                    us = None
+                times[f"b{block}-w{warps}-s{stages}"] = us
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--decode", action="store_true", help="decode attention, split context vs one program")
+    ap.add_argument("--configs", action="store_true",
+                    help="prefill: also time the Triton kernel at every block / warps / stages")
     args = ap.parse_args()
     rows = []
     if args.decode:
@@ -77,6 +95,8 @@ def main() -> None:
         err = ((triton_fn().float() - sdpa_fn().float()).norm() / sdpa_fn().float().norm()).item()
         row = {"case": name, "heads": heads, "head_dim": dim, "window": window, "batch": batch, "length": length,
                "triton_us": do_bench(triton_fn) * 1e3, "sdpa_us": do_bench(sdpa_fn) * 1e3, "rel_err": err}
+        if args.configs and batch * length <= 4096:
+            row["configs"] = prefill_configs(q, k, v, cu, length, scale, window)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
-from actors.sequence import SamplingParams  # noqa: E402
+from actors.sequence import SamplingParams, Sequence  # noqa: E402
 from bench.decode import build  # noqa: E402
 
 
@@ -135,12 +135,49 @@ def profile_prefill(engine, batch: int, length: int, args) -> None:
         call()
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t) * 1e3)
+    split = replay_split(engine, batch, length)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             call()
         torch.cuda.synchronize()
     report(prof, 3, {"model": args.model, "dtype": args.dtype, "batch": batch, "prefill": length,
-                     "wall_ms_median": statistics.median(walls[1:]), "wall_ms": walls}, args.top, host=True)
+                     "wall_ms_median": statistics.median(walls[1:]), "wall_ms": walls, **split}, args.top, host=True)
+
+
+def replay_split(engine, batch: int, length: int) -> dict:
+    """The prefill's graph alone (inputs already on the device): ms per replay back to back (the GPU's
+    time), and ms from one replay's call to its end with the GPU idle before (adds the launch); the
+    host's preparation of the inputs (`prepare_prefill`) in ms."""
+    runner = engine.runner
+    seqs = [Sequence([100 + (i + j) % 1000 for j in range(length)], SamplingParams(max_new_tokens=1))
+            for i in range(batch)]
+    for seq in seqs:
+        engine.block_manager.allocate(seq)
+    try:
+        t = time.perf_counter()
+        ids, positions, meta = runner.prepare_prefill(seqs)
+        prepare_ms = (time.perf_counter() - t) * 1e3
+        replay = lambda: runner.prefill_graphs.run(ids, positions, meta)      # noqa: E731
+        replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            replay()
+        end.record()
+        end.synchronize()
+        single = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            replay()
+            torch.cuda.synchronize()
+            single.append((time.perf_counter() - t) * 1e3)
+    finally:
+        for seq in seqs:
+            engine.block_manager.deallocate(seq)
+    return {"replay_ms_back_to_back": start.elapsed_time(end) / 10, "replay_ms_alone": statistics.median(single),
+            "prepare_prefill_ms": prepare_ms}
 
 
 if __name__ == "__main__":

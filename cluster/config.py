@@ -110,8 +110,9 @@ class InferenceConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one running batch")
     max_num_batched_tokens: int = Field(4096, ge=1, description="prefill tokens per step (one prompt may exceed)")
     run_ahead: bool | None = Field(
-        None, description="launch the next greedy decode step before reading this one's tokens (hides the host's "
-                          "per-step work behind the GPU); default: on for CUDA devices")
+        None, description="launch the next decode step before reading this one's tokens, where the GPU picks them "
+                          "(greedy, or sampled without repetition penalty or seed): hides the host's per-step work "
+                          "behind the GPU; default: on for CUDA devices")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     kv_cache_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; default: sized from memory")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory share for weights + KV cache")

@@ -55,7 +55,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
     With STORE_KV, the program of each KV head's first query head also writes the key block on its
     diagonal (the last it visits, and no other program of that head's block row visits it as diagonal)
     to the cache slots `slots` gives: `store_kv` without a kernel of its own."""
-    m_block, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # grid (heads, query blocks, seqs), the last query blocks (the most keys) launched first
+    head, m_block, seq = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
     length = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
     if m_block * BLOCK_M >= length:
@@ -107,8 +108,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              max_len: int, scale: float, window: int | None = None,
                              alibi_slopes: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
-                             v_cache: torch.Tensor | None = None,
-                             slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+                             v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                             block: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, from this step's k, v (not the cache): all
     sequences of the batch in one launch. q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads,
     head_dim] (strided views of the fused QKV output are fine); cu_seqlens: [seqs + 1] on q's device;
@@ -139,8 +140,8 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if tokens == 0 or num_seqs == 0:
         return out
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    block = 64 if block_d <= 128 else 32          # keeps q, k and the accumulator within registers/shared memory
-    grid = (triton.cdiv(max_len, block), num_heads, num_seqs)
+    block = block or (64 if block_d <= 128 else 32)    # keeps q, k and the accumulator within registers/shared memory
+    grid = (num_heads, triton.cdiv(max_len, block), num_seqs)
     _prefill_kernel[grid](q, k, v, cu_seqlens, q if alibi_slopes is None else alibi_slopes, out,
                           k_cache if store else q, v_cache if store else q, slot_mapping if store else cu_seqlens,
                           q.stride(0), q.stride(1), k.stride(0), v.stride(0), out.stride(0),
@@ -148,7 +149,8 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                           num_heads // num_kv_heads, head_dim, scale, window or 0,
                           USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
                           IEEE=q.dtype == torch.float32, STORE_KV=store,
-                          CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_D=block_d)
+                          CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_D=block_d,
+                          num_warps=num_warps, num_stages=num_stages)
     return out
 
 

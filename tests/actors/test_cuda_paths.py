@@ -64,6 +64,20 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
+def test_sampled_decode_runs_ahead_on_the_gpu():
+    """Unseeded sampling picks its tokens on the GPU, so graphs and run-ahead serve it: top_k=1 gives
+    the eager lockstep greedy tokens, and the engine launched steps ahead."""
+    hf = tiny_model("gpt_neo")
+    expected, _ = generate(hf, enable_cuda_graph=False, run_ahead=False)
+    engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
+                                     max_num_seqs=8)
+    launched = []
+    run_ahead = engine.backend.runner.run_ahead
+    engine.backend.runner.run_ahead = lambda seqs, ids: launched.append(len(seqs)) or run_ahead(seqs, ids)
+    out = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True, do_sample=True, top_k=1)
+    assert [o.outputs[0].token_ids for o in out] == expected and launched
+
+
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float16, "int8"])
 def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monkeypatch):

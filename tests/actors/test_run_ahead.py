@@ -1,4 +1,4 @@
-"""Run-ahead decoding (the next greedy step launched before this one's tokens are read) gives exactly
+"""Run-ahead decoding (the next step launched before this one's tokens are read) gives exactly
 the tokens, stops and block accounting of lockstep decoding, on CPU where the same logic runs
 synchronously."""
 import asyncio
@@ -90,6 +90,24 @@ def test_sampling_in_the_batch_keeps_lockstep(hf):
     ahead, calls = engine(hf, True)
     assert tokens(ahead.generate(ps, params)) == tokens(lockstep.generate(ps, params))
     assert calls == []
+
+
+def test_sampled_sequences_run_ahead_too(hf):
+    """Sampling without a seed or penalty picks on the GPU, so it runs ahead: top_k=1 (a draw with one
+    candidate) gives the lockstep greedy tokens; unseeded temperature draws run ahead with every block
+    returned and each sequence its full length."""
+    ps = prompts(4, seed=8)
+    lockstep, _ = engine(hf, False)
+    expected = lockstep.generate(ps, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    ahead, calls = engine(hf, True)
+    assert tokens(ahead.generate(ps, SamplingParams(max_new_tokens=12, ignore_eos=True, do_sample=True, top_k=1))) \
+        == tokens(expected)
+    assert sum(calls) > 0
+    calls.clear()
+    out = ahead.generate(ps, SamplingParams(max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=0.9,
+                                            top_p=0.95))
+    assert sum(calls) > 0 and all(len(o.outputs[0].token_ids) == 12 for o in out)
+    assert ahead.block_manager.num_free == ahead.block_manager.num_blocks
 
 
 def test_engine_loop_streams_cancels_and_admits_with_run_ahead(hf):

@@ -307,15 +307,17 @@ def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, 
 
 
 @pytest.mark.parametrize("window,alibi", [(None, True), (150, False), (150, True), (64, False)])
-def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi):
-    """Prompts of five key blocks: the blocks on the window's lower edge and the diagonal are masked,
-    those between are taken whole; all three kinds of step in one query block row."""
+@pytest.mark.parametrize("block", [64, 32])
+def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block):
+    """Prompts of several key blocks: the blocks on the window's lower edge and the diagonal are
+    masked, those between are taken whole; all three kinds of step in one query block row; two block sizes."""
     lens = [300, 70]
     q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, 2)
     slopes = _alibi(4) if alibi else None
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
                                      window, slopes)
-    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes)
+    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes,
+                                                     block=block)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
