@@ -183,7 +183,7 @@ class EngineLoop:
         for prompt in request.prompts:
             self.engine.check_prompt(prompt, params.max_new_tokens)
         offsets = offsets or [0] * len(request.prompts)
-        request.groups = [[self.engine.add_request(p, params, off, i) for i in range(params.n)]
+        request.groups = [[self.engine.add_request(p, params, off, i, checked=True) for i in range(params.n)]
                           for p, off in zip(request.prompts, offsets)]
         with self._lock:
             self.pending.discard(request)

@@ -120,8 +120,11 @@ class LLMEngine:
                                f"{self.block_manager.num_blocks}")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, position_offset: int = 0,
-                    sample_index: int = 0) -> Sequence:
-        self.check_prompt(prompt_token_ids, params.max_new_tokens)
+                    sample_index: int = 0, checked: bool = False) -> Sequence:
+        """Queue one sequence; `checked`: the caller has run `check_prompt` on it (a batch is checked
+        whole before any of it is queued; a second scan costs a long prompt tens of microseconds)."""
+        if not checked:
+            self.check_prompt(prompt_token_ids, params.max_new_tokens)
         seq = Sequence(prompt_token_ids, params, position_offset)
         if params.seed is not None and not params.greedy:
             seq.generator = torch.Generator().manual_seed(params.seed + sample_index)
@@ -193,7 +196,7 @@ class LLMEngine:
         offsets = position_offsets or [0] * len(prompts)
         for prompt, p in zip(prompts, params):
             self.check_prompt(prompt, p.max_new_tokens)
-        groups = [[self.add_request(prompt, p, off, i) for i in range(p.n)]
+        groups = [[self.add_request(prompt, p, off, i, checked=True) for i in range(p.n)]
                   for prompt, p, off in zip(prompts, params, offsets)]
         try:
             while self.scheduler.has_work():

@@ -46,13 +46,15 @@ def build(model: str):
     return hf
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()                                              # warm-up
+def timed(fn, repeats: int = 3, inputs=tuple) -> float:
+    """Median seconds of `fn(*inputs())` after a warm-up; the inputs are made before the clock starts."""
+    fn(*inputs())
     times = []
     for _ in range(repeats):
+        args = inputs()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        fn()
+        fn(*args)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -63,13 +65,17 @@ def prompts(batch: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(100, vocab - 100, (batch, PROMPT), generator=g).cuda()
 
 
-def decode_ms(run, batch: int, vocab: int) -> tuple[float, float]:
+def decode_ms(run, batch: int, vocab: int, lists: bool = False) -> tuple[float, float]:
     """(ms per decode step, time to first token in ms): decode from the difference of a 128- and a
-    64-token run (both pay the same prefill), TTFT from a 1-token run; fresh prompts each time."""
+    64-token run (both pay the same prefill), TTFT from a 1-token run; fresh prompts each time (a
+    tensor on the GPU, or with `lists` token lists, made before the clock starts)."""
     seed = iter(range(10**6))
-    full = timed(lambda: run(prompts(batch, vocab, next(seed)), NEW))
-    half = timed(lambda: run(prompts(batch, vocab, next(seed)), NEW // 2))
-    first = timed(lambda: run(prompts(batch, vocab, next(seed)), 1))
+    def fresh():
+        ids = prompts(batch, vocab, next(seed))
+        return (ids.tolist() if lists else ids,)
+    full = timed(lambda ids: run(ids, NEW), inputs=fresh)
+    half = timed(lambda ids: run(ids, NEW // 2), inputs=fresh)
+    first = timed(lambda ids: run(ids, 1), inputs=fresh)
     return (full - half) / (NEW - NEW // 2) * 1e3, first * 1e3
 
 
@@ -81,8 +87,8 @@ def hf_run(hf):
 
 
 def rs_run(engine, **sampling):
-    def run(ids, new):
-        engine.generate(ids.tolist(), max_new_tokens=new, ignore_eos=True, **sampling)
+    def run(ids: list[list[int]], new):
+        engine.generate(ids, max_new_tokens=new, ignore_eos=True, **sampling)
     return run
 
 
@@ -212,8 +218,8 @@ def matmul_errors(engine, reference) -> dict:
 
 def prefill_ms(engine, vocab: int, length: int = 512) -> float:
     seed = iter(range(10**6))
-    return timed(lambda: engine.generate(prompts(1, vocab, next(seed) + 500)[:, :1].repeat(1, length).tolist(),
-                                         max_new_tokens=1, ignore_eos=True), repeats=5) * 1e3
+    fresh = lambda: (prompts(1, vocab, next(seed) + 500)[:, :1].repeat(1, length).tolist(),)    # noqa: E731
+    return timed(lambda ids: engine.generate(ids, max_new_tokens=1, ignore_eos=True), repeats=5, inputs=fresh) * 1e3
 
 
 def concurrent_tok_s(engine, vocab: int, requests: int) -> float:
@@ -271,12 +277,12 @@ def main() -> None:
             if dtype in ("int8", "int4") and reference is not None:
                 row["matmul_rel_err_vs_fp32"] = matmul_errors(engine, reference)
         for batch in batches:
-            ms, first = decode_ms(rs_run(engine), batch, vocab)
+            ms, first = decode_ms(rs_run(engine), batch, vocab, lists=True)
             cell = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "ttft_ms": first}
             if batch in result["hf_eager"]:
                 cell["speedup_vs_hf"] = result["hf_eager"][batch]["decode_ms_per_step"] / ms
             if dtype == "float16" and not long_context:    # sampled: no run-ahead, the host's share shows
-                cell["sampled_decode_ms_per_step"], _ = decode_ms(rs_run(engine, **SAMPLED), batch, vocab)
+                cell["sampled_decode_ms_per_step"], _ = decode_ms(rs_run(engine, **SAMPLED), batch, vocab, lists=True)
             row["batches"][batch] = cell
             print(dtype, batch, json.dumps(cell), flush=True)
         if args.concurrent and dtype == "float16":

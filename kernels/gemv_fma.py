@@ -94,8 +94,9 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     one reduction after the loop. int8 becomes float by the mantissa trick of `s8_to_f32`, int4 as
     `one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
     of 465 SASS instructions per 8 x 1024 int4 tile). PREFETCH issues tile i+1's loads before tile
-    i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
-    weight tile is read before waiting for the kernel that produced x. HALF (int4 or int8, fp16 x) reads
+    i's arithmetic (Triton pipelines only loads that feed a dot); without it, tile i+1's weights are
+    read once tile i's are used. Either way the first weight tile is read before waiting for the
+    kernel that produced x (PDL, kernels/pdl.py). HALF (int4 or int8, fp16 x) reads
     the weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`,
     `int8_half_dot`, their
     inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
@@ -131,13 +132,13 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         await_previous(PDL)
         xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF)
     else:
+        w = _fma_weights(w_ptrs, k_begin, k_end, cols, n_mask, BITS, HALF)      # the first tile before the wait
         await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
             w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
             xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS, HALF)
         else:
-            w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
             xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         if HALF and BITS == 8:
             prod = int8_half_dot(w, tl.broadcast_to(_rows(xa, X_PER_ROW), w.shape),
@@ -162,6 +163,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         acc += prod
         if PREFETCH:
             w, xa, xb = w_next, xa_next, xb_next
+        else:                                          # the next tile, read once this one is used
+            w = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
     out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]    # [1, BN]
     if BITS == 4:
         out *= 16.0

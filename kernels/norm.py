@@ -50,32 +50,34 @@ def _load_row(x_ptr, r_ptr, sum_ptr, row, x_row_stride, r_row_stride, hidden, co
 @triton.jit
 def _layer_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, x_row_stride, r_row_stride, hidden, eps,
                        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    await_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)     # parameters: read before the wait
+    b = 0.0
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    await_previous(PDL)
     x = _load_row(x_ptr, r_ptr, sum_ptr, row, x_row_stride, r_row_stride, hidden, cols, mask, HAS_RESIDUAL)
     mean = tl.sum(x, axis=0) / hidden
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / hidden
     rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
     tl.store(out_ptr + row * hidden + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, x_row_stride, r_row_stride, hidden, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    await_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)     # the weight: read before the wait
+    await_previous(PDL)
     x = _load_row(x_ptr, r_ptr, sum_ptr, row, x_row_stride, r_row_stride, hidden, cols, mask, HAS_RESIDUAL)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / hidden + eps)
     y = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
