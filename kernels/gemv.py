@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue
+from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params
 from kernels.gemv_fma import _fma_kernel
 from kernels.pdl import await_previous, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
@@ -116,9 +116,10 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_x
         else:
             acc += part
     if PER_ROW_SCALE:
-        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc *= feature_params(s_ptr, rn, stride_sn, N, True, 0.0)[None, :]
     if EPILOGUE:                                       # without split-K; the reduction applies it otherwise
-        acc = epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+        bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS, 0.0)
+        acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     out_mask = (rm[:, None] < M) & n_mask[None, :]
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -148,6 +149,8 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
         start = tl.minimum(k_begin * (BITS // 8), K * (BITS // 8) - L2_ROWS)
         rows = tl.minimum(rn, N - 1).to(tl.int64) * (stride_wn * (BITS // 8))
         prefetch_rows_l2(w_ptr.to(tl.pointer_type(tl.int8)) + rows + start, L2_ROWS)
+    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)
+    row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
     await_previous(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -162,10 +165,10 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
             part = part * scale[:, None]
         acc += part
     if PER_ROW_SCALE:
-        acc *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        acc *= row_scale[:, None]
     acc = tl.trans(acc)                                # [BM, BN]
     if EPILOGUE:
-        acc = epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+        acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     out_mask = (rm[:, None] < M) & n_mask[None, :]
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -176,15 +179,16 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Sum the fp32 partials [SPLIT_K, M, N] in order, then the epilogue."""
-    await_previous(PDL)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS, 0.0)
+    await_previous(PDL)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None] * N + rn[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    acc = epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -7,11 +7,22 @@ ACTIVATION_CODES = {None: 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "silu": 4}
 
 
 @triton.jit
-def epilogue(acc, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+def feature_params(ptr, rn, stride, N, PRESENT: tl.constexpr, DEFAULT: tl.constexpr):
+    """fp32 [BN] values of a per-output-feature parameter (a bias, per-row scales) for features rn, or
+    DEFAULT without one. Parameters never change: kernels launched with PDL read them before their
+    wait, and a program's epilogue then waits for nothing but its residual."""
+    values = tl.full(rn.shape, DEFAULT, tl.float32)
+    if PRESENT:
+        values = tl.load(ptr + rn * stride, mask=rn < N, other=DEFAULT).to(tl.float32)
+    return values
+
+
+@triton.jit
+def epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
              HAS_RESIDUAL: tl.constexpr):
-    """fp32 [BM, BN] -> act(acc + bias) + residual, in that order."""
+    """fp32 [BM, BN] -> act(acc + bias) + residual, in that order; `bias` from `feature_params`."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     if ACT == 1:                                       # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1
         inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
         acc = acc * tl.sigmoid(2.0 * inner)

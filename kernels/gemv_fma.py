@@ -5,7 +5,7 @@ fastest at one or two rows (bench/results/*-gemv-fma.json)."""
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import epilogue
+from kernels.gemv_epilogue import epilogue, feature_params
 from kernels.pdl import await_previous, prefetch_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
 
@@ -94,9 +94,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     one reduction after the loop. int8 becomes float by the mantissa trick of `s8_to_f32`, int4 as
     `one_plus_sixteenth` with the offset taken off per x value (bench/kernel_report.py: 434 instead
     of 465 SASS instructions per 8 x 1024 int4 tile). PREFETCH issues tile i+1's loads before tile
-    i's arithmetic (Triton pipelines only loads that feed a dot); without it, tile i+1's weights are
-    read once tile i's are used. Either way the first weight tile is read before waiting for the
-    kernel that produced x (PDL, kernels/pdl.py). HALF (int4 or int8, fp16 x) reads
+    i's arithmetic (Triton pipelines only loads that feed a dot); with PDL (kernels/pdl.py) its first
+    weight tile is read before waiting for the kernel that produced x. HALF (int4 or int8, fp16 x) reads
     the weights as 32-bit words, 4 to a vector, and multiplies in packed fp16 (`int4_half_dot`,
     `int8_half_dot`, their
     inline assembly with ASM, Triton operations without). X_PER_ROW loads x through pointers spread
@@ -125,6 +124,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     if X_PER_ROW:
         x_row += 0 * rn[:, None, None, None]          # x tiles come out [BN, NG, SV, VEC], like the weights
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
+    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)
+    row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
@@ -132,13 +133,13 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         await_previous(PDL)
         xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF)
     else:
-        w = _fma_weights(w_ptrs, k_begin, k_end, cols, n_mask, BITS, HALF)      # the first tile before the wait
         await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
             w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
             xa_next, xb_next = _fma_x(x_ptr, x_row, k0 + BLOCK_K, k_end, cols, BITS, HALF)
         else:
+            w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
             xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         if HALF and BITS == 8:
             prod = int8_half_dot(w, tl.broadcast_to(_rows(xa, X_PER_ROW), w.shape),
@@ -163,17 +164,15 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         acc += prod
         if PREFETCH:
             w, xa, xb = w_next, xa_next, xb_next
-        else:                                          # the next tile, read once this one is used
-            w = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
     out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)[None, :]    # [1, BN]
     if BITS == 4:
         out *= 16.0
     elif HALF:
         out *= 128.0
     if PER_ROW_SCALE:
-        out *= tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out *= row_scale[None, :]
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
-        out = epilogue(out, rm, rn, M, N, b_ptr, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
