@@ -182,7 +182,7 @@ class ModelRunner:
 
     def _eager(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> torch.Tensor:
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        if not all_logits:
+        if not all_logits and not meta.is_decode:           # one token a sequence: its rows are the last ones
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]
         return self.model.compute_logits(hidden)
 

@@ -17,6 +17,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata
 from kernels.block import DecoderBlock, KVCache, Norm, Rotary
 from kernels.dispatch import use_triton
+from kernels.embedding import embed
 from kernels.gemv_tuner import streamed_linear
 from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
 from kernels.quant import QuantSpec
@@ -85,11 +86,13 @@ class CausalLM(nn.Module):
 
     def embed_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [tokens] -> the first block's input [tokens, hidden]."""
-        x = self.embed(input_ids)
-        if self.project_in is not None:
-            x = F.linear(x, self.project_in)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions + self.spec.position_offset)
+        pos_table = None if self.pos_embed is None else self.pos_embed.weight
+        if self.project_in is None:                             # both lookups and the add: one kernel on CUDA
+            x = embed(input_ids, positions, self.embed.weight, pos_table, self.spec.position_offset)
+        else:                                                   # OPT-350m: project the tokens, then add
+            x = F.linear(self.embed(input_ids), self.project_in)
+            if pos_table is not None:
+                x = x + self.pos_embed(positions + self.spec.position_offset)
         return x if self.embed_norm is None else self.embed_norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
