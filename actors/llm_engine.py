@@ -3,8 +3,8 @@
 Run-ahead (on by default on CUDA): while the whole running batch picks its tokens on the GPU (greedy
 or sampled: actors/sampler.py `picks_on_device`) and nothing waits to be admitted, each step launches
 the *next* decode (its input tokens are this step's picks, still on the GPU) before reading this
-step's tokens, so the host's per-step work (stop checks, the next
-plan) overlaps the GPU instead of idling it. A sequence that stops on a token it could not foresee
+step's tokens, so the host's per-step work (stop checks, the next plan) overlaps the GPU instead of
+idling it. A sequence that stops on a token it could not foresee
 (EOS) has one extra token computed and dropped; one that is aborted in between, likewise."""
 import itertools
 import os
@@ -158,8 +158,8 @@ class LLMEngine:
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the step after `seqs`' (in flight) may be launched now: the same batch, all of it
-        running, picking its tokens on the GPU and sure to need that step (none at max_new_tokens), nothing waiting
-        to be admitted, and a free block for each sequence that needs one."""
+        running, picking its tokens on the GPU and sure to need that step (none at max_new_tokens),
+        nothing waiting to be admitted, and a free block for each sequence that needs one."""
         if not self.run_ahead or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
             return False
         if not all(s.status == SequenceStatus.RUNNING and picks_on_device(s, 1) and

@@ -1,6 +1,6 @@
-"""Token embeddings plus learned position embeddings (GPT-2, GPT-Neo, OPT, BLOOM without): torch's two
-lookups and an add are three kernels at the head of every step; on CUDA one Triton program per token
-reads both rows and writes their sum (rounded once, as torch's fp16 add is)."""
+"""Token embeddings, plus learned position embeddings where the family has them (GPT-2, GPT-Neo, OPT):
+torch's two lookups and an add are three kernels at the head of every step; on CUDA one Triton
+program per token reads both rows and writes their sum (rounded once, as torch's fp16 add is)."""
 import torch
 import triton
 import triton.language as tl
