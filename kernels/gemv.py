@@ -206,11 +206,8 @@ def _l2_prefetch_bytes(weight: torch.Tensor, bits: int) -> int:
     large share of each); 8 MB and more lost everywhere. So 4 MB but for int4, which gets none."""
     if not weight.is_contiguous() or weight.data_ptr() % 16:
         return 0
-    size = weight.numel() * weight.element_size()
     cap = float(os.environ.get("RAYSPEED_L2_PREFETCH_MB", "0" if bits == 4 else "4"))
-    if size <= float(os.environ.get("RAYSPEED_L2_PREFETCH_WHOLE_MB", "0")) * 2**20:
-        cap = size / 2**20
-    nbytes = min(int(cap * 2**20), size)
+    nbytes = min(int(cap * 2**20), weight.numel() * weight.element_size())
     return nbytes // L2_CHUNK * L2_CHUNK
 
 
