@@ -3,8 +3,6 @@
 Each takes an optional `residual`: then it normalises `x + residual` and also returns that sum (the
 residual stream), so a block's residual add costs no kernel of its own; the sum is rounded to x's
 dtype before the statistics, exactly as a separate add would."""
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -119,8 +117,7 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         _layer_norm_kernel[(rows.shape[0],)](rows, res_rows, summed, weight, weight if bias is None else bias, out,
                                              rows.stride(0), res_rows.stride(0), hidden, eps,
                                              HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                                             BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl,
-                                             num_warps=int(os.environ.get("RAYSPEED_NORM_WARPS", "4")))
+                                             BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl)
     return out if residual is None else (out, summed)
 
 
