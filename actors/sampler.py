@@ -13,8 +13,6 @@ mask depends on the step, and a seeded request draws from its own CPU generator.
 import torch
 
 from actors.sequence import Sequence
-from kernels.dispatch import use_triton
-from kernels.sampling import gumbel_pick
 
 
 def stops_masked(seq: Sequence, ahead: int = 0) -> bool:
@@ -84,41 +82,24 @@ def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return picks
 
 
-def _top_k_floors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Each row's k-th largest logit for its top_k, -inf where it has none (`gumbel_pick`'s floors)."""
-    vocab, device = logits.shape[-1], logits.device
-    ks = [s.params.top_k if 0 < s.params.top_k < vocab else 0 for s in seqs]
-    if not any(ks):
-        return torch.full((len(seqs),), float("-inf"), device=device)
-    columns = _staged([max(k - 1, 0) for k in ks], torch.int64, device)
-    kth = logits.topk(max(ks), dim=-1).values.gather(1, columns[:, None]).squeeze(1)
-    return torch.where(_staged(ks, torch.int64, device) > 0, kth, float("-inf"))
-
-
-def _pick(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """One drawn token per row (all sampled): in one kernel on CUDA where only temperature and top-k
-    filter (`gumbel_pick`; tokens tied with the k-th largest logit all stay in), else through the
-    filtered probabilities."""
-    if use_triton(logits) and all(s.params.top_p == 1.0 and s.generator is None for s in seqs):
-        temperatures = _staged([s.params.temperature for s in seqs], torch.float32, logits.device)
-        return gumbel_pick(logits.contiguous(), temperatures, _top_k_floors(logits, seqs),
-                           int(torch.randint(2**31 - 1, ())))
-    probs, order = _filtered_probs(logits, seqs)
-    picks = _draw(probs, seqs)
-    return picks if order is None else order.gather(1, picks[:, None]).squeeze(1)
-
-
 def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence, int64 on the logits'
     device; waits for the GPU only for sequences `picks_on_device` excludes."""
     _penalize(logits, seqs)
+    tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
-        return logits.argmax(dim=-1)
-    if len(rows) == len(seqs):
-        return _pick(logits, seqs)
-    index = _staged(rows, torch.int64, logits.device)
-    return logits.argmax(dim=-1).index_copy_(0, index, _pick(logits[index], [seqs[i] for i in rows]))
+        return tokens
+    sampled = [seqs[i] for i in rows]
+    every = len(rows) == len(seqs)
+    index = None if every else _staged(rows, torch.int64, logits.device)
+    probs, order = _filtered_probs(logits if every else logits[index], sampled)
+    picks = _draw(probs, sampled)
+    if order is not None:
+        picks = order.gather(1, picks[:, None]).squeeze(1)
+    if every:
+        return picks
+    return tokens.index_copy_(0, index, picks)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

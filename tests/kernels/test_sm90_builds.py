@@ -93,8 +93,6 @@ BUILDS = {
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
                   {"ids_ptr": "*i64", "positions_ptr": "*i64", "tokens_ptr": "*fp16", "pos_table_ptr": "*fp16",
                    "out_ptr": "*fp16"}),
-    "gumbel-pick": ("kernels.sampling", "_gumbel_pick_kernel", dict(BLOCK=4096),
-                    {"logits_ptr": "*fp32", "inv_temp_ptr": "*fp32", "floor_ptr": "*fp32", "out_ptr": "*i64"}, 8),
     "dequantize-int8": ("kernels.dequant", "_dequantize_kernel", dict(BITS=8, BLOCK_N=8, BLOCK_K=512, SUB=128),
                         {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
     "dequantize-int4": ("kernels.dequant", "_dequantize_kernel", dict(BITS=4, BLOCK_N=8, BLOCK_K=512, SUB=128),
