@@ -86,10 +86,9 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence, int64 on the logits'
     device; waits for the GPU only for sequences `picks_on_device` excludes."""
     _penalize(logits, seqs)
-    tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
-        return tokens
+        return logits.argmax(dim=-1)
     sampled = [seqs[i] for i in rows]
     every = len(rows) == len(seqs)
     index = None if every else _staged(rows, torch.int64, logits.device)
@@ -97,9 +96,9 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     picks = _draw(probs, sampled)
     if order is not None:
         picks = order.gather(1, picks[:, None]).squeeze(1)
-    if every:
+    if every:                                     # no greedy row: no argmax
         return picks
-    return tokens.index_copy_(0, index, picks)
+    return logits.argmax(dim=-1).index_copy_(0, index, picks)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
