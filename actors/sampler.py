@@ -12,6 +12,7 @@ mask depends on the step, and a seeded request draws from its own CPU generator.
 """
 import torch
 
+from actors.model_runner import to_device
 from actors.sequence import Sequence
 
 
@@ -25,12 +26,6 @@ def picks_on_device(seq: Sequence, ahead: int = 0) -> bool:
     greedy or sampled, no repetition penalty, no stop mask, no seeded generator."""
     p = seq.params
     return p.repetition_penalty == 1.0 and not stops_masked(seq, ahead) and (p.greedy or p.seed is None)
-
-
-def _staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` on `device` without waiting for the GPU (a copy from pageable memory would)."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.to(device) if device.type != "cuda" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -53,7 +48,7 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.T
     filter is set."""
     vocab, device = logits.shape[-1], logits.device
     ks = [min(s.params.top_k or vocab, vocab) for s in seqs]
-    scaled = logits / _staged([s.params.temperature for s in seqs], torch.float32, device)[:, None]
+    scaled = logits / to_device([s.params.temperature for s in seqs], torch.float32, device)[:, None]
     if max(ks) == vocab and all(s.params.top_p == 1.0 for s in seqs):
         return scaled.softmax(dim=-1), None
     if max(ks) < vocab:
@@ -62,10 +57,10 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.T
         scaled, order = scaled.sort(dim=-1, descending=True)
     if min(ks) < scaled.shape[-1]:
         rank = torch.arange(scaled.shape[-1], device=device)
-        scaled.masked_fill_(rank[None, :] >= _staged(ks, torch.int64, device)[:, None], float("-inf"))
+        scaled.masked_fill_(rank[None, :] >= to_device(ks, torch.int64, device)[:, None], float("-inf"))
     probs = scaled.softmax(dim=-1)
     if any(s.params.top_p < 1.0 for s in seqs):
-        top_p = _staged([s.params.top_p for s in seqs], torch.float32, device)
+        top_p = to_device([s.params.top_p for s in seqs], torch.float32, device)
         outside = probs.cumsum(dim=-1) - probs > top_p[:, None]       # keeps at least the top token
         probs = probs.masked_fill(outside, 0.0)
     return probs, order
@@ -91,7 +86,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
         return logits.argmax(dim=-1)
     sampled = [seqs[i] for i in rows]
     every = len(rows) == len(seqs)
-    index = None if every else _staged(rows, torch.int64, logits.device)
+    index = None if every else to_device(rows, torch.int64, logits.device)
     probs, order = _filtered_probs(logits if every else logits[index], sampled)
     picks = _draw(probs, sampled)
     if order is not None:

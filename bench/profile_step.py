@@ -128,13 +128,7 @@ def profile_prefill(engine, batch: int, length: int, args) -> None:
         g = torch.Generator().manual_seed(next(seed))
         engine.generate(torch.randint(100, vocab - 100, (batch, length), generator=g).tolist(), params)
 
-    walls = []
-    for _ in range(6):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - t) * 1e3)
+    walls = walls_ms(call, 6)
     split = replay_split(engine, batch, length)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
@@ -142,6 +136,18 @@ def profile_prefill(engine, batch: int, length: int, args) -> None:
         torch.cuda.synchronize()
     report(prof, 3, {"model": args.model, "dtype": args.dtype, "batch": batch, "prefill": length,
                      "wall_ms_median": statistics.median(walls[1:]), "wall_ms": walls, **split}, args.top, host=True)
+
+
+def walls_ms(fn, runs: int) -> list[float]:
+    """Milliseconds of each of `runs` calls of `fn`, from an idle GPU to the end of its work."""
+    walls = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t) * 1e3)
+    return walls
 
 
 def replay_split(engine, batch: int, length: int) -> dict:
@@ -166,13 +172,7 @@ def replay_split(engine, batch: int, length: int) -> dict:
             replay()
         end.record()
         end.synchronize()
-        single = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            replay()
-            torch.cuda.synchronize()
-            single.append((time.perf_counter() - t) * 1e3)
+        single = walls_ms(replay, 5)
     finally:
         for seq in seqs:
             engine.block_manager.deallocate(seq)
