@@ -88,7 +88,7 @@ def loop_stats(sass: str) -> dict:
 
 def gemv_cases():
     """(name, kernel, constexprs, pointers, weight bytes per loop iteration per thread)."""
-    epilogue = dict(SPLIT=False, TICKET=False, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
+    epilogue = dict(EPILOGUE=True, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
     for bits, weight, block_n, block_k, sub, half in ((16, "*fp16", 2, 1024, 1024, False),
                                                       (8, "*i8", 4, 1024, 1024, False), (4, "*u8", 8, 1024, 128, False),
                                                       (4, "*u8", 16, 512, 128, True), (8, "*i8", 16, 256, 256, True),

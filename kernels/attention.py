@@ -20,7 +20,6 @@ from kernels.dispatch import use_triton
 from kernels.pdl import await_previous
 from kernels.pdl import enabled as programmatic_launch
 from kernels.prefill_attention import prefill_attention_triton
-from kernels.tickets import tickets
 
 
 @dataclass
@@ -269,6 +268,9 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, bool]:
 
 MAX_SPLITS = 16
 SPLIT_MIN_CHUNKS = 4      # a context of at most this many loop steps stays with one program
+# The split tickets, per device; each merge resets its own. Two split decode kernels must not run at
+# once on a device (they would share tickets): the engine issues them one after another on one stream.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def decode_splits(pairs: int, device: torch.device) -> int:
@@ -287,6 +289,17 @@ def decode_splits(pairs: int, device: torch.device) -> int:
     while pairs * splits * 2 <= target and splits < MAX_SPLITS:
         splits *= 2
     return splits
+
+
+def _split_counters(pairs: int, device: torch.device) -> torch.Tensor | None:
+    """Zeroed tickets for `pairs` (head, sequence) merges, allocated once per device outside any CUDA
+    graph capture (the decode graphs' eager warm-up runs first); None where that is not possible."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(4096, dtype=torch.int32, device=device)
+    return counters if pairs <= counters.numel() else None
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -322,7 +335,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
         chunk = max(block_size, _decode_chunk(num_heads * num_seqs * splits, q.device)[0])
         splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
-    counters = tickets("decode-attention", num_heads * num_seqs, q.device, 4096) if splits > 1 else None
+    counters = _split_counters(num_heads * num_seqs, q.device) if splits > 1 else None
     if counters is None:
         splits = 1
     ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,

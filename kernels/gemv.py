@@ -13,9 +13,8 @@ for a decode product), bias, activation and residual fused:
   for 16-bit and int8 weights at decode batches, with PDL.
 Each program owns `BLOCK_N` output features and walks its slice of K in `BLOCK_K` tiles;
 `SPLIT_K` > 1 gives every output tile several programs (enough of them to fill the GPU when N is
-small) whose fp32 partial sums the last of them to finish adds up in a fixed order (a ticket per
-tile, `store_tile`), so results do not depend on timing and no second kernel runs
-(RAYSPEED_SPLIT_TICKETS=0: a second, tiny kernel does it, `_split_k_reduce_kernel`). Which tile, which kernel (and whether cuBLAS beats both, for float weights) is
+small) whose fp32 partial sums a second, tiny kernel adds up in a fixed order, so results do not
+depend on timing. Which tile, which kernel (and whether cuBLAS beats both, for float weights) is
 measured once per shape on the device at the engine's start-up: kernels/gemv_tuner.py. Quantized
 products of many rows (prefill) dequantize the weight once instead (kernels/dequant.py).
 
@@ -33,11 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params, store_tile
+from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params
 from kernels.gemv_fma import _fma_kernel
 from kernels.pdl import await_previous, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
-from kernels.tickets import tickets
 from kernels.unpack import nibble_minus_8, s8_to
 
 
@@ -59,9 +57,9 @@ class Tile:
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_ptr, M, N, K, stride_xm, stride_wn,
-                   stride_sn, stride_rm, group_size, k_per_split,
-                   BITS: tl.constexpr, SPLIT: tl.constexpr, TICKET: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                   stride_rm, stride_om, stride_os, group_size, k_per_split,
+                   BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                    HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, SCALE_IN_TILE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc[BM, BN] = x[BM, K-slice] @ w[BN, K-slice]^T on the tensor cores (rows past M are zeros: a
@@ -119,15 +117,18 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_
             acc += part
     if PER_ROW_SCALE:
         acc *= feature_params(s_ptr, rn, stride_sn, N, True, 0.0)[None, :]
-    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and (TICKET or not SPLIT), 0.0)
-    store_tile(acc, rm, rn, M, N, pid_k, tl.num_programs(1), bias, r_ptr, stride_rm, out_ptr, ws_ptr, counters_ptr,
-               SPLIT, TICKET, HAS_BIAS, ACT, HAS_RESIDUAL)
+    if EPILOGUE:                                       # without split-K; the reduction applies it otherwise
+        bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS, 0.0)
+        acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    out_mask = (rm[:, None] < M) & n_mask[None, :]
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_ptr, M, N, K, stride_xm, stride_wn,
-                 stride_sn, stride_rm, group_size, k_per_split,
-                 BITS: tl.constexpr, SPLIT: tl.constexpr, TICKET: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                 stride_rm, stride_om, stride_os, group_size, k_per_split,
+                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                  L2_ROWS: tl.constexpr):
@@ -148,7 +149,7 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_pt
         start = tl.minimum(k_begin * (BITS // 8), K * (BITS // 8) - L2_ROWS)
         rows = tl.minimum(rn, N - 1).to(tl.int64) * (stride_wn * (BITS // 8))
         prefetch_rows_l2(w_ptr.to(tl.pointer_type(tl.int8)) + rows + start, L2_ROWS)
-    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and (TICKET or not SPLIT), 0.0)
+    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)
     row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
     await_previous(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -165,8 +166,12 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_pt
         acc += part
     if PER_ROW_SCALE:
         acc *= row_scale[:, None]
-    store_tile(tl.trans(acc), rm, rn, M, N, pid_k, tl.num_programs(1), bias, r_ptr, stride_rm, out_ptr, ws_ptr,
-               counters_ptr, SPLIT, TICKET, HAS_BIAS, ACT, HAS_RESIDUAL)
+    acc = tl.trans(acc)                                # [BM, BN]
+    if EPILOGUE:
+        acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    out_mask = (rm[:, None] < M) & n_mask[None, :]
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -187,7 +192,6 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-SPLIT_TICKETS = 1 << 16  # output tiles a split-K product may have for its programs to merge their partials
 NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness
 L2_CHUNK = 2048        # bytes per bulk prefetch; a program of 4 warps asks for 256 KB
 
@@ -260,22 +264,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
     split = triton.cdiv(k, k_per_split)
-    ws = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, tile.block_n), split, triton.cdiv(m, tile.block_m))
-    counters = None
-    if split > 1 and os.environ.get("RAYSPEED_SPLIT_TICKETS", "1") != "0":
-        counters = tickets("gemv", grid[0] * (m if tile.fma else grid[2]), x.device, SPLIT_TICKETS)
     epilogue = dict(HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None)
     dummy = weight                                     # for pointers a flag leaves unread
     bias_, residual_ = dummy if bias is None else bias, dummy if residual is None else residual
     res_stride = 0 if residual is None else residual.stride(0)
     pdl = (tile.fma or tile.swap) and programmatic_launch(x)     # not `_skinny_kernel`'s tiles (see there)
-    flags = dict(BITS=bits, SPLIT=split > 1, TICKET=counters is not None, **epilogue, PER_ROW_SCALE=per_row,
+    flags = dict(BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
                  BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                  num_warps=tile.num_warps, num_stages=tile.num_stages)
-    args = (rows, weight, dummy if scales is None else scales, bias_, residual_, out, ws,
-            ws if counters is None else counters, m, n, k, rows.stride(0), weight.stride(0),
-            0 if scales is None else scales.stride(0), res_stride, group_size, k_per_split)
+    args = (rows, weight, dummy if scales is None else scales, bias_, residual_, target, m, n, k,
+            rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
+            group_size, k_per_split)
     l2_bytes = _l2_prefetch_bytes(weight, bits) if pdl else 0
     if tile.fma:
         grouped = bits < 16 and not per_row
@@ -305,9 +306,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _swap_kernel[grid](*args, PDL=pdl, launch_pdl=pdl, L2_ROWS=l2_rows, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
-    if split > 1 and counters is None:
+    if split > 1:
         block_m, block_n = min(16, triton.next_power_of_2(m)), 256
         _split_k_reduce_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-            ws, bias_, residual_, out, m, n, res_stride, SPLIT_K=split, **epilogue,
+            target, bias_, residual_, out, m, n, res_stride, SPLIT_K=split, **epilogue,
             BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl)
     return out

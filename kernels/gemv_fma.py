@@ -5,7 +5,7 @@ fastest at one or two rows (bench/results/*-gemv-fma.json)."""
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import feature_params, store_tile
+from kernels.gemv_epilogue import epilogue, feature_params
 from kernels.pdl import await_previous, prefetch_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
 
@@ -78,9 +78,9 @@ def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr
 
 
 @triton.jit
-def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_ptr, M, N, K, stride_xm, stride_wn,
-                stride_sn, stride_rm, group_size, k_per_split, l2_bytes,
-                BITS: tl.constexpr, SPLIT: tl.constexpr, TICKET: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes,
+                BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
                 PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
@@ -124,7 +124,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_ptr
     if X_PER_ROW:
         x_row += 0 * rn[:, None, None, None]          # x tiles come out [BN, NG, SV, VEC], like the weights
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
-    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and (TICKET or not SPLIT), 0.0)
+    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)
     row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
@@ -171,5 +171,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, ws_ptr, counters_ptr
         out *= 128.0
     if PER_ROW_SCALE:
         out *= row_scale[None, :]
-    store_tile(out, row + tl.arange(0, 1), rn, M, N, pid_k, tl.num_programs(1), bias, r_ptr, stride_rm, out_ptr,
-               ws_ptr, counters_ptr, SPLIT, TICKET, HAS_BIAS, ACT, HAS_RESIDUAL)
+    rm = row + tl.arange(0, 1)
+    if EPILOGUE:
+        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from kernels.gemv import Tile, pick_tile, skinny_linear
-from kernels.tickets import tickets
 
 
 def _weight(n: int, k: int, bits: int, group_size: int, g: torch.Generator):
@@ -220,26 +219,6 @@ def test_fused_epilogue(activation, tile):
     got = skinny_linear(x, w, bias, scales, 8, 64, tile, activation=activation, residual=residual)
     ref = EPILOGUE_REFS[activation](x.double() @ full.double().T + bias.double()) + residual.double()
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
-
-
-@pytest.mark.parametrize("bits,group,tile", [(16, None, Tile(16, 16, 64, split_k=4)),
-                                             (8, 64, Tile(1, 8, 32, split_k=3, fma=True)),
-                                             (4, 64, Tile(1, 16, 64, split_k=2, fma=True, prefetch=True)),
-                                             (8, None, Tile(16, 16, 32, split_k=3, swap=True))])
-def test_split_k_tickets_merge_as_the_reduction_kernel_does(monkeypatch, bits, group, tile):
-    """The last program of each output tile adds the partials up in split order, as the second kernel
-    would: equal bit for bit, whichever program finishes last; every ticket back at zero after."""
-    g = torch.Generator().manual_seed(bits)
-    w, scales, full = _weight(40, 192, bits, group or 192, g)
-    x, bias, residual = torch.randn(5, 192, generator=g), torch.randn(40, generator=g), torch.randn(5, 40, generator=g)
-    args = (x, w, bias, scales, bits, group, tile)
-    merged = [skinny_linear(*args, activation="gelu_tanh", residual=residual) for _ in range(2)]
-    assert not tickets("gemv", 0, x.device, 0).any()
-    monkeypatch.setenv("RAYSPEED_SPLIT_TICKETS", "0")
-    reduced = skinny_linear(*args, activation="gelu_tanh", residual=residual)
-    assert torch.equal(merged[0], reduced) and torch.equal(merged[1], reduced)
-    ref = EPILOGUE_REFS["gelu_tanh"](x.double() @ full.double().T + bias.double()) + residual.double()
-    assert ((reduced - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 32), (4, 32), (4, 64)])

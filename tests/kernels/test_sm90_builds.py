@@ -17,8 +17,7 @@ import pytest
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton without its CUDA backend")
 
 GEMV_POINTERS = {name: "*fp16" for name in ("x_ptr", "s_ptr", "b_ptr", "r_ptr", "out_ptr")}
-SPLIT_POINTERS = {"ws_ptr": "*fp32", "counters_ptr": "*i32"}
-EPILOGUE = dict(SPLIT=False, TICKET=False, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
+EPILOGUE = dict(EPILOGUE=True, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True)
 ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_new_ptr",
                                                      "v_new_ptr")},
                       "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32",
@@ -26,11 +25,9 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
 
 
 def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
-        l2=False, ticket=False):
-    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, **SPLIT_POINTERS, "w_ptr": f"*{weight}"}
-    split = dict(SPLIT=True, TICKET=True) if ticket else {}
-    return ("kernels.gemv_fma", "_fma_kernel", dict(BITS=bits, **{**EPILOGUE, **split},
-                                                PER_ROW_SCALE=bits == 8 and sub == block_k,
+        l2=False):
+    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
+    return ("kernels.gemv_fma", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
                                                 PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row,
                                                 L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048), pointers,
@@ -40,13 +37,13 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
 def tensor_cores(bits, weight, block_n, block_k):
     return ("kernels.gemv", "_skinny_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=False, SCALE_IN_TILE=False,
                                                    BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k),
-            {**GEMV_POINTERS, **SPLIT_POINTERS, "w_ptr": f"*{weight}"})
+            {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
 def swapped(bits, weight, block_n, block_k, pdl=False, l2_rows=0):
     return ("kernels.gemv", "_swap_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=False, BLOCK_M=32,
                                                  BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, L2_ROWS=l2_rows),
-            {**GEMV_POINTERS, **SPLIT_POINTERS, "w_ptr": f"*{weight}"})
+            {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
 def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1):
@@ -67,8 +64,6 @@ BUILDS = {
     "fma-int8-half": fma(8, "i8", "fp16", 16, 256, 256, False, half=True),
     "fma-int8-half-groups-prefetch": fma(8, "i8", "fp16", 32, 128, 64, True, half=True),
     "fma-int8-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True),
-    "pdl-fma-int4-half-split-ticket": fma(4, "u8", "fp16", 32, 256, 128, False, pdl=True, half=True, x_per_row=True,
-                                          ticket=True),
     "fma-int4-x-per-row": fma(4, "u8", "fp16", 8, 1024, 128, False, x_per_row=True),
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
@@ -199,16 +194,6 @@ def test_split_decode_merges_after_a_released_ticket(built):
     assert "st.global" in ptx[:ticket] and "bar.sync" in ptx[ptx.rindex("st.global", 0, ticket):ticket]
     assert "ld.global.cg" in ptx[ticket:]
     assert "atom." not in built["decode-chunk64-prefetch"]["ptx"]
-
-
-def test_split_k_merges_after_a_released_ticket(built):
-    """Split-K matmul: the partial's stores, a barrier, one acq_rel ticket at GPU scope; the merging
-    program reads the partials through L2 and stores the output after them."""
-    ptx = built["pdl-fma-int4-half-split-ticket"]["ptx"]
-    ticket = ptx.index("atom.global.gpu.acq_rel.add")
-    assert "st.global" in ptx[:ticket] and "bar.sync" in ptx[ptx.rindex("st.global", 0, ticket):ticket]
-    assert "ld.global.cg" in ptx[ticket:] and "st.global" in ptx[ticket:]
-    assert "atom." not in built["fma-int4-half"]["ptx"]
 
 
 def test_prefill_attention_builds_with_every_option(built):
