@@ -4,9 +4,10 @@ mask is needed), on GPT-Neo 2.7B's (20 heads x 128, local layers with a 256 wind
 (32 x 128) attention shapes; also checks the two agree. `--decode`: paged decode attention with its
 context split over several programs per (head, sequence) (the default where the grid is small)
 against one program each, batch 1 to 32, contexts 160 to 8,192, timed in CUDA graphs as decode
-runs it, over cache copies that miss L2.
+runs it, over cache copies that miss L2; `--decode-configs`: at batch 8 and 32, every chunk size,
+chunk-read mode and warp count against the default choice.
 
-    python3 bench/attention_sweep.py [--decode] --out bench/results
+    python3 bench/attention_sweep.py [--decode | --decode-configs] --out bench/results
 """
 import argparse
 import datetime
@@ -20,7 +21,7 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.attention import decode_splits, paged_decode_attention_triton  # noqa: E402
+from kernels.attention import DECODE_MODES, decode_splits, paged_decode_attention_triton  # noqa: E402
 from kernels.gemv_tuner import time_in_graph  # noqa: E402
 from kernels.prefill_attention import prefill_attention_sdpa, prefill_attention_triton  # noqa: E402
 
@@ -34,17 +35,9 @@ DECODE_CASES = [(heads, batch, ctx) for heads in (20, 32) for batch in (1, 8, 32
 def decode_rows():
     """Decode attention (20 or 32 heads of 128, fp16, block 16) with and without context splitting."""
     for heads, batch, ctx in DECODE_CASES:
-        block = 16
-        blocks_per_seq = ctx // block
         kv_bytes = 2 * batch * ctx * heads * 128 * 2
-        copies = max(1, min(8, -(-100 * 2**20 // kv_bytes)))
-        caches = [torch.randn(2, batch * blocks_per_seq, block, heads, 128, device="cuda", dtype=torch.float16)
-                  for _ in range(copies)]
-        tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device="cuda").view(batch, blocks_per_seq)
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-        q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.float16)
-        launch = lambda i: paged_decode_attention_triton(q, caches[i][0], caches[i][1], tables, lens, 0.088)  # noqa
-        splits = decode_splits(heads * batch, q.device)
+        launch, copies = decode_cache(heads, batch, ctx)
+        splits = decode_splits(heads * batch, torch.device("cuda"))
         split_us = time_in_graph(launch, copies) * 1e3
         os.environ["RAYSPEED_DECODE_SPLITS"] = "1"
         try:
@@ -53,6 +46,44 @@ def decode_rows():
             del os.environ["RAYSPEED_DECODE_SPLITS"]
         yield {"heads": heads, "batch": batch, "context": ctx, "splits": splits, "split_us": split_us,
                "one_program_us": single_us, "kv_gb_per_s": kv_bytes / (split_us * 1e3)}
+
+
+def decode_cache(heads: int, batch: int, ctx: int):
+    """(launch(i), copies): decode attention over the i-th of enough fp16 cache copies (block 16) that
+    each launch reads its keys and values from HBM."""
+    block = 16
+    blocks_per_seq = -(-ctx // block)
+    kv_bytes = 2 * batch * ctx * heads * 128 * 2
+    copies = max(1, min(8, -(-100 * 2**20 // kv_bytes)))
+    caches = [torch.randn(2, batch * blocks_per_seq, block, heads, 128, device="cuda", dtype=torch.float16)
+              for _ in range(copies)]
+    tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device="cuda").view(batch, blocks_per_seq)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.float16)
+    return (lambda i: paged_decode_attention_triton(q, caches[i][0], caches[i][1], tables, lens, 0.088)), copies
+
+
+def decode_config_rows():
+    """Decode attention at batches whose grids hold several programs per SM (no split), GPT-Neo's 20
+    heads, short to medium contexts: the default chunk / mode / warps against every combination
+    (RAYSPEED_DECODE_CONFIG)."""
+    for batch in (8, 32):
+        for ctx in (96, 160, 512):
+            launch, copies = decode_cache(20, batch, ctx)
+            row = {"heads": 20, "batch": batch, "context": ctx, "kv_mb": 2 * batch * ctx * 20 * 256 / 2**20,
+                   "default_us": time_in_graph(launch, copies) * 1e3, "configs": {}}
+            for chunk in (16, 32, 64):
+                for mode in DECODE_MODES:
+                    for warps in (2, 4, 8):
+                        config = f"{chunk},{mode},{warps}"
+                        os.environ["RAYSPEED_DECODE_CONFIG"] = config
+                        try:
+                            row["configs"][config] = time_in_graph(launch, copies) * 1e3
+                        finally:
+                            del os.environ["RAYSPEED_DECODE_CONFIG"]
+            best = min(row["configs"], key=row["configs"].get)
+            row["best"] = [best, row["configs"][best]]
+            yield row
 
 
 def prefill_configs(q, k, v, cu, length, scale, window) -> dict:
@@ -75,15 +106,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--decode", action="store_true", help="decode attention, split context vs one program")
+    ap.add_argument("--decode-configs", action="store_true",
+                    help="decode attention at batch 8 and 32: every chunk / mode / warps against the default")
     ap.add_argument("--configs", action="store_true",
                     help="prefill: also time the Triton kernel at every block / warps / stages")
     args = ap.parse_args()
     rows = []
-    if args.decode:
-        for row in decode_rows():
+    if args.decode or args.decode_configs:
+        for row in (decode_config_rows() if args.decode_configs else decode_rows()):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    for name, heads, dim, window, batch, length in ([] if args.decode else CASES):
+    for name, heads, dim, window, batch, length in ([] if args.decode or args.decode_configs else CASES):
         tokens = batch * length
         qkv = torch.randn(tokens, 3 * heads, dim, device="cuda", dtype=torch.float16)
         q, k, v = qkv[:, :heads], qkv[:, heads:2 * heads], qkv[:, 2 * heads:]
@@ -102,7 +135,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "rows": rows}
     path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-"
-                        f"{'decode-' if args.decode else ''}attention.json")
+                        f"{'decode-configs-' if args.decode_configs else 'decode-' if args.decode else ''}attention.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
 

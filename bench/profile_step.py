@@ -6,7 +6,7 @@ measures): its wall time beside its kernel time, and the host ops that take the 
 kernel end against the sum of its kernels, and the idle time before each kernel (the launch gap
 after the previous one ends; PDL launches overlap, so those count zero), by kernel.
 
-    python3 bench/profile_step.py --batch 1 [--graph]
+    python3 bench/profile_step.py --batch 1 [--graph] [--prompt 96]
     python3 bench/profile_step.py --prefill 1x32,32x32,1x512
 """
 import argparse
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", default="", help="profile prefills instead: comma list of BATCHxLENGTH")
     ap.add_argument("--graph", action="store_true", help="the decode graph's replay: span, kernels, gaps")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens of each decoding sequence")
     args = ap.parse_args()
     engine = rayspeed.init_inference(build(args.model), dtype=args.dtype, replace_with_kernel_inject=True,
                                      gpu_memory_utilization=0.5).backend
@@ -43,8 +44,8 @@ def main() -> None:
             batch, length = (int(n) for n in shape.split("x"))
             profile_prefill(engine, batch, length, args)
         return
-    seqs = [engine.add_request(list(range(100 + i, 132 + i)), SamplingParams(max_new_tokens=64, ignore_eos=True))
-            for i in range(args.batch)]
+    seqs = [engine.add_request(list(range(100 + i, 100 + i + args.prompt)),
+                               SamplingParams(max_new_tokens=64, ignore_eos=True)) for i in range(args.batch)]
     for _ in range(4):
         engine.step()
     runner = engine.runner

@@ -100,7 +100,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                          PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1,
-                         SPLIT_MIN_CHUNKS: tl.constexpr = 4):
+                         SPLIT_MIN_CHUNKS: tl.constexpr = 4, EARLY: tl.constexpr = False):
     """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
     (several cache blocks per step). With PREFETCH the next chunk's keys and values load while this
     one is computed (for small grids, whose programs wait on memory with nothing else to run on
@@ -108,7 +108,8 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     k_new/v_new (registers), and the program of each KV head's first query head writes them to their
     cache slot: no separate store kernel, and no program reads that slot. With PREFETCH the first
     chunk is read before waiting for the previous kernel (PDL): earlier steps wrote it, and the block
-    table and context lengths are the step's inputs.
+    table and context lengths are the step's inputs. EARLY (without PREFETCH) reads the first chunk
+    before the wait as well, and each next chunk after this one is computed: one chunk in registers.
 
     SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): a context of more than
     SPLIT_MIN_CHUNKS chunks is shared out among up to SPLITS programs per (head, sequence), two
@@ -141,7 +142,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         c_end = tl.minimum(c_first + per_split, c_end)
     if split < active:                      # the programs of empty splits exit at once
         end = tl.minimum(cached, c_end * CHUNK)                             # positions past it are not ours
-        if PREFETCH:
+        if PREFETCH or EARLY:
             k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
                                  cache_row_stride, head_offs, d_mask, c_first, first, end, BLOCK_SIZE, CHUNK)
         await_previous(PDL)
@@ -176,7 +177,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                 k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
                                                cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first,
                                                end, BLOCK_SIZE, CHUNK)          # all masked past the end
-            else:
+            elif not EARLY:
                 k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
                                      cache_row_stride, head_offs, d_mask, c, first, end, BLOCK_SIZE, CHUNK)
             k_pos = c * CHUNK + positions
@@ -193,6 +194,9 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
             m_lane = m_new
             if PREFETCH:
                 k, v = k_next, v_next
+            elif EARLY:                                                         # all masked past the end
+                k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
+                                     cache_row_stride, head_offs, d_mask, c + 1, first, end, BLOCK_SIZE, CHUNK)
         m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the new token
         base = tl.where(m_all == float("-inf"), 0.0, m_all)
         lane_weight = tl.exp(m_lane - base)
@@ -253,17 +257,26 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_chunk(programs: int, device: torch.device) -> tuple[int, bool]:
-    """(cache positions per loop step, prefetch) for `_paged_decode_kernel`: the largest step whose
+DECODE_MODES = ("plain", "early", "prefetch")      # chunk reads: in the loop / first before the wait / one ahead
+
+
+def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
+    """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`: the largest step whose
     grid still fits one wave of the GPU, prefetching where that fits too. At head_dim <= 128 a program
     of 4 warps needs (bench/kernel_report.py, sm_90) 253 registers a thread at 64 positions with
-    prefetch, ~170 without and ~100 at 32 without: 2, 3 and 5 programs per SM."""
+    prefetch, ~170 without and ~100 at 32 without: 2, 3 and 5 programs per SM.
+    RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it (bench/attention_sweep.py --decode-configs)."""
+    forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
+    if forced:
+        chunk, mode, warps = forced.split(",")
+        assert mode in DECODE_MODES, f"RAYSPEED_DECODE_CONFIG mode must be one of {DECODE_MODES}, got {mode}"
+        return int(chunk), mode, int(warps)
     if device.type != "cuda":
-        return 64, True
+        return 64, "prefetch", 4
     sms = _sm_count(device.index or 0)
     if programs <= 2 * sms:
-        return 64, True
-    return (64, False) if programs <= 3 * sms else (32, False)
+        return 64, "prefetch", 4
+    return (64, "plain", 4) if programs <= 3 * sms else (32, "plain", 4)
 
 
 MAX_SPLITS = 16
@@ -340,7 +353,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         splits = 1
     ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
-    chunk, prefetch = _decode_chunk(num_heads * num_seqs * splits, q.device)
+    chunk, mode, warps = _decode_chunk(num_heads * num_seqs * splits, q.device)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     _paged_decode_kernel[(num_heads, num_seqs, splits)](
@@ -351,8 +364,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         k_cache.stride(0), k_cache.stride(1),
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
-        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=prefetch, PDL=pdl, SPLITS=splits,
-        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, launch_pdl=pdl)
+        BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=mode == "prefetch", PDL=pdl, SPLITS=splits,
+        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, EARLY=mode == "early", num_warps=warps, launch_pdl=pdl)
     return out
 
 

@@ -137,10 +137,12 @@ def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
     else 32 (5 per SM fit)."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert attention._decode_chunk(20 * 8, cuda) == (64, True)
-    assert attention._decode_chunk(20 * 16, cuda) == (64, False)
-    assert attention._decode_chunk(20 * 32, cuda) == (32, False)
-    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, True)
+    assert attention._decode_chunk(20 * 8, cuda) == (64, "prefetch", 4)
+    assert attention._decode_chunk(20 * 16, cuda) == (64, "plain", 4)
+    assert attention._decode_chunk(20 * 32, cuda) == (32, "plain", 4)
+    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "prefetch", 4)
+    monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,early,2")
+    assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
 
 
 def _new_token_case(dtype, window, with_alibi, heads, kv_heads, seed):
@@ -171,7 +173,7 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     program; with this step's token (split 0 folds it in and stores it) and without; twice in a row,
     so the tickets are back at zero after each merge."""
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, True))
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, "prefetch", 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=splits)
     for _ in range(2):
@@ -333,13 +335,14 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
                                                             (None, True, 2, 2)])
-@pytest.mark.parametrize("chunk,prefetch", [(64, True), (16, False), (16, True)])
-def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, prefetch,
+@pytest.mark.parametrize("chunk,mode", [(64, "prefetch"), (16, "plain"), (16, "prefetch"), (16, "early")])
+def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, mode,
                                                   monkeypatch):
     """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;
     contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
-    leaves empty; the next chunk loaded before or after this one's arithmetic) and a single token."""
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, prefetch))
+    leaves empty; the next chunk loaded before or after this one's arithmetic, the first before the
+    wait or in the loop) and a single token."""
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, mode, 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=5)
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,

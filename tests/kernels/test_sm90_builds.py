@@ -46,10 +46,10 @@ def swapped(bits, weight, block_n, block_k, pdl=False, l2_rows=0):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
-def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1):
+def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, early=False):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
                                                               BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
-                                                              PREFETCH=prefetch, SPLITS=splits),
+                                                              PREFETCH=prefetch, SPLITS=splits, EARLY=early),
             ATTENTION_POINTERS)
 
 
@@ -77,6 +77,7 @@ BUILDS = {
     "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
     "pdl-fma-fp16-l2": fma(16, "fp16", "fp16", 2, 1024, 1024, False, pdl=True, l2=True),
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
+    "pdl-decode-chunk32-early": decode_attention(32, False, False, pdl=True, early=True),
     "pdl-layer-norm": ("kernels.norm", "_layer_norm_kernel", dict(HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK=4096,
                                                                  PDL=True),
                        {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "b_ptr", "out_ptr")}),
