@@ -261,11 +261,15 @@ DECODE_MODES = ("plain", "early", "prefetch")      # chunk reads: in the loop / 
 
 
 def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
-    """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`: the largest step whose
-    grid still fits one wave of the GPU, prefetching where that fits too. At head_dim <= 128 a program
-    of 4 warps needs (bench/kernel_report.py, sm_90) 253 registers a thread at 64 positions with
-    prefetch, ~170 without and ~100 at 32 without: 2, 3 and 5 programs per SM.
-    RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it (bench/attention_sweep.py --decode-configs)."""
+    """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size. Timed in
+    CUDA graphs on an H100 (bench/attention_sweep.py --decode-configs, *-decode-configs-attention.json;
+    GPT-Neo's 20 heads of 128, contexts 96 / 160 / 512): a grid that 2 programs per SM hold (batch 8)
+    reads 64 positions a step, the next one ahead (7.1 / 9.6 / 19.9 us); up to 3 per SM, 64 with the
+    first read before the PDL wait, which beat reading it in the loop at every size timed (at batch 32
+    18.8 / 27.3 / 63.5 us against 25.0 / 36.4 / 94.7); larger grids (batch 32) 16 positions a step in
+    programs of 2 warps, the first read early: 13.9 / 21.5 / 67.7 us against 15.8 / 23.3 / 65.7 for 32
+    positions read in the loop by 4 warps, the choice before (and a decode step at batch 32 3.06-3.30
+    ms against 3.37-3.48, `*-neo-attn-*.json`). RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
         chunk, mode, warps = forced.split(",")
@@ -276,7 +280,7 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
     sms = _sm_count(device.index or 0)
     if programs <= 2 * sms:
         return 64, "prefetch", 4
-    return (64, "plain", 4) if programs <= 3 * sms else (32, "plain", 4)
+    return (64, "early", 4) if programs <= 3 * sms else (16, "early", 2)
 
 
 MAX_SPLITS = 16

@@ -133,13 +133,13 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
 
 
 def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
-    """64 positions a step with prefetch while 2 programs per SM hold the grid, without it while 3 do,
-    else 32 (5 per SM fit)."""
+    """64 positions a step with prefetch while 2 programs per SM hold the grid, with the first read
+    early while 3 do, else 16 in programs of 2 warps."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "prefetch", 4)
-    assert attention._decode_chunk(20 * 16, cuda) == (64, "plain", 4)
-    assert attention._decode_chunk(20 * 32, cuda) == (32, "plain", 4)
+    assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
+    assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "prefetch", 4)
     monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,early,2")
     assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
