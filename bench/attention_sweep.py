@@ -4,8 +4,8 @@ mask is needed), on GPT-Neo 2.7B's (20 heads x 128, local layers with a 256 wind
 (32 x 128) attention shapes; also checks the two agree. `--decode`: paged decode attention with its
 context split over several programs per (head, sequence) (the default where the grid is small)
 against one program each, batch 1 to 32, contexts 160 to 8,192, timed in CUDA graphs as decode
-runs it, over cache copies that miss L2; `--decode-configs`: at batch 8 and 32, every chunk size,
-chunk-read mode and warp count against the default choice.
+runs it, over cache copies that miss L2; `--decode-configs`: every chunk size, chunk-read mode and
+warp count against the default choice (and context splits, `--splits 1,2,4`).
 
     python3 bench/attention_sweep.py [--decode | --decode-configs] --out bench/results
 """
@@ -48,9 +48,10 @@ def decode_rows():
                "one_program_us": single_us, "kv_gb_per_s": kv_bytes / (split_us * 1e3)}
 
 
-def decode_cache(heads: int, batch: int, ctx: int):
+def decode_cache(heads: int, batch: int, ctx: int, max_context: int | None = None):
     """(launch(i), copies): decode attention over the i-th of enough fp16 cache copies (block 16) that
-    each launch reads its keys and values from HBM."""
+    each launch reads its keys and values from HBM; `max_context` as the decode graphs pass it (256 in
+    the graphs of steps whose contexts all fit 256 positions)."""
     block = 16
     blocks_per_seq = -(-ctx // block)
     kv_bytes = 2 * batch * ctx * heads * 128 * 2
@@ -60,27 +61,44 @@ def decode_cache(heads: int, batch: int, ctx: int):
     tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device="cuda").view(batch, blocks_per_seq)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.float16)
-    return (lambda i: paged_decode_attention_triton(q, caches[i][0], caches[i][1], tables, lens, 0.088)), copies
+    return (lambda i: paged_decode_attention_triton(q, caches[i][0], caches[i][1], tables, lens, 0.088,
+                                                    max_context=max_context)), copies
 
 
-def decode_config_rows():
-    """Decode attention at batches whose grids hold several programs per SM (no split), GPT-Neo's 20
-    heads, short to medium contexts: the default chunk / mode / warps against every combination
-    (RAYSPEED_DECODE_CONFIG)."""
-    for batch in (8, 32):
-        for ctx in (96, 160, 512):
-            launch, copies = decode_cache(20, batch, ctx)
+def _timed_with(env: dict, launch, copies: int) -> float:
+    """time_in_graph's microseconds with `env` set for the call."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return time_in_graph(launch, copies) * 1e3
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def decode_config_rows(batches: list[int], contexts: list[int], splits: list[str]):
+    """Decode attention (GPT-Neo's 20 heads) at each batch and context: the default chunk / mode /
+    warps against every combination (RAYSPEED_DECODE_CONFIG), at each context split setting
+    (RAYSPEED_DECODE_SPLITS; "auto": the default). Contexts up to 256 pass max_context=256, as the
+    short-context decode graphs do."""
+    for batch in batches:
+        for ctx in contexts:
+            launch, copies = decode_cache(20, batch, ctx, 256 if ctx <= 256 else None)
             row = {"heads": 20, "batch": batch, "context": ctx, "kv_mb": 2 * batch * ctx * 20 * 256 / 2**20,
-                   "default_us": time_in_graph(launch, copies) * 1e3, "configs": {}}
-            for chunk in (16, 32, 64):
-                for mode in DECODE_MODES:
-                    for warps in (2, 4, 8):
-                        config = f"{chunk},{mode},{warps}"
-                        os.environ["RAYSPEED_DECODE_CONFIG"] = config
-                        try:
-                            row["configs"][config] = time_in_graph(launch, copies) * 1e3
-                        finally:
-                            del os.environ["RAYSPEED_DECODE_CONFIG"]
+                   "default_us": _timed_with({}, launch, copies), "configs": {}}
+            for split in splits:
+                for chunk in (16, 32, 64):
+                    for mode in DECODE_MODES:
+                        for warps in (2, 4, 8):
+                            config = f"{chunk},{mode},{warps}"
+                            env = {"RAYSPEED_DECODE_CONFIG": config}
+                            if split != "auto":
+                                env["RAYSPEED_DECODE_SPLITS"] = split
+                            name = config if split == "auto" else f"{config},split{split}"
+                            row["configs"][name] = _timed_with(env, launch, copies)
             best = min(row["configs"], key=row["configs"].get)
             row["best"] = [best, row["configs"][best]]
             yield row
@@ -107,13 +125,19 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--decode", action="store_true", help="decode attention, split context vs one program")
     ap.add_argument("--decode-configs", action="store_true",
-                    help="decode attention at batch 8 and 32: every chunk / mode / warps against the default")
+                    help="decode attention: every chunk / mode / warps against the default")
+    ap.add_argument("--batches", default="8,32", help="--decode-configs: batch sizes")
+    ap.add_argument("--contexts", default="96,160,512", help="--decode-configs: context lengths")
+    ap.add_argument("--splits", default="auto", help="--decode-configs: RAYSPEED_DECODE_SPLITS values (auto: unset)")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--configs", action="store_true",
                     help="prefill: also time the Triton kernel at every block / warps / stages")
     args = ap.parse_args()
     rows = []
     if args.decode or args.decode_configs:
-        for row in (decode_config_rows() if args.decode_configs else decode_rows()):
+        ints = lambda text: [int(v) for v in text.split(",")]                  # noqa: E731
+        configs = decode_config_rows(ints(args.batches), ints(args.contexts), args.splits.split(","))
+        for row in (configs if args.decode_configs else decode_rows()):
             rows.append(row)
             print(json.dumps(row), flush=True)
     for name, heads, dim, window, batch, length in ([] if args.decode or args.decode_configs else CASES):
@@ -135,7 +159,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "rows": rows}
     path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-"
-                        f"{'decode-configs-' if args.decode_configs else 'decode-' if args.decode else ''}attention.json")
+                        f"{'decode-configs-' if args.decode_configs else 'decode-' if args.decode else ''}attention"
+                        f"{args.tag}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
