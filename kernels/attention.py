@@ -102,14 +102,14 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1,
                          SPLIT_MIN_CHUNKS: tl.constexpr = 4, EARLY: tl.constexpr = False):
     """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
-    (several cache blocks per step). With PREFETCH the next chunk's keys and values load while this
-    one is computed (for small grids, whose programs wait on memory with nothing else to run on
-    their SM; it costs registers, so fewer programs fit an SM). With NEW_KV this step's key and value come from
-    k_new/v_new (registers), and the program of each KV head's first query head writes them to their
-    cache slot: no separate store kernel, and no program reads that slot. With PREFETCH the first
-    chunk is read before waiting for the previous kernel (PDL): earlier steps wrote it, and the block
-    table and context lengths are the step's inputs. EARLY (without PREFETCH) reads the first chunk
-    before the wait as well, and each next chunk after this one is computed: one chunk in registers.
+    (several cache blocks per step). With EARLY (the default, `_decode_chunk`) the first chunk is read
+    before waiting for the previous kernel (PDL: earlier steps wrote it, and the block table and
+    context lengths are the step's inputs), and each next one after the current one is used: one
+    chunk in registers. PREFETCH reads the first early too and then each next chunk while the current
+    one is computed (two in registers, so fewer programs fit an SM); without either, every chunk is
+    read in the loop. With NEW_KV this step's key and value come from k_new/v_new (registers), and the
+    program of each KV head's first query head writes them to their cache slot: no separate store
+    kernel, and no program reads that slot.
 
     SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): a context of more than
     SPLIT_MIN_CHUNKS chunks is shared out among up to SPLITS programs per (head, sequence), two
@@ -262,25 +262,26 @@ DECODE_MODES = ("plain", "early", "prefetch")      # chunk reads: in the loop / 
 
 def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
     """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size. Timed in
-    CUDA graphs on an H100 (bench/attention_sweep.py --decode-configs, *-decode-configs-attention.json;
-    GPT-Neo's 20 heads of 128, contexts 96 / 160 / 512): a grid that 2 programs per SM hold (batch 8)
-    reads 64 positions a step, the next one ahead (7.1 / 9.6 / 19.9 us); up to 3 per SM, 64 with the
-    first read before the PDL wait, which beat reading it in the loop at every size timed (at batch 32
-    18.8 / 27.3 / 63.5 us against 25.0 / 36.4 / 94.7); larger grids (batch 32) 16 positions a step in
-    programs of 2 warps, the first read early: 13.9 / 21.5 / 67.7 us against 15.8 / 23.3 / 65.7 for 32
-    positions read in the loop by 4 warps, the choice before (and a decode step at batch 32 3.06-3.30
-    ms against 3.37-3.48, `*-neo-attn-*.json`). RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
+    CUDA graphs on an H100 (bench/attention_sweep.py --decode-configs, *-decode-configs-attention*.json;
+    GPT-Neo's 20 heads of 128, contexts 96 / 160 / 512, every chunk, mode and warp count): the first
+    chunk read before the PDL wait and each next one after the current one is used ("early") beat
+    reading every chunk in the loop at every batch and context, and matched or beat reading the next
+    one ahead ("prefetch", ~80 more registers a thread) in 11 of 12 cases at batch 1 to 8. Grids of up
+    to 3 programs per SM (batch 1 to ~19 at 20 heads) read 64 positions a step, early, with 4 warps
+    (batch 1: 3.64 / 4.56 / 7.56 us a layer against 3.82 / 4.65 / 7.72 with prefetch; batch 8 6.74 /
+    9.11 / 19.06 against 7.10 / 9.55 / 19.52); larger grids (batch 32) 16 positions in programs of 2
+    warps: 13.9 / 21.5 / 67.7 us against 15.8 / 23.3 / 65.7 for 32 positions read in the loop by 4
+    warps, the choice before (a decode step at batch 32 3.06-3.30 ms against 3.37-3.48,
+    `*-neo-attn-*.json`), and splitting their contexts did not help (`*-attention-splits.json`).
+    RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
         chunk, mode, warps = forced.split(",")
         assert mode in DECODE_MODES, f"RAYSPEED_DECODE_CONFIG mode must be one of {DECODE_MODES}, got {mode}"
         return int(chunk), mode, int(warps)
     if device.type != "cuda":
-        return 64, "prefetch", 4
-    sms = _sm_count(device.index or 0)
-    if programs <= 2 * sms:
-        return 64, "prefetch", 4
-    return (64, "early", 4) if programs <= 3 * sms else (16, "early", 2)
+        return 64, "early", 4
+    return (64, "early", 4) if programs <= 3 * _sm_count(device.index or 0) else (16, "early", 2)
 
 
 MAX_SPLITS = 16

@@ -132,17 +132,20 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
-def test_decode_chunk_fits_the_grid_in_one_wave(monkeypatch):
-    """64 positions a step with prefetch while 2 programs per SM hold the grid, with the first read
-    early while 3 do, else 16 in programs of 2 warps."""
+def test_decode_chunk_by_grid_size(monkeypatch):
+    """64 positions a step, the first read early, while 3 programs per SM hold the grid; else 16 in
+    programs of 2 warps; RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert attention._decode_chunk(20 * 8, cuda) == (64, "prefetch", 4)
+    assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
     assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
     assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
-    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "prefetch", 4)
-    monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,early,2")
-    assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
+    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
+    monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,prefetch,8")
+    assert attention._decode_chunk(20, cuda) == (16, "prefetch", 8)
+    monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,ahead,8")
+    with pytest.raises(AssertionError, match="mode must be one of"):
+        attention._decode_chunk(20, cuda)
 
 
 def _new_token_case(dtype, window, with_alibi, heads, kv_heads, seed):
