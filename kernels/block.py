@@ -6,8 +6,6 @@ from torch import nn
 
 from kernels.activation import FUSED_NAME, activation
 from kernels.attention import AttentionMetadata, attention
-from kernels.dispatch import use_triton
-from kernels.gemv_tuner import FMA_MAX_ROWS
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
@@ -81,10 +79,9 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """attention(norm(x)) + residual (the norm inside the QKV product where it can run there, the
-        residual added in the output projection's epilogue)."""
-        q, k, v = self.qkv(x, norm=norm)             # [tokens, heads | kv_heads, head_dim]
+                kv_cache: KVCache, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """attention(x) + residual (added in the output projection's epilogue)."""
+        q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi)
@@ -104,14 +101,13 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """mlp(norm(x)) + residual; the norm rides in the up projection's kernel where it can, the
-        activation (ungated) and the residual in the matmul epilogues."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """mlp(x) + residual; the activation (ungated) and the residual ride in the matmul epilogues."""
         if self.gated:
-            gate, up = self.up(x, norm=norm).chunk(2, dim=-1)
+            gate, up = self.up(x).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.up(x, self.act_name, norm=norm)
+            h = self.up(x, self.act_name)
         return self.down(h, residual)
 
 
@@ -122,18 +118,12 @@ class DecoderBlock(nn.Module):
 
     The residual stream travels between blocks as (x, pending): the stream is x + pending, and the
     next norm adds them in its own kernel (`Norm.add`) instead of a separate add after each
-    sublayer. `pending` is None after a post-norm block.
-
-    Decode rows on CUDA (at most FMA_MAX_ROWS tokens; pre-norm, sequential residual) pass each norm to
-    the product after it, which runs it inside its kernel where its tile can (`_Linear._matmul`),
-    and add the residual in the output projection's and MLP-down's epilogues: at batch 1 the norm
-    kernels of the step go but the last; pending is None."""
+    sublayer. `pending` is None after a post-norm block."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None, quant: QuantSpec | None = None):
         super().__init__()
         self.parallel_residual, self.post_norm = spec.parallel_residual, spec.post_norm
-        self.passes_norms = not (spec.parallel_residual or spec.post_norm)
         self.attn_norm = Norm(spec, dtype)
         try:
             self.attn = Attention(spec, layer, tp, dtype, rotary, quant)
@@ -145,11 +135,6 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, pending) in -> (x, pending) out, the stream being their sum."""
-        if self.passes_norms and use_triton(x) and x.shape[0] <= FMA_MAX_ROWS:
-            if pending is not None:
-                x = x + pending
-            x = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
-            return self.mlp(x, residual=x, norm=self.mlp_norm), None
         if self.post_norm:
             if pending is not None:
                 x = x + pending

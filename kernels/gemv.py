@@ -56,24 +56,6 @@ class Tile:
     l2_rows: int = 0               # swap: bytes of each weight row a program asks the L2 for before its PDL wait
 
 
-@dataclass(frozen=True)
-class NormFold:
-    """A norm run inside the CUDA-core product after it (`_fma_kernel`'s NORM): `kind` 1 LayerNorm or
-    2 RMSNorm, its weight `gain` [K], `fold` = W gain (fp32 [N], LayerNorm only) and `eps`. The
-    product's bias must be b + W beta (LayerNorm's bias beta folded in: `kernels.linear`)."""
-    kind: int
-    gain: torch.Tensor
-    fold: torch.Tensor | None
-    eps: float
-
-
-def folds_norm(tile: "Tile | str", bits: int, rows: int) -> bool:
-    """Whether `tile` can run a norm inside the product: one row per program over the whole of K
-    (CUDA-core, unsplit), 16- or 8-bit weights, x loaded once per tile (neither half nor x_per_row)."""
-    return (isinstance(tile, Tile) and tile.fma and tile.split_k == 1 and not tile.half and not tile.x_per_row
-            and bits in (16, 8) and rows <= 2)
-
-
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                    stride_rm, stride_om, stride_os, group_size, k_per_split,
@@ -249,11 +231,10 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
-                  residual: torch.Tensor | None = None, norm: NormFold | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
     `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
-    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice). With `norm`, x is normalised
-    inside the product (a tile that `folds_norm`; bias already b + W beta)."""
+    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -283,10 +264,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out
     k_per_split = triton.cdiv(triton.cdiv(k, tile.split_k), tile.block_k) * tile.block_k
     split = triton.cdiv(k, k_per_split)
-    if norm is not None:
-        assert folds_norm(tile, bits, m) and split == 1, f"{tile} at {bits} bits and {m} rows cannot run a norm"
-        assert norm.gain.shape == (k,) and norm.gain.is_contiguous(), f"norm weight {tuple(norm.gain.shape)} != ({k},)"
-        assert norm.kind == 2 or (norm.fold is not None and norm.fold.shape == (n,)), "LayerNorm needs fold [N]"
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, tile.block_n), split, triton.cdiv(m, tile.block_m))
     epilogue = dict(HAS_BIAS=bias is not None, ACT=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None)
@@ -315,9 +292,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             assert k % vector == 0 and sub % vector == 0 and aligned, \
                 f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
-        if norm is not None:
-            flags.update(g_ptr=norm.gain, c_ptr=norm.gain if norm.fold is None else norm.fold, eps=norm.eps,
-                         NORM=norm.kind)
         _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
                                          launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                          X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,

@@ -84,8 +84,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
                 PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
-                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048,
-                g_ptr=None, c_ptr=None, eps=0.0, NORM: tl.constexpr = 0):
+                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -103,14 +102,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
     otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
     With L2_LANES, the first programs of row 0 each ask the L2 for L2_LANES * L2_CHUNK bytes of the
-    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`).
-
-    NORM (1 LayerNorm, 2 RMSNorm; unsplit K, 16- and 8-bit weights, neither HALF nor X_PER_ROW): x is the raw residual
-    stream and the product is norm(x) W^T with the norm's weight g folded in, as in
-    `norm_folded_linear`: each x value is multiplied by g on its way in, the program sums x and x^2 over
-    the row as it streams it (it reads the whole row anyway), and after the loop
-    out = rstd (acc - mean c) for LayerNorm (c_n = sum_k g_k W_nk; the bias passed is b + W beta),
-    rstd acc for RMSNorm: no norm kernel before the product, and no statistics on the critical path."""
+    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -134,10 +126,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
     bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)
     row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
-    fold = feature_params(c_ptr, rn, 1, N, NORM == 1, 0.0)
-    if NORM:                                  # the row's sum and sum of squares, per x element of the tile
-        x_sum = tl.zeros(cols.shape, dtype=tl.float32)
-        x_squares = tl.zeros(cols.shape, dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
@@ -153,11 +141,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         else:
             w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
             xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
-        if NORM:                                       # statistics of the raw row; x * g into the product
-            x_raw = xa.to(tl.float32)
-            x_sum += x_raw
-            x_squares += x_raw * x_raw
-            xa = x_raw * tl.load(g_ptr + k0 + cols, mask=k0 + cols < k_end, other=0.0).to(tl.float32)
         if HALF and BITS == 8:
             prod = int8_half_dot(w, tl.broadcast_to(_rows(xa, X_PER_ROW), w.shape),
                                  tl.broadcast_to(_rows(xb, X_PER_ROW), w.shape), ASM)
@@ -188,14 +171,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         out *= 128.0
     if PER_ROW_SCALE:
         out *= row_scale[None, :]
-    if NORM:
-        mean_square = tl.sum(tl.sum(tl.sum(x_squares, axis=2), axis=1), axis=0) / K
-        if NORM == 1:
-            mean = tl.sum(tl.sum(tl.sum(x_sum, axis=2), axis=1), axis=0) / K
-            rstd = 1.0 / tl.sqrt(tl.maximum(mean_square - mean * mean, 0.0) + eps)
-            out = rstd * (out - mean * fold[None, :])
-        else:
-            out *= 1.0 / tl.sqrt(mean_square + eps)
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
         out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)

@@ -19,10 +19,9 @@ from torch import nn
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.dequant import DEQUANT_MIN_ROWS
-from kernels.gemv import NormFold, folds_norm, skinny_linear
-from kernels.gemv_tuner import FMA_MAX_ROWS, TUNED_MAX_ROWS, streamed_linear, tuned_tile
+from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear
 from kernels import allreduce
-from kernels.quant import QuantSpec, dequantize, quant_linear
+from kernels.quant import QuantSpec, quant_linear
 
 # Float products of at most this many rows (decode batches) stream the weight through kernels/gemv.py
 # on CUDA where its tuner (kernels/gemv_tuner.py) measured that faster than cuBLAS (with its
@@ -144,18 +143,11 @@ class _Linear(nn.Module):
         self.weight_loader(QuantizedRows(self.qweight, self.scales, self.quant), full, shard_id)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
-                residual: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """act(x W^T + bias) + residual. On CUDA, float weights at decode batches and quantized weights
         below DEQUANT_MIN_ROWS go through the weight-streaming Triton kernels with the epilogue fused,
         unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
-        quantized products dequantize the weight once and run cuBLAS (`quant_linear`). With `norm` (a
-        kernels.block.Norm) the product is of norm(x): inside the kernel where `_norm_folded` can, else
-        the norm's own kernel first."""
-        if norm is not None:
-            out = self._norm_folded(x, norm, bias, activation, residual)
-            if out is not None:
-                return out
-            x = norm(x)
+        quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""
         bits = 16 if self.quant is None else self.quant.bits
         rows = x.numel() // x.shape[-1]
         if use_triton(x) and (rows < DEQUANT_MIN_ROWS[bits] if bits < 16 else rows <= SKINNY_MAX_ROWS):
@@ -164,54 +156,6 @@ class _Linear(nn.Module):
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
             return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
         return self._torch_matmul(x, bias, activation, residual)
-
-    def _norm_folded(self, x: torch.Tensor, norm, bias, activation: str | None, residual) -> torch.Tensor | None:
-        """act(norm(x) W^T + bias) + residual in one kernel, or None where that cannot run: a decode row
-        on CUDA whose product the tuner gave a tile that `folds_norm` (RAYSPEED_FOLD_NORMS=0: never).
-        The norm's statistics come from the row as the kernel streams it, its weight multiplies x on
-        the way in, and after the loop LayerNorm's mean comes off through W g and its bias through
-        b + W beta (`_fold`): the norm kernel before the product (one a norm, two a layer) goes."""
-        rows = x.numel() // x.shape[-1]
-        if not use_triton(x) or rows > FMA_MAX_ROWS or os.environ.get("RAYSPEED_FOLD_NORMS", "1") == "0":
-            return None
-        bits = 16 if self.quant is None else self.quant.bits
-        weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
-        group_size = None if bits == 16 else self.group_size
-        torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
-        tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
-        fold = self._fold(norm, bias) if folds_norm(tile, bits, rows) else None
-        if fold is None:
-            return None
-        return skinny_linear(x, weight, fold[1], scales, bits, group_size, tile, activation, residual, norm=fold[0])
-
-    def _fold(self, norm, bias: torch.Tensor | None) -> tuple[NormFold, torch.Tensor | None] | None:
-        """(NormFold, bias to pass) for `norm` before this product: W g (fp32) and b + W beta for a
-        LayerNorm, from the weight as stored (quantized ones dequantized). Made once, outside CUDA graph
-        capture (None inside it), and again when a weight or norm parameter changes."""
-        stored = self.weight if self.quant is None else self.qweight
-        key = tuple((t.data_ptr(), t._version) for t in (stored, norm.weight, norm.bias, bias) if t is not None)
-        folds = self.__dict__.setdefault("_folds", {})
-        if key not in folds:
-            if stored.is_cuda and torch.cuda.is_current_stream_capturing():
-                return None
-            folds.clear()                                # a changed parameter retires the old fold
-            if norm.kind == "rms":
-                folds[key] = (NormFold(2, norm.weight, None, norm.eps), bias)
-            else:
-                vectors = [norm.weight] + ([] if norm.bias is None else [norm.bias])
-                gain, *beta = [torch.cat([rows @ v.float() for rows in self._float_rows()]) for v in vectors]
-                folded_bias = (torch.zeros_like(gain) if bias is None else bias.float()) + sum(beta)
-                folds[key] = (NormFold(1, norm.weight, gain, norm.eps), folded_bias)
-        return folds[key]
-
-    def _float_rows(self, chunk: int = 4096):
-        """The weight as fp32 rows, `chunk` at a time (dequantized where stored quantized)."""
-        for start in range(0, (self.weight if self.quant is None else self.qweight).shape[0], chunk):
-            if self.quant is None:
-                yield self.weight[start:start + chunk].float()
-            else:
-                yield dequantize(self.qweight[start:start + chunk], self.scales[start:start + chunk], self.quant.bits,
-                                 self.group_size, torch.float32)
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -247,10 +191,9 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
-    def forward(self, x: torch.Tensor, activation: str | None = None, norm=None) -> torch.Tensor:
-        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue;
-        `norm` (a kernels.block.Norm): the product of norm(x) (see `_matmul`)."""
-        return self._matmul(x, self.bias, activation, norm=norm)
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue."""
+        return self._matmul(x, self.bias, activation)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -313,8 +256,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             shard = full.narrow(0, rank * size, size)
         copy_checked(param.narrow(0, start, size), shard)
 
-    def forward(self, x: torch.Tensor, norm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().forward(x, norm=norm).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().forward(x).split(self.sizes, dim=-1)
         return (q.unflatten(-1, (self.num_heads, self.head_dim)),       # [tokens, heads, head_dim]
                 k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                 v.unflatten(-1, (self.num_kv_heads, self.head_dim)))

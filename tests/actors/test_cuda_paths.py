@@ -4,7 +4,7 @@ lockstep engine, for families with a local window (GPT-Neo), grouped-query atten
 ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad. Also the kernels whose GPU code
 the CPU tests cannot run: programmatic dependent launch, the half tiles' inline assembly, the
 matmuls' bulk L2 prefetch, the swapped-operand tiles' wgmma, split-context decode attention's
-tickets, norms run inside the CUDA-core product and cuBLASLt's epilogues."""
+tickets and cuBLASLt's epilogues."""
 import pytest
 import torch
 
@@ -216,39 +216,6 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "1")
     torch.testing.assert_close(attention.paged_decode_attention_triton(*args, 0.1, window), first,
                                rtol=2e-3, atol=2e-3)
-
-
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("tile", [Tile(1, 4, 1024, fma=True), Tile(1, 8, 512, fma=True, prefetch=True)])
-def test_norm_inside_the_product_matches_the_norm_kernel(kind, tile, monkeypatch):
-    """A norm folded into the CUDA-core product (GPT-Neo 2.7B's QKV shape, fp16, with PDL, eagerly and
-    replayed from a CUDA graph) against the norm's own kernel followed by the same tile; residual
-    streams with a mean well off zero and a few large channels."""
-    import dataclasses
-    from kernels import linear
-    from kernels.block import Norm
-    from kernels.linear import ColumnParallelLinear, TensorParallel
-    from tests.kernels.test_norm_fold import SPEC
-    monkeypatch.setattr(linear, "tuned_tile", lambda *args: tile)
-    layer = ColumnParallelLinear(2560, 7680, True, TensorParallel(), torch.float16).cuda()
-    norm = Norm(dataclasses.replace(SPEC, hidden_size=2560, norm=kind), torch.float16).cuda()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.02, generator=g)
-        layer.bias.normal_(0, 1, generator=g)
-        norm.weight.uniform_(0.5, 1.5, generator=g)
-        if norm.bias is not None:
-            norm.bias.normal_(0, 1, generator=g)
-    x = torch.randn(1, 2560, device="cuda", generator=g, dtype=torch.float16) * 4 + 2
-    x[0, :8] *= 50
-    separate = skinny_linear(norm(x), layer.weight, layer.bias, tile=tile)
-    folded = layer(x, norm=norm)
-    torch.testing.assert_close(folded.float(), separate.float(), rtol=1e-2, atol=1e-2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = layer(x, norm=norm)
-    graph.replay()
-    assert torch.equal(replayed, folded)
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])

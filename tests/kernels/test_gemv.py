@@ -344,32 +344,3 @@ def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bi
         ref = x.double() @ full.double().T + bias.double()
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
         assert bool(copies) == expect_copy
-
-
-@pytest.mark.parametrize("bits,group", [(16, None), (8, None), (8, 64)])
-@pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("tile", [Tile(1, 8, 64, fma=True), Tile(1, 4, 128, fma=True, prefetch=True)])
-def test_norm_runs_inside_the_product(bits, group, kind, tile):
-    """`NormFold`: the CUDA-core product of the raw row x with the norm folded in (statistics summed as
-    the row streams, the weight g on the way in, mean and rstd after the loop; LayerNorm's beta in the
-    bias) equals the norm's reference followed by the product, bias, activation and residual fused."""
-    from kernels.gemv import NormFold
-    from kernels.norm import layer_norm_torch, rms_norm_torch
-    g = torch.Generator().manual_seed(bits + len(kind))
-    n, k = 37, 320
-    w, scales, full = _weight(n, k, bits, group or k, g)
-    x = torch.randn(1, k, generator=g) * 3 + 1.5                    # a mean well off zero
-    gain, beta, bias = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g), torch.randn(n, generator=g)
-    residual = torch.randn(1, n, generator=g)
-    if kind == "layer":
-        normed = layer_norm_torch(x.double(), gain.double(), beta.double(), 1e-5)
-        fold = NormFold(1, gain, (full.double() @ gain.double()).float(), 1e-5)
-        folded_bias = (bias.double() + full.double() @ beta.double()).float()
-    else:
-        normed = rms_norm_torch(x.double(), gain.double(), 1e-5)
-        fold, folded_bias = NormFold(2, gain, None, 1e-5), bias
-    got = skinny_linear(x, w, folded_bias, scales, bits, group, tile, "gelu_tanh", residual, norm=fold)
-    ref = EPILOGUE_REFS["gelu_tanh"](normed @ full.double().T + bias.double()) + residual.double()
-    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
-    with pytest.raises(AssertionError, match="cannot run a norm"):
-        skinny_linear(x, w, folded_bias, scales, bits, group, Tile(1, 8, 64, split_k=2, fma=True), norm=fold)

@@ -25,13 +25,13 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
 
 
 def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
-        l2=False, norm=0):
-    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}", "g_ptr": f"*{x}", "c_ptr": "*fp32"}
+        l2=False):
+    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv_fma", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
                                                 PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row,
-                                                L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048, NORM=norm),
-            pointers, num_warps)
+                                                L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048), pointers,
+            num_warps)
 
 
 def tensor_cores(bits, weight, block_n, block_k):
@@ -64,9 +64,6 @@ BUILDS = {
     "fma-int8-half": fma(8, "i8", "fp16", 16, 256, 256, False, half=True),
     "fma-int8-half-groups-prefetch": fma(8, "i8", "fp16", 32, 128, 64, True, half=True),
     "fma-int8-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True),
-    "fma-int16-layer-norm": fma(16, "fp16", "fp16", 4, 1024, 1024, False, norm=1),
-    "fma-int8-rms-norm-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, norm=2),
-    "pdl-fma-int16-layer-norm": fma(16, "fp16", "fp16", 4, 1024, 1024, False, pdl=True, norm=1),
     "fma-int4-x-per-row": fma(4, "u8", "fp16", 8, 1024, 128, False, x_per_row=True),
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
