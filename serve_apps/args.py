@@ -32,6 +32,8 @@ class AppArgs(BaseModel):
     target_ongoing_requests: float = Field(16, gt=0)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(60, ge=0)
+    metrics_interval_s: float = Field(10, gt=0, description="how often replicas report their load (Serve's default)")
+    look_back_period_s: float = Field(30, gt=0, description="the window the autoscaler averages load over")
     max_ongoing_requests: int = Field(256, ge=1, description="per replica, before Serve queues at the router")
     max_queued_requests: int = Field(1024, ge=1, description="engine queue limit; beyond it HTTP 503")
     router_queue_limit: int = Field(4096, ge=1, description="requests Serve's router holds for a replica slot "
@@ -95,5 +97,7 @@ class AppArgs(BaseModel):
                                    "initial_replicas": max(1, self.min_replicas),
                                    "target_ongoing_requests": self.target_ongoing_requests,
                                    "upscale_delay_s": self.upscale_delay_s,
-                                   "downscale_delay_s": self.downscale_delay_s},
+                                   "downscale_delay_s": self.downscale_delay_s,
+                                   "metrics_interval_s": self.metrics_interval_s,
+                                   "look_back_period_s": self.look_back_period_s},
         }

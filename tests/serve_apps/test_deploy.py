@@ -70,8 +70,8 @@ def test_the_router_queue_is_bounded_too(serve_port):
 
 def test_autoscaling_adds_and_removes_whole_tp_groups(serve_port):
     args = {"tp_size": 2, "replica_cpus": 0.5, "worker_cpus": 0.5, "min_replicas": 1, "max_replicas": 2,
-            "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2, "kv_cache_blocks": 64,
-            "block_size": 8}
+            "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
+            "look_back_period_s": 2, "kv_cache_blocks": 64, "block_size": 8}
     serve.run(gpt_neo_app(args), name="scaled", route_prefix="/scaled")
     url = f"http://127.0.0.1:{serve_port}/scaled/v1/completions"
 
