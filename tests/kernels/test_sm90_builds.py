@@ -46,11 +46,11 @@ def swapped(bits, weight, block_n, block_k, pdl=False, l2_rows=0):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
-def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, early=False):
+def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, early=False, num_warps=4):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
                                                               BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
                                                               PREFETCH=prefetch, SPLITS=splits, EARLY=early),
-            ATTENTION_POINTERS)
+            ATTENTION_POINTERS, num_warps)
 
 
 BUILDS = {
@@ -74,6 +74,8 @@ BUILDS = {
     "decode-chunk64-prefetch": decode_attention(64, False, False, prefetch=True),
     "decode-chunk32-window-alibi": decode_attention(32, True, True),
     "decode-split8-prefetch": decode_attention(64, True, False, prefetch=True, splits=8),
+    "decode-chunk16-early-2-warps": decode_attention(16, True, False, early=True, num_warps=2),
+    "decode-chunk64-early": decode_attention(64, False, False, early=True),
     "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
     "pdl-fma-fp16-l2": fma(16, "fp16", "fp16", 2, 1024, 1024, False, pdl=True, l2=True),
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
