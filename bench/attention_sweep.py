@@ -38,12 +38,8 @@ def decode_rows():
         kv_bytes = 2 * batch * ctx * heads * 128 * 2
         launch, copies = decode_cache(heads, batch, ctx)
         splits = decode_splits(heads * batch, torch.device("cuda"))
-        split_us = time_in_graph(launch, copies) * 1e3
-        os.environ["RAYSPEED_DECODE_SPLITS"] = "1"
-        try:
-            single_us = time_in_graph(launch, copies) * 1e3
-        finally:
-            del os.environ["RAYSPEED_DECODE_SPLITS"]
+        split_us = _timed_with({}, launch, copies)
+        single_us = _timed_with({"RAYSPEED_DECODE_SPLITS": "1"}, launch, copies)
         yield {"heads": heads, "batch": batch, "context": ctx, "splits": splits, "split_us": split_us,
                "one_program_us": single_us, "kv_gb_per_s": kv_bytes / (split_us * 1e3)}
 
