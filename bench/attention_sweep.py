@@ -11,6 +11,7 @@ warp count against the default choice (and context splits, `--splits 1,2,4`).
 """
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -101,18 +102,20 @@ def decode_config_rows(batches: list[int], contexts: list[int], splits: list[str
 
 
 def prefill_configs(q, k, v, cu, length, scale, window) -> dict:
-    """The Triton prefill kernel's time (us) at each launch configuration; None where it fails to build."""
+    """The Triton prefill kernel's time (us, back to back in a CUDA graph, its inputs in L2 as after
+    the QKV product) at each launch configuration: query rows, keys a step, warps, stages; None where
+    it fails to build."""
     times = {}
-    for block in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                fn = lambda: prefill_attention_triton(q, k, v, cu, length, scale, window, block=block,  # noqa: E731
-                                                      num_warps=warps, num_stages=stages)
-                try:
-                    us = do_bench(fn) * 1e3
-                except Exception:                     # out of shared memory or registers at this size
-                    us = None
-                times[f"b{block}-w{warps}-s{stages}"] = us
+    for rows, keys, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        if rows == 32 and (warps == 8 or keys == 128):
+            continue
+        launch = lambda i: prefill_attention_triton(q, k, v, cu, length, scale, window, block=rows,  # noqa: E731
+                                                    block_n=keys, num_warps=warps, num_stages=stages)
+        try:
+            us = time_in_graph(launch, 1) * 1e3
+        except Exception:                     # out of shared memory or registers at this size
+            us = None
+        times[f"{rows},{keys},{warps},{stages}"] = us
     return times
 
 
@@ -150,6 +153,9 @@ def main() -> None:
                "triton_us": do_bench(triton_fn) * 1e3, "sdpa_us": do_bench(sdpa_fn) * 1e3, "rel_err": err}
         if args.configs and batch * length <= 4096:
             row["configs"] = prefill_configs(q, k, v, cu, length, scale, window)
+            row["default_in_graph_us"] = time_in_graph(lambda i: triton_fn(), 1) * 1e3
+            built = {c: us for c, us in row["configs"].items() if us is not None}
+            row["best"] = min(built, key=built.get)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),

@@ -154,16 +154,19 @@ def walls_ms(fn, runs: int) -> list[float]:
 def replay_split(engine, batch: int, length: int) -> dict:
     """The prefill's graph alone (inputs already on the device): ms per replay back to back (the GPU's
     time), and ms from one replay's call to its end with the GPU idle before (adds the launch); the
-    host's preparation of the inputs (`prepare_prefill`) in ms."""
+    host's time in that call (input copies, launch) and its preparation of the inputs
+    (`prepare_prefill`, median of 50) in ms."""
     runner = engine.runner
     seqs = [Sequence([100 + (i + j) % 1000 for j in range(length)], SamplingParams(max_new_tokens=1))
             for i in range(batch)]
     for seq in seqs:
         engine.block_manager.allocate(seq)
     try:
-        t = time.perf_counter()
-        ids, positions, meta = runner.prepare_prefill(seqs)
-        prepare_ms = (time.perf_counter() - t) * 1e3
+        prepare = []
+        for _ in range(50):
+            t = time.perf_counter()
+            ids, positions, meta = runner.prepare_prefill(seqs)
+            prepare.append((time.perf_counter() - t) * 1e3)
         replay = lambda: runner.prefill_graphs.run(ids, positions, meta)      # noqa: E731
         replay()
         torch.cuda.synchronize()
@@ -174,11 +177,17 @@ def replay_split(engine, batch: int, length: int) -> dict:
         end.record()
         end.synchronize()
         single = walls_ms(replay, 5)
+        launch = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            replay()
+            launch.append((time.perf_counter() - t) * 1e3)
     finally:
         for seq in seqs:
             engine.block_manager.deallocate(seq)
     return {"replay_ms_back_to_back": start.elapsed_time(end) / 10, "replay_ms_alone": statistics.median(single),
-            "prepare_prefill_ms": prepare_ms}
+            "run_call_host_ms": statistics.median(launch), "prepare_prefill_ms": statistics.median(prepare)}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 sequences of a step in one launch, that also writes the new keys/values to the paged cache; and the
 same through torch SDPA, one call per sequence, kept to time against it (bench/attention_sweep.py).
 Masking as in kernels/attention.py (causal, optional local window, optional ALiBi); scores fp32."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -10,18 +12,18 @@ import triton.language as tl
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim, d, d_mask,
                   k_token_stride, v_token_stride, qk_scale, slope, window, MASKED: tl.constexpr,
-                  USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One key block of the online softmax, in base 2 (scores carry log2(e), so exp2 needs no extra
-    multiply). MASKED: apply causality, the window and the sequence end; blocks wholly visible skip
-    that work. Returns the new state and the block's k, v (the diagonal block stores them)."""
-    k_pos = n + tl.arange(0, BLOCK_M)
+                  USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [n, n + BLOCK_N) in the online softmax, in base 2 (scores carry log2(e), so exp2 needs no
+    extra multiply). MASKED: apply causality, the window and the sequence end; blocks wholly visible
+    skip that work. Returns the new state."""
+    k_pos = n + tl.arange(0, BLOCK_N)
     kv_rows = (start + k_pos)[:, None]
     kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + kv_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=kv_mask, other=0.0)
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     else:
-        scores = tl.dot(q, tl.trans(k)) * qk_scale                         # [BLOCK_M, BLOCK_M]
+        scores = tl.dot(q, tl.trans(k)) * qk_scale                         # [BLOCK_M, BLOCK_N]
     rel = k_pos[None, :] - q_pos[:, None]                                  # key - query, <= 0 where visible
     if HAS_ALIBI:
         scores += slope * rel.to(tl.float32)
@@ -39,7 +41,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_he
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc, k, v
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -47,27 +49,38 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
                     q_token_stride, q_head_stride, k_token_stride, v_token_stride, out_token_stride,
                     cache_block_stride, cache_row_stride, group, head_dim, scale, window,
                     USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, STORE_KV: tl.constexpr,
-                    CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (query block, head, sequence) of a fresh prefill: flash attention (online softmax over
-    key blocks of BLOCK_M) of the sequence's queries over its own keys, causal and, with USE_WINDOW,
-    local. Query and key positions are their indices in the sequence (no cached prefix). Only the
-    blocks on the window's lower edge and the diagonal are masked; those between are wholly visible.
-    With STORE_KV, the program of each KV head's first query head also writes the key block on its
-    diagonal (the last it visits, and no other program of that head's block row visits it as diagonal)
-    to the cache slots `slots` gives: `store_kv` without a kernel of its own."""
+                    CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """One (query block of BLOCK_M, head, sequence) of a fresh prefill: flash attention (online softmax
+    over key blocks of BLOCK_N) of the sequence's queries over its own keys, causal and, with
+    USE_WINDOW, local. Query and key positions are their indices in the sequence (no cached prefix).
+    Only the key blocks on the window's lower edge and across the diagonal are masked; those between
+    are wholly visible. With STORE_KV, the program of each KV head's first query head also writes the
+    keys and values at its own query positions to the cache slots `slots` gives (every position once:
+    `store_kv` without a kernel of its own)."""
     # grid (heads, query blocks, seqs), the last query blocks (the most keys) launched first
     head, m_block, seq = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
     length = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
-    if m_block * BLOCK_M >= length:
+    first = m_block * BLOCK_M                                            # the block's first query position
+    if first >= length:
         return
     kv_head = head // group
-    q_pos = m_block * BLOCK_M + tl.arange(0, BLOCK_M)                    # [BLOCK_M]
+    q_pos = first + tl.arange(0, BLOCK_M)                                # [BLOCK_M]
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
     q_rows = (start + q_pos)[:, None]
-    q = tl.load(q_ptr + q_rows * q_token_stride + head * q_head_stride + d[None, :],
-                mask=(q_pos < length)[:, None] & d_mask[None, :], other=0.0)
+    q_mask = (q_pos < length)[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + q_rows * q_token_stride + head * q_head_stride + d[None, :], mask=q_mask, other=0.0)
+    if STORE_KV:
+        if head % group == 0:
+            slot = tl.load(slots_ptr + start + q_pos, mask=q_pos < length, other=0)
+            cache_rows = ((slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride)[:, None]
+            cache_offs = cache_rows + kv_head * head_dim + d[None, :]
+            k_new = tl.load(k_ptr + q_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=q_mask)
+            v_new = tl.load(v_ptr + q_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=q_mask)
+            tl.store(k_cache_ptr + cache_offs, k_new, mask=q_mask)
+            tl.store(v_cache_ptr + cache_offs, v_new, mask=q_mask)
     qk_scale = scale * 1.4426950408889634                                # log2(e): softmax in base 2
     slope = 0.0
     if HAS_ALIBI:
@@ -75,46 +88,57 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)      # finite: a row whose first block is all masked stays NaN-free
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    diagonal = m_block * BLOCK_M
-    lo, full = 0, 0                                      # [lo, full): window edge blocks; [full, diagonal): visible
+    # key blocks: [lo, full) on the window's lower edge, [full, diagonal) wholly visible to every query
+    # of the block, [diagonal, first + BLOCK_M) across the diagonal
+    diagonal = (first + 1) // BLOCK_N * BLOCK_N
+    lo, full = 0, 0
     if USE_WINDOW:
-        lo = tl.maximum(diagonal - window + 1, 0) // BLOCK_M * BLOCK_M
-        full = tl.minimum(tl.cdiv(tl.maximum(diagonal + BLOCK_M - window, 0), BLOCK_M) * BLOCK_M, diagonal)
-    for n in range(lo, full, BLOCK_M):
-        m_i, l_i, acc, k, v = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
-                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
-                                            window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_M)
-    for n in range(full, diagonal, BLOCK_M):
-        m_i, l_i, acc, k, v = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
-                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
-                                            window, False, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_M)
-    m_i, l_i, acc, k, v = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, diagonal, q_pos, length, kv_head,
-                                        head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
-                                        window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_M)
-    if STORE_KV:
-        if head % group == 0:
-            k_pos = diagonal + tl.arange(0, BLOCK_M)
-            slot = tl.load(slots_ptr + start + k_pos, mask=k_pos < length, other=0)
-            row_offs = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
-            cache_offs = row_offs[:, None] + kv_head * head_dim + d[None, :]
-            kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
-            tl.store(k_cache_ptr + cache_offs, k, mask=kv_mask)
-            tl.store(v_cache_ptr + cache_offs, v, mask=kv_mask)
+        lo = tl.maximum(first - window + 1, 0) // BLOCK_N * BLOCK_N
+        diagonal = tl.maximum(diagonal, lo)
+        full = tl.minimum(tl.cdiv(tl.maximum(first + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N, diagonal)
+    for n in range(lo, full, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
+                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, True,
+                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+    for n in range(full, diagonal, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
+                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, False,
+                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+    for n in range(diagonal, first + BLOCK_M, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
+                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, True,
+                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 only in rows past the sequence (not stored)
     tl.store(out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(q_pos < length)[:, None] & d_mask[None, :])
+             mask=q_mask)
+
+
+def prefill_config(block_d: int) -> tuple[int, int, int, int]:
+    """(query rows, keys a step, warps, stages) of the prefill kernel: 64 / 64 / 4 / 3 for heads up to
+    128 wide (fastest or within 1 us in `logs/prefill-attention-configs-*.log` for one 512-token
+    prompt), 32 rows for wider heads (q, k and the accumulator then fit registers and shared memory).
+    RAYSPEED_PREFILL_CONFIG="rows,keys,warps,stages" sets it."""
+    forced = os.environ.get("RAYSPEED_PREFILL_CONFIG")
+    if forced:
+        rows, keys, warps, stages = (int(v) for v in forced.split(","))
+        return rows, keys, warps, stages
+    rows = 64 if block_d <= 128 else 32
+    return rows, rows, 4, 3
 
 
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              max_len: int, scale: float, window: int | None = None,
                              alibi_slopes: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
                              v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
-                             block: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                             block: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                             num_stages: int | None = None) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, from this step's k, v (not the cache): all
     sequences of the batch in one launch. q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads,
     head_dim] (strided views of the fused QKV output are fine); cu_seqlens: [seqs + 1] on q's device;
     max_len: the longest sequence. Same result as `paged_attention_torch` over a cache holding k, v.
-    Given the caches and `slot_mapping` [tokens], it also writes k, v there (`store_kv` included)."""
+    Given the caches and `slot_mapping` [tokens], it also writes k, v there (`store_kv` included).
+    block / block_n / num_warps / num_stages: query rows and keys a step of each program, its warps and
+    pipeline stages (`prefill_config`'s choice where not given)."""
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == v.shape == (tokens, num_kv_heads, head_dim), \
@@ -140,7 +164,9 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if tokens == 0 or num_seqs == 0:
         return out
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    block = block or (64 if block_d <= 128 else 32)    # keeps q, k and the accumulator within registers/shared memory
+    config = prefill_config(block_d)
+    block, block_n = block or config[0], block_n or block or config[1]
+    num_warps, num_stages = num_warps or config[2], num_stages or config[3]
     grid = (num_heads, triton.cdiv(max_len, block), num_seqs)
     _prefill_kernel[grid](q, k, v, cu_seqlens, q if alibi_slopes is None else alibi_slopes, out,
                           k_cache if store else q, v_cache if store else q, slot_mapping if store else cu_seqlens,
@@ -149,7 +175,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                           num_heads // num_kv_heads, head_dim, scale, window or 0,
                           USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
                           IEEE=q.dtype == torch.float32, STORE_KV=store,
-                          CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_D=block_d,
+                          CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_N=block_n, BLOCK_D=block_d,
                           num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -311,19 +311,31 @@ def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, 
     assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
 
 
-@pytest.mark.parametrize("window,alibi", [(None, True), (150, False), (150, True), (64, False)])
-@pytest.mark.parametrize("block", [64, 32])
-def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block):
-    """Prompts of several key blocks: the blocks on the window's lower edge and the diagonal are
-    masked, those between are taken whole; all three kinds of step in one query block row; two block sizes."""
+@pytest.mark.parametrize("window,alibi", [(None, True), (150, False), (150, True), (64, False), (40, False)])
+@pytest.mark.parametrize("block,block_n", [(64, 64), (32, 32), (64, 128), (64, 32), (32, 128)])
+def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block, block_n):
+    """Prompts of several key blocks: the blocks on the window's lower edge and across the diagonal
+    are masked, those between are taken whole; all three kinds of step in one query block row; key
+    blocks as wide as, wider and narrower than the query blocks (a window narrower than a key block
+    too). Given the caches, every position is stored once, as `store_kv` would."""
     lens = [300, 70]
-    q, k, v, cu, k_cache, v_cache, tables, _ = _fresh_prefill_case(lens, 2)
+    q, k, v, cu, k_cache, v_cache, tables, slots = _fresh_prefill_case(lens, 2)
     slopes = _alibi(4) if alibi else None
     expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
                                      window, slopes)
-    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes,
-                                                     block=block)
+    k_stored, v_stored, k_ref, v_ref = (torch.full_like(k_cache, 7.0) for _ in range(4))
+    store_kv(k, v, k_ref, v_ref, slots)
+    got = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, slopes, k_stored, v_stored,
+                                                     slots, block=block, block_n=block_n)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
+
+
+def test_prefill_config_override(monkeypatch):
+    assert prefill_attention.prefill_config(128) == (64, 64, 4, 3)
+    assert prefill_attention.prefill_config(256)[:2] == (32, 32)
+    monkeypatch.setenv("RAYSPEED_PREFILL_CONFIG", "64,128,8,2")
+    assert prefill_attention.prefill_config(128) == (64, 128, 8, 2)
 
 
 def test_fresh_prefill_triton_head_dim_80_pads_to_128():
