@@ -89,10 +89,16 @@ BUILDS = {
                    {"x_ptr": "*fp16", "out_ptr": "*fp16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32"}),
     "prefill-window-alibi": ("kernels.prefill_attention", "_prefill_kernel",
                              dict(USE_WINDOW=True, HAS_ALIBI=True, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                                  BLOCK_M=64, BLOCK_D=128),
+                                  BLOCK_M=64, BLOCK_N=64, BLOCK_D=128),
                              {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
                                                             "v_cache_ptr")},
                               "cu_seqlens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}),
+    "prefill-short-prompts": ("kernels.prefill_attention", "_prefill_kernel",
+                              dict(USE_WINDOW=False, HAS_ALIBI=False, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
+                                   BLOCK_M=32, BLOCK_N=32, BLOCK_D=128),
+                              {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
+                                                             "v_cache_ptr")},
+                               "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
                   {"ids_ptr": "*i64", "positions_ptr": "*i64", "tokens_ptr": "*fp16", "pos_table_ptr": "*fp16",
                    "out_ptr": "*fp16"}),
@@ -201,8 +207,9 @@ def test_split_decode_merges_after_a_released_ticket(built):
 
 def test_prefill_attention_builds_with_every_option(built):
     """The three kinds of key-block step (window edge, wholly visible, diagonal) compile, on the tensor
-    cores."""
+    cores; so do the 32-row blocks of short prompts."""
     assert "mma" in built["prefill-window-alibi"]["ptx"]
+    assert "mma" in built["prefill-short-prompts"]["ptx"]
 
 
 @pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
