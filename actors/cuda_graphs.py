@@ -14,6 +14,7 @@ powers of two, captured the first time a step needs one (tens of ms, once), and 
 padding is one extra sequence that owns the padding tokens (token 0 at position 0, all written to
 the reserved cache slot), followed by empty sequences: every row the kernels compute is finite.
 Eager prefill is host-bound (GPT-Neo 2.7B: 19.5 ms for 32 tokens whose kernels take 3.1 ms)."""
+import numpy as np
 import torch
 
 from kernels.attention import AttentionMetadata
@@ -103,25 +104,48 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
+class _PrefillInputs:
+    """A prefill bucket's static inputs, views of one device buffer laid out as `host()` lays out its
+    staging copy: input_ids, positions and slots [tokens] int64, cu_seqlens [seqs + 1] int32."""
+
+    def __init__(self, tokens: int, seqs: int, device: torch.device):
+        self.tokens, self.seqs = tokens, seqs
+        self.buffer = torch.zeros(24 * tokens + 4 * (seqs + 1), dtype=torch.uint8, device=device)
+        self.input_ids, self.positions, self.slots, self.cu_seqlens = self._views(self.buffer)
+
+    def _views(self, buffer):
+        """(input_ids, positions, slots, cu_seqlens) of `buffer` (a tensor or a numpy array)."""
+        t = self.tokens
+        longs = buffer[:24 * t].view(torch.int64 if isinstance(buffer, torch.Tensor) else np.int64)
+        ints = buffer[24 * t:].view(torch.int32 if isinstance(buffer, torch.Tensor) else np.int32)
+        return longs[:t], longs[t:2 * t], longs[2 * t:], ints
+
+    def host(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """A host buffer of this layout and its four views."""
+        buffer = np.empty(self.buffer.numel(), np.uint8)
+        return buffer, self._views(buffer)
+
+
 class PrefillGraphs:
-    """Captures lazily, except the smallest bucket (`warm_up`, at start-up: it compiles the kernels)."""
+    """Captures lazily, except the smallest bucket (`warm_up`, at start-up: it compiles the kernels).
+    Each bucket's graph reads its inputs from a buffer of its own, which `run_arrays` fills from the
+    host in one copy."""
 
     def __init__(self, forward, max_seqs: int, pad_slot: int, device: torch.device,
                  max_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
         self.forward = forward                  # (input_ids, positions, meta) -> logits of each last token
-        self.pad_slot, self.max_tokens = pad_slot, max_tokens
+        self.pad_slot, self.max_tokens, self.device = pad_slot, max_tokens, device
         self.max_seqs = _pow2_at_least(max_seqs + 1, 2)        # + the padding sequence
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.slots = torch.full((max_tokens,), pad_slot, dtype=torch.int64, device=device)
-        self.cu_seqlens = torch.zeros(self.max_seqs + 1, dtype=torch.int32, device=device)
         self.unused = torch.zeros(1, 1, dtype=torch.int32, device=device)   # block tables: a fresh prefill reads none
+        self.inputs: dict[tuple[int, int], _PrefillInputs] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.pool = None
 
     def warm_up(self) -> None:
-        self.cu_seqlens[1:3].fill_(16)                          # one padding sequence of 16 tokens
-        self.graphs[16, 2] = self._capture(16, 2)
+        inputs = self._inputs((16, 2))
+        inputs.slots.fill_(self.pad_slot)
+        inputs.cu_seqlens[1:].fill_(16)                         # one padding sequence of 16 tokens
+        self.graphs[16, 2] = self._capture(inputs)
 
     def bucket(self, tokens: int, seqs: int) -> tuple[int, int] | None:
         """(padded tokens, padded sequences) for a step, or None when it is too large for a graph."""
@@ -129,21 +153,33 @@ class PrefillGraphs:
             return None
         return _pow2_at_least(tokens, 16), _pow2_at_least(seqs + 1, 2)
 
-    def _meta(self, tokens: int, seqs: int) -> AttentionMetadata:
-        return AttentionMetadata(self.slots[:tokens], self.unused.expand(seqs, 1), self.unused[0].expand(seqs),
-                                 self.cu_seqlens[:seqs + 1], tokens, fresh_prefill=True)
+    def _inputs(self, key: tuple[int, int]) -> _PrefillInputs:
+        if key not in self.inputs:
+            self.inputs[key] = _PrefillInputs(*key, self.device)
+        return self.inputs[key]
 
-    def _capture(self, tokens: int, seqs: int):
-        """The graph of bucket (tokens, seqs) and its logits, or None when capturing fails (e.g. out of
-        memory for the graph's pool: that bucket then runs eagerly)."""
-        args = (self.input_ids[:tokens], self.positions[:tokens], self._meta(tokens, seqs))
+    def _capture(self, inputs: _PrefillInputs):
+        """The graph of a bucket over its inputs and its logits, or None when capturing fails (e.g.
+        out of memory for the graph's pool: that bucket then runs eagerly)."""
+        meta = AttentionMetadata(inputs.slots, self.unused.expand(inputs.seqs, 1), self.unused[0].expand(inputs.seqs),
+                                 inputs.cu_seqlens, inputs.tokens, fresh_prefill=True)
         try:
-            graph, logits = record(self.forward, args, self.pool, warmups=1)
+            graph, logits = record(self.forward, (inputs.input_ids, inputs.positions, meta), self.pool, warmups=1)
         except torch.OutOfMemoryError:
             torch.cuda.synchronize()
             return None
         self.pool = graph.pool()
         return graph, logits
+
+    def _replay(self, key: tuple[int, int], seqs: int) -> torch.Tensor | None:
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(self.inputs[key])
+        entry = self.graphs[key]
+        if entry is None:
+            return None
+        graph, logits = entry
+        graph.replay()
+        return logits[:seqs]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """Logits [seqs, vocab] of each sequence's last token, or None when no graph serves this step."""
@@ -151,20 +187,28 @@ class PrefillGraphs:
         key = self.bucket(tokens, seqs)
         if key is None:
             return None
-        padded_tokens, padded_seqs = key
-        self.input_ids[:tokens].copy_(input_ids)
-        self.input_ids[tokens:padded_tokens].zero_()
-        self.positions[:tokens].copy_(positions)
-        self.positions[tokens:padded_tokens].zero_()
-        self.slots[:tokens].copy_(meta.slot_mapping)
-        self.slots[tokens:padded_tokens].fill_(self.pad_slot)
-        self.cu_seqlens[:seqs + 1].copy_(meta.cu_seqlens_q)
-        self.cu_seqlens[seqs + 1:padded_seqs + 1].fill_(padded_tokens)     # the padding sequence, then empty ones
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(padded_tokens, padded_seqs)
-        entry = self.graphs[key]
-        if entry is None:
+        inputs = self._inputs(key)
+        inputs.input_ids[:tokens].copy_(input_ids)
+        inputs.input_ids[tokens:].zero_()
+        inputs.positions[:tokens].copy_(positions)
+        inputs.positions[tokens:].zero_()
+        inputs.slots[:tokens].copy_(meta.slot_mapping)
+        inputs.slots[tokens:].fill_(self.pad_slot)
+        inputs.cu_seqlens[:seqs + 1].copy_(meta.cu_seqlens_q)
+        inputs.cu_seqlens[seqs + 1:].fill_(key[0])              # the padding sequence, then empty ones
+        return self._replay(key, seqs)
+
+    def run_arrays(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                   cu_seqlens: np.ndarray) -> torch.Tensor | None:
+        """`run` from host arrays: padded on the host and sent in one copy (a single-rank fresh
+        prefill's inputs never exist as device tensors of their own)."""
+        tokens, seqs = len(input_ids), len(cu_seqlens) - 1
+        key = self.bucket(tokens, seqs)
+        if key is None:
             return None
-        graph, logits = entry
-        graph.replay()
-        return logits[:seqs]
+        inputs = self._inputs(key)
+        host, (ids, pos, slot, cu) = inputs.host()
+        ids[:tokens], pos[:tokens], slot[:tokens], cu[:seqs + 1] = input_ids, positions, slots, cu_seqlens
+        ids[tokens:], pos[tokens:], slot[tokens:], cu[seqs + 1:] = 0, 0, self.pad_slot, key[0]
+        inputs.buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        return self._replay(key, seqs)

@@ -8,6 +8,7 @@ Under tensor parallelism only the TP group's rank 0 schedules. Each step it broa
 import array
 import itertools
 
+import numpy as np
 import torch
 
 from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
@@ -18,6 +19,7 @@ from kernels.gemv_tuner import TUNED_MAX_ROWS, tuning_window
 from kernels.model import CausalLM
 
 ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}   # `array` type codes
+TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -29,6 +31,26 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def upload(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays on `device` through one staged copy (as `to_device`): views of one buffer, of the
+    arrays' shapes and dtypes, each starting 16 bytes aligned (as a tensor of its own would, so the
+    Triton kernels they reach see the alignment they were specialised for)."""
+    starts = list(itertools.accumulate((-(-p.nbytes // 16) * 16 for p in parts), initial=0))
+    host = np.empty(starts[-1], np.uint8)
+    for part, start in zip(parts, starts):
+        host[start:start + part.nbytes] = part.reshape(-1).view(np.uint8)
+    buffer = torch.from_numpy(host)
+    buffer = buffer.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else buffer.to(device)
+    return [buffer[start:start + p.nbytes].view(TORCH_DTYPES[p.dtype]).view(p.shape)
+            for p, start in zip(parts, starts)]
+
+
+def block_tables(seqs: list[Sequence], dtype) -> np.ndarray:
+    """The sequences' block tables as one [seqs, longest] array, rows padded with block 0."""
+    width = max(len(s.block_table) for s in seqs)
+    return np.array([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype)
 
 
 STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
@@ -93,54 +115,40 @@ class ModelRunner:
     def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
         return to_device(values, dtype, self.device)
 
-    def _tensors(self, dtype: torch.dtype, *parts: list) -> list[torch.Tensor]:
-        """Several lists as tensors on the device through one staged copy (`_tensor`): views of one
-        buffer, each starting 16 bytes aligned (as a separate tensor would, so the Triton kernels they
-        reach see the alignment they were specialised for)."""
-        align = 16 // dtype.itemsize
-        flat, sizes = [], []
-        for part in parts:
-            flat += part
-            flat += [0] * (-len(part) % align)
-            sizes.append(len(part))
-        buffer = self._tensor(flat, dtype)
-        starts = itertools.accumulate((n + -n % align for n in sizes), initial=0)
-        return [buffer[start:start + n] for start, n in zip(starts, sizes)]
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """The flat cache slots of `seq`'s positions [start, end): runs of its blocks' slots."""
-        bs = self.block_size
-        first = start // bs
-        runs = (range(b * bs, b * bs + bs) for b in seq.block_table[first:-(-end // bs)])
-        return list(itertools.islice(itertools.chain.from_iterable(runs), start - first * bs, end - first * bs))
-
-    def _step_tensors(self, seqs: list[Sequence], input_ids: list | None, positions: list, slots: list,
-                      context_lens: list, cu_seqlens: list):
+    def _step_tensors(self, seqs: list[Sequence], input_ids, positions, slots, context_lens, cu_seqlens):
         """(input_ids or None, positions, slot_mapping, block_tables, context_lens, cu_seqlens) on the
-        device in two copies: the int64 lists in one, the int32 ones in the other."""
-        width = max(len(s.block_table) for s in seqs)
-        tables = []
-        for s in seqs:
-            tables += s.block_table
-            tables += [0] * (width - len(s.block_table))
-        longs = self._tensors(torch.int64, *([] if input_ids is None else [input_ids]), positions, slots)
-        tables, context_lens, cu_seqlens = self._tensors(torch.int32, tables, context_lens, cu_seqlens)
-        return (None if input_ids is None else longs[0], *longs[-2:], tables.view(len(seqs), width), context_lens,
-                cu_seqlens)
+        device in one copy (lists or host arrays in; the first three int64, the rest int32)."""
+        tables = block_tables(seqs, np.int32)
+        longs = [np.asarray(part, np.int64) for part in ([] if input_ids is None else [input_ids]) + [positions, slots]]
+        ints = [np.asarray(part, np.int32) for part in (tables, context_lens, cu_seqlens)]
+        *longs, tables, context_lens, cu_seqlens = upload(longs + ints, self.device)
+        return (None if input_ids is None else longs[0], *longs[-2:], tables, context_lens, cu_seqlens)
 
     def prepare_prefill(self, seqs: list[Sequence]):
         """Every uncached token of each sequence; returns (input_ids, positions, meta)."""
-        input_ids, positions, slots, cu_seqlens = [], [], [], [0]
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, len(seq)
-            input_ids += seq.token_ids[start:end]
-            positions += range(start + seq.position_offset, end + seq.position_offset)
-            slots += self._slots(seq, start, end)
-            cu_seqlens.append(cu_seqlens[-1] + end - start)
+        return self._prefill_tensors(seqs, *self._prefill_arrays(seqs))
+
+    def _prefill_arrays(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, positions, slots, cu_seqlens) of every uncached token, int64 host arrays built
+        without a Python loop over tokens."""
+        starts = np.fromiter((s.num_cached_tokens for s in seqs), np.int64, len(seqs))
+        lens = np.fromiter((len(s) for s in seqs), np.int64, len(seqs)) - starts
+        cu_seqlens = np.zeros(len(seqs) + 1, np.int64)
+        np.cumsum(lens, out=cu_seqlens[1:])
+        total = int(cu_seqlens[-1])
+        input_ids = np.fromiter(itertools.chain.from_iterable(s.token_ids[s.num_cached_tokens:] for s in seqs),
+                                np.int64, total)
+        index = np.arange(total) - np.repeat(cu_seqlens[:-1] - starts, lens)     # each token's index in its sequence
+        which = np.repeat(np.arange(len(seqs)), lens)
+        bs = self.block_size
+        slots = block_tables(seqs, np.int64)[which, index // bs] * bs + index % bs
+        offsets = np.fromiter((s.position_offset for s in seqs), np.int64, len(seqs))
+        return input_ids, index + offsets[which], slots, cu_seqlens
+
+    def _prefill_tensors(self, seqs: list[Sequence], input_ids, positions, slots, cu_seqlens):
         ids, pos, slot_mapping, tables, context_lens, cu = self._step_tensors(
             seqs, input_ids, positions, slots, [len(s) for s in seqs], cu_seqlens)
-        meta = AttentionMetadata(slot_mapping, tables, context_lens, cu,
-                                 max_query_len=max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])),
+        meta = AttentionMetadata(slot_mapping, tables, context_lens, cu, max_query_len=int(np.diff(cu_seqlens).max()),
                                  fresh_prefill=all(s.num_cached_tokens == 0 for s in seqs))
         return ids, pos, meta
 
@@ -158,8 +166,17 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
         """Logits of each sequence's last token [seqs, vocab], or of every new token when `all_logits`."""
-        input_ids, positions, meta = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
-        return self._launch(seqs, 0, input_ids, positions, meta, all_logits)
+        if not is_prefill:
+            return self._launch(seqs, 0, *self.prepare_decode(seqs), all_logits)
+        arrays = self._prefill_arrays(seqs)
+        if self.prefill_graphs is not None and self.tp.size == 1 and not all_logits \
+                and all(s.num_cached_tokens == 0 for s in seqs):
+            logits = self.prefill_graphs.run_arrays(*arrays)        # inputs padded on the host, one copy
+            if logits is not None:
+                for seq in seqs:
+                    seq.num_cached_tokens = len(seq)
+                return logits
+        return self._launch(seqs, 0, *self._prefill_tensors(seqs, *arrays), all_logits)
 
     @torch.inference_mode()
     def run_ahead(self, seqs: list[Sequence], input_ids: torch.Tensor) -> torch.Tensor:

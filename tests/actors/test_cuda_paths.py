@@ -101,7 +101,8 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monk
 
 def test_prefill_graph_logits_equal_eager_logits():
     """The padded graph replay returns each prompt's last-token logits as the eager forward does (to
-    rounding: cuBLAS may pick another algorithm for the padded row count)."""
+    rounding: cuBLAS may pick another algorithm for the padded row count); fed from host arrays
+    (`run_arrays`, padded on the host), the same graph returns the same logits."""
     _, engine = generate(tiny_model("gpt_neo"))
     runner = engine.runner
     seqs = [Sequence(p, SamplingParams()) for p in PROMPTS]
@@ -110,8 +111,10 @@ def test_prefill_graph_logits_equal_eager_logits():
     try:
         ids, positions, meta = runner.prepare_prefill(seqs)
         graphed = runner.prefill_graphs.run(ids, positions, meta).clone()
+        from_host = runner.prefill_graphs.run_arrays(*runner._prefill_arrays(seqs)).clone()
         eager = runner._eager(ids, positions, meta, False)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+        assert torch.equal(from_host, graphed)
     finally:
         for seq in seqs:
             engine.block_manager.deallocate(seq)

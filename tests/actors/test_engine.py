@@ -110,8 +110,8 @@ def test_start_up_tuning_steps_every_row_bucket_inside_the_window(hf, monkeypatc
 
 
 def test_step_inputs_match_the_per_token_formulas(hf):
-    """prepare_prefill / prepare_decode build their six inputs in two staged copies (int64, int32),
-    slots from runs of whole blocks: the same values as token-by-token arithmetic, for sequences with
+    """prepare_prefill / prepare_decode build their six inputs in one staged copy (int64 and int32
+    views), slots from whole block tables: the same values as token-by-token arithmetic, for sequences with
     a cached prefix ending mid-block, scattered block tables and position offsets; every view starts
     16 bytes into its buffer's alignment."""
     from actors.sequence import SamplingParams, Sequence
