@@ -110,8 +110,9 @@ class _PrefillInputs:
 
     def __init__(self, tokens: int, seqs: int, device: torch.device):
         self.tokens, self.seqs = tokens, seqs
-        self.buffer = torch.zeros(24 * tokens + 4 * (seqs + 1), dtype=torch.uint8, device=device)
-        self.input_ids, self.positions, self.slots, self.cu_seqlens = self._views(self.buffer)
+        with torch.inference_mode(False):        # normal tensors: a step may fill them outside inference mode
+            self.buffer = torch.zeros(24 * tokens + 4 * (seqs + 1), dtype=torch.uint8, device=device)
+            self.input_ids, self.positions, self.slots, self.cu_seqlens = self._views(self.buffer)
 
     def _views(self, buffer):
         """(input_ids, positions, slots, cu_seqlens) of `buffer` (a tensor or a numpy array)."""

@@ -140,3 +140,18 @@ def test_step_inputs_match_the_per_token_formulas(hf):
     assert ids is None and meta.slot_mapping.tolist() == [slot(s, len(s)) for s in seqs]
     assert positions.tolist() == [len(s) + s.position_offset for s in seqs] and meta.max_query_len == 1
     assert meta.context_lens.tolist() == [22, 31, 4] and meta.cu_seqlens_q.tolist() == [0, 1, 2, 3]
+
+
+def test_prefill_bucket_inputs_share_one_layout_with_their_host_copy():
+    """A prefill graph bucket's inputs are views of one buffer that a host buffer of the same layout
+    fills in one copy; made inside inference mode (a step's first use), they still take copies outside it."""
+    from actors.cuda_graphs import _PrefillInputs
+    with torch.inference_mode():
+        inputs = _PrefillInputs(32, 4, torch.device("cpu"))
+    host, (ids, positions, slots, cu) = inputs.host()
+    ids[:], positions[:], slots[:], cu[:] = range(32), range(100, 132), range(200, 232), [0, 5, 9, 32, 32]
+    inputs.buffer.copy_(torch.from_numpy(host))
+    assert inputs.input_ids.tolist() == list(range(32)) and inputs.positions.tolist() == list(range(100, 132))
+    assert inputs.slots.tolist() == list(range(200, 232)) and inputs.cu_seqlens.tolist() == [0, 5, 9, 32, 32]
+    assert inputs.input_ids.dtype == inputs.slots.dtype == torch.int64 and inputs.cu_seqlens.dtype == torch.int32
+    inputs.positions.zero_()
