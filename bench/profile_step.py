@@ -152,42 +152,58 @@ def walls_ms(fn, runs: int) -> list[float]:
 
 
 def replay_split(engine, batch: int, length: int) -> dict:
-    """The prefill's graph alone (inputs already on the device): ms per replay back to back (the GPU's
-    time), and ms from one replay's call to its end with the GPU idle before (adds the launch); the
-    host's time in that call (input copies, launch) and its preparation of the inputs
-    (`prepare_prefill`, median of 50) in ms."""
+    """The prefill step alone, in ms: its graph replayed back to back (the GPU's time); one replay from
+    an idle GPU, timed by events around it (adds what the launch keeps the GPU waiting); `runner.run`
+    from its call to the end of its work (host arrays, the one input copy, the launch), and its host
+    time alone; of that, building the host arrays and the graph launch call (medians)."""
     runner = engine.runner
     seqs = [Sequence([100 + (i + j) % 1000 for j in range(length)], SamplingParams(max_new_tokens=1))
             for i in range(batch)]
     for seq in seqs:
         engine.block_manager.allocate(seq)
-    try:
-        prepare = []
-        for _ in range(50):
+
+    def run():
+        for seq in seqs:
+            seq.num_cached_tokens = 0
+        runner.run(seqs, True)
+
+    def host_ms(fn, calls: int = 20) -> float:
+        times = []
+        for _ in range(calls):
+            torch.cuda.synchronize()
             t = time.perf_counter()
-            ids, positions, meta = runner.prepare_prefill(seqs)
-            prepare.append((time.perf_counter() - t) * 1e3)
-        replay = lambda: runner.prefill_graphs.run(ids, positions, meta)      # noqa: E731
-        replay()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    try:
+        run()
+        tokens, seqs_in = runner.prefill_graphs.bucket(batch * length, batch)
+        graph = runner.prefill_graphs.graphs[tokens, seqs_in][0]
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(10):
-            replay()
+            graph.replay()
         end.record()
         end.synchronize()
-        single = walls_ms(replay, 5)
-        launch = []
-        for _ in range(5):
+        back_to_back = start.elapsed_time(end) / 10
+        alone = []
+        for _ in range(10):
             torch.cuda.synchronize()
-            t = time.perf_counter()
-            replay()
-            launch.append((time.perf_counter() - t) * 1e3)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            alone.append(start.elapsed_time(end))
+        result = {"replay_ms_back_to_back": back_to_back, "replay_ms_alone_events": statistics.median(alone),
+                  "run_ms_alone": statistics.median(walls_ms(run, 10)), "run_host_ms": host_ms(run),
+                  "arrays_host_ms": host_ms(lambda: runner._prefill_arrays(seqs)),
+                  "graph_launch_host_ms": host_ms(graph.replay)}
     finally:
         for seq in seqs:
             engine.block_manager.deallocate(seq)
-    return {"replay_ms_back_to_back": start.elapsed_time(end) / 10, "replay_ms_alone": statistics.median(single),
-            "run_call_host_ms": statistics.median(launch), "prepare_prefill_ms": statistics.median(prepare)}
+    return result
 
 
 if __name__ == "__main__":
