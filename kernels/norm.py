@@ -3,6 +3,8 @@
 Each takes an optional `residual`: then it normalises `x + residual` and also returns that sum (the
 residual stream), so a block's residual add costs no kernel of its own; the sum is rounded to x's
 dtype before the statistics, exactly as a separate add would."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -81,6 +83,12 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, x_row_stride, r_row_
     tl.store(out_ptr + row * hidden + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def norm_warps(rows: int) -> int:
+    """Warps of each row's program. RAYSPEED_NORM_WARPS sets it."""
+    forced = os.environ.get("RAYSPEED_NORM_WARPS")
+    return int(forced) if forced else 4
+
+
 def _check_norm_inputs(x: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
     """Validate x [..., hidden] and its per-channel parameters; return x as rows [rows, hidden]."""
     assert x.is_floating_point(), f"x must be floating point, got {x.dtype}"
@@ -106,7 +114,7 @@ def _with_residual(x: torch.Tensor, residual: torch.Tensor | None):
 
 
 def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                      residual: torch.Tensor | None = None):
+                      residual: torch.Tensor | None = None, num_warps: int | None = None):
     """Triton LayerNorm, fp32 statistics, result in x's dtype. x: [..., hidden]. With `residual`:
     (norm(x + residual), x + residual)."""
     rows = _check_norm_inputs(x, weight, bias)                  # [rows, hidden]
@@ -117,11 +125,13 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         _layer_norm_kernel[(rows.shape[0],)](rows, res_rows, summed, weight, weight if bias is None else bias, out,
                                              rows.stride(0), res_rows.stride(0), hidden, eps,
                                              HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                                             BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl)
+                                             BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl,
+                                             num_warps=num_warps or norm_warps(rows.shape[0]))
     return out if residual is None else (out, summed)
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    num_warps: int | None = None):
     """Triton RMSNorm in the reference's order; result dtype is that of `weight * x` (x's dtype when they
     match). With `residual`: (norm(x + residual), x + residual)."""
     rows = _check_norm_inputs(x, weight)                        # [rows, hidden]
@@ -131,7 +141,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, res_rows, summed, weight, out, rows.stride(0), res_rows.stride(0),
                                            hidden, eps, HAS_RESIDUAL=residual is not None,
-                                           BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl)
+                                           BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl,
+                                           num_warps=num_warps or norm_warps(rows.shape[0]))
     return out if residual is None else (out, summed)
 
 
