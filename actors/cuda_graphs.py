@@ -105,14 +105,18 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 class _PrefillInputs:
-    """A prefill bucket's static inputs, views of one device buffer laid out as `host()` lays out its
-    staging copy: input_ids, positions and slots [tokens] int64, cu_seqlens [seqs + 1] int32."""
+    """A prefill bucket's static inputs, views of one device buffer, and a pinned host buffer of the
+    same layout that fills it in one copy: input_ids, positions and slots [tokens] int64, cu_seqlens
+    [seqs + 1] int32."""
 
     def __init__(self, tokens: int, seqs: int, device: torch.device):
         self.tokens, self.seqs = tokens, seqs
+        size = 24 * tokens + 4 * (seqs + 1)
         with torch.inference_mode(False):        # normal tensors: a step may fill them outside inference mode
-            self.buffer = torch.zeros(24 * tokens + 4 * (seqs + 1), dtype=torch.uint8, device=device)
+            self.buffer = torch.zeros(size, dtype=torch.uint8, device=device)
             self.input_ids, self.positions, self.slots, self.cu_seqlens = self._views(self.buffer)
+        self.staging = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def _views(self, buffer):
         """(input_ids, positions, slots, cu_seqlens) of `buffer` (a tensor or a numpy array)."""
@@ -121,10 +125,17 @@ class _PrefillInputs:
         ints = buffer[24 * t:].view(torch.int32 if isinstance(buffer, torch.Tensor) else np.int32)
         return longs[:t], longs[t:2 * t], longs[2 * t:], ints
 
-    def host(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """A host buffer of this layout and its four views."""
-        buffer = np.empty(self.buffer.numel(), np.uint8)
-        return buffer, self._views(buffer)
+    def host(self) -> tuple[np.ndarray, ...]:
+        """The four views of the host buffer, free to write (its last copy out has finished)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self._views(self.staging.numpy())
+
+    def send(self) -> None:
+        """The host buffer to the device buffer, asynchronously."""
+        self.buffer.copy_(self.staging, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
 
 class PrefillGraphs:
@@ -208,8 +219,8 @@ class PrefillGraphs:
         if key is None:
             return None
         inputs = self._inputs(key)
-        host, (ids, pos, slot, cu) = inputs.host()
+        ids, pos, slot, cu = inputs.host()
         ids[:tokens], pos[:tokens], slot[:tokens], cu[:seqs + 1] = input_ids, positions, slots, cu_seqlens
         ids[tokens:], pos[tokens:], slot[tokens:], cu[seqs + 1:] = 0, 0, self.pad_slot, key[0]
-        inputs.buffer.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        inputs.send()
         return self._replay(key, seqs)

@@ -3,8 +3,6 @@
 Each takes an optional `residual`: then it normalises `x + residual` and also returns that sum (the
 residual stream), so a block's residual add costs no kernel of its own; the sum is rounded to x's
 dtype before the statistics, exactly as a separate add would."""
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -83,10 +81,9 @@ def _rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, out_ptr, x_row_stride, r_row_
     tl.store(out_ptr + row * hidden + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def norm_warps(rows: int) -> int:
-    """Warps of each row's program. RAYSPEED_NORM_WARPS sets it."""
-    forced = os.environ.get("RAYSPEED_NORM_WARPS")
-    return int(forced) if forced else 4
+# Warps of each row's program: 4 is the fastest or within 0.3 us of it at 1 to 512 rows for both
+# norms (`*-norms.json`, H100; in GPT-Neo's decode and prefill 8 warps moved nothing).
+NORM_WARPS = 4
 
 
 def _check_norm_inputs(x: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
@@ -126,7 +123,7 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                              rows.stride(0), res_rows.stride(0), hidden, eps,
                                              HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                                              BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl,
-                                             num_warps=num_warps or norm_warps(rows.shape[0]))
+                                             num_warps=num_warps or NORM_WARPS)
     return out if residual is None else (out, summed)
 
 
@@ -142,7 +139,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
         _rms_norm_kernel[(rows.shape[0],)](rows, res_rows, summed, weight, out, rows.stride(0), res_rows.stride(0),
                                            hidden, eps, HAS_RESIDUAL=residual is not None,
                                            BLOCK=triton.next_power_of_2(hidden), PDL=pdl, launch_pdl=pdl,
-                                           num_warps=num_warps or norm_warps(rows.shape[0]))
+                                           num_warps=num_warps or NORM_WARPS)
     return out if residual is None else (out, summed)
 
 

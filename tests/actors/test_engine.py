@@ -144,13 +144,14 @@ def test_step_inputs_match_the_per_token_formulas(hf):
 
 def test_prefill_bucket_inputs_share_one_layout_with_their_host_copy():
     """A prefill graph bucket's inputs are views of one buffer that a host buffer of the same layout
-    fills in one copy; made inside inference mode (a step's first use), they still take copies outside it."""
+    fills in one copy (`send`); made inside inference mode (a step's first use), they still take
+    copies outside it."""
     from actors.cuda_graphs import _PrefillInputs
     with torch.inference_mode():
         inputs = _PrefillInputs(32, 4, torch.device("cpu"))
-    host, (ids, positions, slots, cu) = inputs.host()
+    ids, positions, slots, cu = inputs.host()
     ids[:], positions[:], slots[:], cu[:] = range(32), range(100, 132), range(200, 232), [0, 5, 9, 32, 32]
-    inputs.buffer.copy_(torch.from_numpy(host))
+    inputs.send()
     assert inputs.input_ids.tolist() == list(range(32)) and inputs.positions.tolist() == list(range(100, 132))
     assert inputs.slots.tolist() == list(range(200, 232)) and inputs.cu_seqlens.tolist() == [0, 5, 9, 32, 32]
     assert inputs.input_ids.dtype == inputs.slots.dtype == torch.int64 and inputs.cu_seqlens.dtype == torch.int32
