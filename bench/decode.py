@@ -219,7 +219,7 @@ def matmul_errors(engine, reference) -> dict:
 def prefill_ms(engine, vocab: int, length: int = 512) -> float:
     seed = iter(range(10**6))
     fresh = lambda: (prompts(1, vocab, next(seed) + 500)[:, :1].repeat(1, length).tolist(),)    # noqa: E731
-    return timed(lambda ids: engine.generate(ids, max_new_tokens=1, ignore_eos=True), repeats=5, inputs=fresh) * 1e3
+    return timed(lambda ids: engine.generate(ids, max_new_tokens=1, ignore_eos=True), repeats=20, inputs=fresh) * 1e3
 
 
 def concurrent_tok_s(engine, vocab: int, requests: int) -> float:
