@@ -113,21 +113,24 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
              mask=q_mask)
 
 
-def prefill_config(block_d: int, max_len: int) -> tuple[int, int, int, int]:
-    """(query rows, keys a step, warps, stages) of the prefill kernel for prompts of up to `max_len`
-    tokens. From `*-attention-prefill-keys.json` (H100, each configuration back to back in a CUDA
-    graph): 32 / 32 / 4 warps / 2 stages for prompts of up to 64 tokens (32 prompts of 32: 8.1 us
-    against 13.3 for 64 rows), 64 / 64 / 4 / 2 up to 1,024 (GPT-Neo's 512-token global and local
-    layers: 13.6 and 11.1 us against 14.2 and 13.2 with 3 stages), 3 stages beyond (4,096 tokens:
-    380 against 399 us); keys wider than the query block never won. Heads wider than 128 take 32
-    rows at every length (q, k and the accumulator then fit registers and shared memory).
+def prefill_config(block_d: int) -> tuple[int, int, int, int]:
+    """(query rows, keys a step, warps, stages) of the prefill kernel: 64 / 64 / 4 / 3, or 32 rows and
+    keys for heads wider than 128 (q, k and the accumulator then fit registers and shared memory).
+    Alone, back to back in a CUDA graph (`*-attention-prefill-keys.json`, H100), 2 stages were
+    faster up to 1,024 tokens (GPT-Neo's 512-token layers 13.6 / 11.1 us against 14.2 / 13.2) and 32
+    rows for prompts up to 64 tokens (32 prompts of 32: 8.1 against 13.3 us); keys wider than the
+    query block never won. In the model the 512-token prefill's attention took the same time either
+    way (507-564 us over 32 layers, profiles of both), and a choice by prompt length costs twice:
+    the padded prefill graphs see their token bucket, not the longest prompt, so graph and eager
+    prefills would run different kernels (their greedy tokens then part), and each configuration is
+    one more compile on first use (the 256-in-flight run paid one: 7,243 tok/s against 32,400).
     RAYSPEED_PREFILL_CONFIG="rows,keys,warps,stages" sets it."""
     forced = os.environ.get("RAYSPEED_PREFILL_CONFIG")
     if forced:
         rows, keys, warps, stages = (int(v) for v in forced.split(","))
         return rows, keys, warps, stages
-    rows = 32 if block_d > 128 or max_len <= 64 else 64
-    return rows, rows, 4, 2 if max_len <= 1024 else 3
+    rows = 64 if block_d <= 128 else 32
+    return rows, rows, 4, 3
 
 
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -168,7 +171,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if tokens == 0 or num_seqs == 0:
         return out
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    config = prefill_config(block_d, max_len)
+    config = prefill_config(block_d)
     block, block_n = block or config[0], block_n or block or config[1]
     num_warps, num_stages = num_warps or config[2], num_stages or config[3]
     grid = (num_heads, triton.cdiv(max_len, block), num_seqs)

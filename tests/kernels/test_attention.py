@@ -332,12 +332,10 @@ def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block, 
 
 
 def test_prefill_config_override(monkeypatch):
-    assert prefill_attention.prefill_config(128, 32) == (32, 32, 4, 2)
-    assert prefill_attention.prefill_config(128, 512) == (64, 64, 4, 2)
-    assert prefill_attention.prefill_config(128, 4096) == (64, 64, 4, 3)
-    assert prefill_attention.prefill_config(256, 512)[:2] == (32, 32)
+    assert prefill_attention.prefill_config(128) == (64, 64, 4, 3)
+    assert prefill_attention.prefill_config(256)[:2] == (32, 32)
     monkeypatch.setenv("RAYSPEED_PREFILL_CONFIG", "64,128,8,2")
-    assert prefill_attention.prefill_config(128, 32) == (64, 128, 8, 2)
+    assert prefill_attention.prefill_config(128) == (64, 128, 8, 2)
 
 
 def test_fresh_prefill_triton_head_dim_80_pads_to_128():

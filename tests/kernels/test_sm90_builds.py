@@ -93,7 +93,7 @@ BUILDS = {
                              {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
                                                             "v_cache_ptr")},
                               "cu_seqlens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}),
-    "prefill-short-prompts": ("kernels.prefill_attention", "_prefill_kernel",
+    "prefill-32-rows": ("kernels.prefill_attention", "_prefill_kernel",
                               dict(USE_WINDOW=False, HAS_ALIBI=False, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
                                    BLOCK_M=32, BLOCK_N=32, BLOCK_D=128),
                               {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
@@ -207,9 +207,9 @@ def test_split_decode_merges_after_a_released_ticket(built):
 
 def test_prefill_attention_builds_with_every_option(built):
     """The three kinds of key-block step (window edge, wholly visible, diagonal) compile, on the tensor
-    cores; so do the 32-row blocks of short prompts."""
+    cores; so do 32-row blocks (heads wider than 128, or RAYSPEED_PREFILL_CONFIG)."""
     assert "mma" in built["prefill-window-alibi"]["ptx"]
-    assert "mma" in built["prefill-short-prompts"]["ptx"]
+    assert "mma" in built["prefill-32-rows"]["ptx"]
 
 
 @pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
