@@ -53,6 +53,14 @@ def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, 
             ATTENTION_POINTERS, num_warps)
 
 
+def prefill_attention(block, window_alibi):
+    return ("kernels.prefill_attention", "_prefill_kernel",
+            dict(USE_WINDOW=window_alibi, HAS_ALIBI=window_alibi, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
+                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128),
+            {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")},
+             "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"})
+
+
 BUILDS = {
     "fma-int16-fp16": fma(16, "fp16", "fp16", 2, 1024, 1024, False),
     "fma-int16-bf16-prefetch": fma(16, "bf16", "bf16", 4, 1024, 1024, True),
@@ -87,18 +95,8 @@ BUILDS = {
                      {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "out_ptr")}),
     "pdl-rotary": ("kernels.rotary", "_rotary_kernel", dict(INTERLEAVED=False, BLOCK_R=64, BLOCK_D=1, PDL=True),
                    {"x_ptr": "*fp16", "out_ptr": "*fp16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32"}),
-    "prefill-window-alibi": ("kernels.prefill_attention", "_prefill_kernel",
-                             dict(USE_WINDOW=True, HAS_ALIBI=True, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                                  BLOCK_M=64, BLOCK_N=64, BLOCK_D=128),
-                             {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
-                                                            "v_cache_ptr")},
-                              "cu_seqlens_ptr": "*i32", "slots_ptr": "*i32", "alibi_ptr": "*fp32"}),
-    "prefill-32-rows": ("kernels.prefill_attention", "_prefill_kernel",
-                              dict(USE_WINDOW=False, HAS_ALIBI=False, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                                   BLOCK_M=32, BLOCK_N=32, BLOCK_D=128),
-                              {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr",
-                                                             "v_cache_ptr")},
-                               "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"}),
+    "prefill-window-alibi": prefill_attention(64, True),
+    "prefill-32-rows": prefill_attention(32, False),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
                   {"ids_ptr": "*i64", "positions_ptr": "*i64", "tokens_ptr": "*fp16", "pos_table_ptr": "*fp16",
                    "out_ptr": "*fp16"}),
