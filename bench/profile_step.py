@@ -4,9 +4,10 @@ a whole 1-token generate call of B fresh L-token prompts instead (what time to f
 measures): its wall time beside its kernel time, and the host ops that take the most time. With
 `--graph`, the decode step's CUDA-graph replay instead: its span from first kernel start to last
 kernel end against the sum of its kernels, and the idle time before each kernel (the launch gap
-after the previous one ends; PDL launches overlap, so those count zero), by kernel.
+after the previous one ends; PDL launches overlap, so those count zero), by kernel. With `--engine`,
+decode steps as `generate` runs them, what runs between the graph replays included.
 
-    python3 bench/profile_step.py --batch 1 [--graph] [--prompt 96]
+    python3 bench/profile_step.py --batch 1 [--graph | --engine] [--prompt 96]
     python3 bench/profile_step.py --prefill 1x32,32x32,1x512
 """
 import argparse
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", default="", help="profile prefills instead: comma list of BATCHxLENGTH")
     ap.add_argument("--graph", action="store_true", help="the decode graph's replay: span, kernels, gaps")
+    ap.add_argument("--engine", action="store_true",
+                    help="steady-state decode through engine.step(): wall, GPU busy and idle a step, every op")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens of each decoding sequence")
     args = ap.parse_args()
     engine = rayspeed.init_inference(build(args.model), dtype=args.dtype, replace_with_kernel_inject=True,
@@ -43,6 +46,9 @@ def main() -> None:
         for shape in args.prefill.split(","):
             batch, length = (int(n) for n in shape.split("x"))
             profile_prefill(engine, batch, length, args)
+        return
+    if args.engine:
+        engine_steps(engine, args)
         return
     seqs = [engine.add_request(list(range(100 + i, 100 + i + args.prompt)),
                                SamplingParams(max_new_tokens=64, ignore_eos=True)) for i in range(args.batch)]
@@ -81,6 +87,44 @@ def report(prof, repeats: int, header: dict, top: int, host: bool = False) -> No
         print("host ops by self CPU time (us per call of the step):")
         for name, us in cpu.most_common(top):
             print(f"{us:9.1f} us  {name}")
+
+
+def engine_steps(engine, args, steps: int = 20) -> None:
+    """Decode as `generate` runs it (CUDA graphs, each step launched while the one before runs):
+    wall ms a step without the profiler; under it, the GPU's period a step, its busy time (the union
+    of every op's interval) and idle time, and every op a step by name (the graph's kernels and what
+    runs between replays: input copies, the argmax, the token's copy to the host)."""
+    for i in range(args.batch):
+        engine.add_request(list(range(100 + i, 100 + i + args.prompt)),
+                           SamplingParams(max_new_tokens=3 * steps + 40, ignore_eos=True))
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    busy, end = 0.0, events[0].time_range.start
+    for e in events:                                    # the union of the ops' intervals
+        busy += max(0.0, e.time_range.end - max(end, e.time_range.start))
+        end = max(end, e.time_range.end)
+    period = (end - events[0].time_range.start) / steps
+    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "wall_ms_per_step": wall_ms,
+                      "gpu_period_us": period, "busy_us": busy / steps, "idle_us": period - busy / steps,
+                      "ops_per_step": len(events) / steps}))
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        totals[e.name[:90]] += e.device_time / steps
+        counts[e.name[:90]] += 1 / steps
+    for name, us in sorted(totals.items(), key=lambda kv: counts[kv[0]])[:args.top]:     # the rarest first
+        print(f"{us:9.1f} us x{counts[name]:5.1f}  {name}")
 
 
 def graph_gaps(replay, args, repeats: int = 5) -> None:
