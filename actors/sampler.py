@@ -14,6 +14,7 @@ import torch
 
 from actors.model_runner import to_device
 from actors.sequence import Sequence
+from kernels.argmax import argmax_rows
 
 
 def stops_masked(seq: Sequence, ahead: int = 0) -> bool:
@@ -83,7 +84,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     _penalize(logits, seqs)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     sampled = [seqs[i] for i in rows]
     every = len(rows) == len(seqs)
     index = None if every else to_device(rows, torch.int64, logits.device)
@@ -93,7 +94,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
         picks = order.gather(1, picks[:, None]).squeeze(1)
     if every:                                     # no greedy row: no argmax
         return picks
-    return logits.argmax(dim=-1).index_copy_(0, index, picks)
+    return argmax_rows(logits).index_copy_(0, index, picks)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

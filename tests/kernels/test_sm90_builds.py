@@ -97,6 +97,8 @@ BUILDS = {
                    {"x_ptr": "*fp16", "out_ptr": "*fp16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32"}),
     "prefill-window-alibi": prefill_attention(64, True),
     "prefill-32-rows": prefill_attention(32, False),
+    "argmax-parts": ("kernels.argmax", "_argmax_parts_kernel", dict(PART=2048, BLOCK=1024),
+                     {"x_ptr": "*fp32", "max_ptr": "*fp32", "index_ptr": "*i32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
                   {"ids_ptr": "*i64", "positions_ptr": "*i64", "tokens_ptr": "*fp16", "pos_table_ptr": "*fp16",
                    "out_ptr": "*fp16"}),
@@ -208,6 +210,11 @@ def test_prefill_attention_builds_with_every_option(built):
     cores; so do 32-row blocks (heads wider than 128, or RAYSPEED_PREFILL_CONFIG)."""
     assert "mma" in built["prefill-window-alibi"]["ptx"]
     assert "mma" in built["prefill-32-rows"]["ptx"]
+
+
+def test_split_argmax_reads_16_byte_vectors(built):
+    """The greedy argmax's first pass reads each part of a row in 16-byte vectors."""
+    assert "ld.global.v4" in built["argmax-parts"]["ptx"]
 
 
 @pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
