@@ -15,7 +15,7 @@ PART = 2048          # columns a program of the first pass reads
 @triton.jit
 def _argmax_parts_kernel(x_ptr, max_ptr, index_ptr, n, row_stride, PART: tl.constexpr, BLOCK: tl.constexpr):
     """Part `program_id(1)` of row `program_id(0)`: its largest value and that value's first column."""
-    row, part = tl.program_id(0), tl.program_id(1)
+    row, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start = part * PART
     end = tl.minimum(start + PART, n)
     cols = start + tl.arange(0, BLOCK)
