@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import sys
+from unittest import mock
 
 import torch
 from triton.testing import do_bench
@@ -64,16 +65,8 @@ def decode_cache(heads: int, batch: int, ctx: int, max_context: int | None = Non
 
 def _timed_with(env: dict, launch, copies: int) -> float:
     """time_in_graph's microseconds with `env` set for the call."""
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         return time_in_graph(launch, copies) * 1e3
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
 
 
 def decode_config_rows(batches: list[int], contexts: list[int], splits: list[str]):
