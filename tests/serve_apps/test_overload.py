@@ -14,7 +14,8 @@ from serve_apps.gpt_neo import app as gpt_neo_app
 # 8 blocks x 8 tokens: one sequence of 4 + 40 tokens (6 blocks) fits at a time; 20 requests are 20x that,
 # arriving faster than one finishes however fast the engine steps
 DEEP = {"replica_cpus": 0.25, "kv_cache_blocks": 8, "block_size": 8, "max_num_seqs": 4, "max_queued_requests": 1024}
-# one-token prompts + 60 tokens = 8 blocks each: two run (no preemption), at most 3 wait
+# one-token prompts + 60 tokens = 8 blocks each: two run (no preemption), at most 3 wait (queued =
+# admitted but not yet started, so the count of 200s depends on when the first step starts)
 SHALLOW = {"replica_cpus": 0.25, "kv_cache_blocks": 16, "block_size": 8, "max_num_seqs": 2, "max_queued_requests": 3}
 
 
@@ -86,7 +87,9 @@ def test_small_queue_refuses_the_surplus_with_503_and_stays_bounded(urls):
     with HealthWatch(url) as watch:
         replies = asyncio.run(staggered(url, [body] * 30, gap_s=0.0))
     codes = [r.status_code for r, _ in replies]
-    assert set(codes) == {200, 503} and codes.count(200) >= 5, codes       # 2 running + 3 queued at least
+    # a burst that lands before the engine starts any sequence gets just the 3 queue places; requests that
+    # land after a step has started two of them find those two places free again (CI saw 4, a laptop 5)
+    assert set(codes) == {200, 503} and codes.count(200) >= SHALLOW["max_queued_requests"], codes
     assert watch.polls > 0 and watch.max_waiting <= 3 and watch.max_queued <= 3, vars(watch)
     for reply, _ in replies:
         if reply.status_code == 503:
