@@ -5,7 +5,11 @@ Results come back whole (`generate`) or as token deltas (`stream`); a stream clo
 
 Failure ends every request in flight, never a hang: a step that raises, `fail()` (a rank died), or
 a step still running after `step_timeout_s` (`watch_steps`: a rank stalled inside a collective)
-delivers an `EngineError` to each request, queued or running, and the loop reports itself dead."""
+delivers an `EngineError` to each request, queued or running, and the loop reports itself dead.
+
+An idle TP group's followers wait for rank 0's next plan inside a collective, which fails after the
+group's timeout: with `keepalive_s` the loop sends them an empty plan at least that often while idle
+(watched like a step, so a rank that died or stalled is found while idle too)."""
 import asyncio
 import queue
 import threading
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from actors.llm_engine import LLMEngine
-from actors.model_runner import STOP
+from actors.model_runner import KEEPALIVE, STOP
 from actors.outputs import RequestOutput, request_outputs
 from actors.sequence import RequestError, SamplingParams, Sequence
 
@@ -60,8 +64,8 @@ class _Request:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, keepalive_s: float | None = None):
+        self.engine, self.keepalive_s = engine, keepalive_s
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # callables run in the engine thread
         self.requests: list[_Request] = []                     # admitted: their sequences are in the engine
         self.pending: set[_Request] = set()                     # submitted, still in the inbox
@@ -70,6 +74,7 @@ class EngineLoop:
         self.last_step = time.monotonic()
         self.steps = 0
         self._busy_since: float | None = None                   # start of the step (or idle call) running now
+        self._last_busy = time.monotonic()                      # end of the last step, idle call or keepalive
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -209,6 +214,8 @@ class EngineLoop:
                     self.steps += 1
                     self.last_step = time.monotonic()
                     self._publish()
+                elif self.keepalive_s and time.monotonic() - self._last_busy > self.keepalive_s:
+                    self._timed(lambda: self.engine.runner.signal(KEEPALIVE))
             if self.error is None:                      # a failed group may not answer a collective
                 self.engine.runner.signal(STOP)
         except BaseException as e:                      # the engine itself broke: fail everyone
@@ -219,7 +226,7 @@ class EngineLoop:
         try:
             fn()
         finally:
-            self._busy_since = None
+            self._busy_since, self._last_busy = None, time.monotonic()
 
     def _drain(self, block: bool) -> None:
         try:

@@ -53,7 +53,9 @@ def block_tables(seqs: list[Sequence], dtype) -> np.ndarray:
     return np.array([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype)
 
 
-STEP, DONE, STOP = 0, 1, 2        # plan commands: run a step / end of a driver call / leave the loop
+# plan commands: run a step / end of a driver call / leave the loop / nothing (an idle group's keepalive:
+# a follower waits for its next plan inside a collective, which times out after the group's timeout)
+STEP, DONE, STOP, KEEPALIVE = 0, 1, 2, 3
 SHORT_DECODE_CONTEXT = 256        # decode graphs of their own for steps whose contexts all fit (cuda_graphs.py)
 
 
@@ -224,7 +226,8 @@ class ModelRunner:
         self.tp.broadcast(torch.cat([p.long() for p in parts]))
 
     def signal(self, command: int) -> None:
-        """Rank 0: tell the followers a driver call ended (DONE) or the loop is over (STOP)."""
+        """Rank 0: tell the followers a driver call ended (DONE), the loop is over (STOP), or that it
+        is still there (KEEPALIVE)."""
         if self.tp.size > 1:
             self._send_header(command)
 
@@ -232,8 +235,11 @@ class ModelRunner:
     def follow(self) -> tuple[int, torch.Tensor | None]:
         """Ranks > 0: receive one plan and run it. Returns (command, all-token logits when the
         plan asked for them, else None)."""
-        header = self.tp.broadcast(self._tensor([0] * 6, torch.int64)).tolist()
-        command, num_tokens, num_seqs, max_blocks, max_query_len, flags = header
+        while True:
+            header = self.tp.broadcast(self._tensor([0] * 6, torch.int64)).tolist()
+            command, num_tokens, num_seqs, max_blocks, max_query_len, flags = header
+            if command != KEEPALIVE:
+                break
         self.last_command = command
         if command != STEP:
             return command, None

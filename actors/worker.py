@@ -23,6 +23,9 @@ from actors.sharded_checkpoint import open_any
 from kernels.linear import TensorParallel
 
 
+KEEPALIVE_MAX_S = 30.0      # an idle TP group's rank 0 sends its followers an empty plan at least this often
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -77,7 +80,9 @@ class Worker:
         ckpt = open_any(checkpoint, self.config.storage_options, self.rank, self.world_size)
         self.engine = load_engine(ckpt, self.config, tp, device)
         if self.rank == 0:
-            self.loop = EngineLoop(self.engine)
+            # followers idle inside a collective that times out after rendezvous_timeout_s: keep them awake
+            keepalive_s = min(KEEPALIVE_MAX_S, self.config.rendezvous_timeout_s / 4) if self.world_size > 1 else None
+            self.loop = EngineLoop(self.engine, keepalive_s)
         return {"rank": self.rank, "device": str(device), "pid": os.getpid(), "bytes_read": ckpt.bytes_read,
                 "load_s": time.perf_counter() - start, "kv_blocks": self.engine.block_manager.num_blocks,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -161,6 +161,24 @@ def test_rank_killed_mid_generation_fails_requests_clearly(llama_ckpt):
     assert free_cpus_settle() == 4.0
 
 
+def test_idle_group_outlives_its_collective_timeout(llama_ckpt):
+    """Followers wait for rank 0's next plan inside a collective, which times out after
+    rendezvous_timeout_s (gloo here, NCCL's watchdog on GPUs): an idle group is kept awake, so a
+    request after twice that long a quiet spell still runs (without keepalives it failed: rank 1 died)."""
+    _, path = llama_ckpt
+    config = rayspeed.InferenceConfig(checkpoint=path, tensor_parallel={"tp_size": 2}, rendezvous_timeout_s=5, **TP)
+    group = rayspeed.InferenceGroup.remote(config)
+    try:
+        ray.get(group.start.remote())
+        greedy = dict(max_new_tokens=4, ignore_eos=True)
+        first = ray.get(group.generate.remote([[1, 2, 3]], **greedy))[0].outputs[0].token_ids
+        time.sleep(11)
+        assert ray.get(group.health.remote(), timeout=30)["alive"]
+        assert ray.get(group.generate.remote([[1, 2, 3]], **greedy), timeout=30)[0].outputs[0].token_ids == first
+    finally:
+        ray.get(group.shutdown.remote())
+
+
 def test_save_mp_checkpoint_then_reload_each_rank_reading_its_own_files(llama_ckpt, tmp_path):
     hf, path = llama_ckpt
     shards = str(tmp_path / "sharded")
