@@ -166,13 +166,14 @@ def test_idle_group_outlives_its_collective_timeout(llama_ckpt):
     rendezvous_timeout_s (gloo here, NCCL's watchdog on GPUs): an idle group is kept awake, so a
     request after twice that long a quiet spell still runs (without keepalives it failed: rank 1 died)."""
     _, path = llama_ckpt
-    config = rayspeed.InferenceConfig(checkpoint=path, tensor_parallel={"tp_size": 2}, rendezvous_timeout_s=5, **TP)
+    # 8 s leaves a slow rank start on a busy CI machine room to join the rendezvous
+    config = rayspeed.InferenceConfig(checkpoint=path, tensor_parallel={"tp_size": 2}, rendezvous_timeout_s=8, **TP)
     group = rayspeed.InferenceGroup.remote(config)
     try:
         ray.get(group.start.remote())
         greedy = dict(max_new_tokens=4, ignore_eos=True)
         first = ray.get(group.generate.remote([[1, 2, 3]], **greedy))[0].outputs[0].token_ids
-        time.sleep(11)
+        time.sleep(17)
         assert ray.get(group.health.remote(), timeout=30)["alive"]
         assert ray.get(group.generate.remote([[1, 2, 3]], **greedy), timeout=30)[0].outputs[0].token_ids == first
     finally:
