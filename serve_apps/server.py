@@ -10,9 +10,10 @@ The queue is bounded: a request reserves room for its sequences when it is admit
 so concurrent arrivals cannot all pass one check) and gives it back as each prompt starts generating
 or ends; beyond `max_queued_requests` waiting sequences it is refused (HTTP 503 + Retry-After)."""
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from actors.engine_loop import SAMPLING_EPS
 from actors.sequence import RequestError, SamplingParams
@@ -24,19 +25,42 @@ class Unsupported(RequestError):
     """A valid OpenAI field this server does not implement."""
 
 
+def window_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> text as `tokenizer.decode(ids, skip_special_tokens=True)`; a fast tokenizer that cleans up
+    no spaces decodes straight through its Rust backend (4x less per call than transformers' wrapper)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+
+
 @dataclass
 class TextStream:
-    """Incremental detokenisation of one sample with stop strings."""
-    tokenizer: object
+    """Incremental detokenisation of one sample with stop strings.
+
+    A push decodes a window of a few tokens, not the whole output (that cost grew with the output:
+    130 us a token at 1,024 tokens). `text` holds the text of `token_ids[:read]`; the window starts at
+    `prefix`, the previous boundary, so that rules acting on a decode's first token (SentencePiece's
+    leading space) act on both decodes whose difference is the new text. The window moves on when its
+    text ends in a whole character; while it ends in U+FFFD (a character whose bytes have not all
+    come) it grows instead (an output of invalid UTF-8 only, as random weights write, keeps growing it)."""
+    decode: Callable[[list[int]], str]
     stops: list[str]
     token_ids: list[int] = field(default_factory=list)
+    text: str = ""                   # decoded text of token_ids[:read]
+    prefix: int = 0                  # the window: token_ids[prefix:], of which [prefix:read] is in `text`
+    read: int = 0
     emitted: int = 0                 # characters of the decoded text already returned
     stopped: bool = False
 
     def push(self, new_ids: list[int], final: bool) -> str:
         """Text newly safe to emit after `new_ids` (all of it when `final`)."""
         self.token_ids += new_ids
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        window = self.decode(self.token_ids[self.prefix:])
+        pending = window[len(self.decode(self.token_ids[self.prefix:self.read])):]
+        text = self.text + pending
+        if final or not pending.endswith("\ufffd"):
+            self.text, self.prefix, self.read = text, self.read, len(self.token_ids)
         cut = min((i for i in (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stops) if i >= 0),
                   default=-1)
         if cut >= 0:
@@ -69,6 +93,7 @@ class LLMServer:
     def __init__(self, engine, tokenizer, model_name: str, generation_config, max_model_len: int,
                  max_queued_requests: int | None = None, metrics=None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.decode = window_decoder(tokenizer)
         self.eos = tuple(token_list(generation_config.eos_token_id))
         self.max_model_len = max_model_len
         self.max_queued_requests = max_queued_requests
@@ -145,7 +170,7 @@ class LLMServer:
     async def _one(self, index: int, prompt: list[int], params: SamplingParams, stops: list[str],
                    queue: asyncio.Queue, reservation: "Reservation") -> None:
         started, last = time.perf_counter(), None
-        streams = [TextStream(self.tokenizer, stops) for _ in range(params.n)]
+        streams = [TextStream(self.decode, stops) for _ in range(params.n)]
         counts = [0] * params.n
         try:
             async for delta in self.engine.loop.stream(prompt, params):
