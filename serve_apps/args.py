@@ -38,6 +38,9 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(1024, ge=1, description="engine queue limit; beyond it HTTP 503")
     router_queue_limit: int = Field(4096, ge=1, description="requests Serve's router holds for a replica slot "
                                                             "(beyond max_ongoing_requests); beyond it HTTP 503")
+    stream_interval_ms: float = Field(20, ge=0, description="a stream sends its first text at once, then what has "
+                                                            "come at most this often (Serve's proxy costs per event); "
+                                                            "0: every token as it comes")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or RAYSPEED_API_KEY)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     health_check_period_s: float = Field(10, gt=0)

@@ -87,7 +87,8 @@ class LLMDeployment:
         ckpt = open_any(checkpoint, config.storage_options, 0, config.tp_size)
         self.metrics = ServerMetrics(model_name)
         self.server = LLMServer(self.group, ckpt.tokenizer(), model_name, ckpt.generation_config(),
-                                engine.max_seq_len, self.args.max_queued_requests, self.metrics)
+                                engine.max_seq_len, self.args.max_queued_requests, self.metrics,
+                                self.args.stream_interval_ms / 1e3)
 
     # -- HTTP -----------------------------------------------------------------------------------
 

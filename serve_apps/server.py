@@ -91,13 +91,14 @@ class LLMServer:
     """OpenAI completions / chat over `engine` (anything with `.loop` -> EngineLoop and `.health()`)."""
 
     def __init__(self, engine, tokenizer, model_name: str, generation_config, max_model_len: int,
-                 max_queued_requests: int | None = None, metrics=None):
+                 max_queued_requests: int | None = None, metrics=None, stream_interval_s: float = 0.0):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.decode = window_decoder(tokenizer)
         self.eos = tuple(token_list(generation_config.eos_token_id))
         self.max_model_len = max_model_len
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics
+        self.stream_interval_s = stream_interval_s      # streamed chunks after the first: at most this often
         self.queued = 0                  # sequences admitted here that have not started generating
 
     # -- requests -> engine params -----------------------------------------------------------
@@ -147,21 +148,31 @@ class LLMServer:
 
     # -- running ------------------------------------------------------------------------------
 
-    async def chunks(self, prompts: list[list[int]], params: SamplingParams, stops: list[str]) -> AsyncIterator[Chunk]:
-        """Text chunks of every (prompt, sample) as they come; choice = prompt * n + sample."""
+    async def chunks(self, prompts: list[list[int]], params: SamplingParams, stops: list[str],
+                     interval_s: float = 0.0) -> AsyncIterator[Chunk]:
+        """Text chunks of every (prompt, sample) as they come; choice = prompt * n + sample. What has
+        come by the time the caller asks for more goes as one chunk per choice; with `interval_s`,
+        the first chunk goes at once and later ones at most once per interval (fewer, larger stream
+        events: Serve's proxy costs about the same per event whatever its size)."""
         reservation = self.admit(len(prompts), params.n)
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, reservation))
                  for i, p in enumerate(prompts)]
+        clock, unfinished, sent = asyncio.get_running_loop(), len(prompts) * params.n, None
         try:
-            for _ in range(len(prompts) * params.n):
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if item.finish_reason is not None:
-                        break
+            while unfinished:
+                items = [await queue.get()]
+                if interval_s and sent is not None and sent + interval_s > clock.time():
+                    await asyncio.sleep(sent + interval_s - clock.time())
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                merged, error = _merge(items)
+                for chunk in merged:
+                    unfinished -= chunk.finish_reason is not None
+                    yield chunk
+                if error is not None:
+                    raise error
+                sent = clock.time()
         finally:
             reservation.release()
             for task in tasks:
@@ -212,7 +223,7 @@ class LLMServer:
         self.check_model(req.model)
         prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
         rid, created, tokens = new_id("cmpl"), now(), {}
-        async for c in self.chunks(prompts, params, req.stop):
+        async for c in self.chunks(prompts, params, req.stop, self.stream_interval_s):
             tokens[c.choice] = c.completion_tokens
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                    "choices": [{"index": c.choice, "text": c.text, "finish_reason": c.finish_reason,
@@ -238,7 +249,7 @@ class LLMServer:
         prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
         rid, created, tokens = new_id("chatcmpl"), now(), {}
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        chunks = self.chunks([prompt], params, req.stop)
+        chunks = self.chunks([prompt], params, req.stop, self.stream_interval_s)
         first = await anext(chunks)              # refusals (queue full, bad request) before the first byte
         for i in range(params.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -289,6 +300,18 @@ async def prepend(first, rest):
     yield first
     async for item in rest:
         yield item
+
+
+def _merge(items: list) -> tuple[list[Chunk], BaseException | None]:
+    """Chunks of the same choice joined (in order of each choice's first), up to the first error."""
+    merged: dict[int, Chunk] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            return list(merged.values()), item
+        prev = merged.get(item.choice)
+        merged[item.choice] = item if prev is None else \
+            Chunk(item.choice, prev.text + item.text, item.finish_reason, item.completion_tokens)
+    return list(merged.values()), None
 
 
 def _collect(prompts, params) -> tuple[list[str], list, list[int]]:

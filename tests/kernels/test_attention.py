@@ -86,6 +86,30 @@ def test_store_kv_writes_each_token_to_its_slot():
 
 
 @pytest.mark.parametrize("window,with_alibi", [(None, False), (None, True), (7, False), (20, True)])
+@pytest.mark.parametrize("row_bytes", [None, 1])
+def test_torch_decode_batch_matches_dense_attention(window, with_alibi, row_bytes, monkeypatch):
+    """A decode step (one query a sequence) attends for all sequences at once, the shorter ones masked
+    inside the longest's width (and, with row_bytes=1, one sequence per gather)."""
+    if row_bytes is not None:
+        monkeypatch.setattr(attention, "DECODE_TORCH_BYTES", row_bytes)
+    g = torch.Generator().manual_seed(2)
+    context_lens = [1, 37, 20, 16, 5]
+    tables, num_blocks = _block_tables(context_lens, BLOCK_SIZE, g)
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)   # garbage past each context
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(len(context_lens), HEADS, HEAD_DIM, generator=g)
+    slopes, scale = (_alibi(HEADS) if with_alibi else None), HEAD_DIM ** -0.5
+    out = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32),
+                                torch.arange(len(context_lens) + 1, dtype=torch.int32), scale, window, slopes)
+    for s, ctx in enumerate(context_lens):
+        positions = torch.arange(ctx)
+        slots = tables[s, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+        keys, values = k_cache.view(-1, KV_HEADS, HEAD_DIM)[slots], v_cache.view(-1, KV_HEADS, HEAD_DIM)[slots]
+        ref = _dense_attention(q[s:s + 1], keys, values, torch.tensor([ctx - 1]), scale, window, slopes)
+        torch.testing.assert_close(out[s:s + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,with_alibi", [(None, False), (None, True), (7, False), (20, True)])
 def test_torch_reference_matches_dense_attention(window, with_alibi):
     g = torch.Generator().manual_seed(1)
     context_lens, query_lens = [5, 37, 20], [5, 37, 4]          # two full prefills, one chunk after a prefix
