@@ -55,12 +55,14 @@ class _Request:
 
     def deliver(self, result=None, error: BaseException | None = None) -> None:
         """Thread-safe hand-off to the caller's event loop."""
-        def settle():
-            if self.deltas is not None:
-                self.deltas.put_nowait(error if error is not None else result)
-            elif not self.future.done():
-                self.future.set_exception(error) if error is not None else self.future.set_result(result)
-        self.loop.call_soon_threadsafe(settle)
+        self.loop.call_soon_threadsafe(self.settle, result, error)
+
+    def settle(self, result=None, error: BaseException | None = None) -> None:
+        """In the caller's event loop: the next delta, the whole result or the error."""
+        if self.deltas is not None:
+            self.deltas.put_nowait(error if error is not None else result)
+        elif not self.future.done():
+            self.future.set_exception(error) if error is not None else self.future.set_result(result)
 
 
 class EngineLoop:
@@ -101,11 +103,14 @@ class EngineLoop:
         unfinished = params.n
         try:
             while unfinished:
-                delta = await request.deltas.get()
-                if isinstance(delta, BaseException):
-                    raise delta
-                unfinished -= delta.finish_reason is not None
-                yield delta
+                items = [await request.deltas.get()]
+                while not request.deltas.empty():       # what came while the caller was busy: joined
+                    items.append(request.deltas.get_nowait())
+                for delta in _joined(items):
+                    if isinstance(delta, BaseException):
+                        raise delta
+                    unfinished -= delta.finish_reason is not None
+                    yield delta
         finally:
             if unfinished:                              # the caller left early: free its blocks
                 self.inbox.put(lambda: self._abort(request))
@@ -241,29 +246,61 @@ class EngineLoop:
                 return
 
     def _publish(self) -> None:
-        """Send stream deltas; settle finished requests."""
+        """Send stream deltas; settle finished requests. What goes to one event loop goes in one
+        hand-off a step (a wake-up of that loop each, not one per request)."""
         with self._lock:
             requests = list(self.requests)
+        handoffs: dict[asyncio.AbstractEventLoop, list] = {}
         for request in requests:
             if request.deltas is not None:
-                self._send_deltas(request)
+                handoffs.setdefault(request.loop, []).extend(
+                    (request.settle, delta) for delta in self._new_deltas(request))
             if request.done():
                 if request.future is not None:
-                    request.deliver(request_outputs(request.prompts, request.groups))
+                    handoffs.setdefault(request.loop, []).append(
+                        (request.settle, request_outputs(request.prompts, request.groups)))
                 with self._lock:
                     self.requests.remove(request)
+        for loop, calls in handoffs.items():
+            if calls:
+                loop.call_soon_threadsafe(_settle_all, calls)
 
     @staticmethod
-    def _send_deltas(request: _Request) -> None:
+    def _new_deltas(request: _Request) -> list[StreamDelta]:
+        deltas = []
         for i, seq in enumerate(request.groups[0]):
             if i in request.closed:
                 continue
             new = seq.output_token_ids[request.sent.get(i, 0):]
             if new or seq.is_finished:
-                request.deliver(StreamDelta(i, new, seq.finish_reason if seq.is_finished else None))
+                deltas.append(StreamDelta(i, new, seq.finish_reason if seq.is_finished else None))
                 request.sent[i] = len(seq.output_token_ids)
                 if seq.is_finished:
                     request.closed.add(i)
+        return deltas
+
+
+def _joined(items: list) -> list:
+    """Stream deltas with each sample's joined into one until its last (at the place of its first);
+    an error ends the list."""
+    out, open_at = [], {}                          # sample -> index in `out` of its unfinished delta
+    for item in items:
+        if isinstance(item, BaseException):
+            return out + [item]
+        if item.index in open_at:
+            prev = out[open_at[item.index]]
+            out[open_at[item.index]] = StreamDelta(item.index, prev.token_ids + item.token_ids, item.finish_reason)
+        else:
+            open_at[item.index] = len(out)
+            out.append(item)
+        if item.finish_reason is not None:
+            del open_at[item.index]
+    return out
+
+
+def _settle_all(calls: list) -> None:
+    for settle, result in calls:
+        settle(result)
 
 
 def check_sampling(params: SamplingParams, vocab_size: int) -> None:

@@ -191,7 +191,7 @@ def serve_pids() -> dict[str, int]:
     return {"replica_process": replica, "proxy_process": proxies[0]}
 
 
-INTERVALS_MS = (0, 20)      # stream_interval_ms: every token as it comes, and the app's default
+INTERVALS_MS = (0, 20, 100)     # stream_interval_ms: every token as it comes, the app's default, and longer
 
 
 def main(argv: list[str] | None = None) -> dict:
