@@ -27,6 +27,7 @@ from ray import serve
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.soak import provenance, start_demo  # noqa: E402
+from serve_apps.args import AppArgs  # noqa: E402
 from serve_apps.gpt_neo import app as gpt_neo_app  # noqa: E402
 
 
@@ -85,10 +86,12 @@ async def engine_alone(server, concurrency: int, max_tokens: int) -> dict:
     return rate(tokens, time.perf_counter() - start)
 
 
-async def server_alone(server, concurrency: int, max_tokens: int, interval_ms: float) -> dict:
+async def server_alone(server, concurrency: int, max_tokens: int, setting: dict) -> dict:
     """`LLMServer.complete_stream`: text chunks as OpenAI events, each JSON-encoded as for SSE."""
     from serve_apps.protocol import CompletionRequest
-    server.stream_interval_s = interval_ms / 1e3
+    args = AppArgs.parse(setting)
+    server.stream_interval_s = args.stream_interval_ms / 1e3
+    server.stream_events_per_s = args.max_stream_events_per_s or None
 
     async def one(text: str) -> tuple[int, int]:
         req = CompletionRequest(prompt=text, max_tokens=max_tokens, temperature=0, ignore_eos=True, stream=True,
@@ -149,7 +152,6 @@ async def in_process(app_args: dict, loads: list[tuple[int, int]]) -> list[dict]
     """The engine loop and LLMServer of a TP group of one rank built in this process, as the app does."""
     from actors.sharded_checkpoint import open_any
     from cluster.tp_group import TPGroup
-    from serve_apps.args import AppArgs
     from serve_apps.demo_model import MODEL_NAME, demo_checkpoint
     from serve_apps.server import LLMServer
     args = AppArgs.parse(app_args)
@@ -166,9 +168,9 @@ async def in_process(app_args: dict, loads: list[tuple[int, int]]) -> list[dict]
             await engine_alone(server, 4, 8)                         # warm-up
             row = {"concurrency": concurrency, "max_tokens": max_tokens,
                    "engine": await with_cpu(lambda: engine_alone(server, concurrency, max_tokens), threads)}
-            for ms in INTERVALS_MS:
-                row[f"server_{ms}ms"] = await with_cpu(lambda: server_alone(server, concurrency, max_tokens, ms),
-                                                       threads)
+            for name, setting in STREAMING.items():
+                row[f"server_{name}"] = await with_cpu(
+                    lambda: server_alone(server, concurrency, max_tokens, setting), threads)
             rows.append(row)
             print(row, flush=True)
         return rows
@@ -191,7 +193,9 @@ def serve_pids() -> dict[str, int]:
     return {"replica_process": replica, "proxy_process": proxies[0]}
 
 
-INTERVALS_MS = (0, 20, 100)     # stream_interval_ms: every token as it comes, the app's default, and longer
+# stream batching: every token as it comes, the app's defaults (20 ms, 500 events/s), a tighter event budget
+STREAMING = {"every": {"stream_interval_ms": 0, "max_stream_events_per_s": 0}, "default": {},
+             "budget250": {"max_stream_events_per_s": 250}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -203,17 +207,17 @@ def main(argv: list[str] | None = None) -> dict:
     loads = [tuple(int(x) for x in s.split(":")) for s in a.load] or [(1, 256), (16, 256), (64, 256)]
     app_args = {"max_num_seqs": max(c for c, _ in loads), "kv_cache_blocks": 2048, "accelerator": "cpu"}
     result = {"bench": "serve_overhead", "app_args": app_args, "detokenisation": detokenisation()}
-    url = start_demo(app_args | {"stream_interval_ms": INTERVALS_MS[0]})    # Ray + Serve, the demo app
+    first, *others = STREAMING
+    url = start_demo(app_args | STREAMING[first])    # Ray + Serve with the demo app
     rows = asyncio.run(in_process(app_args, loads))
-    for ms in INTERVALS_MS:
-        if ms != INTERVALS_MS[0]:
-            serve.run(gpt_neo_app({"replica_cpus": 1, **app_args, "stream_interval_ms": ms}), name="soak",
-                      route_prefix="/")
+    for name in [first, *others]:
+        if name != first:
+            serve.run(gpt_neo_app({"replica_cpus": 1, **app_args, **STREAMING[name]}), name="soak", route_prefix="/")
         pids = serve_pids()
         for row in rows:
             c, n = row["concurrency"], row["max_tokens"]
-            row[f"http_stream_{ms}ms"] = asyncio.run(with_cpu(lambda: over_http(url, c, n, stream=True), {}, pids))
-            if ms == INTERVALS_MS[0]:
+            row[f"http_stream_{name}"] = asyncio.run(with_cpu(lambda: over_http(url, c, n, stream=True), {}, pids))
+            if name == first:
                 row["http_unary"] = asyncio.run(with_cpu(lambda: over_http(url, c, n, stream=False), {}, pids))
     for row in rows:
         engine = row["engine"]["tok_per_s"]

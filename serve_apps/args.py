@@ -41,6 +41,9 @@ class AppArgs(BaseModel):
     stream_interval_ms: float = Field(20, ge=0, description="a stream sends its first text at once, then what has "
                                                             "come at most this often (Serve's proxy costs per event); "
                                                             "0: every token as it comes")
+    max_stream_events_per_s: float = Field(500, ge=0, description="with many streams open, each sends less often, so "
+                                                                  "that all send about this many events a second (the "
+                                                                  "node's one proxy serves every replica); 0: no bound")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or RAYSPEED_API_KEY)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     health_check_period_s: float = Field(10, gt=0)

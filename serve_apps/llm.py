@@ -4,10 +4,8 @@ streaming, `generate` / `generate_stream` for Python handles, autoscaling by who
 
     serve run serve_apps.llm:app model=s3://bucket/my-model tp_size=2
 """
-import asyncio
 import json
 import os
-import time
 
 import ray
 from fastapi import FastAPI, Request
@@ -88,7 +86,7 @@ class LLMDeployment:
         self.metrics = ServerMetrics(model_name)
         self.server = LLMServer(self.group, ckpt.tokenizer(), model_name, ckpt.generation_config(),
                                 engine.max_seq_len, self.args.max_queued_requests, self.metrics,
-                                self.args.stream_interval_ms / 1e3)
+                                self.args.stream_interval_ms / 1e3, self.args.max_stream_events_per_s or None)
 
     # -- HTTP -----------------------------------------------------------------------------------
 

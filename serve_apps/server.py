@@ -91,7 +91,8 @@ class LLMServer:
     """OpenAI completions / chat over `engine` (anything with `.loop` -> EngineLoop and `.health()`)."""
 
     def __init__(self, engine, tokenizer, model_name: str, generation_config, max_model_len: int,
-                 max_queued_requests: int | None = None, metrics=None, stream_interval_s: float = 0.0):
+                 max_queued_requests: int | None = None, metrics=None, stream_interval_s: float = 0.0,
+                 stream_events_per_s: float | None = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.decode = window_decoder(tokenizer)
         self.eos = tuple(token_list(generation_config.eos_token_id))
@@ -99,6 +100,8 @@ class LLMServer:
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics
         self.stream_interval_s = stream_interval_s      # streamed chunks after the first: at most this often
+        self.stream_events_per_s = stream_events_per_s  # ... and at most about this many from all streams
+        self.open_streams = 0                            # streamed samples not finished
         self.queued = 0                  # sequences admitted here that have not started generating
 
     # -- requests -> engine params -----------------------------------------------------------
@@ -148,22 +151,31 @@ class LLMServer:
 
     # -- running ------------------------------------------------------------------------------
 
+    def stream_interval(self) -> float:
+        """Seconds between a stream's chunks after its first: `stream_interval_s`, or longer while so many
+        streams are open that all of them would send more than `stream_events_per_s` events a second."""
+        if not self.stream_events_per_s:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self.open_streams / self.stream_events_per_s)
+
     async def chunks(self, prompts: list[list[int]], params: SamplingParams, stops: list[str],
-                     interval_s: float = 0.0) -> AsyncIterator[Chunk]:
+                     streaming: bool = False) -> AsyncIterator[Chunk]:
         """Text chunks of every (prompt, sample) as they come; choice = prompt * n + sample. What has
-        come by the time the caller asks for more goes as one chunk per choice; with `interval_s`,
-        the first chunk goes at once and later ones at most once per interval (fewer, larger stream
+        come by the time the caller asks for more goes as one chunk per choice. `streaming`: the first
+        chunk goes at once and later ones at most once per `stream_interval()` (fewer, larger stream
         events: Serve's proxy costs about the same per event whatever its size)."""
         reservation = self.admit(len(prompts), params.n)
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, reservation))
                  for i, p in enumerate(prompts)]
         clock, unfinished, sent = asyncio.get_running_loop(), len(prompts) * params.n, None
+        self.open_streams += unfinished if streaming else 0
         try:
             while unfinished:
                 items = [await queue.get()]
-                if interval_s and sent is not None and sent + interval_s > clock.time():
-                    await asyncio.sleep(sent + interval_s - clock.time())
+                wait = self.stream_interval() if streaming and sent is not None else 0
+                if sent is not None and sent + wait > clock.time():
+                    await asyncio.sleep(sent + wait - clock.time())
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 merged, error = _merge(items)
@@ -174,6 +186,7 @@ class LLMServer:
                     raise error
                 sent = clock.time()
         finally:
+            self.open_streams -= len(prompts) * params.n if streaming else 0
             reservation.release()
             for task in tasks:
                 task.cancel()
@@ -223,7 +236,7 @@ class LLMServer:
         self.check_model(req.model)
         prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
         rid, created, tokens = new_id("cmpl"), now(), {}
-        async for c in self.chunks(prompts, params, req.stop, self.stream_interval_s):
+        async for c in self.chunks(prompts, params, req.stop, streaming=True):
             tokens[c.choice] = c.completion_tokens
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                    "choices": [{"index": c.choice, "text": c.text, "finish_reason": c.finish_reason,
@@ -249,7 +262,7 @@ class LLMServer:
         prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
         rid, created, tokens = new_id("chatcmpl"), now(), {}
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        chunks = self.chunks([prompt], params, req.stop, self.stream_interval_s)
+        chunks = self.chunks([prompt], params, req.stop, streaming=True)
         first = await anext(chunks)              # refusals (queue full, bad request) before the first byte
         for i in range(params.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},

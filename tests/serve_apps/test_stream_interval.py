@@ -1,6 +1,7 @@
-"""Stream batching in `LLMServer`: after a stream's first chunk, what comes within `stream_interval_s`
-goes as one chunk per choice. The text, finish reasons and usage equal the unbatched stream's, in fewer
-events: after the first, at most one batch per interval."""
+"""Stream batching in `LLMServer`: after a stream's first chunk, what comes within the stream interval
+goes as one chunk per choice. The text, finish reasons and usage equal the unbatched stream's, in
+fewer events: after the first, at most one batch per interval; with many streams open the interval
+stretches so that all of them together send about `stream_events_per_s` events a second."""
 import asyncio
 import time
 
@@ -24,18 +25,25 @@ def checkpoint(tmp_path_factory):
     mp.undo()
 
 
-async def stream(checkpoint: str, interval_s: float, n: int) -> list[tuple[float, dict]]:
-    """(arrival time, event) of a 40-token stream of `n` samples."""
-    args = AppArgs.parse({"max_num_seqs": 4, "kv_cache_blocks": 64, "block_size": 8, "accelerator": "cpu"})
+async def streams(checkpoint: str, interval_s: float, n: int = 1, count: int = 1,
+                  events_per_s: float | None = None) -> list[list[tuple[float, dict]]]:
+    """(arrival time, event) of `count` concurrent 40-token streams of `n` samples each."""
+    args = AppArgs.parse({"max_num_seqs": 8, "kv_cache_blocks": 64, "block_size": 8, "accelerator": "cpu"})
     group = TPGroup(args.inference_config(checkpoint, False), None)
     await group.start(checkpoint)
     try:
         ckpt = open_any(checkpoint, None, 0, 1)
         server = LLMServer(group, ckpt.tokenizer(), MODEL_NAME, ckpt.generation_config(),
-                           group.rank0.engine.max_seq_len, stream_interval_s=interval_s)
-        req = CompletionRequest(prompt="stream me", max_tokens=40, n=n, seed=3, temperature=0.8, ignore_eos=True,
-                                stream=True, stream_options={"include_usage": True})
-        return [(time.monotonic(), event) async for event in server.complete_stream(req)]
+                           group.rank0.engine.max_seq_len, stream_interval_s=interval_s,
+                           stream_events_per_s=events_per_s)
+
+        async def one(i: int):
+            req = CompletionRequest(prompt=f"stream {i}", max_tokens=40, n=n, seed=3, temperature=0.8,
+                                    ignore_eos=True, stream=True, stream_options={"include_usage": True})
+            return [(time.monotonic(), event) async for event in server.complete_stream(req)]
+        out = await asyncio.gather(*[one(i) for i in range(count)])
+        assert server.open_streams == 0
+        return out
     finally:
         await group.shutdown()
 
@@ -49,21 +57,42 @@ def texts(events) -> tuple[dict, dict, dict]:
     return text, reasons, events[-1][1]["usage"]
 
 
+def text_events(events) -> int:
+    return sum(bool(e["choices"]) for _, e in events)
+
+
+def batches(events) -> list[list[tuple[float, dict]]]:
+    """Text events grouped by when they came (one batch's events come back to back, batches an
+    interval apart)."""
+    out = []
+    for t, e in events:
+        if not e["choices"]:
+            continue
+        if out and t - out[-1][-1][0] < 0.01:
+            out[-1].append((t, e))
+        else:
+            out.append([(t, e)])
+    return out
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_batched_stream_equals_the_unbatched_one_in_fewer_events(checkpoint, n):
-    every = asyncio.run(stream(checkpoint, 0.0, n))
-    batched = asyncio.run(stream(checkpoint, 0.25, n))
+    [every] = asyncio.run(streams(checkpoint, 0.0, n))
+    [batched] = asyncio.run(streams(checkpoint, 0.25, n))
     assert texts(batched) == texts(every)
     assert texts(every)[1] == {i: "length" for i in range(n)} and texts(every)[2]["completion_tokens"] == 40 * n
-    chunks = [(t, e) for t, e in batched if e["choices"]]
-    assert len(chunks) < len([e for _, e in every if e["choices"]])
-    # after the first, one batch per interval at most; a batch has one event per choice at most
-    batches = []
-    for t, e in chunks:
-        if batches and t - batches[-1][-1][0] < 0.05:
-            batches[-1].append((t, e))
-        else:
-            batches.append([(t, e)])
-    assert all(len({c["index"] for _, e in b for c in e["choices"]}) == len(b) for b in batches)
-    starts = [b[0][0] for b in batches]
-    assert len(batches) > 1 and all(b - a >= 0.24 for a, b in zip(starts, starts[1:])), starts
+    assert text_events(batched) < text_events(every)
+    assert all(len({c["index"] for _, e in b for c in e["choices"]}) == len(b) for b in batches(batched))
+    starts = [b[0][0] for b in batches(batched)]
+    assert len(starts) > 1 and all(b - a >= 0.24 for a, b in zip(starts, starts[1:])), starts
+
+
+def test_many_open_streams_stretch_the_interval_to_the_event_budget(checkpoint):
+    """4 streams, 8 events a second in all: each stream sends a batch at most every 0.5 s."""
+    alone = asyncio.run(streams(checkpoint, 0.0, count=4))
+    budgeted = asyncio.run(streams(checkpoint, 0.0, count=4, events_per_s=8))
+    assert [texts(s) for s in budgeted] == [texts(s) for s in alone]
+    for events in budgeted:
+        starts = [b[0][0] for b in batches(events)]
+        assert all(b - a >= 0.45 for a, b in zip(starts, starts[1:])), starts
+    assert sum(map(text_events, budgeted)) < sum(map(text_events, alone))
