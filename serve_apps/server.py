@@ -163,10 +163,11 @@ class LLMServer:
         """Text chunks of every (prompt, sample) as they come; choice = prompt * n + sample. What has
         come by the time the caller asks for more goes as one chunk per choice. `streaming`: the first
         chunk goes at once and later ones at most once per `stream_interval()` (fewer, larger stream
-        events: Serve's proxy costs about the same per event whatever its size)."""
+        events: Serve's proxy costs about the same per event whatever its size), or as soon as a
+        sample ends (its last text and finish reason are not held back)."""
         reservation = self.admit(len(prompts), params.n)
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, reservation))
+        queue, ending = asyncio.Queue(), asyncio.Event()       # ending: a sample's last chunk (or an error) came
+        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, ending, reservation))
                  for i, p in enumerate(prompts)]
         clock, unfinished, sent = asyncio.get_running_loop(), len(prompts) * params.n, None
         self.open_streams += unfinished if streaming else 0
@@ -174,8 +175,12 @@ class LLMServer:
             while unfinished:
                 items = [await queue.get()]
                 wait = self.stream_interval() if streaming and sent is not None else 0
-                if sent is not None and sent + wait > clock.time():
-                    await asyncio.sleep(sent + wait - clock.time())
+                if sent is not None and sent + wait > clock.time() and not ending.is_set():
+                    try:
+                        await asyncio.wait_for(ending.wait(), sent + wait - clock.time())
+                    except asyncio.TimeoutError:
+                        pass
+                ending.clear()
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 merged, error = _merge(items)
@@ -192,7 +197,7 @@ class LLMServer:
                 task.cancel()
 
     async def _one(self, index: int, prompt: list[int], params: SamplingParams, stops: list[str],
-                   queue: asyncio.Queue, reservation: "Reservation") -> None:
+                   queue: asyncio.Queue, ending: asyncio.Event, reservation: "Reservation") -> None:
         started, last = time.perf_counter(), None
         streams = [TextStream(self.decode, stops) for _ in range(params.n)]
         counts = [0] * params.n
@@ -208,11 +213,14 @@ class LLMServer:
                 last = self._observe(started, last, len(delta.token_ids))
                 if text or reason:
                     queue.put_nowait(Chunk(index * params.n + delta.index, text, reason, counts[delta.index]))
+                if reason:
+                    ending.set()
                 if all(st.stopped for st in streams):
                     return                                  # leaving the stream aborts the sequences
         except Exception as e:
             reservation.release(index)
             queue.put_nowait(e)
+            ending.set()
 
     def _observe(self, started: float, last: float | None, num_tokens: int) -> float:
         t = time.perf_counter()

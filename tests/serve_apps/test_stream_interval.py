@@ -12,7 +12,7 @@ from cluster.tp_group import TPGroup
 from serve_apps.args import AppArgs
 from serve_apps.demo_model import MODEL_NAME, demo_checkpoint
 from serve_apps.protocol import CompletionRequest
-from serve_apps.server import LLMServer
+from serve_apps.server import Chunk, LLMServer, _merge
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -75,24 +75,43 @@ def batches(events) -> list[list[tuple[float, dict]]]:
     return out
 
 
+def test_merge_joins_each_choices_chunks_in_order_up_to_an_error():
+    error = RuntimeError("rank died")
+    items = [Chunk(0, "a", None, 1), Chunk(1, "x", None, 1), Chunk(0, "b", None, 3), Chunk(1, "y", "stop", 2),
+             error, Chunk(0, "c", None, 4)]
+    assert _merge(items) == ([Chunk(0, "ab", None, 3), Chunk(1, "xy", "stop", 2)], error)
+    assert _merge([Chunk(2, "", "length", 5)]) == ([Chunk(2, "", "length", 5)], None)
+
+
+def held_batches_apart(events, interval_s: float) -> bool:
+    """Every batch that ends no sample came at least `interval_s` after the one before it."""
+    found = batches(events)
+    ends = [any(c["finish_reason"] for _, e in b for c in e["choices"]) for b in found]
+    return all(end or b[0][0] - a[0][0] >= interval_s for a, b, end in zip(found, found[1:], ends[1:]))
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_batched_stream_equals_the_unbatched_one_in_fewer_events(checkpoint, n):
     [every] = asyncio.run(streams(checkpoint, 0.0, n))
-    [batched] = asyncio.run(streams(checkpoint, 0.25, n))
+    [batched] = asyncio.run(streams(checkpoint, 0.04, n))
     assert texts(batched) == texts(every)
     assert texts(every)[1] == {i: "length" for i in range(n)} and texts(every)[2]["completion_tokens"] == 40 * n
     assert text_events(batched) < text_events(every)
-    assert all(len({c["index"] for _, e in b for c in e["choices"]}) == len(b) for b in batches(batched))
-    starts = [b[0][0] for b in batches(batched)]
-    assert len(starts) > 1 and all(b - a >= 0.24 for a, b in zip(starts, starts[1:])), starts
+    assert held_batches_apart(batched, 0.035), [b[0][0] for b in batches(batched)]
 
 
 def test_many_open_streams_stretch_the_interval_to_the_event_budget(checkpoint):
-    """4 streams, 8 events a second in all: each stream sends a batch at most every 0.5 s."""
+    """4 streams, 50 events a second in all: each stream's batches 80 ms apart (but for its end)."""
     alone = asyncio.run(streams(checkpoint, 0.0, count=4))
-    budgeted = asyncio.run(streams(checkpoint, 0.0, count=4, events_per_s=8))
+    budgeted = asyncio.run(streams(checkpoint, 0.0, count=4, events_per_s=50))
     assert [texts(s) for s in budgeted] == [texts(s) for s in alone]
-    for events in budgeted:
-        starts = [b[0][0] for b in batches(events)]
-        assert all(b - a >= 0.45 for a, b in zip(starts, starts[1:])), starts
+    assert all(held_batches_apart(s, 0.075) for s in budgeted), [[b[0][0] for b in batches(s)] for s in budgeted]
     assert sum(map(text_events, budgeted)) < sum(map(text_events, alone))
+
+
+def test_a_samples_end_is_not_held_back_by_the_interval(checkpoint):
+    """A 5 s interval: the first text at once, then the rest when the sample ends (well within 5 s)."""
+    [every] = asyncio.run(streams(checkpoint, 0.0))
+    [held] = asyncio.run(streams(checkpoint, 5.0))
+    assert texts(held) == texts(every)
+    assert text_events(held) == 2 and held[-1][0] - held[0][0] < 2.5
