@@ -5,7 +5,8 @@
    stream did before d8743bb), with the demo tokenizer.
 2. The same C concurrent requests of N tokens (greedy, ignore_eos), at three depths: the engine loop
    alone (token deltas), `LLMServer` in-process (text chunks as OpenAI stream events, no HTTP), and
-   HTTP through Ray Serve (streaming SSE and unary). Generated tok/s of each, and CPU time per
+   HTTP through Ray Serve (streaming SSE at each stream-batching setting, one app each, and unary),
+   medians over rounds that take the settings in turn. Generated tok/s of each, and CPU time per
    generated token where it is spent: the engine thread (steps, and handing deltas to the event
    loop), the event loop's thread (the server: detokenisation, events), and over HTTP the replica
    process and Serve's proxy. On a GPU the engine makes tens of thousands of tokens a second: these
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -148,8 +150,15 @@ async def with_cpu(run, threads: dict[str, int], pids: dict[str, int] | None = N
                      for k in before}
 
 
-async def in_process(app_args: dict, loads: list[tuple[int, int]]) -> list[dict]:
-    """The engine loop and LLMServer of a TP group of one rank built in this process, as the app does."""
+def median_of(runs: list[dict]) -> dict:
+    """Per key, the median over rounds (the rounds' tok/s kept too)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(r[k] for r in runs) for k in keys} | {"rounds_tok_per_s": [r["tok_per_s"] for r in runs]}
+
+
+async def in_process(app_args: dict, loads: list[tuple[int, int]], rounds: int) -> list[dict]:
+    """The engine loop and LLMServer of a TP group of one rank built in this process, as the app does:
+    each round runs the engine alone and the server at each streaming setting, in turn."""
     from actors.sharded_checkpoint import open_any
     from cluster.tp_group import TPGroup
     from serve_apps.demo_model import MODEL_NAME, demo_checkpoint
@@ -166,22 +175,25 @@ async def in_process(app_args: dict, loads: list[tuple[int, int]]) -> list[dict]
         threads = {"engine_thread": group.rank0.loop._thread.native_id, "event_loop": threading.get_native_id()}
         for concurrency, max_tokens in loads:
             await engine_alone(server, 4, 8)                         # warm-up
-            row = {"concurrency": concurrency, "max_tokens": max_tokens,
-                   "engine": await with_cpu(lambda: engine_alone(server, concurrency, max_tokens), threads)}
-            for name, setting in STREAMING.items():
-                row[f"server_{name}"] = await with_cpu(
-                    lambda: server_alone(server, concurrency, max_tokens, setting), threads)
-            rows.append(row)
-            print(row, flush=True)
+            runs: dict[str, list] = {}
+            for _ in range(rounds):
+                runs.setdefault("engine", []).append(
+                    await with_cpu(lambda: engine_alone(server, concurrency, max_tokens), threads))
+                for name, setting in STREAMING.items():
+                    runs.setdefault(f"server_{name}", []).append(await with_cpu(
+                        lambda: server_alone(server, concurrency, max_tokens, setting), threads))
+            rows.append({"concurrency": concurrency, "max_tokens": max_tokens} |
+                        {k: median_of(v) for k, v in runs.items()})
+            print(rows[-1], flush=True)
         return rows
     finally:
         await group.shutdown()
 
 
-def serve_pids() -> dict[str, int]:
-    """The demo app's replica process (it hosts rank 0: the engine too) and Serve's HTTP proxy (found
-    by its process title, as the state API needs the dashboard)."""
-    replica = serve.get_app_handle("soak").ranks.remote().result()[0]["pid"]
+def serve_pids(app_name: str) -> dict[str, int]:
+    """An app's replica process (it hosts rank 0: the engine too) and Serve's HTTP proxy (found by its
+    process title, as the state API needs the dashboard)."""
+    replica = serve.get_app_handle(app_name).ranks.remote().result()[0]["pid"]
     proxies = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -193,6 +205,27 @@ def serve_pids() -> dict[str, int]:
     return {"replica_process": replica, "proxy_process": proxies[0]}
 
 
+def over_serve(url: str, app_args: dict, rows: list[dict], rounds: int) -> None:
+    """One app per streaming setting, side by side (its own replica, the node's one proxy); each round
+    streams through each in turn, and sends the same requests unary to the first."""
+    first, *others = STREAMING
+    routes = {first: ("soak", url)}                  # start_demo's app: the first setting at /
+    for name in others:
+        serve.run(gpt_neo_app({"replica_cpus": 1, **app_args, **STREAMING[name]}), name=name, route_prefix=f"/{name}")
+        routes[name] = (name, f"{url}/{name}")
+    pids = {name: serve_pids(app) for name, (app, _) in routes.items()}
+    for row in rows:
+        c, n = row["concurrency"], row["max_tokens"]
+        runs: dict[str, list] = {}
+        for _ in range(rounds):
+            for name, (_, base) in routes.items():
+                runs.setdefault(f"http_stream_{name}", []).append(
+                    asyncio.run(with_cpu(lambda: over_http(base, c, n, stream=True), {}, pids[name])))
+            runs.setdefault("http_unary", []).append(
+                asyncio.run(with_cpu(lambda: over_http(url, c, n, stream=False), {}, pids[first])))
+        row |= {k: median_of(v) for k, v in runs.items()}
+
+
 # stream batching: every token as it comes, the app's defaults (20 ms, 500 events/s), a tighter event budget
 STREAMING = {"every": {"stream_interval_ms": 0, "max_stream_events_per_s": 0}, "default": {},
              "budget250": {"max_stream_events_per_s": 250}}
@@ -200,25 +233,17 @@ STREAMING = {"every": {"stream_interval_ms": 0, "max_stream_events_per_s": 0}, "
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", action="append", default=[], help="CONCURRENCY:TOKENS (repeatable; default 1:256, "
-                                                              "16:256, 64:256)")
+    p.add_argument("--load", action="append", default=[], help="CONCURRENCY:TOKENS (repeatable; default 1:128, "
+                                                              "64:128)")
+    p.add_argument("--rounds", type=int, default=3, help="medians over this many rounds, settings interleaved")
     p.add_argument("--out", help="a directory: writes cpu-<date>-serve-overhead.json there")
     a = p.parse_args(argv)
-    loads = [tuple(int(x) for x in s.split(":")) for s in a.load] or [(1, 256), (16, 256), (64, 256)]
+    loads = [tuple(int(x) for x in s.split(":")) for s in a.load] or [(1, 128), (64, 128)]
     app_args = {"max_num_seqs": max(c for c, _ in loads), "kv_cache_blocks": 2048, "accelerator": "cpu"}
-    result = {"bench": "serve_overhead", "app_args": app_args, "detokenisation": detokenisation()}
-    first, *others = STREAMING
-    url = start_demo(app_args | STREAMING[first])    # Ray + Serve with the demo app
-    rows = asyncio.run(in_process(app_args, loads))
-    for name in [first, *others]:
-        if name != first:
-            serve.run(gpt_neo_app({"replica_cpus": 1, **app_args, **STREAMING[name]}), name="soak", route_prefix="/")
-        pids = serve_pids()
-        for row in rows:
-            c, n = row["concurrency"], row["max_tokens"]
-            row[f"http_stream_{name}"] = asyncio.run(with_cpu(lambda: over_http(url, c, n, stream=True), {}, pids))
-            if name == first:
-                row["http_unary"] = asyncio.run(with_cpu(lambda: over_http(url, c, n, stream=False), {}, pids))
+    result = {"bench": "serve_overhead", "app_args": app_args, "rounds": a.rounds, "detokenisation": detokenisation()}
+    url = start_demo(app_args | STREAMING[next(iter(STREAMING))])    # Ray + Serve with the demo app
+    rows = asyncio.run(in_process(app_args, loads, a.rounds))
+    over_serve(url, app_args, rows, a.rounds)
     for row in rows:
         engine = row["engine"]["tok_per_s"]
         row["share_of_engine"] = {k: round(v["tok_per_s"] / engine, 3) for k, v in row.items()
