@@ -38,8 +38,8 @@ def window_decoder(tokenizer) -> Callable[[list[int]], str]:
 class TextStream:
     """Incremental detokenisation of one sample with stop strings.
 
-    A push decodes a window of a few tokens, not the whole output (that cost grew with the output:
-    130 us a token at 1,024 tokens). `text` holds the text of `token_ids[:read]`; the window starts at
+    A push decodes a window of a few tokens, not the whole output (whose cost grew with its length:
+    ~150 us a token at 1,024 tokens, bench/serve_overhead.py). `text` holds the text of `token_ids[:read]`; the window starts at
     `prefix`, the previous boundary, so that rules acting on a decode's first token (SentencePiece's
     leading space) act on both decodes whose difference is the new text. The window moves on when its
     text ends in a whole character; while it ends in U+FFFD (a character whose bytes have not all
@@ -101,7 +101,7 @@ class LLMServer:
         self.metrics = metrics
         self.stream_interval_s = stream_interval_s      # streamed chunks after the first: at most this often
         self.stream_events_per_s = stream_events_per_s  # ... and at most about this many from all streams
-        self.open_streams = 0                            # streamed samples not finished
+        self.open_streams = 0                            # samples of the streams open now
         self.queued = 0                  # sequences admitted here that have not started generating
 
     # -- requests -> engine params -----------------------------------------------------------
