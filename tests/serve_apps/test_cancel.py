@@ -64,8 +64,8 @@ def test_streaming_client_hanging_up_frees_blocks(app, route, body):
 def test_unary_client_hanging_up_frees_blocks(app, route, body):
     url, _ = app
     steps = wait_for(url, busy=False)["steps"]
-    with httpx.Client(timeout=httpx.Timeout(60, read=0.3)) as http:
-        with pytest.raises(httpx.ReadTimeout):      # gives up after 0.3 s (the whole request takes ~1 s) and hangs up
+    with httpx.Client(timeout=httpx.Timeout(60, read=0.15)) as http:
+        with pytest.raises(httpx.ReadTimeout):      # gives up after 0.15 s (the whole request: 200 steps) and hangs up
             http.post(url + route, json={**body, **LONG})
     assert_freed_before_the_end(url, steps)
 
