@@ -24,6 +24,7 @@ import threading
 import time
 
 import httpx
+import torch
 from ray import serve
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     app_args = {"max_num_seqs": max(c for c, _ in loads), "kv_cache_blocks": 2048, "accelerator": "cpu"}
     result = {"bench": "serve_overhead", "app_args": app_args, "rounds": a.rounds, "detokenisation": detokenisation()}
     url = start_demo(app_args | STREAMING[next(iter(STREAMING))])    # Ray + Serve with the demo app
+    torch.set_num_threads(1)                     # as in a replica of 1 CPU (Ray sets OMP_NUM_THREADS=1 there)
     rows = asyncio.run(in_process(app_args, loads, a.rounds))
     over_serve(url, app_args, rows, a.rounds)
     for row in rows:
