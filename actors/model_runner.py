@@ -1,9 +1,10 @@
 """Runs the injected model for a scheduled batch: owns the KV cache, turns sequences into flat
 token tensors plus `AttentionMetadata`, and returns logits.
 
-Under tensor parallelism only the TP group's rank 0 schedules. Each step it broadcasts the plan
-(`_Plan`: a 6-number header, then one int64 payload) with torch.distributed, and the other ranks
-`follow()` in lockstep; no Ray call per step.
+Under tensor parallelism only the TP group's rank 0 schedules. Each step it broadcasts the plan with
+torch.distributed, a 6-number header host to host (gloo: a follower learns the step's shapes without
+waiting for its GPU) and one int64 payload on the device group (queued behind the step before), and
+the other ranks `follow()` in lockstep; no Ray call per step.
 """
 import array
 import itertools
@@ -114,9 +115,6 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(eager, max_batch, self.pad_block * self.block_size, self.device)
             self.prefill_graphs.warm_up()
 
-    def _tensor(self, values: list, dtype=torch.int32) -> torch.Tensor:
-        return to_device(values, dtype, self.device)
-
     def _step_tensors(self, seqs: list[Sequence], input_ids, positions, slots, context_lens, cu_seqlens):
         """(input_ids or None, positions, slot_mapping, block_tables, context_lens, cu_seqlens) on the
         device in one copy (lists or host arrays in; the first three int64, the rest int32)."""
@@ -214,8 +212,10 @@ class ModelRunner:
     # -- lockstep across the TP group --------------------------------------------------------
 
     def _send_header(self, command: int, *sizes: int) -> None:
+        """The plan's header host to host (a follower reads it without waiting for its GPU); the
+        payload follows on the device group, queued behind the follower's earlier steps."""
         header = [command, *sizes] + [0] * (5 - len(sizes))
-        self.tp.broadcast(self._tensor(header, torch.int64))
+        self.tp.broadcast_host(torch.tensor(header, dtype=torch.int64))
 
     def _send_plan(self, input_ids, positions, meta: AttentionMetadata, all_logits: bool) -> None:
         num_seqs, max_blocks = meta.block_tables.shape
@@ -236,7 +236,7 @@ class ModelRunner:
         """Ranks > 0: receive one plan and run it. Returns (command, all-token logits when the
         plan asked for them, else None)."""
         while True:
-            header = self.tp.broadcast(self._tensor([0] * 6, torch.int64)).tolist()
+            header = self.tp.broadcast_host(torch.zeros(6, dtype=torch.int64)).tolist()
             command, num_tokens, num_seqs, max_blocks, max_query_len, flags = header
             if command != KEEPALIVE:
                 break

@@ -10,6 +10,7 @@ import os
 import resource
 import socket
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -20,7 +21,7 @@ from actors.engine_loop import EngineLoop
 from actors.model_runner import STOP
 from actors.sequence import SamplingParams
 from actors.sharded_checkpoint import open_any
-from kernels.linear import TensorParallel
+from kernels.linear import TensorParallel, host_group
 
 
 KEEPALIVE_MAX_S = 30.0      # an idle TP group's rank 0 sends its followers an empty plan at least this often
@@ -76,7 +77,9 @@ class Worker:
                                     init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                     world_size=self.world_size,
                                     timeout=timedelta(seconds=self.config.rendezvous_timeout_s))
-        tp = TensorParallel(self.rank, self.world_size, dist.group.WORLD if self.world_size > 1 else None)
+        tp = TensorParallel(self.rank, self.world_size, dist.group.WORLD) if self.world_size > 1 else TensorParallel()
+        if self.world_size > 1:
+            tp = replace(tp, host_group=host_group(device, timedelta(seconds=self.config.rendezvous_timeout_s)))
         ckpt = open_any(checkpoint, self.config.storage_options, self.rank, self.world_size)
         self.engine = load_engine(ckpt, self.config, tp, device)
         if self.rank == 0:

@@ -24,7 +24,7 @@ from actors.checkpoint import save_checkpoint
 from actors.descriptions import is_description, resolve_description
 from actors.sharded_checkpoint import open_any, save_shards
 from cluster.config import ConfigError, InferenceConfig
-from kernels.linear import SINGLE, TensorParallel
+from kernels.linear import SINGLE, TensorParallel, host_group
 from policies.auto_tp import AutoTPError, plan, shard_in_place
 
 
@@ -87,7 +87,8 @@ def _join_launched_group(config: InferenceConfig) -> tuple[TensorParallel, torch
     if on_gpu and not config.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    return TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD), device
+    plans = host_group(device, timedelta(seconds=config.rendezvous_timeout_s))
+    return TensorParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, plans), device
 
 
 def _leave_group() -> None:

@@ -75,6 +75,13 @@ class GroupActor:
         await self.group.shutdown()
         asyncio.get_running_loop().call_later(0.2, release, self.pg)
 
+    def __ray_shutdown__(self) -> None:
+        """Ray ends this actor gracefully once its last handle is gone, maybe within the 0.2 s after
+        `shutdown` answered (a caller that drops the handle right away): the placement group goes
+        back here too. (A running group whose handle is dropped without `shutdown` is not ended
+        gracefully by Ray 2.60: call `shutdown`.)"""
+        release(self.pg)
+
 
 class _InferenceGroupClass:
     """Looks like a Ray actor class: `.remote(config)` and `.options(**actor_options).remote(config)`."""

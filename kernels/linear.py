@@ -33,10 +33,12 @@ SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(TUNED_MAX_R
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place in its tensor-parallel group (group None = the default group)."""
+    """This process's place in its tensor-parallel group (group None = the default group). `host_group`:
+    a gloo group over the same ranks for small host-to-host messages (None: `group` is gloo already)."""
     rank: int = 0
     size: int = 1
     group: object = None
+    host_group: object = None
 
     def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """The reduction over the group: in place through NCCL, or (opt-in, small sums on CUDA) a new
@@ -56,6 +58,14 @@ class TensorParallel:
             dist.broadcast(x, group=self.group, group_src=0)
         return x
 
+    def broadcast_host(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor, in place, from the group's rank 0 through `host_group`: it reaches the other
+        ranks' hosts without a wait on their GPUs (an NCCL broadcast read on the host would wait for
+        everything queued before it)."""
+        if self.size > 1:
+            dist.broadcast(x, group=self.host_group or self.group, group_src=0)
+        return x
+
     def broadcast_object(self, obj=None):
         """A picklable object from the group's rank 0 (returned on every rank)."""
         if self.size == 1:
@@ -73,6 +83,14 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+def host_group(device: torch.device, timeout) -> object:
+    """A gloo group of every rank beside an NCCL world (call on every rank, in the same order as other
+    group creations); None on CPU, where the world is gloo already."""
+    if device.type != "cuda" or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:

@@ -178,6 +178,19 @@ def test_idle_group_outlives_its_collective_timeout(llama_ckpt):
         assert ray.get(group.generate.remote([[1, 2, 3]], **greedy), timeout=30)[0].outputs[0].token_ids == first
     finally:
         ray.get(group.shutdown.remote())
+    assert free_cpus_settle() == 4.0
+
+
+def test_dropping_the_handle_right_after_shutdown_gives_the_bundles_back(llama_ckpt):
+    """Ray ends a group actor whose last handle is gone at once, before the release that `shutdown`
+    left due 0.2 s later: the actor's own end gives the placement group back (it leaked before)."""
+    _, path = llama_ckpt
+    group = rayspeed.InferenceGroup.remote(rayspeed.InferenceConfig(checkpoint=path, tensor_parallel={"tp_size": 2},
+                                                                    **TP))
+    ray.get(group.start.remote())
+    ray.get(group.shutdown.remote())
+    del group
+    assert free_cpus_settle() == 4.0
 
 
 def test_save_mp_checkpoint_then_reload_each_rank_reading_its_own_files(llama_ckpt, tmp_path):
