@@ -55,7 +55,7 @@ class _Request:
 
     def deliver(self, result=None, error: BaseException | None = None) -> None:
         """Thread-safe hand-off to the caller's event loop."""
-        self.loop.call_soon_threadsafe(self.settle, result, error)
+        _hand_off(self.loop, self.settle, result, error)
 
     def settle(self, result=None, error: BaseException | None = None) -> None:
         """In the caller's event loop: the next delta, the whole result or the error."""
@@ -263,7 +263,7 @@ class EngineLoop:
                     self.requests.remove(request)
         for loop, calls in handoffs.items():
             if calls:
-                loop.call_soon_threadsafe(_settle_all, calls)
+                _hand_off(loop, _settle_all, calls)
 
     @staticmethod
     def _new_deltas(request: _Request) -> list[StreamDelta]:
@@ -296,6 +296,16 @@ def _joined(items: list) -> list:
         if item.finish_reason is not None:
             del open_at[item.index]
     return out
+
+
+def _hand_off(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """`fn(*args)` in `loop`; nothing when that loop has closed (its callers are gone, and a closed
+    caller must not break the engine for everyone else)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise
 
 
 def _settle_all(calls: list) -> None:

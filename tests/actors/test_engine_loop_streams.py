@@ -60,3 +60,20 @@ def test_many_streams_of_one_event_loop_each_get_their_own_tokens(engine):
         assert asyncio.run(all_streams()) == expected
     finally:
         loop.shutdown()
+
+
+def test_a_caller_whose_event_loop_closed_does_not_break_the_engine(engine):
+    """A stream left open in an event loop that was closed (its generator never finalised, so nothing
+    aborts its sequence): the engine keeps handing tokens to other callers."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    expected = engine.generate([[1, 2, 3]], params)[0].outputs[0].token_ids
+    loop = EngineLoop(engine)
+    try:
+        gone = asyncio.new_event_loop()
+        orphan = loop.stream([9, 9, 9], params)
+        gone.run_until_complete(anext(orphan))              # its sequence runs; its loop closes under it
+        gone.close()
+        assert asyncio.run(loop.generate([[1, 2, 3]], params))[0].outputs[0].token_ids == expected
+        assert loop.health()["alive"], loop.health()
+    finally:
+        loop.shutdown()
