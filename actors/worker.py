@@ -10,7 +10,6 @@ import os
 import resource
 import socket
 import time
-from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -77,9 +76,10 @@ class Worker:
                                     init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                     world_size=self.world_size,
                                     timeout=timedelta(seconds=self.config.rendezvous_timeout_s))
-        tp = TensorParallel(self.rank, self.world_size, dist.group.WORLD) if self.world_size > 1 else TensorParallel()
+        tp = TensorParallel()
         if self.world_size > 1:
-            tp = replace(tp, host_group=host_group(device, timedelta(seconds=self.config.rendezvous_timeout_s)))
+            tp = TensorParallel(self.rank, self.world_size, dist.group.WORLD,
+                                host_group(device, timedelta(seconds=self.config.rendezvous_timeout_s)))
         ckpt = open_any(checkpoint, self.config.storage_options, self.rank, self.world_size)
         self.engine = load_engine(ckpt, self.config, tp, device)
         if self.rank == 0:

@@ -57,7 +57,7 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for any mix of prefill and decode. q: [tokens, heads, head_dim] -> same shape. A decode
     step (one query a sequence) attends for all sequences at once; otherwise one sequence at a time."""
-    if q.shape[0] == len(context_lens):
+    if q.shape[0] == len(context_lens) and bool((cu_seqlens_q.diff() == 1).all()):
         return _decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, window, alibi_slopes)
     out = torch.empty_like(q)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]

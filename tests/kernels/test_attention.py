@@ -109,6 +109,25 @@ def test_torch_decode_batch_matches_dense_attention(window, with_alibi, row_byte
         torch.testing.assert_close(out[s:s + 1], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_reference_with_as_many_tokens_as_sequences_but_not_one_each():
+    """3 tokens for 3 sequences, as 2 + 0 + 1: not a decode step (the batched decode path is not taken)."""
+    g = torch.Generator().manual_seed(3)
+    context_lens, query_lens = [6, 4, 9], [2, 0, 1]
+    tables, num_blocks = _block_tables(context_lens, BLOCK_SIZE, g)
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(3, HEADS, HEAD_DIM, generator=g)
+    cu = torch.tensor([0, 2, 2, 3], dtype=torch.int32)
+    out = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(context_lens, dtype=torch.int32), cu, 0.3)
+    for seq, start, end in [(0, 0, 2), (2, 2, 3)]:                  # sequence 1 has no query
+        ctx = context_lens[seq]
+        positions = torch.arange(ctx)
+        slots = tables[seq, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+        keys, values = k_cache.view(-1, KV_HEADS, HEAD_DIM)[slots], v_cache.view(-1, KV_HEADS, HEAD_DIM)[slots]
+        ref = _dense_attention(q[start:end], keys, values, torch.arange(ctx - (end - start), ctx), 0.3, None, None)
+        torch.testing.assert_close(out[start:end], ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window,with_alibi", [(None, False), (None, True), (7, False), (20, True)])
 def test_torch_reference_matches_dense_attention(window, with_alibi):
     g = torch.Generator().manual_seed(1)
