@@ -280,22 +280,28 @@ class EngineLoop:
         return deltas
 
 
-def _joined(items: list) -> list:
-    """Stream deltas with each sample's joined into one until its last (at the place of its first);
-    an error ends the list."""
-    out, open_at = [], {}                          # sample -> index in `out` of its unfinished delta
+def join_runs(items: list, key, join) -> list:
+    """`items` in order, those of one key (`key(item)`) joined by `join(earlier, later)` at the place of
+    the first until one with a finish_reason closes that key; an exception ends the list."""
+    out, open_at = [], {}                          # key -> index in `out` of its unfinished item
     for item in items:
         if isinstance(item, BaseException):
             return out + [item]
-        if item.index in open_at:
-            prev = out[open_at[item.index]]
-            out[open_at[item.index]] = StreamDelta(item.index, prev.token_ids + item.token_ids, item.finish_reason)
+        k = key(item)
+        if k in open_at:
+            out[open_at[k]] = join(out[open_at[k]], item)
         else:
-            open_at[item.index] = len(out)
+            open_at[k] = len(out)
             out.append(item)
         if item.finish_reason is not None:
-            del open_at[item.index]
+            del open_at[k]
     return out
+
+
+def _joined(items: list) -> list:
+    """Stream deltas with each sample's joined into one until its last; an error ends the list."""
+    return join_runs(items, lambda d: d.index,
+                     lambda a, b: StreamDelta(b.index, a.token_ids + b.token_ids, b.finish_reason))
 
 
 def _hand_off(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from actors.engine_loop import SAMPLING_EPS
+from actors.engine_loop import SAMPLING_EPS, join_runs
 from actors.sequence import RequestError, SamplingParams
 from cluster.generation import token_list
 from serve_apps.protocol import ChatRequest, CompletionRequest, SamplingFields, new_id, now
@@ -183,12 +183,11 @@ class LLMServer:
                 ending.clear()
                 while not queue.empty():
                     items.append(queue.get_nowait())
-                merged, error = _merge(items)
-                for chunk in merged:
+                for chunk in _merge(items):
+                    if isinstance(chunk, BaseException):
+                        raise chunk
                     unfinished -= chunk.finish_reason is not None
                     yield chunk
-                if error is not None:
-                    raise error
                 sent = clock.time()
         finally:
             self.open_streams -= len(prompts) * params.n if streaming else 0
@@ -323,16 +322,10 @@ async def prepend(first, rest):
         yield item
 
 
-def _merge(items: list) -> tuple[list[Chunk], BaseException | None]:
-    """Chunks of the same choice joined (in order of each choice's first), up to the first error."""
-    merged: dict[int, Chunk] = {}
-    for item in items:
-        if isinstance(item, BaseException):
-            return list(merged.values()), item
-        prev = merged.get(item.choice)
-        merged[item.choice] = item if prev is None else \
-            Chunk(item.choice, prev.text + item.text, item.finish_reason, item.completion_tokens)
-    return list(merged.values()), None
+def _merge(items: list) -> list:
+    """Chunks of the same choice joined (in order of each choice's first); an error ends the list."""
+    return join_runs(items, lambda c: c.choice,
+                     lambda a, b: Chunk(b.choice, a.text + b.text, b.finish_reason, b.completion_tokens))
 
 
 def _collect(prompts, params) -> tuple[list[str], list, list[int]]:

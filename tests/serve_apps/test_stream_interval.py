@@ -79,8 +79,8 @@ def test_merge_joins_each_choices_chunks_in_order_up_to_an_error():
     error = RuntimeError("rank died")
     items = [Chunk(0, "a", None, 1), Chunk(1, "x", None, 1), Chunk(0, "b", None, 3), Chunk(1, "y", "stop", 2),
              error, Chunk(0, "c", None, 4)]
-    assert _merge(items) == ([Chunk(0, "ab", None, 3), Chunk(1, "xy", "stop", 2)], error)
-    assert _merge([Chunk(2, "", "length", 5)]) == ([Chunk(2, "", "length", 5)], None)
+    assert _merge(items) == [Chunk(0, "ab", None, 3), Chunk(1, "xy", "stop", 2), error]
+    assert _merge([Chunk(2, "", "length", 5)]) == [Chunk(2, "", "length", 5)]
 
 
 def held_batches_apart(events, interval_s: float) -> bool:
