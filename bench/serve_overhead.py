@@ -160,18 +160,11 @@ def median_of(runs: list[dict]) -> dict:
 async def in_process(app_args: dict, loads: list[tuple[int, int]], rounds: int) -> list[dict]:
     """The engine loop and LLMServer of a TP group of one rank built in this process, as the app does:
     each round runs the engine alone and the server at each streaming setting, in turn."""
-    from actors.sharded_checkpoint import open_any
-    from cluster.tp_group import TPGroup
     from serve_apps.demo_model import MODEL_NAME, demo_checkpoint
-    from serve_apps.server import LLMServer
-    args = AppArgs.parse(app_args)
-    checkpoint = demo_checkpoint()
-    group = TPGroup(args.inference_config(checkpoint, False), None)
-    await group.start(checkpoint)
+    from serve_apps.server import start_server
+    server = await start_server(AppArgs.parse(app_args), demo_checkpoint(), MODEL_NAME)
+    group = server.engine
     try:
-        ckpt = open_any(checkpoint, None, 0, 1)
-        server = LLMServer(group, ckpt.tokenizer(), MODEL_NAME, ckpt.generation_config(),
-                           group.rank0.engine.max_seq_len, args.max_queued_requests)
         rows = []
         threads = {"engine_thread": group.rank0.loop._thread.native_id, "event_loop": threading.get_native_id()}
         for concurrency, max_tokens in loads:

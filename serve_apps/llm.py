@@ -17,11 +17,11 @@ from starlette.exceptions import HTTPException
 
 from actors.engine_loop import EngineError
 from actors.sequence import RequestError
-from cluster.tp_group import GroupError, TPGroup
+from cluster.tp_group import GroupError
 from serve_apps.args import AppArgs
 from serve_apps.metrics import ServerMetrics
 from serve_apps.protocol import ChatRequest, CompletionRequest, error_json, validation_message
-from serve_apps.server import LLMServer, OverloadedError, Unsupported, prepend
+from serve_apps.server import OverloadedError, Unsupported, prepend, start_server
 
 api = FastAPI(title="rayspeed", docs_url=None, redoc_url=None)
 
@@ -77,16 +77,10 @@ def _status_for(e: Exception) -> JSONResponse:
 class LLMDeployment:
     async def __init__(self, args: dict, checkpoint: str, model_name: str):
         self.args = AppArgs.parse(args)
-        config = self.args.inference_config(checkpoint, self.args.use_gpu())
-        self.group = TPGroup(config, ray.util.get_current_placement_group(), self.args.step_timeout_s)
-        await self.group.start(checkpoint)
-        engine = self.group.rank0.engine
-        from actors.sharded_checkpoint import open_any
-        ckpt = open_any(checkpoint, config.storage_options, 0, config.tp_size)
         self.metrics = ServerMetrics(model_name)
-        self.server = LLMServer(self.group, ckpt.tokenizer(), model_name, ckpt.generation_config(),
-                                engine.max_seq_len, self.args.max_queued_requests, self.metrics,
-                                self.args.stream_interval_ms / 1e3, self.args.max_stream_events_per_s or None)
+        self.server = await start_server(self.args, checkpoint, model_name, ray.util.get_current_placement_group(),
+                                         self.args.use_gpu(), self.metrics)
+        self.group = self.server.engine
 
     # -- HTTP -----------------------------------------------------------------------------------
 

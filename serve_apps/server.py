@@ -300,6 +300,21 @@ class LLMServer:
                 "finish_reason": reason, "prompt_token_ids": ids}
 
 
+async def start_server(args, checkpoint: str, model_name: str, pg=None, use_gpu: bool = False,
+                       metrics=None) -> LLMServer:
+    """The TP group `args` (`AppArgs`) describe, started with rank 0 in this process (the other ranks in
+    `pg`'s bundles), and an `LLMServer` over it with the app's queue and stream settings."""
+    from actors.sharded_checkpoint import open_any
+    from cluster.tp_group import TPGroup
+    config = args.inference_config(checkpoint, use_gpu)
+    group = TPGroup(config, pg, args.step_timeout_s)
+    await group.start(checkpoint)
+    ckpt = open_any(checkpoint, config.storage_options, 0, config.tp_size)
+    return LLMServer(group, ckpt.tokenizer(), model_name, ckpt.generation_config(), group.rank0.engine.max_seq_len,
+                     args.max_queued_requests, metrics, args.stream_interval_ms / 1e3,
+                     args.max_stream_events_per_s or None)
+
+
 class OverloadedError(RuntimeError):
     """The engine's queue is full; answered with HTTP 503 and Retry-After."""
 

@@ -7,12 +7,10 @@ import time
 
 import pytest
 
-from actors.sharded_checkpoint import open_any
-from cluster.tp_group import TPGroup
 from serve_apps.args import AppArgs
 from serve_apps.demo_model import MODEL_NAME, demo_checkpoint
 from serve_apps.protocol import CompletionRequest
-from serve_apps.server import Chunk, LLMServer, _merge
+from serve_apps.server import Chunk, _merge, start_server
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -28,15 +26,10 @@ def checkpoint(tmp_path_factory):
 async def streams(checkpoint: str, interval_s: float, n: int = 1, count: int = 1,
                   events_per_s: float | None = None) -> list[list[tuple[float, dict]]]:
     """(arrival time, event) of `count` concurrent 40-token streams of `n` samples each."""
-    args = AppArgs.parse({"max_num_seqs": 8, "kv_cache_blocks": 64, "block_size": 8, "accelerator": "cpu"})
-    group = TPGroup(args.inference_config(checkpoint, False), None)
-    await group.start(checkpoint)
+    args = AppArgs.parse({"max_num_seqs": 8, "kv_cache_blocks": 64, "block_size": 8, "accelerator": "cpu",
+                          "stream_interval_ms": interval_s * 1e3, "max_stream_events_per_s": events_per_s or 0})
+    server = await start_server(args, checkpoint, MODEL_NAME)
     try:
-        ckpt = open_any(checkpoint, None, 0, 1)
-        server = LLMServer(group, ckpt.tokenizer(), MODEL_NAME, ckpt.generation_config(),
-                           group.rank0.engine.max_seq_len, stream_interval_s=interval_s,
-                           stream_events_per_s=events_per_s)
-
         async def one(i: int):
             req = CompletionRequest(prompt=f"stream {i}", max_tokens=40, n=n, seed=3, temperature=0.8,
                                     ignore_eos=True, stream=True, stream_options={"include_usage": True})
@@ -45,7 +38,7 @@ async def streams(checkpoint: str, interval_s: float, n: int = 1, count: int = 1
         assert server.open_streams == 0
         return out
     finally:
-        await group.shutdown()
+        await server.engine.shutdown()
 
 
 def texts(events) -> tuple[dict, dict, dict]:
