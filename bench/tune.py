@@ -8,18 +8,85 @@ its own $RAYSPEED_CACHE). Commit that table to kernels/tuned/ to ship it, so `be
 load times are those of a start that times nothing.
 
     python3 bench/tune.py --model neo --dtypes float16,int8,int4 --out bench/results
+
+`--refine-rows` instead takes the shipped table of this GPU and, for each product of one or two
+rows, times its choice against the `rows` tiles (kernels/gemv_rows.py) with the tuner's own clock,
+the winner again with its next tile prefetched and with its K slice asked of L2, and writes the
+table with the faster choices to --out (one or two minutes, against a whole re-tune's ten or more).
 """
 import argparse
+import ast
+import json
 import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import rayspeed  # noqa: E402
-from bench.decode import KV_BLOCKS, build, merge_tuned_table  # noqa: E402
+from bench.decode import KV_BLOCKS, build, commit, merge_tuned_table  # noqa: E402
+
+
+MODEL_K = {"neo": (2560, 10240), "llama": (4096, 11008)}       # the K of each model's products
+
+
+def refine_rows(model: str, out: str) -> None:
+    """See the module's docstring: each one- or two-row choice of the shipped table against `rows` tiles."""
+    from dataclasses import asdict, replace
+
+    from kernels.gemv import Tile, skinny_linear
+    from kernels.gemv_tuner import CUBLAS, FMA_MAX_ROWS, ROWS_L2_BYTES, _Choices, _l2_bytes, rows_candidates, \
+        time_in_graph
+    device = torch.device("cuda", 0)
+    name = _Choices._name(torch.cuda.get_device_name())
+    table = json.load(open(os.path.join(ROOT, "kernels", "tuned", name)))
+    changed = []
+    for key, choice in table.items():
+        m, n, k, bits, group, dtype, bias, activation, residual = ast.literal_eval(key)
+        if m > FMA_MAX_ROWS or choice == CUBLAS or k not in MODEL_K[model]:
+            continue
+        dtype = getattr(torch, dtype.split(".")[-1])
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        if bits == 16:
+            weight, scales = torch.randn(n, k, device=device, dtype=dtype) * 0.02, None
+        else:
+            weight = (torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8) if bits == 8 else
+                      torch.randint(0, 256, (n, k // 2), device=device, dtype=torch.uint8))
+            scales = torch.rand(n, -(-k // group), device=device, dtype=dtype) * 1e-3
+        b = torch.randn(n, device=device, dtype=dtype) if bias else None
+        r = torch.randn(m, n, device=device, dtype=dtype) if residual else None
+        copies = max(1, min(16, -(-2 * _l2_bytes(device) // (weight.numel() * weight.element_size()))))
+        weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+
+        def timed(tile: Tile) -> float:
+            try:
+                return time_in_graph(lambda i: skinny_linear(x, weights[i], b, scales, bits, group, tile, activation,
+                                                             r), copies)
+            except Exception as e:                       # a tile this shape or GPU cannot take
+                print("skip", tile, type(e).__name__, flush=True)
+                return float("inf")
+        timings = {tile: timed(tile) for tile in [Tile(**choice), *rows_candidates(k, bits, group, dtype)]}
+        best = min(timings, key=timings.get)
+        if best.rows:
+            for twin in (replace(best, prefetch=True), replace(best, l2_rows=ROWS_L2_BYTES)):
+                timings[twin] = timed(twin)
+            best = min(timings, key=timings.get)
+        shipped = timings[Tile(**choice)]
+        print(f"{key}: shipped {shipped * 1e3:.2f} us, best {timings[best] * 1e3:.2f} us {best}", flush=True)
+        if best != Tile(**choice):
+            table[key] = asdict(best)
+            changed.append({"key": key, "shipped_us": shipped * 1e3, "best_us": timings[best] * 1e3,
+                            "tile": asdict(best)})
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(table, f, indent=0)
+    with open(os.path.join(out, f"{name[:-5]}-rows-refined.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+                   "changed": changed}, f, indent=1)
+    print(f"{len(changed)} choices changed; wrote {out}/{name}", flush=True)
 
 
 def main() -> None:
@@ -27,7 +94,10 @@ def main() -> None:
     ap.add_argument("--model", choices=["neo", "llama"], default="neo")
     ap.add_argument("--dtypes", default="float16,int8,int4")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--refine-rows", action="store_true", help="only: the shipped table against `rows` tiles")
     args = ap.parse_args()
+    if args.refine_rows:
+        return refine_rows(args.model, args.out)
     os.environ["RAYSPEED_GEMV_SHIPPED"] = "0"             # re-time the shapes kernels/tuned/ holds as well
     hf = build(args.model)
     for dtype in args.dtypes.split(","):

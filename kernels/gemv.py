@@ -34,6 +34,7 @@ import triton.language as tl
 
 from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params
 from kernels.gemv_fma import _fma_kernel
+from kernels.gemv_rows import _rows_kernel
 from kernels.pdl import await_previous, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
 from kernels.unpack import nibble_minus_8, s8_to
@@ -49,11 +50,12 @@ class Tile:
     num_stages: int = 3
     scale_in_tile: bool = False    # quantized: scale each weight in registers (tiles may span K-groups)
     fma: bool = False              # `_fma_kernel` (CUDA cores, one row per program; block_m 1) instead
-    prefetch: bool = False         # fma: load the next K tile before multiplying this one
+    prefetch: bool = False         # fma, rows: load the next K tile before multiplying this one
     half: bool = False             # fma, int4 weights, fp16 x: packed fp16 arithmetic (`int4_half_dot`)
     x_per_row: bool = False        # fma: every thread loads the x of its own weights (see `_fma_kernel`)
     swap: bool = False             # `_swap_kernel` (weight rows on the MMA's long side; 16/8 bits) instead
-    l2_rows: int = 0               # swap: bytes of each weight row a program asks the L2 for before its PDL wait
+    l2_rows: int = 0               # swap, rows: bytes of each weight row a program asks the L2 for before its PDL wait
+    rows: bool = False             # `_rows_kernel` (kernels/gemv_rows.py) instead: each thread owns all block_n rows
 
 
 @triton.jit
@@ -253,7 +255,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             f"scales {None if scales is None else tuple(scales.shape)} != ({n}, {triton.cdiv(k, group_size)})"
     tile = tile or pick_tile(m, n, k, bits, group_size)
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
-    if bits < 16 and not per_row and not tile.scale_in_tile and not tile.fma:
+    if bits < 16 and not per_row and not tile.scale_in_tile and not (tile.fma or tile.rows):
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if residual is not None:
@@ -270,7 +272,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dummy = weight                                     # for pointers a flag leaves unread
     bias_, residual_ = dummy if bias is None else bias, dummy if residual is None else residual
     res_stride = 0 if residual is None else residual.stride(0)
-    pdl = (tile.fma or tile.swap) and programmatic_launch(x)     # not `_skinny_kernel`'s tiles (see there)
+    pdl = (tile.fma or tile.rows or tile.swap) and programmatic_launch(x)     # not `_skinny_kernel`'s tiles (see there)
     flags = dict(BITS=bits, EPILOGUE=split == 1, **epilogue, PER_ROW_SCALE=per_row,
                  BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
                  num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -278,7 +280,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
     l2_bytes = _l2_prefetch_bytes(weight, bits) if pdl else 0
-    if tile.fma:
+    if tile.fma or tile.rows:
         grouped = bits < 16 and not per_row
         sub = min(tile.block_k, group_size) if grouped else tile.block_k
         assert not grouped or (tile.block_k % sub == 0 and group_size % sub == 0), \
@@ -292,10 +294,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             assert k % vector == 0 and sub % vector == 0 and aligned, \
                 f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
-        _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
-                                         launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
-                                         X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
-                                         L2_CHUNK=L2_CHUNK, **flags)
+        if tile.rows:
+            assert tile.block_n in (1, 2, 4, 8), f"rows tiles own 1, 2, 4 or 8 rows a thread, not {tile.block_n}"
+            flags.pop("BLOCK_N")
+            aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
+            l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
+            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
+                                              launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
+                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch, **flags)
+        else:
+            _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
+                                             launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
+                                             X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
+                                             L2_CHUNK=L2_CHUNK, **flags)
     elif tile.swap:
         assert bits in (16, 8) and not tile.scale_in_tile, f"swapped tiles take 16-bit or int8 weights, not {bits} bits"
         assert per_row or bits == 16 or group_size % tile.block_k == 0, \

@@ -20,6 +20,7 @@ SWAP_SHAPES = [(64, 128, 4), (64, 256, 3), (128, 128, 4), (128, 64, 6)]   # (blo
 HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (block_n, block_k, warps), int4 fp16
 # int8's: the same 32-bit words per row (four columns a word instead of eight)
 HALF_SHAPES_INT8 = [(block_n, block_k // 2, warps) for block_n, block_k, warps in HALF_SHAPES]
+ROWS_L2_BYTES = 1 << 20                                  # `rows` tiles' L2 request: a row's whole K slice
 
 
 def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
@@ -47,6 +48,7 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
             for split_k in (1, 2, 4):
                 if split_k == 1 or k >= 2 * block_k * split_k:
                     tiles.append(Tile(1, block_n, block_k, split_k, num_warps, fma=True, half=True))
+        tiles += rows_candidates(k, bits, group_size, x_dtype)
     block_m = 16 if m <= 16 else min(64, triton.next_power_of_2(m))
     shapes = [(32, 128, False), (64, 128, False), (32, 256, False), (64, 256, False)]
     if bits < 16:
@@ -64,6 +66,24 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
             for split_k in (1, 2, 4, 8):
                 if k >= block_k * split_k:
                     tiles.append(Tile(block_m, block_n, block_k, split_k, num_stages=stages, swap=True))
+    return tiles
+
+
+def rows_candidates(k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
+    """`rows` tiles (kernels/gemv_rows.py) for one-row products: 4 or 8 rows a thread, K tiles of one
+    16-byte vector a thread for 1, 2 or 4 warps (two for 1 warp), split K 1-4; for int4 and int8
+    against fp16 x also in packed fp16 arithmetic."""
+    tiles = []
+    half_ok = bits in (4, 8) and x_dtype == torch.float16 and k % (32 if bits == 4 else 16) == 0
+    for half in (False, True) if half_ok else (False,):
+        vector = {(4, True): 32, (8, True): 16}.get((bits, half), 8)       # columns per thread vector
+        for num_warps, block_k in ((1, 32 * vector), (1, 64 * vector), (2, 64 * vector), (4, 128 * vector)):
+            sub = min(block_k, group_size)
+            if block_k > k or sub % vector or block_k % sub or group_size % sub:
+                continue
+            for rows, split_k in itertools.product((4, 8), (1, 2, 4)):
+                if split_k == 1 or k >= 2 * block_k * split_k:
+                    tiles.append(Tile(1, rows, block_k, split_k, num_warps, half=half, rows=True))
     return tiles
 
 
@@ -237,6 +257,9 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         measure_tile(replace(choice, prefetch=True))
         choice = min(timings, key=timings.get)
         measure_tile(replace(choice, x_per_row=True))    # and with x loaded in the weights' layout
+        choice = min(timings, key=timings.get)
+    if choice != CUBLAS and choice.rows:               # a rows winner with its K slice asked of L2 first
+        measure_tile(replace(choice, l2_rows=ROWS_L2_BYTES))
         choice = min(timings, key=timings.get)
     if choice != CUBLAS and choice.swap:
         measure_tile(replace(choice, l2_rows=2 * choice.block_k * bits // 8))

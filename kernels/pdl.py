@@ -40,12 +40,14 @@ except ImportError:                                     # a Triton without grid 
 
 
 @triton.jit
-def prefetch_rows_l2(ptrs, NBYTES: tl.constexpr):
-    """Ask the L2 for NBYTES (a multiple of 16) at each of the 16-byte aligned byte pointers `ptrs`
-    (e.g. the start of a program's slice of each of its weight rows): one bulk prefetch each
-    (`cp.async.bulk.prefetch.L2`, Hopper), which returns at once and loads nothing into registers."""
+def prefetch_rows_l2(ptrs, nbytes):
+    """Ask the L2 for `nbytes` (a multiple of 16; a constant or a run-time value) at each of the
+    16-byte aligned byte pointers `ptrs` (e.g. the start of a program's slice of each of its weight
+    rows): one bulk prefetch each (`cp.async.bulk.prefetch.L2`, Hopper), which returns at once and
+    loads nothing into registers."""
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [ptrs, tl.full(ptrs.shape, NBYTES, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                              [ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit

@@ -54,36 +54,38 @@ def s8_to(q, dtype: tl.constexpr):
 def int4_half_dot(w, x0, x1, x2, x3, ASM: tl.constexpr):
     """Per 32-bit word of packed int4 weights (8 columns: nibble j holds column j), the sum of its
     eight products with x, in fp32, divided by 16. The words' x come as fp16 pairs in 32-bit words
-    x0 = (x[0], x[4]), x1 = (x[1], x[5]), x2 = (x[2], x[6]), x3 = (x[3], x[7]), matching the
-    nibbles a shift and one LOP3 place in the top mantissa bits of both halves of fp16 1.0: a pair
-    of 1 + n/16, minus 1.5 exactly (n - 8) / 16. Packed fp16x2 arithmetic then does two columns an
-    instruction: 20 instructions for 8 weights; with loads and scales the loop takes 9.1 SASS
-    instructions per weight byte where the fp32 path takes 13.6 (bench/kernel_report.py, sm_90).
-    The 4-product sums per half stay in fp16 (|sum| <= 2 max|x|, rounding ~1e-3 relative, far under
-    int4's own error); their two halves add in fp32. ASM=False computes the same in Triton
-    operations (the interpreter runs no inline assembly)."""
+    x0 = (x[0], x[4]), x1 = (x[1], x[5]), x2 = (x[2], x[6]), x3 = (x[3], x[7]), matching what one
+    LOP3 makes of a word: nibbles j and j + 4 OR-ed into both halves of fp16 1024, at the bottom of
+    the mantissa (1024 + n, j = 0 and 2, the word shifted right by 8 for 2) or four bits up
+    (1024 + 16 n, j = 1 and 3). One fp16x2 FMA each turns them into exactly (n - 8) / 16
+    ((1024 + n) / 16 - 64.5, (1024 + 16 n) / 256 - 4.5), and packed multiply-adds do two columns an
+    instruction: 17 instructions for 8 weights, one shift among them (the previous form, 1 + n/16
+    in the top mantissa bits, took a shift and a subtraction per pair: 21). The 4-product sums per
+    half stay in fp16 (|sum| <= 2 max|x|, rounding ~1e-3 relative, far under int4's own error);
+    their two halves add in fp32. ASM=False computes the same values in Triton operations (the
+    interpreter runs no inline assembly)."""
     if ASM:
         return tl.inline_asm_elementwise(
             """{
-            .reg .b32 t, q, a, m;
+            .reg .b32 t, q, a, s0, o0, s1, o1;
             .reg .f16 lo, hi;
             .reg .f32 flo, fhi;
-            mov.b32 m, 0x3E003E00;
-            shl.b32 t, $1, 6;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
+            mov.b32 s0, 0x2C002C00;
+            mov.b32 o0, 0xD408D408;
+            mov.b32 s1, 0x1C001C00;
+            mov.b32 o1, 0xC480C480;
+            lop3.b32 q, $1, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 q, q, s0, o0;
             mul.f16x2 a, q, $2;
-            shl.b32 t, $1, 2;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
+            lop3.b32 q, $1, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 q, q, s1, o1;
             fma.rn.f16x2 a, q, $3, a;
-            shr.u32 t, $1, 2;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
+            shr.u32 t, $1, 8;
+            lop3.b32 q, t, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 q, q, s0, o0;
             fma.rn.f16x2 a, q, $4, a;
-            shr.u32 t, $1, 6;
-            lop3.b32 q, t, 0x03C003C0, 0x3C003C00, 0xEA;
-            sub.f16x2 q, q, m;
+            lop3.b32 q, t, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 q, q, s1, o1;
             fma.rn.f16x2 a, q, $5, a;
             mov.b32 {lo, hi}, a;
             cvt.f32.f16 flo, lo;

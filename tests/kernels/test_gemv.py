@@ -43,7 +43,9 @@ def test_matches_reference(bits, group, m):
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64, split_k=3), Tile(16, 32, 32, split_k=2), Tile(32, 32, 32, split_k=4),
                                   Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 128, split_k=2, fma=True),
                                   Tile(1, 8, 64, split_k=3, fma=True, prefetch=True),
-                                  Tile(1, 4, 128, split_k=2, fma=True, prefetch=True, x_per_row=True)])
+                                  Tile(1, 4, 128, split_k=2, fma=True, prefetch=True, x_per_row=True),
+                                  Tile(1, 8, 64, split_k=3, rows=True), Tile(1, 2, 128, split_k=2, rows=True),
+                                  Tile(1, 1, 256, rows=True)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
     g = torch.Generator().manual_seed(7)
@@ -128,7 +130,10 @@ def test_16_bit_rows(dtype, bits, group, tile):
 @pytest.mark.parametrize("group,tile", [(64, Tile(1, 8, 128, fma=True, half=True)),
                                         (32, Tile(1, 4, 256, split_k=2, fma=True, half=True, prefetch=True)),
                                         (None, Tile(1, 2, 64, fma=True, half=True)),
-                                        (64, Tile(1, 8, 128, split_k=2, fma=True, half=True, x_per_row=True))])
+                                        (64, Tile(1, 8, 128, split_k=2, fma=True, half=True, x_per_row=True)),
+                                        (64, Tile(1, 8, 128, rows=True, half=True)),
+                                        (32, Tile(1, 4, 256, split_k=2, rows=True, half=True)),
+                                        (None, Tile(1, 2, 64, rows=True, half=True))])
 def test_quantized_weights_in_packed_half_arithmetic(bits, group, tile):
     """Half tiles (int4 or int8, fp16 x: weights to fp16 pairs, packed fp16 multiply-adds of four
     (int4) or two (int8) products per half before fp32) against fp64: within fp16 rounding of those
@@ -165,9 +170,9 @@ def test_half_tiles_are_offered_for_quantized_weights_and_fp16_rows():
     from kernels.gemv_tuner import HALF_SHAPES, HALF_SHAPES_INT8, candidates
     fp16 = torch.float16
     for bits, shapes in ((4, HALF_SHAPES), (8, HALF_SHAPES_INT8)):
-        half = [t for t in candidates(1, 2560, bits, 128, fp16) if t.half]
+        half = [t for t in candidates(1, 2560, bits, 128, fp16) if t.half and t.fma]
         assert {(t.block_n, t.block_k, t.num_warps) for t in half} == set(shapes)
-    assert {t.block_k for t in candidates(1, 2560, 8, 2560, fp16) if t.half} == {b for _, b, _ in HALF_SHAPES_INT8}
+    assert {t.block_k for t in candidates(1, 2560, 8, 2560, fp16) if t.half and t.fma} == {b for _, b, _ in HALF_SHAPES_INT8}
     assert not any(t.half for t in candidates(1, 2560, 16, 2560, fp16) + candidates(1, 2552, 4, 88, fp16)
                    + candidates(1, 2552, 8, 2552, fp16) + candidates(4, 2560, 4, 128, fp16)
                    + candidates(1, 2560, 4, 128, torch.bfloat16) + candidates(1, 2560, 8, 128, torch.bfloat16))

@@ -1,0 +1,187 @@
+"""The CUDA-core kernel of the weight-streaming matmul with each thread owning ROWS weight rows
+(kernels/gemv.py launches it for `Tile(rows=...)`): one row of x per program, the program's K slice
+spread over its threads, each thread multiplying the same x values into the weights of ROWS output
+features.
+
+`_fma_kernel` (kernels/gemv_fma.py) works on [BLOCK_N, ...] tiles whose thread layout Triton picks;
+its x values are either exchanged through shared memory every K step (the Triton 3.6 build) or
+loaded once per weight element (`x_per_row`). Under Nsight Compute on an H100
+(bench/results/NVIDIA-H100-80GB-HBM3-2026-11-26-ncu-gemv.json) GPT-Neo's one-row int4 QKV product
+issued 336,000 warp loads for 19,200 warp loads' worth of weights, and every format ran 3.5 (fp16)
+to 13 (int4) instructions per weight byte. Here every row is its own [NG, SV, VEC] tile in exactly
+x's shape, so x and the weights share a layout by construction: x is loaded, converted (and, at
+4 bits, paired) once per K step and reused by the ROWS rows, and nothing crosses threads until the
+one reduction per row after the loop. ROWS (1, 2, 4 or 8) is unrolled by hand: Triton carries no
+lists through a loop.
+
+Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 bytes; with HALF 4
+32-bit words), SV vectors per scale sub-tile of SUB columns, NG sub-tiles per BLOCK_K."""
+import triton
+import triton.language as tl
+
+from kernels.gemv_epilogue import epilogue, feature_params
+from kernels.gemv_fma import _fma_x
+from kernels.pdl import await_previous, prefetch_rows_l2
+from kernels.unpack import int4_half_dot, int8_half_dot, one_plus_sixteenth, s8_to_f32
+
+
+@triton.jit
+def _row_tile(w_ptr, row, N, stride_wn, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr,
+              VEC: tl.constexpr):
+    """Weight row `row`'s stored values at K offset k0, [NG, SV, VEC] (32-bit words with HALF);
+    nothing at or past k_end, or for rows at or past N (those read as zeros)."""
+    ok = row + 0 * cols < N                       # as a tile: the interpreter masks with no scalar
+    base = w_ptr + row.to(tl.int64) * stride_wn
+    if HALF:                                      # words of 8 nibbles or 4 int8
+        per_word: tl.constexpr = 8 if BITS == 4 else 4
+        start = tl.multiple_of(k0 // per_word, VEC)
+        w = tl.load(base.to(tl.pointer_type(tl.int32)) + start + cols, mask=ok & (start + cols < k_end // per_word),
+                    other=-0x77777778 if BITS == 4 else 0)
+    elif BITS == 4:
+        w = tl.load(base + k0 // 2 + cols, mask=ok & (k0 // 2 + cols < k_end // 2), other=0x88)
+    else:
+        w = tl.load(base + k0 + cols, mask=ok & (k0 + cols < k_end), other=0)
+    return w
+
+
+@triton.jit
+def _row_tiles(w_ptr, n0, N, stride_wn, k0, k_end, cols, ROWS: tl.constexpr, BITS: tl.constexpr,
+               HALF: tl.constexpr, VEC: tl.constexpr):
+    """The K tile at k0 of rows n0 .. n0 + ROWS - 1, as eight values (rows past ROWS repeat row n0
+    and are never used)."""
+    w0 = _row_tile(w_ptr, n0, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+    w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
+    if ROWS > 1:
+        w1 = _row_tile(w_ptr, n0 + 1, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+    if ROWS > 2:
+        w2 = _row_tile(w_ptr, n0 + 2, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+        w3 = _row_tile(w_ptr, n0 + 3, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+    if ROWS > 4:
+        w4 = _row_tile(w_ptr, n0 + 4, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+        w5 = _row_tile(w_ptr, n0 + 5, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+        w6 = _row_tile(w_ptr, n0 + 6, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+        w7 = _row_tile(w_ptr, n0 + 7, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
+    return w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.jit
+def _row_sums(w, s_ptr, row, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr,
+              HALF: tl.constexpr, ASM: tl.constexpr, PER_ROW_SCALE: tl.constexpr, SUB: tl.constexpr):
+    """A row's K tile `w` times this tile's x, summed over each vector: fp32 [NG, SV] (group scales
+    applied; a per-row scale and the fixed factors of the 4-bit and packed paths are the caller's)."""
+    if HALF and BITS == 4:
+        prod = int4_half_dot(w, x0, x1, x2, x3, ASM)
+    elif HALF:
+        prod = int8_half_dot(w, xa, xb, ASM)
+    elif BITS == 4:                               # byte j: low nibble pairs with x[2j], high with x[2j + 1]
+        w = w.to(tl.int32)
+        prod = one_plus_sixteenth(w) * xa + one_plus_sixteenth(w >> 4) * xb - 1.5 * (xa + xb)
+    elif BITS == 8:
+        prod = s8_to_f32(w) * xa
+    else:
+        prod = w.to(tl.float32) * xa
+    sums = tl.sum(prod, axis=2)
+    if BITS < 16 and not PER_ROW_SCALE:
+        group = (k0 + rg * SUB) // group_size
+        scale = tl.load(s_ptr + row * stride_sn + group, mask=(row + 0 * rg < N) & (k0 + rg * SUB < K), other=0.0)
+        sums = sums * scale.to(tl.float32)[:, None]
+    return sums
+
+
+@triton.jit
+def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                 stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes,
+                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
+                 ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr):
+    """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
+    splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
+    issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
+    wait): with a thread's ROWS rows of weights per tile twice in registers, a program keeps a
+    tile in flight while it computes. With L2, the
+    program first asks the L2 for up to `l2_bytes` of each of its rows' K slice (one bulk prefetch a
+    row, before the PDL wait), so its whole share of the weight is on the way at once; the loop's
+    loads, issued one K tile at a time, then find it there."""
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NG: tl.constexpr = BLOCK_K // SUB
+    VEC: tl.constexpr = 4 if BITS == 4 or HALF else 8
+    STORED: tl.constexpr = SUB // (8 if BITS == 4 else 4) if HALF else (SUB // 2 if BITS == 4 else SUB)
+    SV: tl.constexpr = STORED // VEC
+    rg = tl.arange(0, NG)
+    cols = (rg[:, None, None] * SV + tl.arange(0, SV)[None, :, None]) * VEC + tl.arange(0, VEC)[None, None, :]
+    n0 = pid_n * ROWS
+    rn = n0 + tl.arange(0, ROWS)
+    bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)      # parameters: before the wait
+    row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
+    x_row = x_ptr + row * stride_xm
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if L2:
+        rows = tl.minimum(rn, N - 1).to(tl.int64)
+        starts = w_ptr + rows * stride_wn + (k_begin // 2 if BITS == 4 else k_begin)
+        slice_bytes = (k_end - k_begin) * BITS // 8 // 16 * 16
+        prefetch_rows_l2(starts.to(tl.pointer_type(tl.int8)), tl.minimum(l2_bytes, slice_bytes))
+    acc0 = tl.zeros((NG, SV), dtype=tl.float32)
+    acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
+    if PREFETCH:                                  # weights never change: the first tile before the wait
+        w0, w1, w2, w3, w4, w5, w6, w7 = _row_tiles(w_ptr, n0, N, stride_wn, k_begin, k_end, cols, ROWS, BITS,
+                                                    HALF, VEC)
+    await_previous(PDL)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if PREFETCH:                              # the next tile's loads fly while this one computes
+            v0, v1, v2, v3, v4, v5, v6, v7 = _row_tiles(w_ptr, n0, N, stride_wn, k0 + BLOCK_K, k_end, cols, ROWS,
+                                                        BITS, HALF, VEC)
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _row_tiles(w_ptr, n0, N, stride_wn, k0, k_end, cols, ROWS, BITS,
+                                                        HALF, VEC)
+        xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
+        x0, x1, x2, x3 = xa, xa, xb, xb
+        if HALF and BITS == 4:                    # the fp16 pairs of `int4_half_dot`, once for all rows
+            x0, x1 = xa.to(tl.int32), (xa >> 32).to(tl.int32)
+            x2, x3 = xb.to(tl.int32), (xb >> 32).to(tl.int32)
+        elif not HALF:
+            xa, xb = xa.to(tl.float32), xb.to(tl.float32)
+        acc0 += _row_sums(w0, s_ptr, n0, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS, HALF,
+                          ASM, PER_ROW_SCALE, SUB)
+        if ROWS > 1:
+            acc1 += _row_sums(w1, s_ptr, n0 + 1, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+        if ROWS > 2:
+            acc2 += _row_sums(w2, s_ptr, n0 + 2, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc3 += _row_sums(w3, s_ptr, n0 + 3, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+        if ROWS > 4:
+            acc4 += _row_sums(w4, s_ptr, n0 + 4, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc5 += _row_sums(w5, s_ptr, n0 + 5, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc6 += _row_sums(w6, s_ptr, n0 + 6, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc7 += _row_sums(w7, s_ptr, n0 + 7, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
+                              HALF, ASM, PER_ROW_SCALE, SUB)
+        if PREFETCH:
+            w0, w1, w2, w3, w4, w5, w6, w7 = v0, v1, v2, v3, v4, v5, v6, v7
+    lane = tl.arange(0, ROWS)
+    out = tl.where(lane == 0, tl.sum(tl.sum(acc0, axis=1), axis=0), 0.0)
+    if ROWS > 1:
+        out += tl.where(lane == 1, tl.sum(tl.sum(acc1, axis=1), axis=0), 0.0)
+    if ROWS > 2:
+        out += tl.where(lane == 2, tl.sum(tl.sum(acc2, axis=1), axis=0), 0.0)
+        out += tl.where(lane == 3, tl.sum(tl.sum(acc3, axis=1), axis=0), 0.0)
+    if ROWS > 4:
+        out += tl.where(lane == 4, tl.sum(tl.sum(acc4, axis=1), axis=0), 0.0)
+        out += tl.where(lane == 5, tl.sum(tl.sum(acc5, axis=1), axis=0), 0.0)
+        out += tl.where(lane == 6, tl.sum(tl.sum(acc6, axis=1), axis=0), 0.0)
+        out += tl.where(lane == 7, tl.sum(tl.sum(acc7, axis=1), axis=0), 0.0)
+    if BITS == 4:
+        out *= 16.0
+    elif HALF:
+        out *= 128.0
+    out = (out * row_scale)[None, :]                                        # [1, ROWS]
+    rm = row + tl.arange(0, 1)
+    if EPILOGUE:
+        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])
