@@ -33,7 +33,7 @@ from bench.decode import KV_BLOCKS, build, commit, merge_tuned_table  # noqa: E4
 MODEL_K = {"neo": (2560, 10240), "llama": (4096, 11008)}       # the K of each model's products
 
 
-def refine_rows(model: str, out: str) -> None:
+def refine_rows(model: str, dtypes: str, out: str) -> None:
     """See the module's docstring: each one- or two-row choice of the shipped table against `rows` tiles."""
     from dataclasses import asdict, replace
 
@@ -42,11 +42,12 @@ def refine_rows(model: str, out: str) -> None:
         time_in_graph
     device = torch.device("cuda", 0)
     name = _Choices._name(torch.cuda.get_device_name())
+    wanted = {{"int8": 8, "int4": 4}.get(d, 16) for d in dtypes.split(",")}
     table = json.load(open(os.path.join(ROOT, "kernels", "tuned", name)))
     changed = []
     for key, choice in table.items():
         m, n, k, bits, group, dtype, bias, activation, residual = ast.literal_eval(key)
-        if m > FMA_MAX_ROWS or choice == CUBLAS or k not in MODEL_K[model]:
+        if m > FMA_MAX_ROWS or choice == CUBLAS or k not in MODEL_K[model] or bits not in wanted:
             continue
         dtype = getattr(torch, dtype.split(".")[-1])
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--refine-rows", action="store_true", help="only: the shipped table against `rows` tiles")
     args = ap.parse_args()
     if args.refine_rows:
-        return refine_rows(args.model, args.out)
+        return refine_rows(args.model, args.dtypes, args.out)
     os.environ["RAYSPEED_GEMV_SHIPPED"] = "0"             # re-time the shapes kernels/tuned/ holds as well
     hf = build(args.model)
     for dtype in args.dtypes.split(","):

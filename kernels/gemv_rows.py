@@ -34,8 +34,8 @@ def _row_tile(w_ptr, row, N, stride_wn, k0, k_end, cols, BITS: tl.constexpr, HAL
     base = w_ptr + row.to(tl.int64) * stride_wn
     if HALF:                                      # words of 8 nibbles or 4 int8
         per_word: tl.constexpr = 8 if BITS == 4 else 4
-        start = tl.multiple_of(k0 // per_word, VEC)
-        w = tl.load(base.to(tl.pointer_type(tl.int32)) + start + cols, mask=ok & (start + cols < k_end // per_word),
+        start, end = tl.multiple_of(k0 // per_word, VEC), tl.multiple_of(k_end // per_word, VEC)   # whole vectors
+        w = tl.load(base.to(tl.pointer_type(tl.int32)) + start + cols, mask=ok & (start + cols < end),
                     other=-0x77777778 if BITS == 4 else 0)
     elif BITS == 4:
         w = tl.load(base + k0 // 2 + cols, mask=ok & (k0 // 2 + cols < k_end // 2), other=0x88)

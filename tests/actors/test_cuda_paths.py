@@ -5,6 +5,8 @@ ALiBi (BLOOM); prompts of mixed lengths, so the prefill graphs pad. Also the ker
 the CPU tests cannot run: programmatic dependent launch, the half tiles' inline assembly, the
 matmuls' bulk L2 prefetch, the swapped-operand tiles' wgmma, split-context decode attention's
 tickets and cuBLASLt's epilogues."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -249,3 +251,26 @@ def test_the_tuner_times_a_product_as_decode_runs_it():
     ms = time_in_graph(lambda i: skinny_linear(x, weights[i], tile=Tile(1, 4, 512, fma=True)), len(weights))
     floor = weights[0].numel() * 2 / 4.8e9
     assert floor <= ms < 3 * floor
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("half", [False, True])
+def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
+    """`rows` tiles (kernels/gemv_rows.py) on a GPT-Neo-sized product with bias and residual fused:
+    against fp64 (the packed-fp16 ones run their inline assembly here), and their next-tile
+    prefetch and L2 request change no result."""
+    if half and bits == 16:
+        pytest.skip("packed-fp16 tiles take quantized weights")
+    g = torch.Generator().manual_seed(bits + 2 * half)
+    n, k, group = 2560, 2560, 128 if bits == 4 else None
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x = torch.randn(1, k, generator=g).half()
+    bias, residual = torch.randn(n, generator=g).half(), torch.randn(1, n, generator=g).half()
+    args = [x.cuda(), (w.half() if bits == 16 else w).cuda(), bias.cuda(),
+            None if scales is None else scales.half().cuda()]
+    tile = Tile(1, 8, 1024 if half and bits == 4 else 512, 2, 1, half=half, rows=True)
+    plain = skinny_linear(*args, bits, group, tile, residual=residual.cuda())
+    ref = x.double() @ full.double().T + bias.double() + residual.double()
+    assert ((plain.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
+    for twin in (replace(tile, prefetch=True), replace(tile, l2_rows=1 << 20)):
+        assert torch.equal(skinny_linear(*args, bits, group, twin, residual=residual.cuda()), plain)

@@ -178,6 +178,25 @@ def test_half_tiles_are_offered_for_quantized_weights_and_fp16_rows():
                    + candidates(1, 2560, 4, 128, torch.bfloat16) + candidates(1, 2560, 8, 128, torch.bfloat16))
 
 
+def test_rows_tiles_are_offered_for_one_or_two_rows():
+    """One or two rows also get `rows` tiles (4 or 8 rows a thread, a 16-byte vector a thread per K
+    tile), packed-fp16 ones for quantized weights against fp16 x; more rows do not."""
+    from kernels.gemv_tuner import candidates, rows_candidates
+    for bits, group in ((16, 2560), (8, 2560), (4, 128)):
+        tiles = [t for t in candidates(1, 2560, bits, group, torch.float16) if t.rows]
+        assert tiles == rows_candidates(2560, bits, group, torch.float16) and {t.block_n for t in tiles} == {4, 8}
+        assert any(t.half for t in tiles) == (bits < 16)
+        assert all(t.block_k <= 2560 and (t.block_k % group == 0 or group % t.block_k == 0) for t in tiles)
+    assert not any(t.rows for t in candidates(4, 2560, 8, 2560, torch.float16))
+    assert not any(t.half for t in candidates(1, 2560, 8, 2560, torch.bfloat16) if t.rows)
+
+
+def test_rows_tiles_take_one_two_four_or_eight_rows():
+    x, w = torch.randn(1, 64), torch.randn(8, 64)
+    with pytest.raises(AssertionError, match="1, 2, 4 or 8 rows"):
+        skinny_linear(x, w, tile=Tile(1, 3, 64, rows=True))
+
+
 def test_few_rows_are_offered_the_cuda_core_kernel():
     """Up to FMA_MAX_ROWS rows the tuner also times `_fma_kernel` tiles of 4-16 KB of weights."""
     from kernels.gemv_tuner import FMA_MAX_ROWS, candidates

@@ -34,6 +34,13 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
             num_warps)
 
 
+def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False):
+    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}"}
+    return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
+                                                      ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
+                                                      ASM=half, L2=l2, PREFETCH=prefetch), pointers, num_warps)
+
+
 def tensor_cores(bits, weight, block_n, block_k):
     return ("kernels.gemv", "_skinny_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=False, SCALE_IN_TILE=False,
                                                    BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k),
@@ -74,6 +81,12 @@ BUILDS = {
     "fma-int8-x-per-row": fma(8, "i8", "fp16", 4, 1024, 128, True, x_per_row=True),
     "fma-int4-x-per-row": fma(4, "u8", "fp16", 8, 1024, 128, False, x_per_row=True),
     "fma-int4-half-prefetch-8-warps": fma(4, "u8", "fp16", 8, 1024, 128, True, half=True, num_warps=8),
+    "rows-int16-fp16": rows(16, "fp16", 4, 512, 512),
+    "rows-int8-per-row-prefetch": rows(8, "i8", 8, 256, 256, prefetch=True),
+    "rows-int4": rows(4, "u8", 8, 256, 128),
+    "rows-int8-half": rows(8, "i8", 4, 512, 512, half=True),
+    "rows-int4-half-prefetch": rows(4, "u8", 8, 1024, 128, half=True, prefetch=True),
+    "pdl-rows-int4-half-l2": rows(4, "u8", 4, 1024, 128, half=True, pdl=True, l2=True),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
@@ -130,13 +143,13 @@ def built() -> dict:
     return json.loads(run.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith(("fma", "decode"))])
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith(("fma", "rows", "decode"))])
 def test_loops_stay_in_registers(built, name):
     loop = built[name]["loop"]
     assert loop and "bar.sync" not in loop and "ld.shared" not in loop
 
 
-@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith("fma") and "half" not in name])
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith(("fma", "rows")) and "half" not in name])
 def test_cuda_core_gemv_loads_16_bytes_of_x_at_a_time(built, name):
     assert ".v4" in built[name]["loop"]
 
@@ -184,6 +197,15 @@ def test_l2_prefetch_is_issued_before_the_wait(built):
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["pdl-fma-fp16-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["fma-int16-fp16"]["ptx"]
+
+
+def test_rows_tiles_ask_l2_for_their_rows_before_the_wait(built):
+    """`rows` tiles with L2 ask the L2 for each of their rows' K slice (a run-time size) before the
+    PDL wait, not in the loop; without L2 they ask nothing."""
+    ptx = built["pdl-rows-int4-half-l2"]["ptx"]
+    assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
+    assert "cp.async.bulk.prefetch" not in built["pdl-rows-int4-half-l2"]["loop"]
+    assert "cp.async.bulk.prefetch" not in built["rows-int4-half-prefetch"]["ptx"]
 
 
 def test_swapped_tiles_use_hopper_mma_and_ask_l2_for_their_rows_first(built):
