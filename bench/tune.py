@@ -60,12 +60,13 @@ def refine_rows(model: str, dtypes: str, out: str) -> None:
         b = torch.randn(n, device=device, dtype=dtype) if bias else None
         r = torch.randn(m, n, device=device, dtype=dtype) if residual else None
         copies = max(1, min(16, -(-2 * _l2_bytes(device) // (weight.numel() * weight.element_size()))))
-        weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+        weights = [weight] + [weight.clone() for _ in range(copies - 1)]      # scales too: none stays in L2
+        scale_copies = [scales] + [None if scales is None else scales.clone() for _ in range(copies - 1)]
 
         def timed(tile: Tile) -> float:
             try:
-                return time_in_graph(lambda i: skinny_linear(x, weights[i], b, scales, bits, group, tile, activation,
-                                                             r), copies)
+                return time_in_graph(lambda i: skinny_linear(x, weights[i], b, scale_copies[i], bits, group, tile,
+                                                             activation, r), copies)
             except Exception as e:                       # a tile this shape or GPU cannot take
                 print("skip", tile, type(e).__name__, flush=True)
                 return float("inf")

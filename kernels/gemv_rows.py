@@ -65,10 +65,42 @@ def _row_tiles(w_ptr, n0, N, stride_wn, k0, k_end, cols, ROWS: tl.constexpr, BIT
 
 
 @triton.jit
-def _row_sums(w, s_ptr, row, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr,
-              HALF: tl.constexpr, ASM: tl.constexpr, PER_ROW_SCALE: tl.constexpr, SUB: tl.constexpr):
-    """A row's K tile `w` times this tile's x, summed over each vector: fp32 [NG, SV] (group scales
-    applied; a per-row scale and the fixed factors of the 4-bit and packed paths are the caller's)."""
+def _row_scales(s_ptr, row, N, K, stride_sn, group_size, k0, rg, GROUPED: tl.constexpr, SUB: tl.constexpr):
+    """fp32 [NG] scales of the K tile at k0 of row `row` (with GROUPED; else ones, nothing read)."""
+    scale = tl.full(rg.shape, 1.0, tl.float32)
+    if GROUPED:
+        group = (k0 + rg * SUB) // group_size
+        ok = (row + 0 * rg < N) & (k0 + rg * SUB < K)
+        scale = tl.load(s_ptr + row * stride_sn + group, mask=ok, other=0.0).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k0, rg, ROWS: tl.constexpr, GROUPED: tl.constexpr,
+                     SUB: tl.constexpr):
+    """`_row_scales` of rows n0 .. n0 + ROWS - 1, loaded with their weights (a scale read after the
+    arithmetic would put a second memory round trip on each K step), as eight values like `_row_tiles`."""
+    s0 = _row_scales(s_ptr, n0, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+    s1, s2, s3, s4, s5, s6, s7 = s0, s0, s0, s0, s0, s0, s0
+    if ROWS > 1:
+        s1 = _row_scales(s_ptr, n0 + 1, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+    if ROWS > 2:
+        s2 = _row_scales(s_ptr, n0 + 2, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+        s3 = _row_scales(s_ptr, n0 + 3, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+    if ROWS > 4:
+        s4 = _row_scales(s_ptr, n0 + 4, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+        s5 = _row_scales(s_ptr, n0 + 5, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+        s6 = _row_scales(s_ptr, n0 + 6, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+        s7 = _row_scales(s_ptr, n0 + 7, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr,
+              GROUPED: tl.constexpr):
+    """A row's K tile `w` times this tile's x, summed over each vector: fp32 [NG, SV], times the
+    group scales `scale` [NG] if GROUPED (a per-row scale and the fixed factors of the 4-bit and
+    packed paths are the caller's)."""
     if HALF and BITS == 4:
         prod = int4_half_dot(w, x0, x1, x2, x3, ASM)
     elif HALF:
@@ -81,10 +113,8 @@ def _row_sums(w, s_ptr, row, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1
     else:
         prod = w.to(tl.float32) * xa
     sums = tl.sum(prod, axis=2)
-    if BITS < 16 and not PER_ROW_SCALE:
-        group = (k0 + rg * SUB) // group_size
-        scale = tl.load(s_ptr + row * stride_sn + group, mask=(row + 0 * rg < N) & (k0 + rg * SUB < K), other=0.0)
-        sums = sums * scale.to(tl.float32)[:, None]
+    if GROUPED:
+        sums = sums * scale[:, None]
     return sums
 
 
@@ -124,17 +154,24 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
         prefetch_rows_l2(starts.to(tl.pointer_type(tl.int8)), tl.minimum(l2_bytes, slice_bytes))
     acc0 = tl.zeros((NG, SV), dtype=tl.float32)
     acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
+    GROUPED: tl.constexpr = BITS < 16 and not PER_ROW_SCALE
     if PREFETCH:                                  # weights never change: the first tile before the wait
         w0, w1, w2, w3, w4, w5, w6, w7 = _row_tiles(w_ptr, n0, N, stride_wn, k_begin, k_end, cols, ROWS, BITS,
                                                     HALF, VEC)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k_begin, rg, ROWS,
+                                                          GROUPED, SUB)
     await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                              # the next tile's loads fly while this one computes
             v0, v1, v2, v3, v4, v5, v6, v7 = _row_tiles(w_ptr, n0, N, stride_wn, k0 + BLOCK_K, k_end, cols, ROWS,
                                                         BITS, HALF, VEC)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k0 + BLOCK_K,
+                                                              rg, ROWS, GROUPED, SUB)
         else:
             w0, w1, w2, w3, w4, w5, w6, w7 = _row_tiles(w_ptr, n0, N, stride_wn, k0, k_end, cols, ROWS, BITS,
                                                         HALF, VEC)
+            s0, s1, s2, s3, s4, s5, s6, s7 = _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k0, rg, ROWS,
+                                                              GROUPED, SUB)
         xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         x0, x1, x2, x3 = xa, xa, xb, xb
         if HALF and BITS == 4:                    # the fp16 pairs of `int4_half_dot`, once for all rows
@@ -142,27 +179,20 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
             x2, x3 = xb.to(tl.int32), (xb >> 32).to(tl.int32)
         elif not HALF:
             xa, xb = xa.to(tl.float32), xb.to(tl.float32)
-        acc0 += _row_sums(w0, s_ptr, n0, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS, HALF,
-                          ASM, PER_ROW_SCALE, SUB)
+        acc0 += _row_sums(w0, s0, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
         if ROWS > 1:
-            acc1 += _row_sums(w1, s_ptr, n0 + 1, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc1 += _row_sums(w1, s1, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
         if ROWS > 2:
-            acc2 += _row_sums(w2, s_ptr, n0 + 2, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
-            acc3 += _row_sums(w3, s_ptr, n0 + 3, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc2 += _row_sums(w2, s2, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
+            acc3 += _row_sums(w3, s3, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
         if ROWS > 4:
-            acc4 += _row_sums(w4, s_ptr, n0 + 4, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
-            acc5 += _row_sums(w5, s_ptr, n0 + 5, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
-            acc6 += _row_sums(w6, s_ptr, n0 + 6, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
-            acc7 += _row_sums(w7, s_ptr, n0 + 7, N, K, stride_sn, group_size, k0, rg, xa, xb, x0, x1, x2, x3, BITS,
-                              HALF, ASM, PER_ROW_SCALE, SUB)
+            acc4 += _row_sums(w4, s4, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
+            acc5 += _row_sums(w5, s5, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
+            acc6 += _row_sums(w6, s6, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
+            acc7 += _row_sums(w7, s7, xa, xb, x0, x1, x2, x3, BITS, HALF, ASM, GROUPED)
         if PREFETCH:
             w0, w1, w2, w3, w4, w5, w6, w7 = v0, v1, v2, v3, v4, v5, v6, v7
+            s0, s1, s2, s3, s4, s5, s6, s7 = t0, t1, t2, t3, t4, t5, t6, t7
     lane = tl.arange(0, ROWS)
     out = tl.where(lane == 0, tl.sum(tl.sum(acc0, axis=1), axis=0), 0.0)
     if ROWS > 1:

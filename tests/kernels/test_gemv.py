@@ -45,6 +45,7 @@ def test_matches_reference(bits, group, m):
                                   Tile(1, 8, 64, split_k=3, fma=True, prefetch=True),
                                   Tile(1, 4, 128, split_k=2, fma=True, prefetch=True, x_per_row=True),
                                   Tile(1, 8, 64, split_k=3, rows=True), Tile(1, 2, 128, split_k=2, rows=True),
+                                  Tile(1, 4, 64, split_k=3, rows=True, prefetch=True),
                                   Tile(1, 1, 256, rows=True)])
 def test_split_k_and_ragged_edges(bits, group, tile):
     """N and K not multiples of the tile; K split into uneven parts; bias added once."""
@@ -132,7 +133,7 @@ def test_16_bit_rows(dtype, bits, group, tile):
                                         (None, Tile(1, 2, 64, fma=True, half=True)),
                                         (64, Tile(1, 8, 128, split_k=2, fma=True, half=True, x_per_row=True)),
                                         (64, Tile(1, 8, 128, rows=True, half=True)),
-                                        (32, Tile(1, 4, 256, split_k=2, rows=True, half=True)),
+                                        (32, Tile(1, 4, 256, split_k=2, rows=True, half=True, prefetch=True)),
                                         (None, Tile(1, 2, 64, rows=True, half=True))])
 def test_quantized_weights_in_packed_half_arithmetic(bits, group, tile):
     """Half tiles (int4 or int8, fp16 x: weights to fp16 pairs, packed fp16 multiply-adds of four
