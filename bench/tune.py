@@ -33,7 +33,7 @@ from bench.decode import KV_BLOCKS, build, commit, merge_tuned_table  # noqa: E4
 MODEL_K = {"neo": (2560, 10240), "llama": (4096, 11008)}       # the K of each model's products
 
 
-def refine_rows(model: str, dtypes: str, out: str) -> None:
+def refine_rows(model: str, dtypes: str, out: str, max_rows: int) -> None:
     """See the module's docstring: each one- or two-row choice of the shipped table against `rows` tiles."""
     from dataclasses import asdict, replace
 
@@ -47,7 +47,7 @@ def refine_rows(model: str, dtypes: str, out: str) -> None:
     changed = []
     for key, choice in table.items():
         m, n, k, bits, group, dtype, bias, activation, residual = ast.literal_eval(key)
-        if m > FMA_MAX_ROWS or choice == CUBLAS or k not in MODEL_K[model] or bits not in wanted:
+        if m > min(max_rows, FMA_MAX_ROWS) or choice == CUBLAS or k not in MODEL_K[model] or bits not in wanted:
             continue
         dtype = getattr(torch, dtype.split(".")[-1])
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -97,9 +97,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float16,int8,int4")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--refine-rows", action="store_true", help="only: the shipped table against `rows` tiles")
+    ap.add_argument("--max-rows", type=int, default=2, help="with --refine-rows: products of up to this many rows")
     args = ap.parse_args()
     if args.refine_rows:
-        return refine_rows(args.model, args.dtypes, args.out)
+        return refine_rows(args.model, args.dtypes, args.out, args.max_rows)
     os.environ["RAYSPEED_GEMV_SHIPPED"] = "0"             # re-time the shapes kernels/tuned/ holds as well
     hf = build(args.model)
     for dtype in args.dtypes.split(","):
