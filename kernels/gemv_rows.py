@@ -14,10 +14,10 @@ x's shape, so x and the weights share a layout by construction: x is loaded, con
 one reduction per row after the loop. ROWS (1, 2, 4 or 8) is unrolled by hand: Triton carries no
 lists through a loop.
 
-Measured on the H100 (docs/performance.md, r17): GPT-Neo's int8 one-row products went from
-1.67-1.97 to 2.15-2.24 TB/s and its int8 batch-1 step from 1.745 to 1.567 ms (paired); int4's
-products 4-17 % faster in the tuner's clock, its step 1.66 -> 1.65 ms; fp16's within 3 % (not
-shipped). The tuner offers these tiles for one and two rows.
+Measured on the H100 (docs/performance.md, r17): three of GPT-Neo's four int8 one-row products
+went from 1.67-1.97 to 2.15-2.24 TB/s and its int8 batch-1 step from 1.745 to 1.567 ms (paired);
+int4's products 4-14 % faster in the tuner's clock, its step 1.66 -> 1.65 ms; fp16's within 3 %
+(not shipped). The tuner offers these tiles for one and two rows.
 
 Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 bytes; with HALF 4
 32-bit words), SV vectors per scale sub-tile of SUB columns, NG sub-tiles per BLOCK_K."""
