@@ -26,10 +26,10 @@ ROWS_L2_BYTES = 1 << 20                                  # `rows` tiles' L2 requ
 def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
     """Tiles the tuner times for an m-row product (few compile variants: split-K is a run-time value).
     Up to FMA_MAX_ROWS rows also the CUDA-core kernel, tiles of 4 to 16 KB of weights with at most
-    8k stored elements (bytes at 4 bits), and for int4 and int8 against fp16 x its packed-fp16 `half` tiles,
-    in the shapes whose sm_90 builds keep the loop in registers (fewer
-    columns than threads; tests/kernels/test_sm90_builds.py). Quantized weights also get wide
-    tensor-core tiles dequantized in registers, which may span K-groups."""
+    8k stored elements (bytes at 4 bits), and for int4 and int8 against fp16 x its packed-fp16 `half`
+    tiles, in the shapes whose sm_90 builds keep the loop in registers (fewer columns than threads;
+    tests/kernels/test_sm90_builds.py), and `rows` tiles (`rows_candidates`). Quantized weights also
+    get wide tensor-core tiles dequantized in registers, which may span K-groups."""
     tiles = []
     if m <= FMA_MAX_ROWS:
         for block_k, block_n in itertools.product((256, 512, 1024, 2048, 4096), (2, 4, 8)):
@@ -214,8 +214,9 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     weights that none is in L2): a tile, or `CUBLAS` when `torch_path(x, weight)` (the same product
     in torch, offered for float weights) is faster. A CUDA-core winner is timed once more with
     `prefetch`, then the better of the two with `x_per_row` (one compile each instead of doubling the
-    grid); a swapped-operand winner once more with its rows' first two K tiles asked of L2 before its
-    PDL wait (`l2_rows`). More than TUNED_MAX_ROWS rows (prefill) are never timed: the heuristic tile.
+    grid); a `rows` winner with `prefetch` and with its K slice asked of L2 (`l2_rows`); a
+    swapped-operand winner once more with its rows' first two K tiles asked of L2 before its PDL
+    wait (`l2_rows`). More than TUNED_MAX_ROWS rows (prefill) are never timed: the heuristic tile.
     Outside `tuning_window`, while a CUDA graph is being captured, or with RAYSPEED_GEMV_TUNE=0, nothing
     is timed: the cached choice, else the heuristic (cuBLAS for float weights past FMA_MAX_ROWS rows)."""
     k = x.shape[-1]
@@ -258,8 +259,9 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         choice = min(timings, key=timings.get)
         measure_tile(replace(choice, x_per_row=True))    # and with x loaded in the weights' layout
         choice = min(timings, key=timings.get)
-    if choice != CUBLAS and choice.rows:               # a rows winner with its K slice asked of L2 first
-        measure_tile(replace(choice, l2_rows=ROWS_L2_BYTES))
+    if choice != CUBLAS and choice.rows:               # a rows winner with its next tile prefetched,
+        for twin in (replace(choice, prefetch=True), replace(choice, l2_rows=ROWS_L2_BYTES)):   # its slice in L2
+            measure_tile(twin)
         choice = min(timings, key=timings.get)
     if choice != CUBLAS and choice.swap:
         measure_tile(replace(choice, l2_rows=2 * choice.block_k * bits // 8))
