@@ -299,9 +299,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
-            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
+            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
-                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch, **flags)
+                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
+                                              L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,
+                                              **flags)
         else:
             _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
                                              launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),

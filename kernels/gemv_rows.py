@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels.gemv_epilogue import epilogue, feature_params
 from kernels.gemv_fma import _fma_x
-from kernels.pdl import await_previous, prefetch_rows_l2
+from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.unpack import int4_half_dot, int8_half_dot, one_plus_sixteenth, s8_to_f32
 
 
@@ -125,11 +125,12 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
 
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                 stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes,
+                 stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes, l2_head_bytes,
                  BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
-                 ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr):
+                 ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
+                 L2_CHUNK: tl.constexpr = 2048):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -137,8 +138,14 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     tile in flight while it computes. With L2, the
     program first asks the L2 for up to `l2_bytes` of each of its rows' K slice (one bulk prefetch a
     row, before the PDL wait), so its whole share of the weight is on the way at once; the loop's
-    loads, issued one K tile at a time, then find it there."""
+    loads, issued one K tile at a time, then find it there. With L2_LANES, as in `_fma_kernel`, the
+    first programs of x row 0 ask the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK
+    bytes each, before the wait (`kernels.gemv._l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if L2_LANES:
+        first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
+        if (row == 0) & (first < l2_head_bytes):
+            prefetch_l2(w_ptr, first, l2_head_bytes, L2_LANES, L2_CHUNK)
     NG: tl.constexpr = BLOCK_K // SUB
     VEC: tl.constexpr = 4 if BITS == 4 or HALF else 8
     STORED: tl.constexpr = SUB // (8 if BITS == 4 else 4) if HALF else (SUB // 2 if BITS == 4 else SUB)

@@ -34,11 +34,14 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
             num_warps)
 
 
-def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False):
+def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False,
+         l2_head=False):
     pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}"}
     return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                       ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
-                                                      ASM=half, L2=l2, PREFETCH=prefetch), pointers, num_warps)
+                                                      ASM=half, L2=l2, PREFETCH=prefetch,
+                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048),
+            pointers, num_warps)
 
 
 def tensor_cores(bits, weight, block_n, block_k):
@@ -87,6 +90,7 @@ BUILDS = {
     "rows-int8-half": rows(8, "i8", 4, 512, 512, half=True),
     "rows-int4-half-prefetch": rows(4, "u8", 8, 1024, 128, half=True, prefetch=True),
     "pdl-rows-int4-half-l2": rows(4, "u8", 4, 1024, 128, half=True, pdl=True, l2=True),
+    "pdl-rows-int8-half-l2-head": rows(8, "i8", 4, 512, 512, half=True, pdl=True, l2_head=True),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
@@ -201,11 +205,15 @@ def test_l2_prefetch_is_issued_before_the_wait(built):
 
 def test_rows_tiles_ask_l2_for_their_rows_before_the_wait(built):
     """`rows` tiles with L2 ask the L2 for each of their rows' K slice (a run-time size) before the
-    PDL wait, not in the loop; without L2 they ask nothing."""
+    PDL wait, not in the loop, and with L2_LANES for the weight's head as `_fma_kernel` does; without
+    either they ask nothing."""
     ptx = built["pdl-rows-int4-half-l2"]["ptx"]
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["pdl-rows-int4-half-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["rows-int4-half-prefetch"]["ptx"]
+    head = built["pdl-rows-int8-half-l2-head"]
+    assert "cp.async.bulk.prefetch.L2.global" in head["ptx"][:head["ptx"].index("griddepcontrol.wait")]
+    assert "cp.async.bulk.prefetch" not in head["loop"]
 
 
 def test_swapped_tiles_use_hopper_mma_and_ask_l2_for_their_rows_first(built):
