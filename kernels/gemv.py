@@ -205,7 +205,9 @@ def _l2_prefetch_bytes(weight: torch.Tensor, bits: int) -> int:
     runs, and the product's first wave is resident by then). Measured at GPT-Neo 2.7B batch 1 on an
     H100 (bench/results/*-l2-*.json): 4 MB took fp16 from 2.40 to 2.35-2.37 ms a step and int8 from
     1.79-1.81 to 1.75-1.77, and cost int4 2-4 % (its products are a quarter the size, so 4 MB is a
-    large share of each); 8 MB and more lost everywhere. So 4 MB but for int4, which gets none."""
+    large share of each); 8 MB and more lost everywhere. So 4 MB but for int4, which gets none. The
+    `rows` tiles make the same request: int8 at batch 1 with its rows tiles 1.561-1.565 -> 1.534-1.535
+    ms (bench/results/*-int8-rows-l2head*.json)."""
     if not weight.is_contiguous() or weight.data_ptr() % 16:
         return 0
     cap = float(os.environ.get("RAYSPEED_L2_PREFETCH_MB", "0" if bits == 4 else "4"))

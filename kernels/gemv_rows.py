@@ -15,7 +15,8 @@ one reduction per row after the loop. ROWS (1, 2, 4 or 8) is unrolled by hand: T
 lists through a loop.
 
 Measured on the H100 (docs/performance.md, r17): three of GPT-Neo's four int8 one-row products
-went from 1.67-1.97 to 2.15-2.24 TB/s and its int8 batch-1 step from 1.745 to 1.567 ms (paired);
+went from 1.67-1.97 to 2.15-2.24 TB/s and its int8 batch-1 step from 1.745 to 1.567 ms (paired;
+1.535 with the weight's head asked of L2 before the wait, as below);
 int4's products 4-14 % faster in the tuner's clock, its step 1.66 -> 1.65 ms; fp16's within 3 %
 (not shipped). The tuner offers these tiles for one and two rows.
 
