@@ -126,7 +126,7 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
 
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                 stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes, l2_head_bytes,
+                 stride_rm, stride_om, stride_os, group_size, k_per_split, l2_row_bytes, l2_head_bytes,
                  BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
@@ -136,12 +136,12 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
     wait): with a thread's ROWS rows of weights per tile twice in registers, a program keeps a
-    tile in flight while it computes. With L2, the
-    program first asks the L2 for up to `l2_bytes` of each of its rows' K slice (one bulk prefetch a
-    row, before the PDL wait), so its whole share of the weight is on the way at once; the loop's
-    loads, issued one K tile at a time, then find it there. With L2_LANES, as in `_fma_kernel`, the
-    first programs of x row 0 ask the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK
-    bytes each, before the wait (`kernels.gemv._l2_prefetch_bytes`)."""
+    tile in flight while it computes. With L2, the program first asks the L2 for up to
+    `l2_row_bytes` of each of its rows' K slice (one bulk prefetch a row, before the PDL wait), so
+    its whole share of the weight is on the way at once; the loop's loads, issued one K tile at a
+    time, then find it there. With L2_LANES, as in `_fma_kernel`, the first programs of x row 0 ask
+    the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK bytes each, before the wait
+    (`kernels.gemv._l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -164,7 +164,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
         rows = tl.minimum(rn, N - 1).to(tl.int64)
         starts = w_ptr + rows * stride_wn + (k_begin // 2 if BITS == 4 else k_begin)
         slice_bytes = (k_end - k_begin) * BITS // 8 // 16 * 16
-        prefetch_rows_l2(starts.to(tl.pointer_type(tl.int8)), tl.minimum(l2_bytes, slice_bytes))
+        prefetch_rows_l2(starts.to(tl.pointer_type(tl.int8)), tl.minimum(l2_row_bytes, slice_bytes))
     acc0 = tl.zeros((NG, SV), dtype=tl.float32)
     acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
     GROUPED: tl.constexpr = BITS < 16 and not PER_ROW_SCALE
