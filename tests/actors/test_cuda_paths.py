@@ -12,7 +12,7 @@ import torch
 
 import rayspeed
 from actors.sequence import SamplingParams, Sequence
-from kernels import attention
+from kernels import attention, attention_torch
 from kernels.gemv import Tile, skinny_linear
 from kernels.gemv_tuner import HALF_SHAPES, HALF_SHAPES_INT8, time_in_graph
 from tests.helpers import tiny_model
@@ -211,8 +211,8 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
     q, k_cache, v_cache, tables, lens = _decode_case(torch.float16, [1, 37, 160, 2000], heads=20, kv_heads=20,
                                                      head_dim=128)
     args = [t.cuda() for t in (q, k_cache, v_cache, tables, lens)]
-    ref = attention.paged_attention_torch(*args[:4], args[4], torch.arange(5, dtype=torch.int32, device="cuda"),
-                                          0.1, window)
+    ref = attention_torch.paged_attention_torch(*args[:4], args[4], torch.arange(5, dtype=torch.int32, device="cuda"),
+                                                0.1, window)
     assert attention.decode_splits(20 * 4, torch.device("cuda")) > 1
     first = attention.paged_decode_attention_triton(*args, 0.1, window)
     torch.testing.assert_close(first, ref, rtol=2e-3, atol=2e-3)

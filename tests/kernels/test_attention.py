@@ -3,8 +3,9 @@ kernel against the reference, and the CPU dispatch rule."""
 import pytest
 import torch
 
-from kernels import attention, prefill_attention
-from kernels.attention import AttentionMetadata, paged_attention_torch, store_kv
+from kernels import attention, attention_torch, prefill_attention
+from kernels.attention import AttentionMetadata
+from kernels.attention_torch import paged_attention_torch, store_kv
 from kernels.dispatch import use_triton
 
 BLOCK_SIZE, HEADS, KV_HEADS, HEAD_DIM = 16, 4, 2, 32
@@ -91,7 +92,7 @@ def test_torch_decode_batch_matches_dense_attention(window, with_alibi, row_byte
     """A decode step (one query a sequence) attends for all sequences at once, the shorter ones masked
     inside the longest's width (and, with row_bytes=1, one sequence per gather)."""
     if row_bytes is not None:
-        monkeypatch.setattr(attention, "DECODE_TORCH_BYTES", row_bytes)
+        monkeypatch.setattr(attention_torch, "DECODE_TORCH_BYTES", row_bytes)
     g = torch.Generator().manual_seed(2)
     context_lens = [1, 37, 20, 16, 5]
     tables, num_blocks = _block_tables(context_lens, BLOCK_SIZE, g)
