@@ -35,10 +35,10 @@ MODEL_K = {"neo": (2560, 10240), "llama": (4096, 11008)}       # the K of each m
 
 def refine_rows(model: str, dtypes: str, out: str, max_rows: int) -> None:
     """See the module's docstring: each one- or two-row choice of the shipped table against `rows` tiles."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from kernels.gemv import Tile, skinny_linear
-    from kernels.gemv_tuner import CUBLAS, FMA_MAX_ROWS, ROWS_L2_BYTES, _Choices, _l2_bytes, rows_candidates, \
+    from kernels.gemv_tuner import CUBLAS, FMA_MAX_ROWS, _Choices, _l2_bytes, rows_candidates, rows_twins, \
         time_in_graph
     device = torch.device("cuda", 0)
     name = _Choices._name(torch.cuda.get_device_name())
@@ -73,7 +73,7 @@ def refine_rows(model: str, dtypes: str, out: str, max_rows: int) -> None:
         timings = {tile: timed(tile) for tile in [Tile(**choice), *rows_candidates(k, bits, group, dtype)]}
         best = min(timings, key=timings.get)
         if best.rows:
-            for twin in (replace(best, prefetch=True), replace(best, l2_rows=ROWS_L2_BYTES)):
+            for twin in rows_twins(best):
                 timings[twin] = timed(twin)
             best = min(timings, key=timings.get)
         shipped = timings[Tile(**choice)]

@@ -32,10 +32,12 @@ from kernels.unpack import int4_half_dot, int8_half_dot, one_plus_sixteenth, s8_
 
 
 @triton.jit
-def _row_tile(w_ptr, row, N, stride_wn, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr,
-              VEC: tl.constexpr):
-    """Weight row `row`'s stored values at K offset k0, [NG, SV, VEC] (32-bit words with HALF);
-    nothing at or past k_end, or for rows at or past N (those read as zeros)."""
+def _row_tile(w_ptr, s_ptr, row, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS: tl.constexpr,
+              HALF: tl.constexpr, VEC: tl.constexpr, GROUPED: tl.constexpr, SUB: tl.constexpr):
+    """Weight row `row`'s stored values at K offset k0, [NG, SV, VEC] (32-bit words with HALF), and
+    their fp32 [NG] group scales (with GROUPED; else ones, nothing read): loaded together, as a
+    scale read after the arithmetic would put a second memory round trip on each K step. Nothing at
+    or past k_end, or for rows at or past N (those read as zeros)."""
     ok = row + 0 * cols < N                       # as a tile: the interpreter masks with no scalar
     base = w_ptr + row.to(tl.int64) * stride_wn
     if HALF:                                      # words of 8 nibbles or 4 int8
@@ -47,58 +49,41 @@ def _row_tile(w_ptr, row, N, stride_wn, k0, k_end, cols, BITS: tl.constexpr, HAL
         w = tl.load(base + k0 // 2 + cols, mask=ok & (k0 // 2 + cols < k_end // 2), other=0x88)
     else:
         w = tl.load(base + k0 + cols, mask=ok & (k0 + cols < k_end), other=0)
-    return w
-
-
-@triton.jit
-def _row_tiles(w_ptr, n0, N, stride_wn, k0, k_end, cols, ROWS: tl.constexpr, BITS: tl.constexpr,
-               HALF: tl.constexpr, VEC: tl.constexpr):
-    """The K tile at k0 of rows n0 .. n0 + ROWS - 1, as eight values (rows past ROWS repeat row n0
-    and are never used)."""
-    w0 = _row_tile(w_ptr, n0, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-    w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
-    if ROWS > 1:
-        w1 = _row_tile(w_ptr, n0 + 1, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-    if ROWS > 2:
-        w2 = _row_tile(w_ptr, n0 + 2, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-        w3 = _row_tile(w_ptr, n0 + 3, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-    if ROWS > 4:
-        w4 = _row_tile(w_ptr, n0 + 4, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-        w5 = _row_tile(w_ptr, n0 + 5, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-        w6 = _row_tile(w_ptr, n0 + 6, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-        w7 = _row_tile(w_ptr, n0 + 7, N, stride_wn, k0, k_end, cols, BITS, HALF, VEC)
-    return w0, w1, w2, w3, w4, w5, w6, w7
-
-
-@triton.jit
-def _row_scales(s_ptr, row, N, K, stride_sn, group_size, k0, rg, GROUPED: tl.constexpr, SUB: tl.constexpr):
-    """fp32 [NG] scales of the K tile at k0 of row `row` (with GROUPED; else ones, nothing read)."""
     scale = tl.full(rg.shape, 1.0, tl.float32)
     if GROUPED:
         group = (k0 + rg * SUB) // group_size
-        ok = (row + 0 * rg < N) & (k0 + rg * SUB < K)
-        scale = tl.load(s_ptr + row * stride_sn + group, mask=ok, other=0.0).to(tl.float32)
-    return scale
+        in_k = (row + 0 * rg < N) & (k0 + rg * SUB < K)
+        scale = tl.load(s_ptr + row * stride_sn + group, mask=in_k, other=0.0).to(tl.float32)
+    return w, scale
 
 
 @triton.jit
-def _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k0, rg, ROWS: tl.constexpr, GROUPED: tl.constexpr,
-                     SUB: tl.constexpr):
-    """`_row_scales` of rows n0 .. n0 + ROWS - 1, loaded with their weights (a scale read after the
-    arithmetic would put a second memory round trip on each K step), as eight values like `_row_tiles`."""
-    s0 = _row_scales(s_ptr, n0, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+def _row_tiles(w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, ROWS: tl.constexpr,
+               BITS: tl.constexpr, HALF: tl.constexpr, VEC: tl.constexpr, GROUPED: tl.constexpr, SUB: tl.constexpr):
+    """`_row_tile` of rows n0 .. n0 + ROWS - 1 at k0: eight weight tiles, then their eight scales
+    (rows past ROWS repeat row n0 and are never used)."""
+    w0, s0 = _row_tile(w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS, HALF,
+                       VEC, GROUPED, SUB)
+    w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
     s1, s2, s3, s4, s5, s6, s7 = s0, s0, s0, s0, s0, s0, s0
     if ROWS > 1:
-        s1 = _row_scales(s_ptr, n0 + 1, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+        w1, s1 = _row_tile(w_ptr, s_ptr, n0 + 1, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
     if ROWS > 2:
-        s2 = _row_scales(s_ptr, n0 + 2, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
-        s3 = _row_scales(s_ptr, n0 + 3, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
+        w2, s2 = _row_tile(w_ptr, s_ptr, n0 + 2, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
+        w3, s3 = _row_tile(w_ptr, s_ptr, n0 + 3, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
     if ROWS > 4:
-        s4 = _row_scales(s_ptr, n0 + 4, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
-        s5 = _row_scales(s_ptr, n0 + 5, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
-        s6 = _row_scales(s_ptr, n0 + 6, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
-        s7 = _row_scales(s_ptr, n0 + 7, N, K, stride_sn, group_size, k0, rg, GROUPED, SUB)
-    return s0, s1, s2, s3, s4, s5, s6, s7
+        w4, s4 = _row_tile(w_ptr, s_ptr, n0 + 4, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
+        w5, s5 = _row_tile(w_ptr, s_ptr, n0 + 5, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
+        w6, s6 = _row_tile(w_ptr, s_ptr, n0 + 6, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
+        w7, s7 = _row_tile(w_ptr, s_ptr, n0 + 7, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, BITS,
+                           HALF, VEC, GROUPED, SUB)
+    return w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @triton.jit
@@ -169,22 +154,19 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
     GROUPED: tl.constexpr = BITS < 16 and not PER_ROW_SCALE
     if PREFETCH:                                  # weights never change: the first tile before the wait
-        w0, w1, w2, w3, w4, w5, w6, w7 = _row_tiles(w_ptr, n0, N, stride_wn, k_begin, k_end, cols, ROWS, BITS,
-                                                    HALF, VEC)
-        s0, s1, s2, s3, s4, s5, s6, s7 = _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k_begin, rg, ROWS,
-                                                          GROUPED, SUB)
+        w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, s2, s3, s4, s5, s6, s7 = _row_tiles(
+            w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k_begin, k_end, cols, rg, ROWS, BITS, HALF, VEC,
+            GROUPED, SUB)
     await_previous(PDL)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                              # the next tile's loads fly while this one computes
-            v0, v1, v2, v3, v4, v5, v6, v7 = _row_tiles(w_ptr, n0, N, stride_wn, k0 + BLOCK_K, k_end, cols, ROWS,
-                                                        BITS, HALF, VEC)
-            t0, t1, t2, t3, t4, t5, t6, t7 = _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k0 + BLOCK_K,
-                                                              rg, ROWS, GROUPED, SUB)
+            v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, t7 = _row_tiles(
+                w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k0 + BLOCK_K, k_end, cols, rg, ROWS, BITS,
+                HALF, VEC, GROUPED, SUB)
         else:
-            w0, w1, w2, w3, w4, w5, w6, w7 = _row_tiles(w_ptr, n0, N, stride_wn, k0, k_end, cols, ROWS, BITS,
-                                                        HALF, VEC)
-            s0, s1, s2, s3, s4, s5, s6, s7 = _row_scale_tiles(s_ptr, n0, N, K, stride_sn, group_size, k0, rg, ROWS,
-                                                              GROUPED, SUB)
+            w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, s2, s3, s4, s5, s6, s7 = _row_tiles(
+                w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, ROWS, BITS, HALF, VEC,
+                GROUPED, SUB)
         xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         x0, x1, x2, x3 = xa, xa, xb, xb
         if HALF and BITS == 4:                    # the fp16 pairs of `int4_half_dot`, once for all rows

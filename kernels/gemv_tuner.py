@@ -87,6 +87,12 @@ def rows_candidates(k: int, bits: int, group_size: int, x_dtype: torch.dtype) ->
     return tiles
 
 
+def rows_twins(tile: Tile) -> list[Tile]:
+    """What a winning `rows` tile is timed against once more: itself with its next tile prefetched,
+    and with its K slice asked of L2 before the PDL wait."""
+    return [replace(tile, prefetch=True), replace(tile, l2_rows=ROWS_L2_BYTES)]
+
+
 CUBLAS = "cublas"                                        # the tuner's verdict when torch's matmul wins
 _window = 0                                              # > 0 inside `tuning_window`
 
@@ -259,8 +265,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
         choice = min(timings, key=timings.get)
         measure_tile(replace(choice, x_per_row=True))    # and with x loaded in the weights' layout
         choice = min(timings, key=timings.get)
-    if choice != CUBLAS and choice.rows:               # a rows winner with its next tile prefetched,
-        for twin in (replace(choice, prefetch=True), replace(choice, l2_rows=ROWS_L2_BYTES)):   # its slice in L2
+    if choice != CUBLAS and choice.rows:               # a rows winner prefetching, and with its slice in L2
+        for twin in rows_twins(choice):
             measure_tile(twin)
         choice = min(timings, key=timings.get)
     if choice != CUBLAS and choice.swap:
