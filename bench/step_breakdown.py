@@ -47,11 +47,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--dtype", default="float16", help="float16, bfloat16, int8 or int4")
     ap.add_argument("--host", action="store_true", help="print the host profile of engine steps")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     hf = build("neo")
-    engine = rayspeed.init_inference(hf, dtype=torch.half, replace_with_kernel_inject=True,
+    engine = rayspeed.init_inference(hf, dtype=args.dtype, replace_with_kernel_inject=True,
                                      gpu_memory_utilization=0.6, max_num_seqs=max(64, *batches)).backend
     from actors.sequence import SamplingParams
     rows = {}
@@ -73,9 +74,9 @@ def main() -> None:
             engine.abort(seq)
         print(batch, json.dumps(rows[batch]), flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "model": "neo", "batches": rows}
+              "date": time.strftime("%Y-%m-%d"), "model": "neo", "dtype": args.dtype, "batches": rows}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-step-breakdown.json")
+    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-step-breakdown-{args.dtype}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print("wrote", path)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from kernels.attention_torch import paged_attention_torch, store_kv
 from kernels.dispatch import use_triton
-from kernels.pdl import await_previous
+from kernels.pdl import await_previous, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
 from kernels.prefill_attention import prefill_attention_triton
 
@@ -60,14 +60,17 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, NEW_KV: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                          PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1,
-                         SPLIT_MIN_CHUNKS: tl.constexpr = 4, EARLY: tl.constexpr = False):
+                         SPLIT_MIN_CHUNKS: tl.constexpr = 4, EARLY: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
+                         row_bytes=0):
     """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
     (several cache blocks per step). With EARLY (the default, `_decode_chunk`) the first chunk is read
     before waiting for the previous kernel (PDL: earlier steps wrote it, and the block table and
     context lengths are the step's inputs), and each next one after the current one is used: one
     chunk in registers. PREFETCH reads the first early too and then each next chunk while the current
     one is computed (two in registers, so fewer programs fit an SM); without either, every chunk is
-    read in the loop. With NEW_KV this step's key and value come from k_new/v_new (registers), and the
+    read in the loop. With L2_AHEAD (Hopper; EARLY), the first query head of each KV head also asks
+    the L2 for the keys and values of the L2_AHEAD positions after its first chunk before the wait,
+    `row_bytes` a row (one bulk prefetch each), so the loop's later chunks come from L2, not HBM. With NEW_KV this step's key and value come from k_new/v_new (registers), and the
     program of each KV head's first query head writes them to their cache slot: no separate store
     kernel, and no program reads that slot.
 
@@ -105,6 +108,15 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         if PREFETCH or EARLY:
             k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
                                  cache_row_stride, head_offs, d_mask, c_first, first, end, BLOCK_SIZE, CHUNK)
+        if L2_AHEAD:
+            if head % group == 0:
+                ahead = (c_first + 1) * CHUNK + tl.arange(0, L2_AHEAD)
+                later = ahead < end                          # positions past it: the head's row in block 0
+                block = tl.load(block_tables_ptr + seq * table_stride + ahead // BLOCK_SIZE, mask=later, other=0)
+                rows = tl.where(later, block.to(tl.int64) * cache_block_stride + (ahead % BLOCK_SIZE) * cache_row_stride,
+                                0) + kv_head * head_dim
+                prefetch_rows_l2(k_cache_ptr + rows, row_bytes)
+                prefetch_rows_l2(v_cache_ptr + rows, row_bytes)
         await_previous(PDL)
         q = tl.load(q_ptr + seq * q_seq_stride + head * q_head_stride + d, mask=d_mask, other=0.0).to(tl.float32)
         if HAS_ALIBI:
@@ -217,7 +229,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-DECODE_MODES = ("plain", "early", "prefetch")      # chunk reads: in the loop / first before the wait / one ahead
+def _bulk_prefetch(device: torch.device) -> bool:
+    """Whether kernels on `device` may ask the L2 for bytes (`cp.async.bulk.prefetch.L2`: Hopper on)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and \
+        torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+# chunk reads: in the loop / first before the wait / one ahead / first before the wait and the next
+# L2_AHEAD_CHUNKS asked of the L2 then (Hopper)
+DECODE_MODES = ("plain", "early", "prefetch", "early-l2")
+L2_AHEAD_CHUNKS = 4
 
 
 def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
@@ -321,6 +342,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     chunk, mode, warps = _decode_chunk(num_heads * num_seqs * splits, q.device)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
+    row_bytes = head_dim * q.element_size()
+    l2_ahead = L2_AHEAD_CHUNKS * chunk if mode == "early-l2" and _bulk_prefetch(q.device) and row_bytes % 16 == 0 else 0
     _paged_decode_kernel[(num_heads, num_seqs, splits)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
         k_new if new_kv else q, v_new if new_kv else q, slot_mapping if new_kv else context_lens,
@@ -330,7 +353,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
         BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=mode == "prefetch", PDL=pdl, SPLITS=splits,
-        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, EARLY=mode == "early", num_warps=warps, launch_pdl=pdl)
+        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, EARLY=mode in ("early", "early-l2"), L2_AHEAD=l2_ahead, row_bytes=row_bytes,
+        num_warps=warps, launch_pdl=pdl)
     return out
 
 

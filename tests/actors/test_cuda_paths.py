@@ -223,6 +223,26 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
                                rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("window,heads,kv_heads", [(None, 20, 20), (256, 20, 20), (None, 32, 8)])
+def test_decode_asking_the_l2_ahead_changes_no_result(window, heads, kv_heads, monkeypatch):
+    """The "early-l2" chunk mode (the first query head of each KV head asks the L2 for the positions
+    after its first chunk before the PDL wait) gives exactly the "early" mode's output, with and
+    without context splits, on contexts of 1 to 700 tokens: past the prefetched range too, a window,
+    grouped KV heads."""
+    q, k_cache, v_cache, tables, lens = _decode_case(torch.float16, [1, 37, 160, 300, 700], heads=heads,
+                                                     kv_heads=kv_heads, head_dim=128)
+    args = [t.cuda() for t in (q, k_cache, v_cache, tables, lens)]
+    ref = attention_torch.paged_attention_torch(*args[:4], args[4], torch.arange(6, dtype=torch.int32, device="cuda"),
+                                                0.1, window)
+    for splits in ("1", "4"):
+        monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", splits)
+        monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "64,early,4")
+        early = attention.paged_decode_attention_triton(*args, 0.1, window)
+        monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "64,early-l2,4")
+        assert torch.equal(attention.paged_decode_attention_triton(*args, 0.1, window), early)
+        torch.testing.assert_close(early, ref, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cublas_epilogue_activations_match_separate_ones(activation, dtype):

@@ -394,7 +394,8 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
                                                             (None, True, 2, 2)])
-@pytest.mark.parametrize("chunk,mode", [(64, "prefetch"), (16, "plain"), (16, "prefetch"), (16, "early")])
+@pytest.mark.parametrize("chunk,mode", [(64, "prefetch"), (16, "plain"), (16, "prefetch"), (16, "early"),
+                                        (16, "early-l2")])
 def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, mode,
                                                   monkeypatch):
     """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;

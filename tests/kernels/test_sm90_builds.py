@@ -56,10 +56,12 @@ def swapped(bits, weight, block_n, block_k, pdl=False, l2_rows=0):
             {**GEMV_POINTERS, "w_ptr": f"*{weight}"})
 
 
-def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, early=False, num_warps=4):
+def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, early=False, num_warps=4,
+                     l2_ahead=0):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
                                                               BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
-                                                              PREFETCH=prefetch, SPLITS=splits, EARLY=early),
+                                                              PREFETCH=prefetch, SPLITS=splits, EARLY=early,
+                                                              L2_AHEAD=l2_ahead),
             ATTENTION_POINTERS, num_warps)
 
 
@@ -105,6 +107,7 @@ BUILDS = {
     "pdl-fma-fp16-l2": fma(16, "fp16", "fp16", 2, 1024, 1024, False, pdl=True, l2=True),
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
     "pdl-decode-chunk32-early": decode_attention(32, False, False, pdl=True, early=True),
+    "pdl-decode-chunk64-early-l2": decode_attention(64, True, False, pdl=True, early=True, l2_ahead=256),
     "pdl-layer-norm": ("kernels.norm", "_layer_norm_kernel", dict(HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK=4096,
                                                                  PDL=True),
                        {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "b_ptr", "out_ptr")}),
@@ -223,6 +226,15 @@ def test_swapped_tiles_use_hopper_mma_and_ask_l2_for_their_rows_first(built):
     assert "wgmma.mma_async" in ptx and "m64n32k16" in ptx
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["swapped-int8"]["ptx"]
+
+
+def test_decode_asks_l2_for_later_chunks_before_the_wait(built):
+    """Decode attention with L2_AHEAD asks the L2 for the later chunks' key and value rows (two bulk
+    prefetches a position lane) before the PDL wait, and nothing in the loop."""
+    ptx = built["pdl-decode-chunk64-early-l2"]["ptx"]
+    assert ptx[:ptx.index("griddepcontrol.wait")].count("cp.async.bulk.prefetch.L2.global") >= 2
+    assert "cp.async.bulk.prefetch" not in built["pdl-decode-chunk64-early-l2"]["loop"]
+    assert "cp.async.bulk.prefetch" not in built["pdl-decode-chunk32-early"]["ptx"]
 
 
 def test_split_decode_merges_after_a_released_ticket(built):
