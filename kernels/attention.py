@@ -241,7 +241,7 @@ DECODE_MODES = ("plain", "early", "prefetch", "early-l2")
 L2_AHEAD_CHUNKS = 4
 
 
-def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
+def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False) -> tuple[int, str, int]:
     """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size. Timed in
     CUDA graphs on an H100 (bench/attention_sweep.py --decode-configs, *-decode-configs-attention*.json;
     GPT-Neo's 20 heads of 128, contexts 96 / 160 / 512, every chunk, mode and warp count): the first
@@ -254,7 +254,13 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
     warps: 13.9 / 21.5 / 67.7 us against 15.8 / 23.3 / 65.7 for 32 positions read in the loop by 4
     warps, the choice before (a decode step at batch 32 3.06-3.30 ms against 3.37-3.48,
     `*-neo-attn-*.json`), and splitting their contexts did not help (`*-attention-splits.json`).
-    RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
+    With `l2_ahead` the small grids also ask the L2 for the chunks after the first before the wait
+    ("early-l2", Hopper): GPT-Neo 2.7B's batch-1 decode graph at 100 / 150 positions took 2.248 /
+    2.302 -> 2.224 / 2.263 ms in fp16 and 1.491 / 1.544 -> 1.474 / 1.517 in int8, but 1.607 / 1.665
+    -> 1.637 / 1.682 in int4 (`*-whatif-bs1-ctx*-configs.json`), whose split-K products end in a
+    short reduction kernel, so the work before the wait is not hidden behind the product before
+    attention; the model passes it for float and int8 weights. RAYSPEED_DECODE_CONFIG="chunk,mode,warps"
+    sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
         chunk, mode, warps = forced.split(",")
@@ -262,7 +268,9 @@ def _decode_chunk(programs: int, device: torch.device) -> tuple[int, str, int]:
         return int(chunk), mode, int(warps)
     if device.type != "cuda":
         return 64, "early", 4
-    return (64, "early", 4) if programs <= 3 * _sm_count(device.index or 0) else (16, "early", 2)
+    if programs <= 3 * _sm_count(device.index or 0):
+        return 64, "early-l2" if l2_ahead else "early", 4
+    return 16, "early", 2
 
 
 MAX_SPLITS = 16
@@ -306,7 +314,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   window: int | None = None, alibi_slopes: torch.Tensor | None = None,
                                   k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
                                   slot_mapping: torch.Tensor | None = None,
-                                  max_context: int | None = None) -> torch.Tensor:
+                                  max_context: int | None = None, l2_ahead: bool = False) -> torch.Tensor:
     """Decode attention, one query per sequence at position context_len - 1; one program per (head,
     sequence), or several splitting its context where the grid is small (`decode_splits`) and
     `max_context` (a bound on context_lens known on the host; None: unknown) does not rule it out.
@@ -339,7 +347,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         splits = 1
     ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
-    chunk, mode, warps = _decode_chunk(num_heads * num_seqs * splits, q.device)
+    chunk, mode, warps = _decode_chunk(num_heads * num_seqs * splits, q.device, l2_ahead)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()
@@ -360,14 +368,15 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               meta: AttentionMetadata, scale: float, window: int | None = None,
-              alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+              alibi_slopes: torch.Tensor | None = None, l2_ahead: bool = False) -> torch.Tensor:
     """Write this step's k, v [tokens, kv_heads, head_dim] to the cache and attend: on CUDA a decode
     step or a fresh prefill does both in one kernel; otherwise (CPU, or Triton disabled) `store_kv`
-    then the torch reference."""
+    then the torch reference. `l2_ahead`: see `_decode_chunk`."""
     if use_triton(q) and meta.is_decode:
         return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                              window, alibi_slopes, k, v, meta.slot_mapping,
-                                             max_context=meta.block_tables.shape[1] * k_cache.shape[1])
+                                             max_context=meta.block_tables.shape[1] * k_cache.shape[1],
+                                             l2_ahead=l2_ahead)
     if use_triton(q) and meta.fresh_prefill:
         return prefill_attention_triton(q, k, v, meta.cu_seqlens_q, meta.max_query_len, scale, window, alibi_slopes,
                                         k_cache, v_cache, meta.slot_mapping)

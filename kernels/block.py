@@ -72,6 +72,7 @@ class Attention(nn.Module):
                                      quant)
         self.scale, self.window = spec.attn_scales[layer], spec.attn_windows[layer]
         self.rotary = rotary
+        self.l2_ahead = quant is None or quant.bits != 4        # see kernels.attention._decode_chunk
         slopes = None
         if spec.positional == "alibi":
             heads = self.qkv.num_heads
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
-        o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi)
+        o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
         return self.out(o.flatten(1), residual)
 
 

@@ -177,11 +177,14 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
 
 
 def test_decode_chunk_by_grid_size(monkeypatch):
-    """64 positions a step, the first read early, while 3 programs per SM hold the grid; else 16 in
-    programs of 2 warps; RAYSPEED_DECODE_CONFIG overrides."""
+    """64 positions a step, the first read early (and with l2_ahead the rest asked of the L2), while 3
+    programs per SM hold the grid; else 16 in programs of 2 warps; RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
+    assert attention._decode_chunk(20 * 8, cuda, l2_ahead=True) == (64, "early-l2", 4)
+    assert attention._decode_chunk(20 * 32, cuda, l2_ahead=True) == (16, "early", 2)
+    assert attention._decode_chunk(20, torch.device("cpu"), l2_ahead=True) == (64, "early", 4)
     assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
     assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
@@ -220,7 +223,7 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     program; with this step's token (split 0 folds it in and stores it) and without; twice in a row,
     so the tickets are back at zero after each merge."""
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, "prefetch", 4))
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device, l2_ahead=False: (chunk, "prefetch", 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=splits)
     for _ in range(2):
@@ -402,7 +405,7 @@ def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, hea
     contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
     leaves empty; the next chunk loaded before or after this one's arithmetic, the first before the
     wait or in the loop) and a single token."""
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device: (chunk, mode, 4))
+    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device, l2_ahead=False: (chunk, mode, 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=5)
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
