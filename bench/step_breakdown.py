@@ -1,8 +1,8 @@
 """Where a decode step's time goes on the GPU: the CUDA-graph replay alone vs a whole engine step
-(plan on the host, copies, replay, sampling, stop checks), GPT-Neo 2.7B fp16, random weights.
-With --host, the engine step's host functions by own time (cProfile), per step.
+(plan on the host, copies, replay, sampling, stop checks), GPT-Neo 2.7B (fp16, or --dtype), random
+weights. With --host, the engine step's host functions by own time (cProfile), per step.
 
-    python3 bench/step_breakdown.py --batches 1,32,256 --host --out bench/results
+    python3 bench/step_breakdown.py --batches 1,32,256 [--dtype int8] --host --out bench/results
 """
 import argparse
 import cProfile
