@@ -1,11 +1,13 @@
-"""Upper bounds, not results: what a GPT-Neo 2.7B decode step (CUDA-graph replay, random weights)
-would take if its norm kernels or its attention kernels cost nothing. Each variant swaps the part
-for an identity (the numbers it computes are wrong, the kernels around it are the same) and
-recaptures the graphs; the replays alternate variants so drift hits them all alike. With
---configs, the variants are decode attention configurations instead (RAYSPEED_DECODE_CONFIG), at
-the context --context.
+"""What a GPT-Neo 2.7B decode step (CUDA-graph replay, random weights) would take with one part
+changed, every variant's graphs recaptured and the replays alternated so drift hits them all alike.
+The default variants are upper bounds, not results: the norm kernels or the attention kernels
+swapped for identities (the numbers they compute are wrong, the kernels around them the same).
+"unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
+reduction kernel after them); --configs compares decode attention configurations
+(RAYSPEED_DECODE_CONFIG) instead, at the context --context.
 
     python3 bench/whatif.py --dtypes int8,float16,int4 [--batch 1] [--context 38] [--out bench/results]
+    python3 bench/whatif.py --variants "as built,unsplit" --dtypes int4 --context 100
     python3 bench/whatif.py --configs "64,early,4 64,early-l2,4" --context 150
 """
 import argparse
@@ -14,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -21,11 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
 import kernels.block as block  # noqa: E402
+import kernels.gemv_tuner as gemv_tuner  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
 from bench.step_breakdown import replay_ms  # noqa: E402
 
-REAL_NORM, REAL_ATTENTION = block.Norm.forward, block.attention
+REAL_NORM, REAL_ATTENTION, REAL_TILE = block.Norm.forward, block.attention, gemv_tuner.tuned_tile
 
 
 def no_norm(self, x, residual=None):
@@ -36,8 +40,22 @@ def no_attention(q, k, v, *args, **kwargs):
     return q
 
 
-VARIANTS = {"as built": (REAL_NORM, REAL_ATTENTION), "no norms": (no_norm, REAL_ATTENTION),
-            "no attention": (REAL_NORM, no_attention), "neither": (no_norm, no_attention)}
+def unsplit_tile(x, *args, **kwargs):
+    tile = REAL_TILE(x, *args, **kwargs)
+    few_rows = x.numel() // x.shape[-1] <= 2
+    return replace(tile, split_k=1) if few_rows and isinstance(tile, gemv_tuner.Tile) and tile.split_k > 1 else tile
+
+
+VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"attention": no_attention},
+            "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile}}
+
+
+def use(norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None) -> None:
+    block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    if config:
+        os.environ["RAYSPEED_DECODE_CONFIG"] = config
+    else:
+        os.environ.pop("RAYSPEED_DECODE_CONFIG", None)
 
 
 def main() -> None:
@@ -46,6 +64,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--context", type=int, default=38, help="tokens in each sequence's cache when timed")
+    ap.add_argument("--variants", default="as built,no norms,no attention,neither", help=f"of {list(VARIANTS)}")
     ap.add_argument("--configs", default="", help="space-separated RAYSPEED_DECODE_CONFIG values to compare")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -58,17 +77,15 @@ def main() -> None:
         seqs = [engine.add_request(list(range(100 + i, 132 + i)), params) for i in range(args.batch)]
         while len(seqs[0]) < args.context:            # prefill, then decode steps
             engine.step()
-        variants = {c: (REAL_NORM, REAL_ATTENTION) for c in args.configs.split()} or VARIANTS
+        variants = ({c: {"config": c} for c in args.configs.split()} or
+                    {v: VARIANTS[v] for v in args.variants.split(",")})
         times = {v: [] for v in variants}
         for _ in range(args.rounds):
-            for variant, (norm, attn) in variants.items():
-                block.Norm.forward, block.attention = norm, attn
-                if args.configs:
-                    os.environ["RAYSPEED_DECODE_CONFIG"] = variant
+            for variant, patches in variants.items():
+                use(**patches)
                 engine.runner.capture_cudagraphs(engine.config.max_num_seqs, engine.max_seq_len)
                 times[variant].append(replay_ms(engine.runner, seqs, iters=200))
-        block.Norm.forward, block.attention = REAL_NORM, REAL_ATTENTION
-        os.environ.pop("RAYSPEED_DECODE_CONFIG", None)
+        use()
         rows[name] = {v: statistics.median(t) for v, t in times.items()}
         rows[name]["all"] = times
         print(name, json.dumps({v: round(t, 4) for v, t in rows[name].items() if v != "all"}), flush=True)
@@ -76,13 +93,15 @@ def main() -> None:
             engine.abort(seq)
         del engine
         torch.cuda.empty_cache()
-    what = ("decode graph replay ms by RAYSPEED_DECODE_CONFIG" if args.configs else "decode graph replay ms: as "
-            "built, and with the norms and/or attention swapped for identities (upper bounds of their cost, wrong numbers)")
+    what = ("decode graph replay ms by RAYSPEED_DECODE_CONFIG" if args.configs else "decode graph replay ms: "
+            "as built, with the norms and/or attention swapped for identities (upper bounds of their cost, wrong "
+            "numbers), or with the one- and two-row products unsplit")
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
               "model": "neo", "batch": args.batch, "context": args.context, "what": what, "ms": rows}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-whatif-bs{args.batch}-ctx{args.context}"
-                        f"{'-configs' if args.configs else ''}.json")
+    tag = "configs" if args.configs else args.variants.replace(" ", "_").replace(",", "-")
+    name = f"{result['device'].replace(' ', '-')}-{result['date']}-whatif-bs{args.batch}-ctx{args.context}-{tag}.json"
+    path = os.path.join(args.out, name)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", path)

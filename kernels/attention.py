@@ -70,9 +70,10 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     one is computed (two in registers, so fewer programs fit an SM); without either, every chunk is
     read in the loop. With L2_AHEAD (Hopper; EARLY), the first query head of each KV head also asks
     the L2 for the keys and values of the L2_AHEAD positions after its first chunk before the wait,
-    `row_bytes` a row (one bulk prefetch each), so the loop's later chunks come from L2, not HBM. With NEW_KV this step's key and value come from k_new/v_new (registers), and the
-    program of each KV head's first query head writes them to their cache slot: no separate store
-    kernel, and no program reads that slot.
+    `row_bytes` a row (one bulk prefetch each), so the loop's later chunks come from L2, not HBM.
+    With NEW_KV this step's key and value come from k_new/v_new (registers), and the program of each
+    KV head's first query head writes them to their cache slot: no separate store kernel, and no
+    program reads that slot.
 
     SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): a context of more than
     SPLIT_MIN_CHUNKS chunks is shared out among up to SPLITS programs per (head, sequence), two
@@ -113,8 +114,8 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                 ahead = (c_first + 1) * CHUNK + tl.arange(0, L2_AHEAD)
                 later = ahead < end                          # positions past it: the head's row in block 0
                 block = tl.load(block_tables_ptr + seq * table_stride + ahead // BLOCK_SIZE, mask=later, other=0)
-                rows = tl.where(later, block.to(tl.int64) * cache_block_stride + (ahead % BLOCK_SIZE) * cache_row_stride,
-                                0) + kv_head * head_dim
+                rows = block.to(tl.int64) * cache_block_stride + (ahead % BLOCK_SIZE) * cache_row_stride
+                rows = tl.where(later, rows, 0) + kv_head * head_dim
                 prefetch_rows_l2(k_cache_ptr + rows, row_bytes)
                 prefetch_rows_l2(v_cache_ptr + rows, row_bytes)
         await_previous(PDL)
