@@ -255,13 +255,14 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False) -
     warps: 13.9 / 21.5 / 67.7 us against 15.8 / 23.3 / 65.7 for 32 positions read in the loop by 4
     warps, the choice before (a decode step at batch 32 3.06-3.30 ms against 3.37-3.48,
     `*-neo-attn-*.json`), and splitting their contexts did not help (`*-attention-splits.json`).
-    With `l2_ahead` the small grids also ask the L2 for the chunks after the first before the wait
-    ("early-l2", Hopper): GPT-Neo 2.7B's batch-1 decode graph at 100 / 150 positions took 2.248 /
-    2.302 -> 2.224 / 2.263 ms in fp16 and 1.491 / 1.544 -> 1.474 / 1.517 in int8, but 1.607 / 1.665
-    -> 1.637 / 1.682 in int4 (`*-whatif-bs1-ctx*-configs.json`), whose split-K products end in a
-    short reduction kernel, so the work before the wait is not hidden behind the product before
-    attention; the model passes it for float and int8 weights. RAYSPEED_DECODE_CONFIG="chunk,mode,warps"
-    sets it."""
+    With `l2_ahead`, grids of at most one program per SM also ask the L2 for the chunks after the
+    first before the wait ("early-l2", Hopper): GPT-Neo 2.7B's batch-1 decode graph at 100 / 150
+    positions took 2.248 / 2.302 -> 2.224 / 2.263 ms in fp16 and 1.491 / 1.544 -> 1.474 / 1.517 in
+    int8, but 1.607 / 1.665 -> 1.637 / 1.682 in int4 (`*-whatif-bs1-ctx*-configs.json`), whose split-K
+    products end in a short reduction kernel, so the work before the wait is not hidden behind the
+    product before attention (the model passes it for float and int8 weights); at batch 8 (160
+    programs) it cost fp16 2.585 -> 2.594 and int8 2.222 -> 2.233 ms (`*-whatif-bs8-ctx120-configs.json`).
+    RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
         chunk, mode, warps = forced.split(",")
@@ -269,8 +270,9 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False) -
         return int(chunk), mode, int(warps)
     if device.type != "cuda":
         return 64, "early", 4
-    if programs <= 3 * _sm_count(device.index or 0):
-        return 64, "early-l2" if l2_ahead else "early", 4
+    sms = _sm_count(device.index or 0)
+    if programs <= 3 * sms:
+        return 64, "early-l2" if l2_ahead and programs <= sms else "early", 4
     return 16, "early", 2
 
 

@@ -177,12 +177,16 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
 
 
 def test_decode_chunk_by_grid_size(monkeypatch):
-    """64 positions a step, the first read early (and with l2_ahead the rest asked of the L2), while 3
-    programs per SM hold the grid; else 16 in programs of 2 warps; RAYSPEED_DECODE_CONFIG overrides."""
+    """64 positions a step, the first read early, while 3 programs per SM hold the grid (with l2_ahead
+    and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps;
+    RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, l2_ahead=True) == (64, "early-l2", 4)
+    assert attention._decode_chunk(20, cuda, l2_ahead=True) == (64, "early-l2", 4)
+    assert attention._decode_chunk(132, cuda, l2_ahead=True) == (64, "early-l2", 4)
+    assert attention._decode_chunk(133, cuda, l2_ahead=True) == (64, "early", 4)
+    assert attention._decode_chunk(20 * 8, cuda, l2_ahead=True) == (64, "early", 4)
     assert attention._decode_chunk(20 * 32, cuda, l2_ahead=True) == (16, "early", 2)
     assert attention._decode_chunk(20, torch.device("cpu"), l2_ahead=True) == (64, "early", 4)
     assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
