@@ -56,6 +56,7 @@ class Tile:
     swap: bool = False             # `_swap_kernel` (weight rows on the MMA's long side; 16/8 bits) instead
     l2_rows: int = 0               # swap, rows: bytes of each weight row a program asks the L2 for before its PDL wait
     rows: bool = False             # `_rows_kernel` (kernels/gemv_rows.py) instead: each thread owns all block_n rows
+    wide: bool = False             # rows, int4 weights, not half: 16-byte weight vectors (32 columns), not 4-byte
 
 
 @triton.jit
@@ -298,12 +299,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         flags.pop("BLOCK_M")
         if tile.rows:
             assert tile.block_n in (1, 2, 4, 8), f"rows tiles own 1, 2, 4 or 8 rows a thread, not {tile.block_n}"
+            if tile.wide:
+                aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+                assert bits == 4 and not tile.half and k % 32 == 0 and sub % 32 == 0 and aligned, \
+                    f"wide rows tiles read int4 weights in 16-byte vectors of 32 columns: {bits} bits, K={k}, " \
+                    f"K tiles of {sub}"
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
             _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
-                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
+                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch, WIDE=tile.wide,
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,
                                               **flags)
         else:
