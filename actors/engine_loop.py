@@ -35,6 +35,7 @@ class StreamDelta:
     index: int                      # sample number (0 .. n-1)
     token_ids: list[int]            # tokens new since the last delta of this sample
     finish_reason: str | None = None
+    logprobs: list | None = None    # their `TokenLogprobs`, when the params asked
 
 
 @dataclass(eq=False)                # identity: requests are kept in sets and lists
@@ -271,9 +272,11 @@ class EngineLoop:
         for i, seq in enumerate(request.groups[0]):
             if i in request.closed:
                 continue
-            new = seq.output_token_ids[request.sent.get(i, 0):]
+            sent = request.sent.get(i, 0)
+            new = seq.output_token_ids[sent:]
             if new or seq.is_finished:
-                deltas.append(StreamDelta(i, new, seq.finish_reason if seq.is_finished else None))
+                deltas.append(StreamDelta(i, new, seq.finish_reason if seq.is_finished else None,
+                                          None if seq.logprobs is None else seq.logprobs[sent:]))
                 request.sent[i] = len(seq.output_token_ids)
                 if seq.is_finished:
                     request.closed.add(i)
@@ -301,7 +304,8 @@ def join_runs(items: list, key, join) -> list:
 def _joined(items: list) -> list:
     """Stream deltas with each sample's joined into one until its last; an error ends the list."""
     return join_runs(items, lambda d: d.index,
-                     lambda a, b: StreamDelta(b.index, a.token_ids + b.token_ids, b.finish_reason))
+                     lambda a, b: StreamDelta(b.index, a.token_ids + b.token_ids, b.finish_reason,
+                                              None if a.logprobs is None else a.logprobs + b.logprobs))
 
 
 def _hand_off(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

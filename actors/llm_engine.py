@@ -15,7 +15,7 @@ import torch
 from actors.block_manager import BlockManager
 from actors.model_runner import DONE, STEP, ModelRunner, kv_cache_block_bytes
 from actors.outputs import RequestOutput, request_outputs
-from actors.sampler import picks_on_device, sample, sample_on_device
+from actors.sampler import logprob_rows, picks_on_device, sample, sample_on_device, token_logprobs
 from actors.scheduler import Scheduler
 from actors.sequence import RequestError, SamplingParams, Sequence, SequenceStatus
 from kernels.model import CausalLM
@@ -148,7 +148,10 @@ class LLMEngine:
             if not seqs:
                 return []
             if not (self.run_ahead and all(picks_on_device(s) for s in seqs)):
-                return self._advance(seqs, sample(self.runner.run(seqs, is_prefill), seqs))
+                logits = self.runner.run(seqs, is_prefill)
+                found = logprob_rows(logits, seqs)
+                tokens = sample(logits, seqs)
+                return self._advance(seqs, tokens, found and token_logprobs(found, seqs, tokens))
             launched = _Launched.pick(seqs, self.runner.run(seqs, is_prefill))
         if self._can_run_ahead(launched.seqs):
             for seq in launched.seqs:
@@ -167,14 +170,17 @@ class LLMEngine:
             return False
         return sum(self.block_manager.blocks_to_append(s, ahead=1) for s in seqs) <= self.block_manager.num_free
 
-    def _advance(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's new token and check its stop; sequences ended meanwhile (aborted, or
-        stopped the step before one launched ahead) take none."""
+    def _advance(self, seqs: list[Sequence], tokens: list[int], logprobs: dict | None = None) -> list[Sequence]:
+        """Append each sequence's new token (and, row -> `TokenLogprobs`, its log-probabilities) and
+        check its stop; sequences ended meanwhile (aborted, or stopped the step before one launched
+        ahead) take none."""
         advanced = []
-        for seq, token in zip(seqs, tokens):
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
             if seq.is_finished:
                 continue
             seq.append(token)
+            if logprobs and row in logprobs:
+                seq.logprobs.append(logprobs[row])
             self._check_stop(seq, token)
             advanced.append(seq)
         return advanced

@@ -1,7 +1,7 @@
 """What `generate` returns: plain data, the same from a local engine and from a TP group."""
 from dataclasses import dataclass, field
 
-from actors.sequence import Sequence
+from actors.sequence import Sequence, TokenLogprobs
 
 
 @dataclass
@@ -10,6 +10,7 @@ class CompletionOutput:
     token_ids: list[int]            # generated tokens only
     finish_reason: str | None       # "stop" | "length" | "abort"
     text: str | None = None
+    logprobs: list[TokenLogprobs] | None = None     # per generated token, when the params asked
 
 
 @dataclass
@@ -20,7 +21,8 @@ class RequestOutput:
 
 
 def request_outputs(prompts: list[list[int]], groups: list[list[Sequence]]) -> list[RequestOutput]:
-    return [RequestOutput(list(prompt), [CompletionOutput(j, s.output_token_ids, s.finish_reason)
+    return [RequestOutput(list(prompt), [CompletionOutput(j, s.output_token_ids, s.finish_reason,
+                                                          logprobs=None if s.logprobs is None else list(s.logprobs))
                                          for j, s in enumerate(seqs)])
             for prompt, seqs in zip(prompts, groups)]
 

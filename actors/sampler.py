@@ -8,12 +8,13 @@ parameters travel through pinned staging copies; unseeded draws race exponential
 calling multinomial), so a step's tokens can feed the next step before the host sees them
 (run-ahead, actors/llm_engine.py) for sampled sequences as for greedy ones. What needs the host
 stays out of that path (`picks_on_device`): the repetition penalty reads the token history, the stop
-mask depends on the step, and a seeded request draws from its own CPU generator.
+mask depends on the step, a seeded request draws from its own CPU generator, and log-probabilities
+(`logprob_rows`, `token_logprobs`) are read by the host.
 """
 import torch
 
 from actors.model_runner import to_device
-from actors.sequence import Sequence
+from actors.sequence import Sequence, TokenLogprobs
 from kernels.argmax import argmax_rows
 
 
@@ -26,7 +27,33 @@ def picks_on_device(seq: Sequence, ahead: int = 0) -> bool:
     """Whether `sample_on_device` picks the sequence's token `ahead` steps from now without the host:
     greedy or sampled, no repetition penalty, no stop mask, no seeded generator."""
     p = seq.params
-    return p.repetition_penalty == 1.0 and not stops_masked(seq, ahead) and (p.greedy or p.seed is None)
+    return (p.repetition_penalty == 1.0 and not stops_masked(seq, ahead) and (p.greedy or p.seed is None)
+            and p.logprobs is None)
+
+
+def logprob_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
+    """The rows of the sequences that asked for log-probabilities and their log-softmax [rows, vocab]
+    over the model's logits as they come (before any penalty, temperature or filter: what `sample`
+    then changes in place is a copy's concern no longer); None when none asked."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    return rows, logits[rows].float().log_softmax(dim=-1)
+
+
+def token_logprobs(found: tuple[list[int], torch.Tensor], seqs: list[Sequence],
+                   tokens: list[int]) -> dict[int, TokenLogprobs]:
+    """Row -> the picked token's log-probability and the row's `logprobs` most likely tokens', from
+    `logprob_rows`' result (one copy to the host)."""
+    rows, lp = found
+    picked = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=lp.device)[:, None]).squeeze(1)
+    top_lp, top_ids = lp.topk(max(seqs[i].params.logprobs for i in rows), dim=-1)
+    picked, top_lp, top_ids = picked.tolist(), top_lp.tolist(), top_ids.tolist()
+    out = {}
+    for j, row in enumerate(rows):
+        k = seqs[row].params.logprobs
+        out[row] = TokenLogprobs(tokens[row], picked[j], tuple(zip(top_ids[j][:k], top_lp[j][:k])))
+    return out
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -1,8 +1,11 @@
 """Requests as the engine sees them: `SamplingParams` (validated at the door) and `Sequence`."""
 import itertools
 from enum import Enum, auto
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_LOGPROBS = 20
 
 
 class RequestError(ValueError):
@@ -24,6 +27,10 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     seed: int | None = Field(None, description="per-request RNG seed for reproducible sampling")
     n: int = Field(1, ge=1, description="samples per prompt")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="return each generated token's log-probability and this many most "
+                                             "likely alternatives' (the model's distribution: before penalties, "
+                                             "temperature and filters)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -44,6 +51,14 @@ class SamplingParams(BaseModel):
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'sampling'}: {err['msg']}"
                                  for err in e.errors())
             raise RequestError(f"invalid sampling parameters: {problems}") from None
+
+
+class TokenLogprobs(NamedTuple):
+    """A generated token, its log-probability and the `SamplingParams.logprobs` most likely tokens'
+    (id, log-probability), most likely first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 class SequenceStatus(Enum):
@@ -69,6 +84,7 @@ class Sequence:
         self.num_cached_tokens = 0                 # tokens whose keys/values are in the cache
         self.finish_reason: str | None = None
         self.generator = None                      # torch.Generator when params.seed is set
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None   # per output token
 
     def __len__(self) -> int:
         return len(self.token_ids)

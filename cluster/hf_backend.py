@@ -3,7 +3,7 @@ keeps its contract while HF's own `generate` does the work."""
 import torch
 
 from actors.outputs import CompletionOutput, RequestOutput
-from actors.sequence import SamplingParams
+from actors.sequence import SamplingParams, TokenLogprobs
 
 
 class HFBackend:
@@ -26,16 +26,26 @@ class HFBackend:
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             ids = torch.tensor([prompt], device=self.device)
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **self._hf_kwargs(params))
+            scored = params.logprobs is not None          # then HF returns each step's raw logits too
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=scored,
+                                      output_logits=scored, **self._hf_kwargs(params))
             result = RequestOutput(list(prompt))
-            for j, row in enumerate(out.tolist()):
+            for j, row in enumerate((out.sequences if scored else out).tolist()):
                 # decoder-only output repeats the prompt; encoder-decoder output starts with the decoder start token
                 new = row[1:] if self.model.config.is_encoder_decoder else row[len(prompt):]
                 stops = [i for i, t in enumerate(new) if t in params.stop_token_ids]
                 new = new[:stops[0] + 1] if stops else new
-                result.outputs.append(CompletionOutput(j, new, "stop" if stops else "length"))
+                logprobs = [_logprobs(step[j], token, params.logprobs) for step, token in zip(out.logits, new)] \
+                    if scored else None
+                result.outputs.append(CompletionOutput(j, new, "stop" if stops else "length", logprobs=logprobs))
             results.append(result)
         return results
 
     def forward_logits(self, prompts: list[list[int]], position_offsets: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError("the unmodified HF model is engine.module itself: call it directly")
+
+
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    lp = logits.float().log_softmax(dim=-1)
+    top_lp, top_ids = lp.topk(k)
+    return TokenLogprobs(token, lp[token].item(), tuple(zip(top_ids.tolist(), top_lp.tolist())))

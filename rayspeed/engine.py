@@ -28,7 +28,7 @@ class InferenceEngine:
     def generate(self, prompts, **sampling) -> list[RequestOutput]:
         """Generate for a prompt or a batch (strings or token ids); sampling keywords as `SamplingParams`
         (max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-        stop_token_ids, ignore_eos, seed, n). Stops at the model's EOS unless told otherwise."""
+        stop_token_ids, ignore_eos, seed, n, logprobs). Stops at the model's EOS unless told otherwise."""
         ids, texts = encode_prompts(prompts, self.tokenizer)
         if "stop_token_ids" not in sampling:
             sampling["stop_token_ids"] = tuple(token_list(self.module.generation_config.eos_token_id))

@@ -11,6 +11,7 @@ so concurrent arrivals cannot all pass one check) and gives it back as each prom
 or ends; beyond `max_queued_requests` waiting sequences it is refused (HTTP 503 + Retry-After)."""
 import asyncio
 import functools
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -85,6 +86,10 @@ class Chunk:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: list | None = None    # `TokenLogprobs` of the tokens up to this text, when asked
+
+
+LOGPROB_FLOOR = -9999.0             # what a -inf log-probability reads as (JSON has no infinities)
 
 
 class LLMServer:
@@ -111,14 +116,17 @@ class LLMServer:
             raise LookupError(f"model {name!r} is not served here; this server serves {self.model_name!r}")
 
     def params(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
-        if req.logprobs:
-            raise Unsupported("logprobs are not supported")
         if req.presence_penalty or req.frequency_penalty:
             raise Unsupported("presence_penalty / frequency_penalty are not supported; use repetition_penalty")
+        if isinstance(req, CompletionRequest) and req.suffix:
+            raise Unsupported("suffix (insertion) is not supported")
+        if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+            raise Unsupported("echo with logprobs (the prompt's log-probabilities) is not supported")
         return SamplingParams.build(
             max_new_tokens=max_tokens or 16, min_new_tokens=req.min_tokens, do_sample=req.temperature >= SAMPLING_EPS,
             temperature=req.temperature or 1.0, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-            repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos, stop_token_ids=self.eos, n=req.n)
+            repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos, stop_token_ids=self.eos, n=req.n,
+            logprobs=req.top_logprobs_wanted)
 
     def encode(self, prompt) -> list[list[int]]:
         prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
@@ -128,6 +136,38 @@ class LLMServer:
                 raise RequestError(f"prompt of {len(p)} tokens leaves no room in the model's "
                                    f"{self.max_model_len}-token context")
         return ids
+
+    def echoed(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """Per prompt, the text an `echo` answer starts with: the prompt as given, or decoded from ids."""
+        if not req.echo:
+            return [""] * len(prompts)
+        if isinstance(req.prompt, str):
+            return [req.prompt]
+        if isinstance(req.prompt, list) and isinstance(req.prompt[0], str):
+            return list(req.prompt)
+        return [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+
+    # -- log-probabilities, in OpenAI's two shapes --------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion_logprobs(self, logprobs: list, offset: int) -> tuple[dict, int]:
+        """The completions shape (token texts, their log-probabilities, the alternatives by text, text
+        offsets: the tokens' own texts' lengths summed from `offset`) and the offset after them."""
+        texts = [self._token_text(t.token_id) for t in logprobs]
+        ends = list(itertools.accumulate(map(len, texts), initial=offset))
+        return {"tokens": texts, "token_logprobs": [max(t.logprob, LOGPROB_FLOOR) for t in logprobs],
+                "top_logprobs": [{self._token_text(i): max(lp, LOGPROB_FLOOR) for i, lp in t.top} for t in logprobs],
+                "text_offset": ends[:-1]}, ends[-1]
+
+    def chat_logprobs(self, logprobs: list) -> dict:
+        """The chat shape: per token its text, log-probability and UTF-8 bytes, and the alternatives'."""
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode())}
+        return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in logprobs]}
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None) is None:
@@ -200,6 +240,7 @@ class LLMServer:
         started, last = time.perf_counter(), None
         streams = [TextStream(self.decode, stops) for _ in range(params.n)]
         counts = [0] * params.n
+        held = [[] for _ in range(params.n)]          # log-probabilities of tokens whose text is held back
         try:
             async for delta in self.engine.loop.stream(prompt, params):
                 reservation.release(index)
@@ -207,11 +248,15 @@ class LLMServer:
                 if s.stopped:
                     continue
                 counts[delta.index] += len(delta.token_ids)
+                held[delta.index] += delta.logprobs or []
                 text = s.push(delta.token_ids, final=delta.finish_reason is not None)
                 reason = "stop" if s.stopped else delta.finish_reason
                 last = self._observe(started, last, len(delta.token_ids))
                 if text or reason:
-                    queue.put_nowait(Chunk(index * params.n + delta.index, text, reason, counts[delta.index]))
+                    logprobs = held[delta.index] if params.logprobs is not None else None
+                    held[delta.index] = []
+                    queue.put_nowait(Chunk(index * params.n + delta.index, text, reason, counts[delta.index],
+                                           logprobs))
                 if reason:
                     ending.set()
                 if all(st.stopped for st in streams):
@@ -230,24 +275,35 @@ class LLMServer:
     async def complete(self, req: CompletionRequest) -> dict:
         self.check_model(req.model)
         prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
-        texts, reasons, tokens = _collect(prompts, params)
+        _, reasons, tokens = _collect(prompts, params)
+        texts = [echo for echo in self.echoed(req, prompts) for _ in range(params.n)]
+        logprobs = [[] for _ in texts]
         async for c in self.chunks(prompts, params, req.stop):
             texts[c.choice] += c.text
             reasons[c.choice], tokens[c.choice] = c.finish_reason, c.completion_tokens
-        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+            logprobs[c.choice] += c.logprobs or []
+        wanted = params.logprobs is not None
+        choices = [{"index": i, "text": t, "finish_reason": r,
+                    "logprobs": self.completion_logprobs(lp, 0)[0] if wanted else None}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": self.model_name,
                 "choices": choices, "usage": _usage(prompts, params, tokens)}
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
         self.check_model(req.model)
         prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
-        rid, created, tokens = new_id("cmpl"), now(), {}
+        rid, created, tokens, offsets = new_id("cmpl"), now(), {}, {}
+        echoes = [echo for echo in self.echoed(req, prompts) for _ in range(params.n)]
         async for c in self.chunks(prompts, params, req.stop, streaming=True):
             tokens[c.choice] = c.completion_tokens
+            text = c.text if c.choice in offsets else echoes[c.choice] + c.text     # an echo opens the choice
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs, offsets[c.choice] = self.completion_logprobs(c.logprobs, offsets.get(c.choice, 0))
+            offsets.setdefault(c.choice, 0)
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": [{"index": c.choice, "text": c.text, "finish_reason": c.finish_reason,
-                                "logprobs": None}]}
+                   "choices": [{"index": c.choice, "text": text, "finish_reason": c.finish_reason,
+                                "logprobs": logprobs}]}
         if req.include_usage:
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                    "choices": [], "usage": _usage(prompts, params, [tokens.get(i, 0) for i in range(len(tokens))])}
@@ -256,11 +312,15 @@ class LLMServer:
         self.check_model(req.model)
         prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
         texts, reasons, tokens = _collect([prompt], params)
+        logprobs = [[] for _ in texts]
         async for c in self.chunks([prompt], params, req.stop):
             texts[c.choice] += c.text
             reasons[c.choice], tokens[c.choice] = c.finish_reason, c.completion_tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+            logprobs[c.choice] += c.logprobs or []
+        wanted = params.logprobs is not None
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
+                    "logprobs": self.chat_logprobs(lp) if wanted else None}
+                   for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
                 "choices": choices, "usage": _usage([prompt], params, tokens)}
 
@@ -277,27 +337,36 @@ class LLMServer:
         async for c in prepend(first, chunks):
             tokens[c.choice] = c.completion_tokens
             delta = {"content": c.text} if c.text else {}
-            yield {**head, "choices": [{"index": c.choice, "delta": delta, "finish_reason": c.finish_reason}]}
+            choice = {"index": c.choice, "delta": delta, "finish_reason": c.finish_reason}
+            if params.logprobs is not None:
+                choice["logprobs"] = self.chat_logprobs(c.logprobs)
+            yield {**head, "choices": [choice]}
         if req.include_usage:
             yield {**head, "choices": [], "usage": _usage([prompt], params, [tokens.get(i, 0) for i in range(params.n)])}
 
     async def generate(self, prompt, **sampling) -> dict:
-        """For Python handles: one prompt (text or ids) -> {"text", "token_ids", "finish_reason"}."""
+        """For Python handles: one prompt (text or ids) -> {"text", "token_ids", "finish_reason"} (and with
+        `logprobs=k`, "logprobs": per token {"token_id", "logprob", "top": [[id, logprob], ...]})."""
         ids = self.encode(prompt)[0]
         sampling.setdefault("stop_token_ids", self.eos)
         params = SamplingParams.build(**sampling)
         reservation = self.admit(1, params.n)
-        token_ids, reason = [], None
+        token_ids, reason, logprobs = [], None, []
         try:                                     # a stream: a cancelled call aborts its sequences
             async for delta in self.engine.loop.stream(ids, params):
                 reservation.release()
                 if delta.index == 0:
                     token_ids += delta.token_ids
                     reason = delta.finish_reason or reason
+                    logprobs += delta.logprobs or []
         finally:
             reservation.release()
-        return {"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
-                "finish_reason": reason, "prompt_token_ids": ids}
+        out = {"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
+               "finish_reason": reason, "prompt_token_ids": ids}
+        if params.logprobs is not None:
+            out["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob, "top": [list(p) for p in t.top]}
+                               for t in logprobs]
+        return out
 
 
 async def start_server(args, checkpoint: str, model_name: str, pg=None, use_gpu: bool = False,
@@ -340,7 +409,8 @@ async def prepend(first, rest):
 def _merge(items: list) -> list:
     """Chunks of the same choice joined (in order of each choice's first); an error ends the list."""
     return join_runs(items, lambda c: c.choice,
-                     lambda a, b: Chunk(b.choice, a.text + b.text, b.finish_reason, b.completion_tokens))
+                     lambda a, b: Chunk(b.choice, a.text + b.text, b.finish_reason, b.completion_tokens,
+                                        None if a.logprobs is None else a.logprobs + b.logprobs))
 
 
 def _collect(prompts, params) -> tuple[list[str], list, list[int]]:

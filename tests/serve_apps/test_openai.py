@@ -97,7 +97,10 @@ def test_32_concurrent_requests_are_batched_and_equal_one_by_one(base_url):
     ({"prompt": "x" * 300}, 400, None),
     ({"prompt": 12}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ({"prompt": "x", "logprobs": 2}, 400, None),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, 400, None),
+    ({"prompt": "x", "suffix": "y"}, 400, None),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(base_url, body, status, param):
     reply = httpx.post(base_url + "/v1/completions", json=body, timeout=30)
@@ -106,6 +109,54 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(base_url, b
     assert error["message"] and error["type"] and (param is None or error["param"] == param)
     ok = httpx.post(base_url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_completion_logprobs_unary_and_streamed(client):
+    """logprobs=2: per generated token its text, log-probability, two alternatives and text offset;
+    greedy picks are the most likely token; a stream's chunks carry the same, token for token."""
+    out = client.completions.create(model=MODEL_NAME, prompt="DeepSpeed is", max_tokens=6, temperature=0,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert all(x <= 0 for x in lp.token_logprobs) and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    for picked, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(picked, abs=1e-5)
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="DeepSpeed is", max_tokens=6, temperature=0,
+                                            logprobs=2, extra_body={"ignore_eos": True}, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((s.tokens for s in streamed), []) == lp.tokens
+    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    assert client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2).choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(client, base_url):
+    messages = [{"role": "user", "content": "hello"}]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for token in content:
+        assert token.logprob <= 0 and token.bytes == list(token.token.encode()) and len(token.top_logprobs) == 3
+        assert token.top_logprobs[0].logprob == pytest.approx(token.logprob, abs=1e-5)
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2).choices[0].logprobs is None
+    reply = httpx.post(base_url + "/v1/chat/completions", timeout=30,
+                       json={"messages": messages, "top_logprobs": 2})
+    assert reply.status_code == 400 and "logprobs" in reply.json()["error"]["message"]
+
+
+def test_echo_starts_the_text_with_the_prompt(client):
+    plain = client.completions.create(model=MODEL_NAME, prompt="Ray", max_tokens=5, temperature=0)
+    echoed = client.completions.create(model=MODEL_NAME, prompt="Ray", max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == "Ray" + plain.choices[0].text
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="Ray", max_tokens=5, temperature=0,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == echoed.choices[0].text
 
 
 def test_malformed_json_is_400(base_url):
@@ -129,7 +180,10 @@ def test_client_disconnect_frees_kv_blocks(base_url):
 def test_python_handle_generate_and_stream(base_url):
     handle = serve.get_app_handle("neo")
     out = handle.generate.remote("DeepSpeed is", max_new_tokens=5, ignore_eos=True).result()
-    assert len(out["token_ids"]) == 5 and isinstance(out["text"], str)
+    assert len(out["token_ids"]) == 5 and isinstance(out["text"], str) and "logprobs" not in out
+    scored = handle.generate.remote("DeepSpeed is", max_new_tokens=5, ignore_eos=True, logprobs=2).result()
+    assert [t["token_id"] for t in scored["logprobs"]] == scored["token_ids"] == out["token_ids"]
+    assert all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in scored["logprobs"])
     pieces = list(handle.options(stream=True).generate_stream.remote("DeepSpeed is", max_tokens=5, temperature=0))
     greedy = handle.generate.remote("DeepSpeed is", max_new_tokens=5).result()
     assert "".join(pieces) == greedy["text"]
