@@ -56,6 +56,10 @@ def test_tp_matches_tp1_and_hf(family, tp_size):
         sampled = dict(max_new_tokens=12, do_sample=True, temperature=1.3, seed=5, ignore_eos=True)
         assert [o.outputs[0].token_ids for o in engine.generate(prompts, **sampled)] == \
                [o.outputs[0].token_ids for o in tp1.generate(prompts, **sampled)]
+        scored = [o.outputs[0].logprobs for o in engine.generate(prompts, logprobs=2, **greedy)]
+        for got, want in zip(scored, [o.outputs[0].logprobs for o in tp1.generate(prompts, logprobs=2, **greedy)]):
+            assert [t.token_id for t in got] == [t.token_id for t in want]
+            assert [t.logprob for t in got] == pytest.approx([t.logprob for t in want], abs=1e-4)
     finally:
         engine.shutdown()
     assert free_cpus_settle() == 4.0                          # placement group released
