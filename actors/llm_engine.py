@@ -151,7 +151,7 @@ class LLMEngine:
                 logits = self.runner.run(seqs, is_prefill)
                 found = logprob_rows(logits, seqs)
                 tokens = sample(logits, seqs)
-                return self._advance(seqs, tokens, found and token_logprobs(found, seqs, tokens))
+                return self._advance(seqs, tokens, token_logprobs(found, seqs, tokens) if found else None)
             launched = _Launched.pick(seqs, self.runner.run(seqs, is_prefill))
         if self._can_run_ahead(launched.seqs):
             for seq in launched.seqs:

@@ -230,10 +230,14 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _hopper_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def _bulk_prefetch(device: torch.device) -> bool:
     """Whether kernels on `device` may ask the L2 for bytes (`cp.async.bulk.prefetch.L2`: Hopper on)."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and \
-        torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_later(device.index or 0)
 
 
 # chunk reads: in the loop / first before the wait / one ahead / first before the wait and the next
@@ -354,7 +358,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()
-    l2_ahead = L2_AHEAD_CHUNKS * chunk if mode == "early-l2" and _bulk_prefetch(q.device) and row_bytes % 16 == 0 else 0
+    asked = mode == "early-l2" and _bulk_prefetch(q.device) and row_bytes % 16 == 0
+    positions_ahead = L2_AHEAD_CHUNKS * chunk if asked else 0
     _paged_decode_kernel[(num_heads, num_seqs, splits)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
         k_new if new_kv else q, v_new if new_kv else q, slot_mapping if new_kv else context_lens,
@@ -364,8 +369,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         block_tables.stride(0), num_heads, num_heads // num_kv_heads, head_dim, scale, window or 0,
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
         BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=mode == "prefetch", PDL=pdl, SPLITS=splits,
-        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, EARLY=mode in ("early", "early-l2"), L2_AHEAD=l2_ahead, row_bytes=row_bytes,
-        num_warps=warps, launch_pdl=pdl)
+        SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, EARLY=mode in ("early", "early-l2"), L2_AHEAD=positions_ahead,
+        row_bytes=row_bytes, num_warps=warps, launch_pdl=pdl)
     return out
 
 
