@@ -292,18 +292,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if tile.half:
             assert bits in (4, 8) and x.dtype == torch.float16, \
                 f"half tiles take int4 or int8 weights and fp16 x, got {bits} bits and {x.dtype}"
+        if tile.wide:
+            assert tile.rows and bits == 4 and not tile.half, \
+                f"wide tiles are rows tiles reading int4 weights in 16-byte vectors of 32 columns, not {bits} bits"
+        if tile.half or tile.wide:
             vector = 32 if bits == 4 else 16                # columns per 16 bytes of weights
             aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
             assert k % vector == 0 and sub % vector == 0 and aligned, \
-                f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
+                f"{'half' if tile.half else 'wide'} tiles read weights in 16-byte vectors of {vector} columns: " \
+                f"K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
         if tile.rows:
             assert tile.block_n in (1, 2, 4, 8), f"rows tiles own 1, 2, 4 or 8 rows a thread, not {tile.block_n}"
-            if tile.wide:
-                aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
-                assert bits == 4 and not tile.half and k % 32 == 0 and sub % 32 == 0 and aligned, \
-                    f"wide rows tiles read int4 weights in 16-byte vectors of 32 columns: {bits} bits, K={k}, " \
-                    f"K tiles of {sub}"
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
