@@ -50,7 +50,7 @@ def whole_decode_stream(tokenizer, ids: list[int]) -> str:
 
 def detokenisation(lengths=(256, 1024, 4096)) -> list[dict]:
     from serve_apps.demo_model import byte_tokenizer
-    from serve_apps.server import TextStream, window_decoder
+    from serve_apps.text_stream import TextStream, window_decoder
     tok = byte_tokenizer()
     source = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "performance.md")).read()
     ids = tok(source * 2)["input_ids"]

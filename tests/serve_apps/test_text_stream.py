@@ -9,7 +9,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from serve_apps.demo_model import EOS, byte_tokenizer
-from serve_apps.server import TextStream, window_decoder
+from serve_apps.text_stream import TextStream, window_decoder
 
 
 def streamed(tokenizer, ids: list[int], sizes, stops=()) -> tuple[str, TextStream]:
