@@ -44,16 +44,20 @@ def logprob_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int],
 def token_logprobs(found: tuple[list[int], torch.Tensor], seqs: list[Sequence],
                    tokens: list[int]) -> dict[int, TokenLogprobs]:
     """Row -> the picked token's log-probability and the row's `logprobs` most likely tokens', from
-    `logprob_rows`' result (one copy to the host)."""
+    `logprob_rows`' result."""
     rows, lp = found
-    picked = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=lp.device)[:, None]).squeeze(1)
-    top_lp, top_ids = lp.topk(max(seqs[i].params.logprobs for i in rows), dim=-1)
+    scored = score_tokens(lp, [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
+    return dict(zip(rows, scored))
+
+
+def score_tokens(lp: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """Per row of log-probabilities `lp` [rows, vocab]: its token's, and its k most likely tokens' (one
+    copy to the host)."""
+    picked = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None]).squeeze(1)
+    top_lp, top_ids = lp.topk(max(ks), dim=-1)
     picked, top_lp, top_ids = picked.tolist(), top_lp.tolist(), top_ids.tolist()
-    out = {}
-    for j, row in enumerate(rows):
-        k = seqs[row].params.logprobs
-        out[row] = TokenLogprobs(tokens[row], picked[j], tuple(zip(top_ids[j][:k], top_lp[j][:k])))
-    return out
+    return [TokenLogprobs(token, picked[j], tuple(zip(top_ids[j][:k], top_lp[j][:k])))
+            for j, (token, k) in enumerate(zip(tokens, ks))]
 
 
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:

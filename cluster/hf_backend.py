@@ -3,7 +3,8 @@ keeps its contract while HF's own `generate` does the work."""
 import torch
 
 from actors.outputs import CompletionOutput, RequestOutput
-from actors.sequence import SamplingParams, TokenLogprobs
+from actors.sampler import score_tokens
+from actors.sequence import SamplingParams
 
 
 class HFBackend:
@@ -35,17 +36,13 @@ class HFBackend:
                 new = row[1:] if self.model.config.is_encoder_decoder else row[len(prompt):]
                 stops = [i for i, t in enumerate(new) if t in params.stop_token_ids]
                 new = new[:stops[0] + 1] if stops else new
-                logprobs = [_logprobs(step[j], token, params.logprobs) for step, token in zip(out.logits, new)] \
-                    if scored else None
+                logprobs = None
+                if scored:                                 # out.logits: a [samples, vocab] tensor per step
+                    lp = torch.stack([step[j] for step in out.logits[:len(new)]]).float().log_softmax(dim=-1)
+                    logprobs = score_tokens(lp, new, [params.logprobs] * len(new))
                 result.outputs.append(CompletionOutput(j, new, "stop" if stops else "length", logprobs=logprobs))
             results.append(result)
         return results
 
     def forward_logits(self, prompts: list[list[int]], position_offsets: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError("the unmodified HF model is engine.module itself: call it directly")
-
-
-def _logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
-    lp = logits.float().log_softmax(dim=-1)
-    top_lp, top_ids = lp.topk(k)
-    return TokenLogprobs(token, lp[token].item(), tuple(zip(top_ids.tolist(), top_lp.tolist())))

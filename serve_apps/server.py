@@ -238,15 +238,15 @@ class LLMServer:
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
         self.check_model(req.model)
         prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
-        rid, created, tokens, offsets = new_id("cmpl"), now(), {}, {}
+        rid, created, tokens, opened, offsets = new_id("cmpl"), now(), {}, set(), {}
         echoes = [echo for echo in self.echoed(req, prompts) for _ in range(params.n)]
         async for c in self.chunks(prompts, params, req.stop, streaming=True):
             tokens[c.choice] = c.completion_tokens
-            text = c.text if c.choice in offsets else echoes[c.choice] + c.text     # an echo opens the choice
+            text = c.text if c.choice in opened else echoes[c.choice] + c.text      # an echo opens the choice
+            opened.add(c.choice)
             logprobs = None
             if params.logprobs is not None:
                 logprobs, offsets[c.choice] = self.completion_logprobs(c.logprobs, offsets.get(c.choice, 0))
-            offsets.setdefault(c.choice, 0)
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                    "choices": [{"index": c.choice, "text": text, "finish_reason": c.finish_reason,
                                 "logprobs": logprobs}]}
