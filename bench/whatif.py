@@ -3,12 +3,14 @@ changed, every variant's graphs recaptured and the replays alternated so drift h
 The default variants are upper bounds, not results: the norm kernels or the attention kernels
 swapped for identities (the numbers they compute are wrong, the kernels around them the same).
 "unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
-reduction kernel after them); --configs compares decode attention configurations
-(RAYSPEED_DECODE_CONFIG) instead, at the context --context.
+reduction kernel after them); "table" (with --table PATH) looks the products' tiles up in another
+gemv table (bench/tune.py --refine-rows writes one) before the shipped one; --configs compares
+decode attention configurations (RAYSPEED_DECODE_CONFIG) instead, at the context --context.
 
     python3 bench/whatif.py --dtypes int8,float16,int4 [--batch 1] [--context 38] [--out bench/results]
     python3 bench/whatif.py --variants "as built,unsplit" --dtypes int4 --context 100
     python3 bench/whatif.py --configs "64,early,4 64,early-l2,4" --context 150
+    python3 bench/whatif.py --variants "as built,table" --table /tmp/refined/<GPU table>.json --dtypes int4
 """
 import argparse
 import json
@@ -30,6 +32,7 @@ from bench.decode import build, commit  # noqa: E402
 from bench.step_breakdown import replay_ms  # noqa: E402
 
 REAL_NORM, REAL_ATTENTION, REAL_TILE = block.Norm.forward, block.attention, gemv_tuner.tuned_tile
+REAL_CHOICES = gemv_tuner._choices
 
 
 def no_norm(self, x, residual=None):
@@ -50,8 +53,19 @@ VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"att
             "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile}}
 
 
-def use(norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None) -> None:
+def table_choices(path: str) -> gemv_tuner._Choices:
+    """The tuner's choices with the table at `path` read over the shipped one (keys it lacks stay)."""
+    choices = gemv_tuner._Choices()
+    choices.disk = choices._read(torch.cuda.get_device_name())
+    with open(path) as f:
+        choices.disk.update(json.load(f))
+    return choices
+
+
+def use(norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
+        choices=REAL_CHOICES) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    gemv_tuner._choices = choices
     if config:
         os.environ["RAYSPEED_DECODE_CONFIG"] = config
     else:
@@ -66,8 +80,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=38, help="tokens in each sequence's cache when timed")
     ap.add_argument("--variants", default="as built,no norms,no attention,neither", help=f"of {list(VARIANTS)}")
     ap.add_argument("--configs", default="", help="space-separated RAYSPEED_DECODE_CONFIG values to compare")
+    ap.add_argument("--table", default="", help="the gemv table of the `table` variant")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    if args.table:
+        VARIANTS["table"] = {"choices": table_choices(args.table)}
     hf = build("neo")
     rows = {}
     for name in args.dtypes.split(","):
