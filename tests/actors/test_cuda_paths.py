@@ -12,11 +12,11 @@ import torch
 
 import rayspeed
 from actors.sequence import SamplingParams, Sequence
-from kernels import attention, attention_torch
+from kernels import attention, attention_torch, prefill_attention
 from kernels.gemv import Tile, skinny_linear
 from kernels.gemv_tuner import HALF_SHAPES, HALF_SHAPES_INT8, time_in_graph
 from tests.helpers import tiny_model
-from tests.kernels.test_attention import _decode_case
+from tests.kernels.test_attention import _decode_case, _fresh_prefill_case
 from tests.kernels.test_gemv import _weight
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -221,6 +221,30 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "1")
     torch.testing.assert_close(attention.paged_decode_attention_triton(*args, 0.1, window), first,
                                rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("window", [None, 256])
+def test_split_prefill_blocks_are_deterministic_and_exact(window):
+    """Fresh prefill with its longer query blocks shared by two programs (the default) on GPT-Neo
+    2.7B's attention shape, prompts of 512, 300 and 40 tokens: against the reference and one program
+    a block, bitwise the same over 100 launches and under a padded grid (the halves merge in one
+    order whichever finishes second), keys and values stored once."""
+    lens = [512, 300, 40]
+    q, k, v, cu, k_cache, v_cache, tables, slots = _fresh_prefill_case(lens, 20, torch.float16, heads=20, dim=128,
+                                                                        block=16)
+    q, k, v, cu, k_cache, v_cache, tables, slots = (t.cuda() for t in (q, k, v, cu, k_cache, v_cache, tables, slots))
+    ref = attention_torch.paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, device="cuda").int(),
+                                                cu, 0.1, window)
+    k_stored, v_stored = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    first = prefill_attention.prefill_attention_triton(q, k, v, cu, 512, 0.1, window, None, k_stored, v_stored, slots)
+    torch.testing.assert_close(first, ref, rtol=2e-3, atol=2e-3)
+    assert torch.equal(k_stored, k_cache) and torch.equal(v_stored, v_cache)
+    for _ in range(100):
+        assert torch.equal(prefill_attention.prefill_attention_triton(q, k, v, cu, 512, 0.1, window), first)
+    assert torch.equal(prefill_attention.prefill_attention_triton(q, k, v, cu, 1024, 0.1, window), first)
+    whole = prefill_attention.prefill_attention_triton(q, k, v, cu, 512, 0.1, window, split=(0, 0))
+    torch.testing.assert_close(whole, first, rtol=2e-3, atol=2e-3)
+    assert not prefill_attention._COUNTERS[q.device].any()
 
 
 @pytest.mark.parametrize("window,heads,kv_heads", [(None, 20, 20), (256, 20, 20), (None, 32, 8)])

@@ -66,12 +66,13 @@ def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, 
             ATTENTION_POINTERS, num_warps)
 
 
-def prefill_attention(block, window_alibi):
+def prefill_attention(block, window_alibi, split=False, pdl=False):
     return ("kernels.prefill_attention", "_prefill_kernel",
             dict(USE_WINDOW=window_alibi, HAS_ALIBI=window_alibi, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128),
+                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, SPLIT=split, PDL=pdl),
             {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")},
-             "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"})
+             "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32", "ws_ptr": "*fp32",
+             "counters_ptr": "*i32"})
 
 
 BUILDS = {
@@ -119,6 +120,7 @@ BUILDS = {
                    {"x_ptr": "*fp16", "out_ptr": "*fp16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32"}),
     "prefill-window-alibi": prefill_attention(64, True),
     "prefill-32-rows": prefill_attention(32, False),
+    "prefill-split-pdl": prefill_attention(64, False, split=True, pdl=True),
     "argmax-parts": ("kernels.argmax", "_argmax_parts_kernel", dict(PART=2048, BLOCK=1024),
                      {"x_ptr": "*fp32", "max_ptr": "*fp32", "index_ptr": "*i32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
@@ -261,6 +263,18 @@ def test_prefill_attention_builds_with_every_option(built):
     cores; so do 32-row blocks (heads wider than 128, or RAYSPEED_PREFILL_CONFIG)."""
     assert "mma" in built["prefill-window-alibi"]["ptx"]
     assert "mma" in built["prefill-32-rows"]["ptx"]
+
+
+def test_prefill_split_merges_after_a_released_ticket(built):
+    """Split prefill blocks: the half's workspace stores, a barrier, one acq_rel ticket at GPU scope,
+    the other half read through L2; with PDL the wait comes before any q, k or v is read."""
+    ptx = built["prefill-split-pdl"]["ptx"]
+    ticket = ptx.index("atom.global.gpu.acq_rel.add")
+    assert "st.global" in ptx[:ticket] and "bar.sync" in ptx[ptx.rindex("st.global", 0, ticket):ticket]
+    assert "ld.global.cg" in ptx[ticket:]
+    assert "mma" in ptx and "atom." not in built["prefill-window-alibi"]["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx[:wait].count("ld.global") <= 2                  # cu_seqlens only
 
 
 def test_split_argmax_reads_16_byte_vectors(built):
