@@ -7,7 +7,7 @@ against one program each, batch 1 to 32, contexts 160 to 8,192, timed in CUDA gr
 runs it, over cache copies that miss L2; `--decode-configs`: every chunk size, chunk-read mode and
 warp count against the default choice (and context splits, `--splits 1,2,4`).
 
-    python3 bench/attention_sweep.py [--decode | --decode-configs | --split] --out bench/results
+    python3 bench/attention_sweep.py [--decode | --decode-configs | --store] --out bench/results
 """
 import argparse
 import datetime
@@ -112,17 +112,14 @@ def prefill_configs(q, k, v, cu, length, scale, window) -> dict:
     return times
 
 
-def split_rows(q, k, v, cu, length, scale, window) -> dict:
-    """The prefill kernel (us, back to back in a CUDA graph, writing the keys and values to a paged
-    cache as in the model) with its query blocks split as shipped, and with one program a block."""
+def stored_us(q, k, v, cu, length, scale, window) -> float:
+    """The prefill kernel (us, back to back in a CUDA graph) writing the keys and values to a paged
+    cache as it does in the model."""
     tokens, kv_heads, dim = k.shape
     k_cache, v_cache = (torch.empty(tokens // 16 + 1, 16, kv_heads, dim, device="cuda", dtype=k.dtype) for _ in "kv")
     slots = torch.arange(tokens, device="cuda")
-    row = {}
-    for name, split in (("split_us", None), ("whole_us", (0, 0))):
-        row[name] = time_in_graph(lambda i: prefill_attention_triton(q, k, v, cu, length, scale, window, None, k_cache,
-                                                                     v_cache, slots, split=split), 1) * 1e3
-    return row
+    return time_in_graph(lambda i: prefill_attention_triton(q, k, v, cu, length, scale, window, None, k_cache, v_cache,
+                                                            slots), 1) * 1e3
 
 
 def main() -> None:
@@ -135,8 +132,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="96,160,512", help="--decode-configs: context lengths")
     ap.add_argument("--splits", default="auto", help="--decode-configs: RAYSPEED_DECODE_SPLITS values (auto: unset)")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--split", action="store_true",
-                    help="prefill: the kernel with split query blocks against one program a block, keys stored")
+    ap.add_argument("--store", action="store_true",
+                    help="prefill: also time the kernel storing the keys and values to a paged cache, in a graph")
     ap.add_argument("--configs", action="store_true",
                     help="prefill: also time the Triton kernel at every block / warps / stages")
     args = ap.parse_args()
@@ -159,8 +156,8 @@ def main() -> None:
         err = ((triton_fn().float() - sdpa_fn().float()).norm() / sdpa_fn().float().norm()).item()
         row = {"case": name, "heads": heads, "head_dim": dim, "window": window, "batch": batch, "length": length,
                "triton_us": do_bench(triton_fn) * 1e3, "sdpa_us": do_bench(sdpa_fn) * 1e3, "rel_err": err}
-        if args.split:
-            row.update(split_rows(q, k, v, cu, length, scale, window))
+        if args.store:
+            row["stored_in_graph_us"] = stored_us(q, k, v, cu, length, scale, window)
         if args.configs and batch * length <= 4096:
             row["configs"] = prefill_configs(q, k, v, cu, length, scale, window)
             row["default_in_graph_us"] = time_in_graph(lambda i: triton_fn(), 1) * 1e3

@@ -18,7 +18,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_he
                   USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [n, n + BLOCK_N) in the online softmax, in base 2 (scores carry log2(e), so exp2 needs no
     extra multiply). MASKED: apply causality, the window and the sequence end; blocks wholly visible
-    skip that work. Returns the new state."""
+    skip that work. Returns the new state and the keys and values it loaded."""
     k_pos = n + tl.arange(0, BLOCK_N)
     kv_rows = (start + k_pos)[:, None]
     kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
@@ -44,60 +44,31 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_he
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, k, v
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
-                    ws_ptr, counters_ptr, q_token_stride, q_head_stride, k_token_stride, v_token_stride,
-                    out_token_stride, cache_block_stride, cache_row_stride, tokens, num_heads, group, head_dim, scale,
-                    window, split_min, split_max, USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    IEEE: tl.constexpr, STORE_KV: tl.constexpr, CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                    q_token_stride, q_head_stride, k_token_stride, v_token_stride, out_token_stride,
+                    cache_block_stride, cache_row_stride, group, head_dim, scale, window,
+                    USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, STORE_KV: tl.constexpr,
+                    CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One (query block of BLOCK_M, head, sequence) of a fresh prefill: flash attention (online softmax
     over key blocks of BLOCK_N) of the sequence's queries over its own keys, causal and, with
     USE_WINDOW, local. Query and key positions are their indices in the sequence (no cached prefix).
     Only the key blocks on the window's lower edge and across the diagonal are masked; those between
     are wholly visible. With STORE_KV, the program of each KV head's first query head also writes the
     keys and values at its own query positions to the cache slots `slots` gives (every position once:
-    `store_kv` without a kernel of its own).
-
-    With SPLIT, two programs share each query block: a block whose keys span split_min to split_max
-    key blocks (and not the first query block) has them halved, each half's normalized output and
-    log-sum-exp written to the fp32 workspace, and the half that finishes second (its ticket at GPU
-    scope says so) merges both, always in the order first half, second half; every other block is
-    the first program's alone. Which blocks split depends on their position only, never on the
-    launch, so every grid computes the same numbers."""
-    # grid (heads, query blocks [x 2 with SPLIT], seqs), the last query blocks (the most keys) launched first
-    head, seq = tl.program_id(0), tl.program_id(2)
-    if SPLIT:
-        m_block, part = tl.num_programs(1) // 2 - 1 - tl.program_id(1) // 2, tl.program_id(1) % 2
-    else:
-        m_block, part = tl.num_programs(1) - 1 - tl.program_id(1), 0
+    `store_kv` without a kernel of its own); where key and query blocks are as wide, those are the
+    diagonal block's keys, stored from the loads that attend to them, after the loop."""
+    # grid (heads, query blocks, seqs), the last query blocks (the most keys) launched first
+    head, m_block, seq = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)      # written before the step: safe before the wait
     length = (tl.load(cu_seqlens_ptr + seq + 1) - start).to(tl.int32)
     first = m_block * BLOCK_M                                            # the block's first query position
     if first >= length:
         return
-    # key blocks: [lo, full) on the window's lower edge, [full, diagonal) wholly visible to every query
-    # of the block, [diagonal, first + BLOCK_M) across the diagonal
-    diagonal = (first + 1) // BLOCK_N * BLOCK_N
-    lo, full = 0, 0
-    if USE_WINDOW:
-        lo = tl.maximum(first - window + 1, 0) // BLOCK_N * BLOCK_N
-        diagonal = tl.maximum(diagonal, lo)
-        full = tl.minimum(tl.cdiv(tl.maximum(first + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N, diagonal)
-    end = first + BLOCK_M
-    blocks = tl.cdiv(end - lo, BLOCK_N)
-    c_lo, c_hi = lo, end                                                 # this program's keys
-    split = False
-    if SPLIT:
-        split = (first >= BLOCK_M) & (blocks >= split_min) & (blocks <= split_max)
-        if (part == 1) & (split == 0):
-            return
-        mid = lo + tl.cdiv(blocks, 2) * BLOCK_N
-        c_lo = tl.where(split & (part == 1), mid, lo)
-        c_hi = tl.where(split & (part == 0), mid, end)
     await_previous(PDL)
     kv_head = head // group
     q_pos = first + tl.arange(0, BLOCK_M)                                # [BLOCK_M]
@@ -106,15 +77,17 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
     q_rows = (start + q_pos)[:, None]
     q_mask = (q_pos < length)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + q_rows * q_token_stride + head * q_head_stride + d[None, :], mask=q_mask, other=0.0)
-    if STORE_KV:
-        if (head % group == 0) & (part == 0):
-            slot = tl.load(slots_ptr + start + q_pos, mask=q_pos < length, other=0)
-            cache_rows = ((slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride)[:, None]
-            cache_offs = cache_rows + kv_head * head_dim + d[None, :]
-            k_new = tl.load(k_ptr + q_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=q_mask)
-            v_new = tl.load(v_ptr + q_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=q_mask)
-            tl.store(k_cache_ptr + cache_offs, k_new, mask=q_mask)
-            tl.store(v_cache_ptr + cache_offs, v_new, mask=q_mask)
+    if STORE_KV:                                 # masked off in all but each KV head's first query head
+        writes = (q_pos < length) & ((head + 0 * q_pos) % group == 0)     # as a tile: the interpreter's masks
+        store_mask = writes[:, None] & d_mask[None, :]
+        slot = tl.load(slots_ptr + start + q_pos, mask=writes, other=0)
+        cache_rows = ((slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride)[:, None]
+        cache_offs = cache_rows + kv_head * head_dim + d[None, :]
+        if BLOCK_N != BLOCK_M:                   # the diagonal step's keys are not this block's: load them here
+            k_new = tl.load(k_ptr + q_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=store_mask)
+            v_new = tl.load(v_ptr + q_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=store_mask)
+            tl.store(k_cache_ptr + cache_offs, k_new, mask=store_mask)
+            tl.store(v_cache_ptr + cache_offs, v_new, mask=store_mask)
     qk_scale = scale * 1.4426950408889634                                # log2(e): softmax in base 2
     slope = 0.0
     if HAS_ALIBI:
@@ -122,49 +95,38 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)      # finite: a row whose first block is all masked stays NaN-free
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n in range(tl.maximum(lo, c_lo), tl.minimum(full, c_hi), BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
-                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, True,
-                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
-    for n in range(tl.maximum(full, c_lo), tl.minimum(diagonal, c_hi), BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
-                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, False,
-                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
-    for n in range(tl.maximum(diagonal, c_lo), c_hi, BLOCK_N):
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
-                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, True,
-                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 in rows that saw no key (past the sequence: not stored)
-    out_ptrs = out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :]
-    if split:
-        # the workspace: [2, tokens, heads, BLOCK_D] outputs, then [2, tokens, heads] log-sum-exps (base 2)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        rows = start + q_pos
-        ws_rows = ((part * tokens + rows) * num_heads + head)[:, None] * BLOCK_D + d[None, :]
-        lse_base = ws_ptr + 2 * tokens * num_heads * BLOCK_D
-        in_seq = q_pos < length
-        tl.store(ws_ptr + ws_rows, out, mask=in_seq[:, None])
-        tl.store(lse_base + (part * tokens + rows) * num_heads + head, lse, mask=in_seq)
-        tl.debug_barrier()                  # every thread's stores before the ticket (released with it)
-        counter = counters_ptr + ((start + first) // BLOCK_M) * num_heads + head
-        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == 1:                     # the other half is visible: merge (from L2, not L1)
-            tl.store(counter, 0)
-            other = 1 - part
-            other_rows = ((other * tokens + rows) * num_heads + head)[:, None] * BLOCK_D + d[None, :]
-            out_other = tl.load(ws_ptr + other_rows, mask=in_seq[:, None], other=0.0, cache_modifier=".cg")
-            lse_other = tl.load(lse_base + (other * tokens + rows) * num_heads + head, mask=in_seq,
-                                other=float("-inf"), cache_modifier=".cg")
-            out0, out1 = tl.where(part == 0, out, out_other), tl.where(part == 0, out_other, out)
-            lse0, lse1 = tl.where(part == 0, lse, lse_other), tl.where(part == 0, lse_other, lse)
-            top = tl.maximum(lse0, lse1)
-            top = tl.where(top == float("-inf"), 0.0, top)
-            w0, w1 = tl.exp2(lse0 - top), tl.exp2(lse1 - top)
-            total = w0 + w1
-            out = (out0 * w0[:, None] + out1 * w1[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    # key blocks: [lo, full) on the window's lower edge, [full, diagonal) wholly visible to every query
+    # of the block, [diagonal, first + BLOCK_M) across the diagonal
+    diagonal = (first + 1) // BLOCK_N * BLOCK_N
+    lo, full = 0, 0
+    if USE_WINDOW:
+        lo = tl.maximum(first - window + 1, 0) // BLOCK_N * BLOCK_N
+        diagonal = tl.maximum(diagonal, lo)
+        full = tl.minimum(tl.cdiv(tl.maximum(first + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N, diagonal)
+    for n in range(lo, full, BLOCK_N):
+        m_i, l_i, acc, _, _ = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
+                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
+                                            window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+    for n in range(full, diagonal, BLOCK_N):
+        m_i, l_i, acc, _, _ = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
+                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
+                                            window, False, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+    if BLOCK_N == BLOCK_M:                       # one diagonal step, over this block's own positions
+        m_i, l_i, acc, k_new, v_new = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, first, q_pos, length,
+                                                    kv_head, head_dim, d, d_mask, k_token_stride, v_token_stride,
+                                                    qk_scale, slope, window, True, USE_WINDOW, HAS_ALIBI, IEEE,
+                                                    BLOCK_N)
+        if STORE_KV:
+            tl.store(k_cache_ptr + cache_offs, k_new, mask=store_mask)
+            tl.store(v_cache_ptr + cache_offs, v_new, mask=store_mask)
     else:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        for n in range(diagonal, first + BLOCK_M, BLOCK_N):
+            m_i, l_i, acc, _, _ = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
+                                                head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
+                                                window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 only in rows past the sequence (not stored)
+    tl.store(out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_mask)
 
 
 def prefill_config(block_d: int) -> tuple[int, int, int, int]:
@@ -187,47 +149,19 @@ def prefill_config(block_d: int) -> tuple[int, int, int, int]:
     return rows, rows, 4, 3
 
 
-SPLIT_BLOCKS = (4, 16)      # query blocks whose keys span this many key blocks (inclusive) are halved
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def prefill_split_blocks() -> tuple[int, int]:
-    """(fewest, most) key blocks of a query block that two programs share (`_prefill_kernel`'s SPLIT):
-    a 512-token prompt's later blocks would otherwise walk all their keys in one program each while
-    most of the GPU waits for them. RAYSPEED_PREFILL_SPLIT="min,max" sets it ("0,0": never)."""
-    forced = os.environ.get("RAYSPEED_PREFILL_SPLIT")
-    if forced:
-        low, high = (int(v) for v in forced.split(","))
-        return low, high
-    return SPLIT_BLOCKS
-
-
-def _split_counters(count: int, device: torch.device) -> torch.Tensor:
-    """`count` zeroed tickets (the merging program zeroes its own again): one buffer per device, grown
-    outside CUDA graph capture; a capture that needs more gets a zeroed buffer of its own."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(count, dtype=torch.int32, device=device)
-        counters = _COUNTERS[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return counters
-
-
 def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              max_len: int, scale: float, window: int | None = None,
                              alibi_slopes: torch.Tensor | None = None, k_cache: torch.Tensor | None = None,
                              v_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
                              block: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                             num_stages: int | None = None, split: tuple[int, int] | None = None) -> torch.Tensor:
+                             num_stages: int | None = None) -> torch.Tensor:
     """Causal attention of prompts with no cached prefix, from this step's k, v (not the cache): all
     sequences of the batch in one launch. q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads,
     head_dim] (strided views of the fused QKV output are fine); cu_seqlens: [seqs + 1] on q's device;
     max_len: the longest sequence. Same result as `paged_attention_torch` over a cache holding k, v.
     Given the caches and `slot_mapping` [tokens], it also writes k, v there (`store_kv` included).
     block / block_n / num_warps / num_stages: query rows and keys a step of each program, its warps and
-    pipeline stages (`prefill_config`'s choice where not given); split: `prefill_split_blocks`'s unless
-    given."""
+    pipeline stages (`prefill_config`'s choice where not given)."""
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == v.shape == (tokens, num_kv_heads, head_dim), \
@@ -256,25 +190,17 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     config = prefill_config(block_d)
     block, block_n = block or config[0], block_n or block or config[1]
     num_warps, num_stages = num_warps or config[2], num_stages or config[3]
-    split_min, split_max = split if split is not None else prefill_split_blocks()
-    # a block splits only past the first query block: none can where the longest prompt has one block
-    # or the keys of its last block are fewer than split_min blocks
-    splits = split_min > 0 and max_len > block and triton.cdiv(triton.cdiv(max_len, block) * block, block_n) >= split_min
-    if splits:      # the halves' outputs [2, tokens, heads, block_d] and log-sum-exps [2, tokens, heads]
-        ws = torch.empty(2 * tokens * num_heads * (block_d + 1), dtype=torch.float32, device=q.device)
-        counters = _split_counters(triton.cdiv(tokens, block) * num_heads, q.device)
     pdl = programmatic_launch(q)
-    grid = (num_heads, triton.cdiv(max_len, block) * (2 if splits else 1), num_seqs)
+    grid = (num_heads, triton.cdiv(max_len, block), num_seqs)
     _prefill_kernel[grid](q, k, v, cu_seqlens, q if alibi_slopes is None else alibi_slopes, out,
                           k_cache if store else q, v_cache if store else q, slot_mapping if store else cu_seqlens,
-                          ws if splits else q, counters if splits else cu_seqlens,
                           q.stride(0), q.stride(1), k.stride(0), v.stride(0), out.stride(0),
-                          k_cache.stride(0) if store else 0, k_cache.stride(1) if store else 0, tokens, num_heads,
-                          num_heads // num_kv_heads, head_dim, scale, window or 0, split_min, split_max,
+                          k_cache.stride(0) if store else 0, k_cache.stride(1) if store else 0,
+                          num_heads // num_kv_heads, head_dim, scale, window or 0,
                           USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
                           IEEE=q.dtype == torch.float32, STORE_KV=store,
                           CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_N=block_n, BLOCK_D=block_d,
-                          SPLIT=splits, PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+                          PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out
 
 

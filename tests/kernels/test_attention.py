@@ -382,35 +382,6 @@ def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block, 
     assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
 
 
-@pytest.mark.parametrize("window", [None, 100])
-def test_fresh_prefill_split_keys_match_one_program_and_any_grid(window):
-    """Query blocks whose keys span several blocks are shared by two programs, merged by the one
-    that finishes second: the same as one program per block (within rounding), bit-equal whatever
-    the grid (a padded graph's longer max_len), every position still stored once, tickets back at 0."""
-    lens = [300, 70, 260]
-    q, k, v, cu, k_cache, v_cache, tables, slots = _fresh_prefill_case(lens, 2)
-    expected = paged_attention_torch(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), cu, 0.3,
-                                     window)
-    whole = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, split=(0, 0))
-    k_stored, v_stored, k_ref, v_ref = (torch.full_like(k_cache, 7.0) for _ in range(4))
-    store_kv(k, v, k_ref, v_ref, slots)
-    halves = prefill_attention.prefill_attention_triton(q, k, v, cu, max(lens), 0.3, window, None, k_stored, v_stored,
-                                                        slots, split=(2, 64))
-    padded = prefill_attention.prefill_attention_triton(q, k, v, cu, 512, 0.3, window, split=(2, 64))
-    torch.testing.assert_close(halves, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(halves, whole)               # the split ran: its sums went another way
-    assert torch.equal(padded, halves)
-    assert torch.equal(k_stored, k_ref) and torch.equal(v_stored, v_ref)
-    assert not prefill_attention._COUNTERS[q.device].any()
-
-
-def test_prefill_split_override(monkeypatch):
-    assert prefill_attention.prefill_split_blocks() == prefill_attention.SPLIT_BLOCKS
-    monkeypatch.setenv("RAYSPEED_PREFILL_SPLIT", "0,0")
-    assert prefill_attention.prefill_split_blocks() == (0, 0)
-
-
 def test_prefill_config_override(monkeypatch):
     assert prefill_attention.prefill_config(128) == (64, 64, 4, 3)
     assert prefill_attention.prefill_config(256)[:2] == (32, 32)

@@ -66,13 +66,12 @@ def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, 
             ATTENTION_POINTERS, num_warps)
 
 
-def prefill_attention(block, window_alibi, split=False, pdl=False):
+def prefill_attention(block, window_alibi, pdl=False, block_n=None):
     return ("kernels.prefill_attention", "_prefill_kernel",
             dict(USE_WINDOW=window_alibi, HAS_ALIBI=window_alibi, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, SPLIT=split, PDL=pdl),
+                 BLOCK_M=block, BLOCK_N=block_n or block, BLOCK_D=128, PDL=pdl),
             {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")},
-             "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32", "ws_ptr": "*fp32",
-             "counters_ptr": "*i32"})
+             "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"})
 
 
 BUILDS = {
@@ -120,7 +119,8 @@ BUILDS = {
                    {"x_ptr": "*fp16", "out_ptr": "*fp16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32"}),
     "prefill-window-alibi": prefill_attention(64, True),
     "prefill-32-rows": prefill_attention(32, False),
-    "prefill-split-pdl": prefill_attention(64, False, split=True, pdl=True),
+    "prefill-pdl": prefill_attention(64, False, pdl=True),
+    "prefill-keys-128": prefill_attention(64, True, block_n=128),
     "argmax-parts": ("kernels.argmax", "_argmax_parts_kernel", dict(PART=2048, BLOCK=1024),
                      {"x_ptr": "*fp32", "max_ptr": "*fp32", "index_ptr": "*i32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
@@ -265,16 +265,18 @@ def test_prefill_attention_builds_with_every_option(built):
     assert "mma" in built["prefill-32-rows"]["ptx"]
 
 
-def test_prefill_split_merges_after_a_released_ticket(built):
-    """Split prefill blocks: the half's workspace stores, a barrier, one acq_rel ticket at GPU scope,
-    the other half read through L2; with PDL the wait comes before any q, k or v is read."""
-    ptx = built["prefill-split-pdl"]["ptx"]
-    ticket = ptx.index("atom.global.gpu.acq_rel.add")
-    assert "st.global" in ptx[:ticket] and "bar.sync" in ptx[ptx.rindex("st.global", 0, ticket):ticket]
-    assert "ld.global.cg" in ptx[ticket:]
-    assert "mma" in ptx and "atom." not in built["prefill-window-alibi"]["ptx"]
-    wait = ptx.index("griddepcontrol.wait")
-    assert ptx[:wait].count("ld.global") <= 2                  # cu_seqlens only
+def test_prefill_stores_the_keys_it_attends_to(built):
+    """Key blocks as wide as the query blocks: the keys and values written to the cache are the
+    diagonal step's own loads, after the loop (no load of them before it); wider key blocks load
+    them apart, before it. With PDL the wait comes before any q, k or v is read."""
+    for name in ("prefill-pdl", "prefill-window-alibi"):
+        ptx = built[name]["ptx"]
+        loop_end = ptx.rindex("mma")                   # the diagonal step's product is the last
+        assert "st.global" not in ptx[:ptx.index("mma")] and "st.global" in ptx[loop_end:]
+    wide = built["prefill-keys-128"]["ptx"]
+    assert "st.global" in wide[:wide.index("mma")]
+    ptx = built["prefill-pdl"]["ptx"]
+    assert ptx[:ptx.index("griddepcontrol.wait")].count("ld.global") <= 2      # cu_seqlens only
 
 
 def test_split_argmax_reads_16_byte_vectors(built):
