@@ -48,6 +48,13 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_he
 
 
 @triton.jit
+def _cache_offsets(slot, kv_head, head_dim, d, cache_block_stride, cache_row_stride, CACHE_BLOCK: tl.constexpr):
+    """[rows, BLOCK_D] element offsets of KV head `kv_head` at cache slots `slot` [rows]."""
+    rows = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
+    return rows[:, None] + kv_head * head_dim + d[None, :]
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                     q_token_stride, q_head_stride, k_token_stride, v_token_stride, out_token_stride,
                     cache_block_stride, cache_row_stride, group, head_dim, scale, window,
@@ -81,9 +88,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
         writes = (q_pos < length) & ((head + 0 * q_pos) % group == 0)     # as a tile: the interpreter's masks
         store_mask = writes[:, None] & d_mask[None, :]
         slot = tl.load(slots_ptr + start + q_pos, mask=writes, other=0)
-        cache_rows = ((slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride)[:, None]
-        cache_offs = cache_rows + kv_head * head_dim + d[None, :]
         if BLOCK_N != BLOCK_M:                   # the diagonal step's keys are not this block's: load them here
+            cache_offs = _cache_offsets(slot, kv_head, head_dim, d, cache_block_stride, cache_row_stride, CACHE_BLOCK)
             k_new = tl.load(k_ptr + q_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=store_mask)
             v_new = tl.load(v_ptr + q_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=store_mask)
             tl.store(k_cache_ptr + cache_offs, k_new, mask=store_mask)
@@ -116,7 +122,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
                                                     kv_head, head_dim, d, d_mask, k_token_stride, v_token_stride,
                                                     qk_scale, slope, window, True, USE_WINDOW, HAS_ALIBI, IEEE,
                                                     BLOCK_N)
-        if STORE_KV:
+        if STORE_KV:                             # the offsets made here: a tile of them live over the loop
+            cache_offs = _cache_offsets(slot, kv_head, head_dim, d, cache_block_stride, cache_row_stride, CACHE_BLOCK)
             tl.store(k_cache_ptr + cache_offs, k_new, mask=store_mask)
             tl.store(v_cache_ptr + cache_offs, v_new, mask=store_mask)
     else:
