@@ -56,7 +56,6 @@ class Tile:
     swap: bool = False             # `_swap_kernel` (weight rows on the MMA's long side; 16/8 bits) instead
     l2_rows: int = 0               # swap, rows: bytes of each weight row a program asks the L2 for before its PDL wait
     rows: bool = False             # `_rows_kernel` (kernels/gemv_rows.py) instead: each thread owns all block_n rows
-    wide: bool = False             # rows, int4 weights, not half: 16-byte weight vectors (32 columns), not 4-byte
 
 
 @triton.jit
@@ -292,15 +291,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if tile.half:
             assert bits in (4, 8) and x.dtype == torch.float16, \
                 f"half tiles take int4 or int8 weights and fp16 x, got {bits} bits and {x.dtype}"
-        if tile.wide:
-            assert tile.rows and bits == 4 and not tile.half, \
-                f"wide tiles are rows tiles reading int4 weights in 16-byte vectors of 32 columns, not {bits} bits"
-        if tile.half or tile.wide:
             vector = 32 if bits == 4 else 16                # columns per 16 bytes of weights
             aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
             assert k % vector == 0 and sub % vector == 0 and aligned, \
-                f"{'half' if tile.half else 'wide'} tiles read weights in 16-byte vectors of {vector} columns: " \
-                f"K={k}, K tiles of {sub} do not fit"
+                f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
         if tile.rows:
             assert tile.block_n in (1, 2, 4, 8), f"rows tiles own 1, 2, 4 or 8 rows a thread, not {tile.block_n}"
@@ -309,7 +303,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
             _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
-                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch, WIDE=tile.wide,
+                                              L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,
                                               **flags)
         else:

@@ -20,9 +20,8 @@ went from 1.67-1.97 to 2.15-2.24 TB/s and its int8 batch-1 step from 1.745 to 1.
 int4's products 4-14 % faster in the tuner's clock, its step 1.66 -> 1.65 ms; fp16's within 3 %
 (not shipped). The tuner offers these tiles for one and two rows.
 
-Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 bytes or with WIDE
-16; with HALF 4 32-bit words), SV vectors per scale sub-tile of SUB columns, NG sub-tiles per
-BLOCK_K."""
+Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 bytes; with HALF 4
+32-bit words), SV vectors per scale sub-tile of SUB columns, NG sub-tiles per BLOCK_K."""
 import triton
 import triton.language as tl
 
@@ -47,10 +46,7 @@ def _row_tile(w_ptr, s_ptr, row, N, K, stride_wn, stride_sn, group_size, k0, k_e
         w = tl.load(base.to(tl.pointer_type(tl.int32)) + start + cols, mask=ok & (start + cols < end),
                     other=-0x77777778 if BITS == 4 else 0)
     elif BITS == 4:
-        start, end = k0 // 2, k_end // 2
-        if VEC == 16:                             # wide: whole 16-byte vectors (K a multiple of 32)
-            start, end = tl.multiple_of(start, 16), tl.multiple_of(end, 16)
-        w = tl.load(base + start + cols, mask=ok & (start + cols < end), other=0x88)
+        w = tl.load(base + k0 // 2 + cols, mask=ok & (k0 // 2 + cols < k_end // 2), other=0x88)
     else:
         w = tl.load(base + k0 + cols, mask=ok & (k0 + cols < k_end), other=0)
     scale = tl.full(rg.shape, 1.0, tl.float32)
@@ -120,7 +116,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
-                 L2_CHUNK: tl.constexpr = 2048, WIDE: tl.constexpr = False):
+                 L2_CHUNK: tl.constexpr = 2048):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -130,15 +126,14 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     its whole share of the weight is on the way at once; the loop's loads, issued one K tile at a
     time, then find it there. With L2_LANES, as in `_fma_kernel`, the first programs of x row 0 ask
     the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK bytes each, before the wait
-    (`kernels.gemv._l2_prefetch_bytes`). WIDE (int4 without HALF): 16 bytes of a row a vector, as
-    the other formats' 16-byte loads, where the default reads 4 (8 columns) at a time."""
+    (`kernels.gemv._l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
         if (row == 0) & (first < l2_head_bytes):
             prefetch_l2(w_ptr, first, l2_head_bytes, L2_LANES, L2_CHUNK)
     NG: tl.constexpr = BLOCK_K // SUB
-    VEC: tl.constexpr = 16 if WIDE else (4 if BITS == 4 or HALF else 8)
+    VEC: tl.constexpr = 4 if BITS == 4 or HALF else 8
     STORED: tl.constexpr = SUB // (8 if BITS == 4 else 4) if HALF else (SUB // 2 if BITS == 4 else SUB)
     SV: tl.constexpr = STORED // VEC
     rg = tl.arange(0, NG)

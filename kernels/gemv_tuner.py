@@ -71,21 +71,19 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
 
 def rows_candidates(k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
     """`rows` tiles (kernels/gemv_rows.py) for one-row products: 4 or 8 rows a thread, K tiles of one
-    vector a thread for 1, 2 or 4 warps (two for 1 warp), split K 1-4; for int4 and int8 against fp16
-    x also in packed fp16 arithmetic. Vectors are 8 columns (16 bytes of fp16, 8 of int8, 4 of int4)
-    and, in packed fp16 and for int4 also in fp32 (`wide`), 16 bytes."""
+    16-byte vector a thread for 1, 2 or 4 warps (two for 1 warp), split K 1-4; for int4 and int8
+    against fp16 x also in packed fp16 arithmetic."""
     tiles = []
     half_ok = bits in (4, 8) and x_dtype == torch.float16 and k % (32 if bits == 4 else 16) == 0
-    forms = [(False, False)] + [(False, True)] * (bits == 4 and k % 32 == 0) + [(True, False)] * half_ok
-    for half, wide in forms:
-        vector = 32 if bits == 4 and (half or wide) else 16 if half else 8       # columns per thread vector
+    for half in (False, True) if half_ok else (False,):
+        vector = {(4, True): 32, (8, True): 16}.get((bits, half), 8)       # columns per thread vector
         for num_warps, block_k in ((1, 32 * vector), (1, 64 * vector), (2, 64 * vector), (4, 128 * vector)):
             sub = min(block_k, group_size)
             if block_k > k or sub % vector or block_k % sub or group_size % sub:
                 continue
             for rows, split_k in itertools.product((4, 8), (1, 2, 4)):
                 if split_k == 1 or k >= 2 * block_k * split_k:
-                    tiles.append(Tile(1, rows, block_k, split_k, num_warps, half=half, rows=True, wide=wide))
+                    tiles.append(Tile(1, rows, block_k, split_k, num_warps, half=half, rows=True))
     return tiles
 
 

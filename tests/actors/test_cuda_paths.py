@@ -292,12 +292,11 @@ def test_the_tuner_times_a_product_as_decode_runs_it():
     assert floor <= ms < 3 * floor
 
 
-@pytest.mark.parametrize("bits,half,wide", [(16, False, False), (8, False, False), (8, True, False),
-                                             (4, False, False), (4, True, False), (4, False, True)])
-def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half, wide):
+@pytest.mark.parametrize("bits,half", [(16, False), (8, False), (8, True), (4, False), (4, True)])
+def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
     """`rows` tiles (kernels/gemv_rows.py) on a GPT-Neo-sized product with bias and residual fused:
-    against fp64 (the packed-fp16 ones run their inline assembly here, the wide int4 ones 16-byte
-    weight vectors), and their next-tile prefetch and L2 request change no result."""
+    against fp64 (the packed-fp16 ones run their inline assembly here), and their next-tile
+    prefetch and L2 request change no result."""
     g = torch.Generator().manual_seed(bits + 2 * half)
     n, k, group = 2560, 2560, 128 if bits == 4 else None
     w, scales, full = _weight(n, k, bits, group or k, g)
@@ -305,7 +304,7 @@ def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half, wide):
     bias, residual = torch.randn(n, generator=g).half(), torch.randn(1, n, generator=g).half()
     args = [x.cuda(), (w.half() if bits == 16 else w).cuda(), bias.cuda(),
             None if scales is None else scales.half().cuda()]
-    tile = Tile(1, 8, 1024 if (half or wide) and bits == 4 else 512, 2, 1, half=half, rows=True, wide=wide)
+    tile = Tile(1, 8, 1024 if half and bits == 4 else 512, 2, 1, half=half, rows=True)
     plain = skinny_linear(*args, bits, group, tile, residual=residual.cuda())
     ref = x.double() @ full.double().T + bias.double() + residual.double()
     assert ((plain.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 3e-3

@@ -186,43 +186,10 @@ def test_rows_tiles_are_offered_for_one_or_two_rows():
     for bits, group in ((16, 2560), (8, 2560), (4, 128)):
         tiles = [t for t in candidates(1, 2560, bits, group, torch.float16) if t.rows]
         assert tiles == rows_candidates(2560, bits, group, torch.float16) and {t.block_n for t in tiles} == {4, 8}
-        assert any(t.half for t in tiles) == (bits < 16) and any(t.wide for t in tiles) == (bits == 4)
+        assert any(t.half for t in tiles) == (bits < 16)
         assert all(t.block_k <= 2560 and (t.block_k % group == 0 or group % t.block_k == 0) for t in tiles)
     assert not any(t.rows for t in candidates(4, 2560, 8, 2560, torch.float16))
     assert not any(t.half for t in candidates(1, 2560, 8, 2560, torch.bfloat16) if t.rows)
-
-
-@pytest.mark.parametrize("group", [32, 64, 160])
-@pytest.mark.parametrize("tile", [Tile(1, 8, 64, split_k=3, rows=True, wide=True),
-                                  Tile(1, 4, 128, split_k=2, rows=True, wide=True, prefetch=True),
-                                  Tile(1, 2, 32, rows=True, wide=True)])
-def test_wide_int4_rows_tiles(group, tile):
-    """int4 `rows` tiles reading 16-byte weight vectors (32 columns a thread): ragged N, K split
-    unevenly, K tiles inside or across scale groups, x rows of fp32 and fp16."""
-    g = torch.Generator().manual_seed(group)
-    n, k = 37, 320
-    w, scales, full = _weight(n, k, 4, group, g)
-    bias = torch.randn(n, generator=g)
-    for dtype in (torch.float32, torch.float16):
-        x = torch.randn(2, k, generator=g).to(dtype)
-        if tile.block_k % group and group % tile.block_k:
-            with pytest.raises(AssertionError, match="one must divide the other"):
-                skinny_linear(x, w, bias, scales.to(dtype), 4, group, tile)
-            continue
-        got = skinny_linear(x, w, bias, scales.to(dtype), 4, group, tile).double()
-        ref = x.double() @ full.double().T + bias.double()
-        tol = 1e-5 if dtype == torch.float32 else 2e-3
-        assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
-
-
-def test_wide_rows_tiles_take_int4_weights_in_whole_vectors():
-    g = torch.Generator().manual_seed(3)
-    w, scales, _ = _weight(8, 64, 8, 64, g)
-    with pytest.raises(AssertionError, match="16-byte vectors of 32 columns"):
-        skinny_linear(torch.randn(1, 64), w, None, scales, 8, 64, Tile(1, 4, 64, rows=True, wide=True))
-    w, scales, _ = _weight(8, 48, 4, 16, g)                  # K = 48: no whole 32-column vectors
-    with pytest.raises(AssertionError, match="16-byte vectors of 32 columns"):
-        skinny_linear(torch.randn(1, 48), w, None, scales, 4, 16, Tile(1, 4, 16, rows=True, wide=True))
 
 
 def test_rows_tiles_take_one_two_four_or_eight_rows():

@@ -35,13 +35,12 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
 
 
 def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False,
-         l2_head=False, wide=False):
+         l2_head=False):
     pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}"}
     return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                       ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
                                                       ASM=half, L2=l2, PREFETCH=prefetch,
-                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048,
-                                                      WIDE=wide),
+                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048),
             pointers, num_warps)
 
 
@@ -90,7 +89,6 @@ BUILDS = {
     "rows-int16-fp16": rows(16, "fp16", 4, 512, 512),
     "rows-int8-per-row-prefetch": rows(8, "i8", 8, 256, 256, prefetch=True),
     "rows-int4": rows(4, "u8", 8, 256, 128),
-    "rows-int4-wide": rows(4, "u8", 8, 1024, 128, wide=True),
     "rows-int8-half": rows(8, "i8", 4, 512, 512, half=True),
     "rows-int4-half-prefetch": rows(4, "u8", 8, 1024, 128, half=True, prefetch=True),
     "pdl-rows-int4-half-l2": rows(4, "u8", 4, 1024, 128, half=True, pdl=True, l2=True),
@@ -163,13 +161,6 @@ def test_loops_stay_in_registers(built, name):
 @pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith(("fma", "rows")) and "half" not in name])
 def test_cuda_core_gemv_loads_16_bytes_of_x_at_a_time(built, name):
     assert ".v4" in built[name]["loop"]
-
-
-def test_wide_int4_rows_tiles_read_16_byte_weight_vectors(built):
-    """`wide` int4 rows tiles read each of their 8 rows in 16-byte vectors; the default reads 4 bytes."""
-    wide, narrow = built["rows-int4-wide"]["loop"], built["rows-int4"]["loop"]
-    assert "ld.global.b32" not in wide and wide.count("ld.global.v4.b32") >= 8
-    assert narrow.count("ld.global.b32") >= 8
 
 
 @pytest.mark.parametrize("name", [name for name in BUILDS if "half" in name])
