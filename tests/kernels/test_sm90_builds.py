@@ -65,10 +65,10 @@ def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, 
             ATTENTION_POINTERS, num_warps)
 
 
-def prefill_attention(block, window_alibi, pdl=False, block_n=None):
+def prefill_attention(block, window_alibi, pdl=False, late=True):
     return ("kernels.prefill_attention", "_prefill_kernel",
             dict(USE_WINDOW=window_alibi, HAS_ALIBI=window_alibi, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                 BLOCK_M=block, BLOCK_N=block_n or block, BLOCK_D=128, PDL=pdl),
+                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, STORE_LATE=late, PDL=pdl),
             {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")},
              "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"})
 
@@ -118,7 +118,7 @@ BUILDS = {
     "prefill-window-alibi": prefill_attention(64, True),
     "prefill-32-rows": prefill_attention(32, False),
     "prefill-pdl": prefill_attention(64, False, pdl=True),
-    "prefill-keys-128": prefill_attention(64, True, block_n=128),
+    "prefill-store-early": prefill_attention(64, True, late=False),
     "argmax-parts": ("kernels.argmax", "_argmax_parts_kernel", dict(PART=2048, BLOCK=1024),
                      {"x_ptr": "*fp32", "max_ptr": "*fp32", "index_ptr": "*i32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
@@ -257,15 +257,15 @@ def test_prefill_attention_builds_with_every_option(built):
 
 
 def test_prefill_stores_the_keys_it_attends_to(built):
-    """Key blocks as wide as the query blocks: the keys and values written to the cache are the
-    diagonal step's own loads, after the loop (no load of them before it); wider key blocks load
-    them apart, before it. With PDL the wait comes before any q, k or v is read."""
+    """Short prompts (STORE_LATE): the keys and values written to the cache are the diagonal step's
+    own loads, after the loop (no load of them before it); long ones load and store them before it.
+    With PDL the wait comes before any q, k or v is read."""
     for name in ("prefill-pdl", "prefill-window-alibi"):
         ptx = built[name]["ptx"]
         loop_end = ptx.rindex("mma")                   # the diagonal step's product is the last
         assert "st.global" not in ptx[:ptx.index("mma")] and "st.global" in ptx[loop_end:]
-    wide = built["prefill-keys-128"]["ptx"]
-    assert "st.global" in wide[:wide.index("mma")]
+    early = built["prefill-store-early"]["ptx"]
+    assert "st.global" in early[:early.index("mma")]
     ptx = built["prefill-pdl"]["ptx"]
     assert ptx[:ptx.index("griddepcontrol.wait")].count("ld.global") <= 2      # cu_seqlens only
 
