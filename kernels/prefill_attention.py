@@ -18,7 +18,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_he
                   USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [n, n + BLOCK_N) in the online softmax, in base 2 (scores carry log2(e), so exp2 needs no
     extra multiply). MASKED: apply causality, the window and the sequence end; blocks wholly visible
-    skip that work. Returns the new state and the keys and values it loaded."""
+    skip that work. Returns the new state."""
     k_pos = n + tl.arange(0, BLOCK_N)
     kv_rows = (start + k_pos)[:, None]
     kv_mask = (k_pos < length)[:, None] & d_mask[None, :]
@@ -44,14 +44,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_he
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc, k, v
-
-
-@triton.jit
-def _cache_offsets(slot, kv_head, head_dim, d, cache_block_stride, cache_row_stride, CACHE_BLOCK: tl.constexpr):
-    """[rows, BLOCK_D] element offsets of KV head `kv_head` at cache slots `slot` [rows]."""
-    rows = (slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride
-    return rows[:, None] + kv_head * head_dim + d[None, :]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -60,16 +53,21 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
                     cache_block_stride, cache_row_stride, group, head_dim, scale, window,
                     USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr, STORE_KV: tl.constexpr,
                     CACHE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, STORE_LATE: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One (query block of BLOCK_M, head, sequence) of a fresh prefill: flash attention (online softmax
     over key blocks of BLOCK_N) of the sequence's queries over its own keys, causal and, with
     USE_WINDOW, local. Query and key positions are their indices in the sequence (no cached prefix).
     Only the key blocks on the window's lower edge and across the diagonal are masked; those between
     are wholly visible. With STORE_KV, the program of each KV head's first query head also writes the
     keys and values at its own query positions to the cache slots `slots` gives (every position once:
-    `store_kv` without a kernel of its own). STORE_LATE (key and query blocks as wide): those are the
-    diagonal step's keys, stored from the loads that attend to them, after the loop; else they are
-    loaded and stored before it, which lets a program end sooner (many waves of programs)."""
+    `store_kv` without a kernel of its own). With PDL, it waits for the kernels before it (the QKV
+    product) only after its index math.
+
+    Measured and not kept (H100, `*-2026-11-27-attention-prefill-*.json`, `*-prefill-ab-*.json`): two
+    programs sharing each query block of 4-16 key blocks, merged by the one that finished second,
+    took GPT-Neo's 512-token layers 18.9 / 19.4 us against 16.7 / 15.4 and the 512-token prefill
+    6.06 against 5.67 ms; storing the keys from the diagonal step's own loads after the loop, 1-14 %
+    faster up to 1,024 tokens and 4-7 % slower at 2,048-4,096, never moved the 512-token prefill."""
     # grid (heads, query blocks, seqs), the last query blocks (the most keys) launched first
     head, m_block, seq = tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)      # written before the step: safe before the wait
@@ -85,16 +83,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
     q_rows = (start + q_pos)[:, None]
     q_mask = (q_pos < length)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + q_rows * q_token_stride + head * q_head_stride + d[None, :], mask=q_mask, other=0.0)
-    if STORE_KV:                                 # masked off in all but each KV head's first query head
-        writes = (q_pos < length) & ((head + 0 * q_pos) % group == 0)     # as a tile: the interpreter's masks
-        store_mask = writes[:, None] & d_mask[None, :]
-        slot = tl.load(slots_ptr + start + q_pos, mask=writes, other=0)
-        if not STORE_LATE:
-            cache_offs = _cache_offsets(slot, kv_head, head_dim, d, cache_block_stride, cache_row_stride, CACHE_BLOCK)
-            k_new = tl.load(k_ptr + q_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=store_mask)
-            v_new = tl.load(v_ptr + q_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=store_mask)
-            tl.store(k_cache_ptr + cache_offs, k_new, mask=store_mask)
-            tl.store(v_cache_ptr + cache_offs, v_new, mask=store_mask)
+    if STORE_KV:
+        if head % group == 0:
+            slot = tl.load(slots_ptr + start + q_pos, mask=q_pos < length, other=0)
+            cache_rows = ((slot // CACHE_BLOCK) * cache_block_stride + (slot % CACHE_BLOCK) * cache_row_stride)[:, None]
+            cache_offs = cache_rows + kv_head * head_dim + d[None, :]
+            k_new = tl.load(k_ptr + q_rows * k_token_stride + kv_head * head_dim + d[None, :], mask=q_mask)
+            v_new = tl.load(v_ptr + q_rows * v_token_stride + kv_head * head_dim + d[None, :], mask=q_mask)
+            tl.store(k_cache_ptr + cache_offs, k_new, mask=q_mask)
+            tl.store(v_cache_ptr + cache_offs, v_new, mask=q_mask)
     qk_scale = scale * 1.4426950408889634                                # log2(e): softmax in base 2
     slope = 0.0
     if HAS_ALIBI:
@@ -111,37 +108,20 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, alibi_ptr, out_ptr, k_c
         diagonal = tl.maximum(diagonal, lo)
         full = tl.minimum(tl.cdiv(tl.maximum(first + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N, diagonal)
     for n in range(lo, full, BLOCK_N):
-        m_i, l_i, acc, _, _ = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
-                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
-                                            window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
+                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, True,
+                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
     for n in range(full, diagonal, BLOCK_N):
-        m_i, l_i, acc, _, _ = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
-                                            head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
-                                            window, False, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
-    if STORE_LATE:                               # (with STORE_KV) one diagonal step, over this block's own positions
-        m_i, l_i, acc, k_new, v_new = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, first, q_pos, length,
-                                                    kv_head, head_dim, d, d_mask, k_token_stride, v_token_stride,
-                                                    qk_scale, slope, window, True, USE_WINDOW, HAS_ALIBI, IEEE,
-                                                    BLOCK_N)
-        # the offsets made only now: as a [rows, head_dim] int64 tile live over the loop they slowed it
-        cache_offs = _cache_offsets(slot, kv_head, head_dim, d, cache_block_stride, cache_row_stride, CACHE_BLOCK)
-        tl.store(k_cache_ptr + cache_offs, k_new, mask=store_mask)
-        tl.store(v_cache_ptr + cache_offs, v_new, mask=store_mask)
-    else:
-        for n in range(diagonal, first + BLOCK_M, BLOCK_N):
-            m_i, l_i, acc, _, _ = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head,
-                                                head_dim, d, d_mask, k_token_stride, v_token_stride, qk_scale, slope,
-                                                window, True, USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
+                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, False,
+                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
+    for n in range(diagonal, first + BLOCK_M, BLOCK_N):
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, start, n, q_pos, length, kv_head, head_dim,
+                                      d, d_mask, k_token_stride, v_token_stride, qk_scale, slope, window, True,
+                                      USE_WINDOW, HAS_ALIBI, IEEE, BLOCK_N)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # 0 only in rows past the sequence (not stored)
     tl.store(out_ptr + q_rows * out_token_stride + head * head_dim + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=q_mask)
-
-
-# Prompts up to this long store their keys after the loop, longer ones before it. Back to back in a
-# graph on an H100 (`bench/attention_sweep.py --store`): after, 32 prompts of 32 took 18.2 us against
-# 19.7 (GPT-Neo's shape), 31.1 against 36.0 (Llama's), one of 512 17.8 against 18.9 (Llama's); but 4
-# of 2,048 took 282.6 against 271.4 and Llama's one of 4,096 416.6 against 389.1.
-LATE_STORE_MAX_LEN = 1024
 
 
 def prefill_config(block_d: int) -> tuple[int, int, int, int]:
@@ -215,8 +195,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                           USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None,
                           IEEE=q.dtype == torch.float32, STORE_KV=store,
                           CACHE_BLOCK=k_cache.shape[1] if store else 1, BLOCK_M=block, BLOCK_N=block_n, BLOCK_D=block_d,
-                          STORE_LATE=store and block_n == block and max_len <= LATE_STORE_MAX_LEN, PDL=pdl,
-                          num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+                          PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out
 
 

@@ -227,9 +227,8 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
 @pytest.mark.parametrize("block_n", [64, 128])
 def test_fresh_prefill_on_the_gpu_stores_every_position_once(window, heads, kv_heads, block_n):
     """The prefill kernel as the model launches it (PDL on Hopper), prompts of 512, 300 and 40 tokens
-    on GPT-Neo 2.7B's and Llama's (grouped) attention shapes: the reference's output, and a cache equal
-    to `store_kv`'s, whether the keys are stored from the diagonal step's loads (key blocks as wide as
-    the query blocks) or loaded apart (wider ones)."""
+    on GPT-Neo 2.7B's and Llama's (grouped) attention shapes, key blocks as wide as the query blocks
+    and wider: the reference's output, and a cache equal to `store_kv`'s."""
     lens = [512, 300, 40]
     case = _fresh_prefill_case(lens, kv_heads, torch.float16, heads=heads, dim=128, block=16)
     q, k, v, cu, k_cache, v_cache, tables, slots = (t.cuda() for t in case)

@@ -363,15 +363,12 @@ def test_fresh_prefill_triton_matches_the_paged_reference(dtype, window, alibi, 
 
 
 @pytest.mark.parametrize("window,alibi", [(None, True), (150, False), (150, True), (64, False), (40, False)])
-@pytest.mark.parametrize("block,block_n,late_until", [(64, 64, 1024), (64, 64, 0), (32, 32, 1024), (64, 128, 1024),
-                                                      (64, 32, 1024), (32, 128, 1024)])
-def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block, block_n, late_until, monkeypatch):
+@pytest.mark.parametrize("block,block_n", [(64, 64), (32, 32), (64, 128), (64, 32), (32, 128)])
+def test_fresh_prefill_long_prompts_mask_only_edge_blocks(window, alibi, block, block_n):
     """Prompts of several key blocks: the blocks on the window's lower edge and across the diagonal
     are masked, those between are taken whole; all three kinds of step in one query block row; key
     blocks as wide as, wider and narrower than the query blocks (a window narrower than a key block
-    too). Given the caches, every position is stored once, as `store_kv` would: from the diagonal
-    step's loads, or before the loop (prompts longer than LATE_STORE_MAX_LEN, here 0)."""
-    monkeypatch.setattr(prefill_attention, "LATE_STORE_MAX_LEN", late_until)
+    too). Given the caches, every position is stored once, as `store_kv` would."""
     lens = [300, 70]
     q, k, v, cu, k_cache, v_cache, tables, slots = _fresh_prefill_case(lens, 2)
     slopes = _alibi(4) if alibi else None

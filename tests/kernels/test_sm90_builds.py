@@ -65,10 +65,10 @@ def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, 
             ATTENTION_POINTERS, num_warps)
 
 
-def prefill_attention(block, window_alibi, pdl=False, late=True):
+def prefill_attention(block, window_alibi, pdl=False):
     return ("kernels.prefill_attention", "_prefill_kernel",
             dict(USE_WINDOW=window_alibi, HAS_ALIBI=window_alibi, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
-                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, STORE_LATE=late, PDL=pdl),
+                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=128, PDL=pdl),
             {**{name: "*fp16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "k_cache_ptr", "v_cache_ptr")},
              "cu_seqlens_ptr": "*i32", "slots_ptr": "*i64", "alibi_ptr": "*fp32"})
 
@@ -118,7 +118,6 @@ BUILDS = {
     "prefill-window-alibi": prefill_attention(64, True),
     "prefill-32-rows": prefill_attention(32, False),
     "prefill-pdl": prefill_attention(64, False, pdl=True),
-    "prefill-store-early": prefill_attention(64, True, late=False),
     "argmax-parts": ("kernels.argmax", "_argmax_parts_kernel", dict(PART=2048, BLOCK=1024),
                      {"x_ptr": "*fp32", "max_ptr": "*fp32", "index_ptr": "*i32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
@@ -256,18 +255,11 @@ def test_prefill_attention_builds_with_every_option(built):
     assert "mma" in built["prefill-32-rows"]["ptx"]
 
 
-def test_prefill_stores_the_keys_it_attends_to(built):
-    """Short prompts (STORE_LATE): the keys and values written to the cache are the diagonal step's
-    own loads, after the loop (no load of them before it); long ones load and store them before it.
-    With PDL the wait comes before any q, k or v is read."""
-    for name in ("prefill-pdl", "prefill-window-alibi"):
-        ptx = built[name]["ptx"]
-        loop_end = ptx.rindex("mma")                   # the diagonal step's product is the last
-        assert "st.global" not in ptx[:ptx.index("mma")] and "st.global" in ptx[loop_end:]
-    early = built["prefill-store-early"]["ptx"]
-    assert "st.global" in early[:early.index("mma")]
+def test_prefill_waits_for_the_qkv_product_before_reading_it(built):
+    """With PDL the prefill kernel reads only cu_seqlens before its wait: no q, k or v."""
     ptx = built["prefill-pdl"]["ptx"]
-    assert ptx[:ptx.index("griddepcontrol.wait")].count("ld.global") <= 2      # cu_seqlens only
+    assert ptx[:ptx.index("griddepcontrol.wait")].count("ld.global") <= 2
+    assert "griddepcontrol" not in built["prefill-window-alibi"]["ptx"]
 
 
 def test_split_argmax_reads_16_byte_vectors(built):
