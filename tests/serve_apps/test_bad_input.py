@@ -115,7 +115,7 @@ def post(http: httpx.Client, url: str, raw: bytes, content_type: str | None) -> 
 
 
 def assert_still_serving(http: httpx.Client, url: str) -> None:
-    ok = http.post(url + "/v1/completions", json={"prompt": "still there?", "max_tokens": 3})
+    ok = http.post(url + "/v1/completions", json={"prompt": "still there?", "max_tokens": 3, "ignore_eos": True})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     health = http.get(url + "/healthz").json()
     assert health["alive"] and health["queued"] == 0

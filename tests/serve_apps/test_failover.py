@@ -37,7 +37,7 @@ def wait_until_serving(url: str, timeout: float = 60.0) -> None:
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                ok = httpx.post(url + "/v1/completions", json={"prompt": "ok", "max_tokens": 3}, timeout=30)
+                ok = httpx.post(url + "/v1/completions", json={"prompt": "ok", "max_tokens": 3, "ignore_eos": True}, timeout=30)
                 assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
                 return
         except httpx.TransportError:
