@@ -71,8 +71,9 @@ def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype)
 
 def rows_candidates(k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
     """`rows` tiles (kernels/gemv_rows.py) for one-row products: 4 or 8 rows a thread, K tiles of one
-    16-byte vector a thread for 1, 2 or 4 warps (two for 1 warp), split K 1-4; for int4 and int8
-    against fp16 x also in packed fp16 arithmetic."""
+    vector a thread for 1, 2 or 4 warps (two for 1 warp), split K 1-4; for int4 and int8 against fp16
+    x also in packed fp16 arithmetic. Vectors are 8 columns (16 bytes of fp16, 8 of int8, 4 of int4)
+    and 16 bytes in packed fp16."""
     tiles = []
     half_ok = bits in (4, 8) and x_dtype == torch.float16 and k % (32 if bits == 4 else 16) == 0
     for half in (False, True) if half_ok else (False,):
