@@ -19,7 +19,7 @@ import triton.language as tl
 
 from kernels.attention_torch import paged_attention_torch, store_kv
 from kernels.dispatch import use_triton
-from kernels.pdl import await_previous, prefetch_rows_l2
+from kernels.pdl import await_previous, hopper_or_later, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
 from kernels.prefill_attention import prefill_attention_triton
 
@@ -230,14 +230,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.cache
-def _hopper_or_later(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
 def _bulk_prefetch(device: torch.device) -> bool:
     """Whether kernels on `device` may ask the L2 for bytes (`cp.async.bulk.prefetch.L2`: Hopper on)."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_later(device.index or 0)
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and hopper_or_later(device.index or 0)
 
 
 # chunk reads: in the loop / first before the wait / one ahead / first before the wait and the next

@@ -62,11 +62,11 @@ def prefetch_l2(base_ptr, start, end, LANES: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @functools.cache
-def _hopper_or_later(index: int) -> bool:
+def hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether kernels working on `x` launch with programmatic dependent launch."""
     return (AVAILABLE and x.is_cuda and os.environ.get("RAYSPEED_PDL", "1") != "0"
-            and _hopper_or_later(x.device.index or 0))
+            and hopper_or_later(x.device.index or 0))

@@ -13,7 +13,7 @@ def fake_cuda_tensor(index: int = 0):
 
 
 def test_on_hopper_unless_turned_off(monkeypatch):
-    monkeypatch.setattr(pdl, "_hopper_or_later", lambda index: index == 0)
+    monkeypatch.setattr(pdl, "hopper_or_later", lambda index: index == 0)
     monkeypatch.delenv("RAYSPEED_PDL", raising=False)
     assert pdl.enabled(fake_cuda_tensor()) == pdl.AVAILABLE
     monkeypatch.setenv("RAYSPEED_PDL", "0")
