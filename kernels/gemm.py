@@ -1,0 +1,174 @@
+"""Stream-K GEMM for prefill-sized products: y = act(x W^T + bias) + residual, fp32 accumulation.
+
+At a 512-token prefill, cuBLAS runs GPT-Neo 2.7B's products at 504-656 TFLOP/s: its output tiles
+come in whole waves that do not fill 132 SMs (the output projection and MLP down make 80 tiles of
+128 x 128; MLP up 160 of 128 x 256, a wave and a fifth). Here a persistent grid of one program per SM
+shares out the product's (tile, K step) iterations evenly instead: program p takes iterations
+[p * per, (p + 1) * per) in tile-major order, so every SM does the same work whatever the tile
+count. A tile whose K steps span several programs is finished by the last of them to get there (a
+ticket per tile, reset by its taker): the others leave their fp32 partial sums in a workspace, and
+the finisher adds them all in program order (deterministic), applies the epilogue and stores.
+
+Tiles are visited M-fastest, so the programs sharing a slice of W run side by side and W streams
+from HBM once. K must be a multiple of BLOCK_K; M and N are masked.
+"""
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import pdl
+from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    warps: int = 8
+    stages: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> "GemmConfig":
+        """"128,256,64,8,3" (block_m, block_n, block_k, warps, stages)."""
+        return cls(*(int(v) for v in text.split(",")))
+
+
+def chosen(x: torch.Tensor, weight: torch.Tensor) -> GemmConfig | None:
+    """The configuration to run x weight^T with here, or None for cuBLAS. RAYSPEED_STREAMK=0 never
+    uses this kernel, =1 always (fp16 / bf16 on CUDA); RAYSPEED_STREAMK_CONFIG="bm,bn,bk,warps,stages"
+    picks the tile."""
+    setting = os.environ.get("RAYSPEED_STREAMK", "0")
+    if setting == "0" or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return None
+    config = os.environ.get("RAYSPEED_STREAMK_CONFIG")
+    return GemmConfig.parse(config) if config else GemmConfig()
+
+
+@triton.jit
+def _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
+                ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    bias = feature_params(bias_ptr, rn, 1, N, HAS_BIAS, 0.0)
+    acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_rm,
+                    stride_ym, per_program, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    steps = K // BLOCK_K                                       # K steps a tile
+    total = tiles_m * tl.cdiv(N, BLOCK_N) * steps
+    start = pid * per_program
+    end = tl.minimum(start + per_program, total)
+    first_tile = start // steps
+    tile_elems = BLOCK_M * BLOCK_N
+    cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    rk = tl.arange(0, BLOCK_K)
+    pdl.await_previous(PDL)
+    while start < end:
+        tile = start // steps
+        k_first = start - tile * steps
+        k_end = tl.minimum(steps, k_first + end - start)
+        rm = (tile % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        x = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_first * BLOCK_K + rk)[None, :]
+        w = w_ptr + rn[:, None].to(tl.int64) * K + (k_first * BLOCK_K + rk)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for _ in range(k_first, k_end):
+            a = tl.load(x, mask=(rm < M)[:, None], other=0.0)
+            b = tl.load(w, mask=(rn < N)[:, None], other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+            x += BLOCK_K
+            w += BLOCK_K
+        if (k_first == 0) & (k_end == steps):                  # the whole tile
+            _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RESIDUAL)
+        else:                                                   # a share of it: hand it in
+            slot = pid * 2 + (tile != first_tile).to(tl.int32)
+            tl.store(ws_ptr + slot.to(tl.int64) * tile_elems + cell, acc)
+            tl.debug_barrier()                                  # every thread's stores before the ticket
+            first_owner = tile * steps // per_program
+            last_owner = ((tile + 1) * steps - 1) // per_program
+            ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == last_owner - first_owner:             # the others are in: add every share in order
+                tl.store(tickets_ptr + tile, 0)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for owner in range(first_owner, last_owner + 1):
+                    owner_slot = owner * 2 + (tile != owner * per_program // steps).to(tl.int32)
+                    acc += tl.load(ws_ptr + owner_slot.to(tl.int64) * tile_elems + cell, cache_modifier=".cg")
+                _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
+                            HAS_RESIDUAL)
+        start = tile * steps + k_end
+
+
+_SCRATCH: dict = {}                 # device -> (tickets int32, workspace fp32), grown outside graph capture
+
+
+def _scratch(device: torch.device, tiles: int, ws_elems: int):
+    """Zeroed tickets for `tiles` tiles and a workspace of `ws_elems` floats on `device`, allocated (or
+    grown) outside any CUDA graph capture; None while capturing without a large enough pair (the
+    prefill graphs' eager warm-up at the same shapes runs first)."""
+    have = _SCRATCH.get(device)
+    if have is not None and have[0].numel() >= tiles and have[1].numel() >= ws_elems:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    tiles = max(tiles, 0 if have is None else have[0].numel())
+    ws_elems = max(ws_elems, 0 if have is None else have[1].numel())
+    if have is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)                  # earlier launches may still use the old pair
+    _SCRATCH[device] = (torch.zeros(tiles, dtype=torch.int32, device=device),
+                        torch.empty(ws_elems, dtype=torch.float32, device=device))
+    return _SCRATCH[device]
+
+
+@functools.cache
+def _programs(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def streamk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   activation: str | None = None, residual: torch.Tensor | None = None,
+                   config: GemmConfig = GemmConfig(), programs: int | None = None) -> torch.Tensor | None:
+    """act(x weight^T + bias) + residual for x [..., K] and weight [N, K] (row-major, K a multiple of
+    config.block_k), or None where the shape or the moment does not allow it (the caller takes cuBLAS).
+    `programs`: the persistent grid (default: one per SM on CUDA, 4 elsewhere)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if k % config.block_k or weight.shape[1] != k or not weight.is_contiguous() or activation not in ACTIVATION_CODES:
+        return None
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if residual is not None:
+        residual = residual.reshape(m, n)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    total = tiles * (k // config.block_k)
+    if programs is None:
+        programs = _programs(x.device.index or 0) if x.is_cuda else 4
+    programs = max(1, min(programs, total))
+    per_program = triton.cdiv(total, programs)
+    programs = triton.cdiv(total, per_program)
+    scratch = _scratch(x.device, tiles, programs * 2 * config.block_m * config.block_n)
+    if scratch is None:
+        return None
+    tickets, ws = scratch
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    use_pdl = pdl.enabled(x)
+    _streamk_kernel[(programs,)](
+        x2, weight, bias if bias is not None else weight, residual if residual is not None else y, y, ws, tickets,
+        m, n, k, x2.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), per_program,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
+        ACT=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None, PDL=use_pdl, launch_pdl=use_pdl,
+        num_warps=config.warps, num_stages=config.stages)
+    return y.view(*x.shape[:-1], n)
