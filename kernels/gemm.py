@@ -2,15 +2,17 @@
 
 At a 512-token prefill, cuBLAS runs GPT-Neo 2.7B's products at 504-656 TFLOP/s: its output tiles
 come in whole waves that do not fill 132 SMs (the output projection and MLP down make 80 tiles of
-128 x 128; MLP up 160 of 128 x 256, a wave and a fifth). Here a persistent grid of one program per SM
-shares out the product's (tile, K step) iterations evenly instead: program p takes iterations
-[p * per, (p + 1) * per) in tile-major order, so every SM does the same work whatever the tile
-count. A tile whose K steps span several programs is finished by the last of them to get there (a
-ticket per tile, reset by its taker): the others leave their fp32 partial sums in a workspace, and
-the finisher adds them all in program order (deterministic), applies the epilogue and stores.
+128 x 128; MLP up 160 of 128 x 256, a wave and a fifth). Here a persistent grid of about one program
+per SM shares the product's K steps out evenly instead, whatever the tile count.
 
-Tiles are visited M-fastest, so the programs sharing a slice of W run side by side and W streams
-from HBM once. K must be a multiple of BLOCK_K; M and N are masked.
+The programs form groups of COLUMN, one per row of tiles (COLUMN = the tile rows, up to the grid):
+a group walks a column of COLUMN tiles stacked in M, its programs side by side over the same K steps
+of the same weight slice, so each weight byte comes from HBM once and then from L2. The work is the
+list of (column, K step) pairs, column-major, and group g takes its [g * per, (g + 1) * per) share.
+A tile whose K steps span several groups is finished by the last of its programs to get there (a
+ticket per tile, reset by its taker): the others leave their fp32 partial sums in a workspace, and
+the finisher adds all of them in group order (so results do not depend on timing), applies the
+epilogue and stores. K must be a multiple of BLOCK_K; M and N are masked.
 """
 import functools
 import os
@@ -60,52 +62,58 @@ def _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
 
 @triton.jit
 def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_rm,
-                    stride_ym, per_program, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
+                    stride_ym, per_group, COLUMN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    PDL: tl.constexpr):
+    group, row = tl.program_id(0) // COLUMN, tl.program_id(0) % COLUMN
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     steps = K // BLOCK_K                                       # K steps a tile
-    total = tiles_m * tl.cdiv(N, BLOCK_N) * steps
-    start = pid * per_program
-    end = tl.minimum(start + per_program, total)
-    first_tile = start // steps
+    total = tl.cdiv(tiles_m, COLUMN) * tiles_n * steps
+    start = group * per_group
+    end = tl.minimum(start + per_group, total)
+    first_column = start // steps
     tile_elems = BLOCK_M * BLOCK_N
     cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     rk = tl.arange(0, BLOCK_K)
     pdl.await_previous(PDL)
     while start < end:
-        tile = start // steps
-        k_first = start - tile * steps
+        column = start // steps                                 # COLUMN tiles stacked in M, one per program
+        k_first = start - column * steps
         k_end = tl.minimum(steps, k_first + end - start)
-        rm = (tile % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (tile // tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
-        x = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_first * BLOCK_K + rk)[None, :]
-        w = w_ptr + rn[:, None].to(tl.int64) * K + (k_first * BLOCK_K + rk)[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for _ in range(k_first, k_end):
-            a = tl.load(x, mask=(rm < M)[:, None], other=0.0)
-            b = tl.load(w, mask=(rn < N)[:, None], other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc)
-            x += BLOCK_K
-            w += BLOCK_K
-        if (k_first == 0) & (k_end == steps):                  # the whole tile
-            _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT, HAS_RESIDUAL)
-        else:                                                   # a share of it: hand it in
-            slot = pid * 2 + (tile != first_tile).to(tl.int32)
-            tl.store(ws_ptr + slot.to(tl.int64) * tile_elems + cell, acc)
-            tl.debug_barrier()                                  # every thread's stores before the ticket
-            first_owner = tile * steps // per_program
-            last_owner = ((tile + 1) * steps - 1) // per_program
-            ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if ticket == last_owner - first_owner:             # the others are in: add every share in order
-                tl.store(tickets_ptr + tile, 0)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                for owner in range(first_owner, last_owner + 1):
-                    owner_slot = owner * 2 + (tile != owner * per_program // steps).to(tl.int32)
-                    acc += tl.load(ws_ptr + owner_slot.to(tl.int64) * tile_elems + cell, cache_modifier=".cg")
+        tile_m = column // tiles_n * COLUMN + row
+        tile_n = column % tiles_n
+        if tile_m < tiles_m:
+            rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            x = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_first * BLOCK_K + rk)[None, :]
+            w = w_ptr + rn[:, None].to(tl.int64) * K + (k_first * BLOCK_K + rk)[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for _ in range(k_first, k_end):
+                a = tl.load(x, mask=(rm < M)[:, None], other=0.0)
+                b = tl.load(w, mask=(rn < N)[:, None], other=0.0)
+                acc = tl.dot(a, tl.trans(b), acc)
+                x += BLOCK_K
+                w += BLOCK_K
+            if (k_first == 0) & (k_end == steps):              # the whole tile
                 _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
                             HAS_RESIDUAL)
-        start = tile * steps + k_end
+            else:                                               # a share of it: hand it in
+                slot = tl.program_id(0) * 2 + (column != first_column).to(tl.int32)
+                tl.store(ws_ptr + slot.to(tl.int64) * tile_elems + cell, acc)
+                tl.debug_barrier()                              # every thread's stores before the ticket
+                first_owner = column * steps // per_group
+                last_owner = ((column + 1) * steps - 1) // per_group
+                tile = tile_m * tiles_n + tile_n
+                ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if ticket == last_owner - first_owner:         # the others are in: add every share in order
+                    tl.store(tickets_ptr + tile, 0)
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                    for owner in range(first_owner, last_owner + 1):
+                        owner_slot = (owner * COLUMN + row) * 2 + (column != owner * per_group // steps).to(tl.int32)
+                        acc += tl.load(ws_ptr + owner_slot.to(tl.int64) * tile_elems + cell, cache_modifier=".cg")
+                    _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
+                                HAS_RESIDUAL)
+        start = column * steps + k_end
 
 
 _SCRATCH: dict = {}                 # device -> (tickets int32, workspace fp32), grown outside graph capture
@@ -152,23 +160,24 @@ def streamk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         residual = residual.reshape(m, n)
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    total = tiles * (k // config.block_k)
+    tiles_m, tiles_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
     if programs is None:
         programs = _programs(x.device.index or 0) if x.is_cuda else 4
-    programs = max(1, min(programs, total))
-    per_program = triton.cdiv(total, programs)
-    programs = triton.cdiv(total, per_program)
-    scratch = _scratch(x.device, tiles, programs * 2 * config.block_m * config.block_n)
+    column = min(tiles_m, programs)                  # programs that walk one column of tiles side by side
+    total = triton.cdiv(tiles_m, column) * tiles_n * (k // config.block_k)
+    groups = max(1, min(programs // column, total))
+    per_group = triton.cdiv(total, groups)
+    groups = triton.cdiv(total, per_group)
+    scratch = _scratch(x.device, tiles_m * tiles_n, groups * column * 2 * config.block_m * config.block_n)
     if scratch is None:
         return None
     tickets, ws = scratch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     use_pdl = pdl.enabled(x)
-    _streamk_kernel[(programs,)](
+    _streamk_kernel[(groups * column,)](
         x2, weight, bias if bias is not None else weight, residual if residual is not None else y, y, ws, tickets,
-        m, n, k, x2.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), per_program,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
+        m, n, k, x2.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), per_group,
+        column, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
         ACT=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None, PDL=use_pdl, launch_pdl=use_pdl,
         num_warps=config.warps, num_stages=config.stages)
     return y.view(*x.shape[:-1], n)

@@ -25,11 +25,12 @@ def _reference(x, w, b, activation, r):
 
 
 @pytest.mark.parametrize("m,n,k,programs", [
-    (32, 64, 64, 3),      # 8 tiles of 4 steps over 3 programs: shares of 2 and 3 programs
-    (48, 64, 128, 5),     # 12 tiles of 8 steps: most tiles in two shares
-    (16, 32, 64, 7),      # one tile over 4 programs (per = 1 step): four shares, summed in order
-    (33, 40, 96, 4),      # ragged M and N
-    (64, 96, 32, 2),      # 2 steps a tile, 12 tiles over 2 programs: whole tiles only
+    (32, 64, 64, 6),      # 2 tile rows x 2 columns of 4 steps over 3 groups of 2: shares of 2 groups
+    (48, 64, 128, 15),    # 3 x 2 tiles of 8 steps over 5 groups of 3: most tiles in two shares
+    (16, 32, 64, 7),      # one tile over 4 groups of 1 (per = 1 step): four shares, added in order
+    (33, 40, 96, 9),      # ragged M and N: 3 x 2 tiles of 6 steps, 3 groups of 3
+    (80, 64, 64, 2),      # 5 tile rows, 2 programs: columns of 2 (the third holds one tile), whole tiles
+    (64, 96, 32, 8),      # 4 x 3 tiles of 2 steps, 2 groups of 4: 3 columns over 2 groups, shares
 ])
 @pytest.mark.parametrize("epilogue", ["none", "bias_gelu", "bias_residual", "relu_residual"])
 def test_matches_reference(m, n, k, programs, epilogue):
