@@ -19,6 +19,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
+from bench.gemm_sweep import triton_gemm  # noqa: E402
 from kernels.gemm import GemmConfig, streamk_linear  # noqa: E402
 from kernels.gemv_tuner import time_in_graph  # noqa: E402
 
@@ -37,6 +38,14 @@ def cublas(x, w, b, activation, r):
     return y if r is None else y + r
 
 
+def without_pdl(fn):
+    os.environ["RAYSPEED_PDL"] = "0"
+    try:
+        return fn()
+    finally:
+        del os.environ["RAYSPEED_PDL"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="256,512,1024,2048")
@@ -44,11 +53,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--shapes", default="qkv,out,fc1,fc2")
+    ap.add_argument("--no-pdl", action="store_true", help="also the first configuration launched without PDL")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     configs = args.configs.split(";")
     rows_out = []
     for name, n, k, has_bias, activation, has_residual in SHAPES:
+        if name not in args.shapes.split(","):
+            continue
         copies = max(2, -(-200 * 2**20 // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5 for _ in range(copies)]
         b = torch.randn(n, device="cuda", dtype=dtype) if has_bias else None
@@ -57,10 +70,15 @@ def main() -> None:
             r = torch.randn(m, n, device="cuda", dtype=dtype) if has_residual else None
             ref = cublas(x, ws[0], b, activation, r).float()
             row = {"shape": name, "m": m, "n": n, "k": k, "us": {}, "tflops": {}, "rel_err": {}}
-            variants = {"cublas": lambda i: cublas(x, ws[i], b, activation, r)}
+            zeros = torch.zeros(n, device="cuda", dtype=dtype)
+            variants = {"cublas": lambda i: cublas(x, ws[i], b, activation, r),
+                        "plain_128x256_w8_s4": lambda i: triton_gemm(x, ws[i], zeros, 128, 256, 64, 8, 4)}
             for text in configs:
                 variants[f"streamk_{text.replace(',', '_')}"] = \
                     lambda i, c=GemmConfig.parse(text): streamk_linear(x, ws[i], b, activation, r, c)
+            if args.no_pdl:
+                variants["streamk_nopdl"] = lambda i, c=GemmConfig.parse(configs[0]): without_pdl(
+                    lambda: streamk_linear(x, ws[i], b, activation, r, c))
             for key, fn in variants.items():
                 try:
                     out = fn(0).float()

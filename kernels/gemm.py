@@ -72,8 +72,6 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
     start = group * per_group
     end = tl.minimum(start + per_group, total)
     first_column = start // steps
-    tile_elems = BLOCK_M * BLOCK_N
-    cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     rk = tl.arange(0, BLOCK_K)
     pdl.await_previous(PDL)
     while start < end:
@@ -85,21 +83,22 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
         if tile_m < tiles_m:
             rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            x = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_first * BLOCK_K + rk)[None, :]
-            w = w_ptr + rn[:, None].to(tl.int64) * K + (k_first * BLOCK_K + rk)[None, :]
+            rm_in = tl.minimum(rm, M - 1)            # rows past the end repeat the last (their outputs are masked)
+            rn_in = tl.minimum(rn, N - 1)
+            x = x_ptr + rm_in[:, None] * stride_xm + rk[None, :]
+            w = w_ptr + rn_in[:, None] * K + rk[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for _ in range(k_first, k_end):
-                a = tl.load(x, mask=(rm < M)[:, None], other=0.0)
-                b = tl.load(w, mask=(rn < N)[:, None], other=0.0)
+            for step in range(k_first, k_end):
+                a = tl.load(x + step * BLOCK_K)
+                b = tl.load(w + step * BLOCK_K)
                 acc = tl.dot(a, tl.trans(b), acc)
-                x += BLOCK_K
-                w += BLOCK_K
             if (k_first == 0) & (k_end == steps):              # the whole tile
                 _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
                             HAS_RESIDUAL)
             else:                                               # a share of it: hand it in
+                cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
                 slot = tl.program_id(0) * 2 + (column != first_column).to(tl.int32)
-                tl.store(ws_ptr + slot.to(tl.int64) * tile_elems + cell, acc)
+                tl.store(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell, acc)
                 tl.debug_barrier()                              # every thread's stores before the ticket
                 first_owner = column * steps // per_group
                 last_owner = ((column + 1) * steps - 1) // per_group
@@ -110,7 +109,8 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
                     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
                     for owner in range(first_owner, last_owner + 1):
                         owner_slot = (owner * COLUMN + row) * 2 + (column != owner * per_group // steps).to(tl.int32)
-                        acc += tl.load(ws_ptr + owner_slot.to(tl.int64) * tile_elems + cell, cache_modifier=".cg")
+                        acc += tl.load(ws_ptr + owner_slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell,
+                                       cache_modifier=".cg")
                     _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
                                 HAS_RESIDUAL)
         start = column * steps + k_end
