@@ -73,11 +73,13 @@ def main() -> None:
             zeros = torch.zeros(n, device="cuda", dtype=dtype)
             variants = {"cublas": lambda i: cublas(x, ws[i], b, activation, r),
                         "plain_128x256_w8_s4": lambda i: triton_gemm(x, ws[i], zeros, 128, 256, 64, 8, 4)}
-            for text in configs:
+            for text in configs:                        # "bm,bn,bk,warps,stages[@programs]"
+                config, _, programs = text.partition("@")
                 variants[f"streamk_{text.replace(',', '_')}"] = \
-                    lambda i, c=GemmConfig.parse(text): streamk_linear(x, ws[i], b, activation, r, c)
+                    lambda i, c=GemmConfig.parse(config), p=int(programs) if programs else None: \
+                    streamk_linear(x, ws[i], b, activation, r, c, programs=p)
             if args.no_pdl:
-                variants["streamk_nopdl"] = lambda i, c=GemmConfig.parse(configs[0]): without_pdl(
+                variants["streamk_nopdl"] = lambda i, c=GemmConfig.parse(configs[0].partition("@")[0]): without_pdl(
                     lambda: streamk_linear(x, ws[i], b, activation, r, c))
             for key, fn in variants.items():
                 try:
