@@ -65,7 +65,9 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
                     stride_ym, per_group, COLUMN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     PDL: tl.constexpr):
-    group, row = tl.program_id(0) // COLUMN, tl.program_id(0) % COLUMN
+    groups = tl.num_programs(0) // COLUMN
+    group = groups - 1 - tl.program_id(0) // COLUMN            # the last groups launch first (see below)
+    row = tl.program_id(0) % COLUMN
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     steps = K // BLOCK_K                                       # K steps a tile
     total = tl.cdiv(tiles_m, COLUMN) * tiles_n * steps
@@ -95,22 +97,25 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
             if (k_first == 0) & (k_end == steps):              # the whole tile
                 _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
                             HAS_RESIDUAL)
-            else:                                               # a share of it: hand it in
-                cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-                slot = tl.program_id(0) * 2 + (column != first_column).to(tl.int32)
-                tl.store(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell, acc)
-                tl.debug_barrier()                              # every thread's stores before the ticket
-                first_owner = column * steps // per_group
+            else:                                               # a share of the tile
+                first_owner = column * steps // per_group       # the group holding its first K steps
                 last_owner = ((column + 1) * steps - 1) // per_group
-                tile = tile_m * tiles_n + tile_n
-                ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu")
-                if ticket == last_owner - first_owner:         # the others are in: add every share in order
-                    tl.store(tickets_ptr + tile, 0)
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                    for owner in range(first_owner, last_owner + 1):
-                        owner_slot = (owner * COLUMN + row) * 2 + (column != owner * per_group // steps).to(tl.int32)
-                        acc += tl.load(ws_ptr + owner_slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell,
-                                       cache_modifier=".cg")
+                stored = tickets_ptr + tile_m * tiles_n + tile_n
+                cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+                if group != first_owner:                        # leave it in the workspace, then count it in
+                    slot = tl.program_id(0) * 2 + (column != first_column).to(tl.int32)
+                    tl.store(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell, acc)
+                    tl.debug_barrier()                          # every thread's stores before the count
+                    tl.atomic_add(stored, 1, sem="release", scope="gpu")
+                else:                                           # add the later shares in order as they come
+                    count = tl.atomic_add(stored, 0, sem="acquire", scope="gpu")
+                    while count < last_owner - first_owner:     # they started earlier: a short wait
+                        count = tl.atomic_add(stored, 0, sem="acquire", scope="gpu")
+                    tl.store(stored, 0)
+                    for owner in range(first_owner + 1, last_owner + 1):
+                        program = (groups - 1 - owner) * COLUMN + row
+                        slot = program * 2 + (column != owner * per_group // steps).to(tl.int32)
+                        acc += tl.load(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
                     _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
                                 HAS_RESIDUAL)
         start = column * steps + k_end
