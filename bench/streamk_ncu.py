@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.gemm_sweep import triton_gemm  # noqa: E402
-from kernels.gemm import GemmConfig, streamk_linear  # noqa: E402
+from bench.streamk_gemm import GemmConfig, streamk_linear  # noqa: E402
 
 m, n, k = int(os.environ.get("M", "512")), 7680, 2560
 x = torch.randn(m, k, device="cuda", dtype=torch.half)

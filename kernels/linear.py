@@ -20,7 +20,7 @@ from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.dequant import DEQUANT_MIN_ROWS
 from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear
-from kernels import allreduce, gemm
+from kernels import allreduce
 from kernels.quant import QuantSpec, quant_linear
 
 # Float products of at most this many rows (decode batches) stream the weight through kernels/gemv.py
@@ -173,11 +173,6 @@ class _Linear(nn.Module):
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
             return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
-        if bits == 16 and use_triton(x):
-            config = gemm.chosen(x, self.weight)
-            y = None if config is None else gemm.streamk_linear(x, self.weight, bias, activation, residual, config)
-            if y is not None:
-                return y
         return self._torch_matmul(x, bias, activation, residual)
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,

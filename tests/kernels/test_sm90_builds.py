@@ -118,10 +118,6 @@ BUILDS = {
     "prefill-window-alibi": prefill_attention(64, True),
     "prefill-32-rows": prefill_attention(32, False),
     "prefill-pdl": prefill_attention(64, False, pdl=True),
-    "streamk-gemm": ("kernels.gemm", "_streamk_kernel",
-                     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, HAS_BIAS=True, ACT=1, HAS_RESIDUAL=True, PDL=True),
-                     {**{name: "*fp16" for name in ("x_ptr", "w_ptr", "bias_ptr", "r_ptr", "y_ptr")},
-                      "ws_ptr": "*fp32", "tickets_ptr": "*i32"}, 8),
     "argmax-parts": ("kernels.argmax", "_argmax_parts_kernel", dict(PART=2048, BLOCK=1024),
                      {"x_ptr": "*fp32", "max_ptr": "*fp32", "index_ptr": "*i32"}),
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
@@ -274,12 +270,3 @@ def test_split_argmax_reads_16_byte_vectors(built):
 @pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
 def test_dequantize_kernel_writes_16_byte_vectors(built, name):
     assert "st.global.v4" in built[name]["ptx"]
-
-
-def test_streamk_gemm_multiplies_on_hopper_tensor_cores(built):
-    """The stream-K prefill GEMM (kernels/gemm.py): warpgroup MMAs fed by asynchronous copies, and with
-    PDL nothing read or written before the wait."""
-    ptx = built["streamk-gemm"]["ptx"]
-    assert "wgmma.mma_async" in ptx and "cp.async" in ptx
-    wait = ptx.index("griddepcontrol.wait")
-    assert "ld.global" not in ptx[:wait] and "st.global" not in ptx[:wait] and "cp.async" not in ptx[:wait]

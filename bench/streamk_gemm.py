@@ -1,21 +1,26 @@
-"""Stream-K GEMM for prefill-sized products: y = act(x W^T + bias) + residual, fp32 accumulation.
+"""A stream-K GEMM for prefill-sized products, y = act(x W^T + bias) + residual: measured against
+cuBLAS and slower on every GPT-Neo 2.7B prefill product, so the model keeps cuBLAS. Kept with its
+sweep (bench/streamk_sweep.py) as the record of why; docs/performance.md has the numbers.
 
-At a 512-token prefill, cuBLAS runs GPT-Neo 2.7B's products at 504-656 TFLOP/s: its output tiles
-come in whole waves that do not fill 132 SMs (the output projection and MLP down make 80 tiles of
-128 x 128; MLP up 160 of 128 x 256, a wave and a fifth). Here a persistent grid of about one program
-per SM shares the product's K steps out evenly instead, whatever the tile count.
+The idea: at a 512-token prefill cuBLAS runs GPT-Neo's products at 504-656 TFLOP/s because its
+output tiles come in whole waves that do not fill 132 SMs (the output projection and MLP down make
+80 tiles of 128 x 128). Here a persistent grid of about one program per SM shares the product's
+K steps out evenly instead, whatever the tile count.
 
 The programs form groups of COLUMN, one per row of tiles (COLUMN = the tile rows, up to the grid):
 a group walks a column of COLUMN tiles stacked in M, its programs side by side over the same K steps
-of the same weight slice, so each weight byte comes from HBM once and then from L2. The work is the
-list of (column, K step) pairs, column-major, and group g takes its [g * per, (g + 1) * per) share.
-A tile whose K steps span several groups is finished by the last of its programs to get there (a
-ticket per tile, reset by its taker): the others leave their fp32 partial sums in a workspace, and
-the finisher adds all of them in group order (so results do not depend on timing), applies the
-epilogue and stores. K must be a multiple of BLOCK_K; M and N are masked.
+of the same weight slice, so each weight byte comes from HBM once. The work is the list of
+(column, K step) pairs, column-major, and group g takes its [g * per, (g + 1) * per) share. A tile
+whose K steps span several groups is finished by the group holding its first steps: that share ends
+its range while the others begin theirs, so it arrives last and seldom waits. The others leave
+their fp32 partial sums in a workspace and count themselves in (a counter per tile, reset by the
+finisher); the finisher waits for the count, adds the shares in group order to its own accumulator
+(the result does not depend on timing), applies the epilogue and stores. Groups are numbered
+last-first, so those a finisher waits for launch (and, in Triton's interpreter, run) before it.
+K must be a multiple of BLOCK_K; rows and features past M and N read clamped addresses and are not
+stored.
 """
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,17 +43,6 @@ class GemmConfig:
     def parse(cls, text: str) -> "GemmConfig":
         """"128,256,64,8,3" (block_m, block_n, block_k, warps, stages)."""
         return cls(*(int(v) for v in text.split(",")))
-
-
-def chosen(x: torch.Tensor, weight: torch.Tensor) -> GemmConfig | None:
-    """The configuration to run x weight^T with here, or None for cuBLAS. RAYSPEED_STREAMK=0 never
-    uses this kernel, =1 always (fp16 / bf16 on CUDA); RAYSPEED_STREAMK_CONFIG="bm,bn,bk,warps,stages"
-    picks the tile."""
-    setting = os.environ.get("RAYSPEED_STREAMK", "0")
-    if setting == "0" or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
-        return None
-    config = os.environ.get("RAYSPEED_STREAMK_CONFIG")
-    return GemmConfig.parse(config) if config else GemmConfig()
 
 
 @triton.jit
