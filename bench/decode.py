@@ -27,17 +27,18 @@ PROMPT, NEW = 32, 128
 KV_BLOCKS = {"neo": 4096, "llama": 1024}       # fixed, so several engines fit beside the HF model
 
 
-def build(model: str):
-    """Random-weight fp16 HF model: GPT-Neo 2.7B or a Llama-2-7B-shaped config."""
+def build(model: str, vocab_size: int | None = None):
+    """Random-weight fp16 HF model: GPT-Neo 2.7B or a Llama-2-7B-shaped config (`vocab_size`: another
+    vocabulary than the model's own)."""
     import transformers as tf
     if model == "neo":
-        config = tf.GPTNeoConfig(hidden_size=2560, num_layers=32, num_heads=20, vocab_size=50257,
+        config = tf.GPTNeoConfig(hidden_size=2560, num_layers=32, num_heads=20, vocab_size=vocab_size or 50257,
                                  max_position_embeddings=2048, window_size=256,
                                  attention_types=[[["global", "local"], 16]])
         cls = tf.GPTNeoForCausalLM
     else:
         config = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                num_attention_heads=32, num_key_value_heads=32, vocab_size=vocab_size or 32000,
                                 max_position_embeddings=4096)
         cls = tf.LlamaForCausalLM
     torch.manual_seed(0)

@@ -32,15 +32,19 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 def write_checkpoint(path: str) -> None:
-    """GPT-Neo 2.7B's shape with random fp16 weights (built on the GPU, fast) and the demo tokenizer."""
+    """GPT-Neo 2.7B's shape with random fp16 weights (built on the GPU, fast) and the demo tokenizer, whose
+    vocabulary the model takes: every sampled id then has text, so a stream's chunks (sent once there is
+    text) show when tokens come. With GPT-Neo's 50,257 ids most samples were ids the byte tokenizer has
+    no text for, and the first chunk came at the end (2026-11-27)."""
     import torch
 
     from bench.decode import build
     from serve_apps.demo_model import byte_tokenizer
-    hf = build("neo")
-    hf.generation_config.pad_token_id = 0
+    tokenizer = byte_tokenizer()
+    hf = build("neo", vocab_size=len(tokenizer))
+    hf.generation_config.pad_token_id = tokenizer.pad_token_id
     hf.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     del hf
     torch.cuda.empty_cache()
 
@@ -105,9 +109,10 @@ def smoke(url: str) -> dict:
 
 
 async def concurrent(url: str, n: int, stream: bool, max_tokens: int) -> dict:
-    """n requests at once, all streamed or all not."""
+    """n requests at once, all streamed or all not, after a warm-up burst of n short ones (the batch
+    sizes the timed burst passes through run once before it)."""
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n + 2)) as http:
-        await asyncio.gather(*[one(http, i, stream, 4) for i in range(4)])           # warm-up
+        await asyncio.gather(*[one(http, i, stream, 4) for i in range(n)])
         start = time.perf_counter()
         results = await asyncio.gather(*[one(http, i, stream, max_tokens) for i in range(n)])
         return summary(results, time.perf_counter() - start, {})

@@ -11,6 +11,7 @@ Writes <out>/<device>x<N>-<date>-tp.json with the device, commit ($RAYSPEED_COMM
 """
 import argparse
 import datetime
+import faulthandler
 import gc
 import json
 import os
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.decode import build, commit, decode_ms  # noqa: E402
 
 NUM_PROMPTS, PROMPT, GREEDY = 4, 32, 32
+STALL_S = float(os.environ.get("TP_BENCH_STALL_S", "120"))     # each rank dumps its threads' stacks this often
 
 
 def reference(model: str, path: str) -> dict:
@@ -53,27 +55,35 @@ def rank_main(rank: int, tp: int, port: int, model: str, ref_path: str, out_path
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(tp), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import rayspeed
+    faulthandler.dump_traceback_later(STALL_S, repeat=True)      # a stalled rank shows where, every STALL_S
+    t0 = time.perf_counter()
+    stage = lambda what: print(f"tp{tp} rank {rank}: {what} at {time.perf_counter() - t0:.1f} s", flush=True)
     torch.cuda.set_device(rank)                    # build this rank's HF copy on its own GPU
     ids = torch.load(ref_path)["prompts"]
     hf = build(model)
+    stage("built")
     vocab = hf.config.vocab_size
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine = rayspeed.init_inference(hf, tensor_parallel={"tp_size": tp}, dtype=torch.half,
                                      replace_with_kernel_inject=True, gpu_memory_utilization=0.5)
     load_s = time.perf_counter() - start
+    stage("loaded")
     del hf
     gc.collect()
     torch.cuda.empty_cache()
     with torch.no_grad():
         logits = engine.module(ids).logits.float().cpu()
+    stage("logits")
     out = engine.generate(ids.tolist(), max_new_tokens=GREEDY, ignore_eos=True)
     tokens = torch.tensor([o.outputs[0].token_ids for o in out])
+    stage("greedy tokens")
     run = lambda prompt_ids, new: engine.generate(prompt_ids.tolist(), max_new_tokens=new, ignore_eos=True)
     decode = {}
     for batch in batches:
         ms, ttft = decode_ms(run, batch, vocab)
         decode[batch] = {"decode_ms_per_step": ms, "tok_per_s": batch * 1e3 / ms, "prefill_ms": ttft}
+        stage(f"batch {batch}: {ms:.3f} ms a step")
     if rank == 0:
         torch.save({"load_s": load_s, "logits": logits, "tokens": tokens, "decode": decode}, out_path)
 
