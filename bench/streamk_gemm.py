@@ -12,11 +12,12 @@ a group walks a column of COLUMN tiles stacked in M, its programs side by side o
 of the same weight slice, so each weight byte comes from HBM once. The work is the list of
 (column, K step) pairs, column-major, and group g takes its [g * per, (g + 1) * per) share. A tile
 whose K steps span several groups is finished by the group holding its first steps: that share ends
-its range while the others begin theirs, so it arrives last and seldom waits. The others leave
-their fp32 partial sums in a workspace and count themselves in (a counter per tile, reset by the
-finisher); the finisher waits for the count, adds the shares in group order to its own accumulator
-(the result does not depend on timing), applies the epilogue and stores. Groups are numbered
-last-first, so those a finisher waits for launch (and, in Triton's interpreter, run) before it.
+its range while the others begin theirs, so it arrives last and seldom waits. The others (a program
+has at most one such share, in its first column) leave their fp32 partial sums in a workspace and
+count themselves in (a counter per tile, reset by the finisher); the finisher waits for the count,
+adds the shares in group order to its own accumulator (the result does not depend on timing),
+applies the epilogue and stores. Groups are numbered last-first, so those a finisher waits for
+launch (and, in Triton's interpreter, run) before it.
 K must be a multiple of BLOCK_K; rows and features past M and N read clamped addresses and are not
 stored.
 """
@@ -55,7 +56,7 @@ def _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym,
 
 
 @triton.jit
-def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_rm,
+def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, counts_ptr, M, N, K, stride_xm, stride_rm,
                     stride_ym, per_group, COLUMN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     PDL: tl.constexpr):
@@ -67,7 +68,6 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
     total = tl.cdiv(tiles_m, COLUMN) * tiles_n * steps
     start = group * per_group
     end = tl.minimum(start + per_group, total)
-    first_column = start // steps
     rk = tl.arange(0, BLOCK_K)
     pdl.await_previous(PDL)
     while start < end:
@@ -94,11 +94,11 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
             else:                                               # a share of the tile
                 first_owner = column * steps // per_group       # the group holding its first K steps
                 last_owner = ((column + 1) * steps - 1) // per_group
-                stored = tickets_ptr + tile_m * tiles_n + tile_n
+                stored = counts_ptr + tile_m * tiles_n + tile_n
                 cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
                 if group != first_owner:                        # leave it in the workspace, then count it in
-                    slot = tl.program_id(0) * 2 + (column != first_column).to(tl.int32)
-                    tl.store(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell, acc)
+                    slot = tl.program_id(0).to(tl.int64)        # a program's one share: its first column's
+                    tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + cell, acc)
                     tl.debug_barrier()                          # every thread's stores before the count
                     tl.atomic_add(stored, 1, sem="release", scope="gpu")
                 else:                                           # add the later shares in order as they come
@@ -107,19 +107,18 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, r_ptr, y_ptr, ws_ptr, tickets_ptr, M
                         count = tl.atomic_add(stored, 0, sem="acquire", scope="gpu")
                     tl.store(stored, 0)
                     for owner in range(first_owner + 1, last_owner + 1):
-                        program = (groups - 1 - owner) * COLUMN + row
-                        slot = program * 2 + (column != owner * per_group // steps).to(tl.int32)
-                        acc += tl.load(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
+                        slot = ((groups - 1 - owner) * COLUMN + row).to(tl.int64)
+                        acc += tl.load(ws_ptr + slot * (BLOCK_M * BLOCK_N) + cell, cache_modifier=".cg")
                     _store_tile(acc, rm, rn, M, N, bias_ptr, r_ptr, y_ptr, stride_rm, stride_ym, HAS_BIAS, ACT,
                                 HAS_RESIDUAL)
         start = column * steps + k_end
 
 
-_SCRATCH: dict = {}                 # device -> (tickets int32, workspace fp32), grown outside graph capture
+_SCRATCH: dict = {}                 # device -> (counts int32, workspace fp32), grown outside graph capture
 
 
 def _scratch(device: torch.device, tiles: int, ws_elems: int):
-    """Zeroed tickets for `tiles` tiles and a workspace of `ws_elems` floats on `device`, allocated (or
+    """Zeroed share counts for `tiles` tiles and a workspace of `ws_elems` floats on `device`, allocated (or
     grown) outside any CUDA graph capture; None while capturing without a large enough pair (the
     prefill graphs' eager warm-up at the same shapes runs first)."""
     have = _SCRATCH.get(device)
@@ -167,14 +166,14 @@ def streamk_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     groups = max(1, min(programs // column, total))
     per_group = triton.cdiv(total, groups)
     groups = triton.cdiv(total, per_group)
-    scratch = _scratch(x.device, tiles_m * tiles_n, groups * column * 2 * config.block_m * config.block_n)
+    scratch = _scratch(x.device, tiles_m * tiles_n, groups * column * config.block_m * config.block_n)
     if scratch is None:
         return None
-    tickets, ws = scratch
+    counts, ws = scratch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     use_pdl = pdl.enabled(x)
     _streamk_kernel[(groups * column,)](
-        x2, weight, bias if bias is not None else weight, residual if residual is not None else y, y, ws, tickets,
+        x2, weight, bias if bias is not None else weight, residual if residual is not None else y, y, ws, counts,
         m, n, k, x2.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), per_group,
         column, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
         ACT=ACTIVATION_CODES[activation], HAS_RESIDUAL=residual is not None, PDL=use_pdl, launch_pdl=use_pdl,

@@ -44,8 +44,8 @@ def test_matches_reference(m, n, k, programs, epilogue):
     ref = _reference(x, w, b, activation, r)
     assert y.shape == (m, n) and y.dtype == x.dtype
     assert (y.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
-    tickets, _ = gemm._SCRATCH[x.device]
-    assert not tickets.any(), "every tile's counter is reset by the program that finished it"
+    counts, _ = gemm._SCRATCH[x.device]
+    assert not counts.any(), "every tile's share count is reset by the program that finished it"
 
 
 def test_keeps_leading_dimensions_and_reads_strided_rows():
