@@ -5,9 +5,11 @@ Tensor-parallel weight loaders take the *full* checkpoint tensor and keep their 
 `.shape`, `.narrow`, `.split` and `.t()`; given a `LazyTensor` they never touch the other ranks' bytes.
 """
 import math
+import mmap
 from dataclasses import dataclass, replace
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from actors.loader import CheckpointError
 from actors.tensor_views import split_view
@@ -39,6 +41,28 @@ class FileReader:
                 raise CheckpointError(f"{path}: truncated: bytes [{start}, {end}) requested, {len(chunk)} read")
         return chunks
 
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def read_box(self, path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 starts: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
+        """A local file's box of the row-major tensor of `shape` stored at byte `offset`: copied in one
+        strided torch copy out of a memory map (fsspec's `cat_ranges` opens the file once a range,
+        which took a row-parallel shard's thousands of row pieces at ~0.1 GB/s)."""
+        def copy(buffer) -> torch.Tensor:       # the views die here, before the map closes
+            stored = torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
+            return stored[tuple(slice(s, s + n) for s, n in zip(starts, lengths))].clone()
+
+        def fetch() -> torch.Tensor:
+            with open(self.fs._strip_protocol(path), "rb") as f, \
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:     # copy-on-write: torch wants it writable
+                if offset + math.prod(shape) * dtype.itemsize > len(m):
+                    raise CheckpointError(f"{path}: truncated: a tensor ends at byte "
+                                          f"{offset + math.prod(shape) * dtype.itemsize}, the file at {len(m)}")
+                return copy(m)
+        return self._fetch(path, fetch)
+
     def _fetch(self, path: str, fetch):
         try:
             data = fetch()
@@ -46,7 +70,10 @@ class FileReader:
             raise CheckpointError(f"{path}: file not found") from None
         except OSError as e:
             raise CheckpointError(f"{path}: read failed: {e}") from None
-        self.bytes_read += len(data) if isinstance(data, bytes) else sum(map(len, data))
+        if isinstance(data, torch.Tensor):
+            self.bytes_read += data.nbytes
+        else:
+            self.bytes_read += len(data) if isinstance(data, bytes) else sum(map(len, data))
         return data
 
 
@@ -109,6 +136,10 @@ class LazyTensor:
         """Read the view's bytes (one range per contiguous run in storage) into a CPU tensor."""
         if self.numel() == 0:
             return torch.empty(self.shape, dtype=self.dtype)
+        if self.reader.local:
+            box = self.reader.read_box(self.path, self.offset, self.dtype, self.storage_shape, self.starts,
+                                       self.lengths)
+            return box.permute(self.perm)
         starts, run = self._runs()
         ends = [start + run for start in starts]
         data = bytearray(b"".join(self.reader.read_ranges(self.path, starts, ends)))

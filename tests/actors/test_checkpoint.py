@@ -206,14 +206,21 @@ def test_transpose_and_split_of_a_fused_tensor(counted):
     assert torch.equal(qkv.weight, reference.weight)
 
 
-def test_every_dtype_and_3d_narrows():
+@pytest.mark.parametrize("where", ["memory", "local"])
+def test_every_dtype_and_3d_narrows(where, tmp_path):
     """One [4, 3, 5] tensor per safetensors dtype torch has; any narrow equals torch's, and a
-    dim-0 narrow reads only its rows."""
+    dim-0 narrow reads only its rows. A local file is read through a memory map (one strided copy
+    a view), any other filesystem by byte ranges."""
     g = torch.Generator().manual_seed(0)
     tensors = {name: (torch.randn(4, 3, 5, generator=g) * 50).to(dtype) for name, dtype in DTYPES.items()}
     tensors["scalar"], tensors["vector"] = torch.tensor(3.5), torch.arange(10, dtype=torch.int32)
-    fsspec.filesystem("countingmem").pipe("countingmem://dtypes/model.safetensors", safetensors.torch.save(tensors))
-    ck = open_checkpoint("countingmem://dtypes")
+    if where == "local":
+        safetensors.torch.save_file(tensors, str(tmp_path / "model.safetensors"))
+        uri = str(tmp_path)
+    else:
+        fsspec.filesystem("countingmem").pipe("countingmem://dtypes/model.safetensors", safetensors.torch.save(tensors))
+        uri = "countingmem://dtypes"
+    ck = open_checkpoint(uri)
     lazy = dict(ck.tensors())
     assert len(ck) == len(tensors)
     for name, full in tensors.items():
@@ -227,8 +234,23 @@ def test_every_dtype_and_3d_narrows():
     before = ck.bytes_read
     lazy["F64"].narrow(0, 1, 2).materialize()
     assert ck.bytes_read - before == 2 * 3 * 5 * 8
+    before = ck.bytes_read
+    column = lazy["F32"].narrow(2, 1, 3).materialize()               # a row-parallel-like shard
+    assert torch.equal(column, tensors["F32"][:, :, 1:4]) and column.is_contiguous()
+    assert ck.bytes_read - before == 4 * 3 * 3 * 4
     with pytest.raises(ValueError):
         lazy["F32"].t()
+
+
+def test_a_local_file_cut_short_after_opening_names_it(tmp_path):
+    """The header is read when the checkpoint opens; a file truncated after that is named on the read."""
+    safetensors.torch.save_file({"a": torch.ones(64, 64)}, str(tmp_path / "model.safetensors"))
+    ck = open_checkpoint(str(tmp_path))
+    lazy = dict(ck.tensors())["a"]
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        lazy.narrow(1, 0, 32).materialize()
 
 
 # -- errors -------------------------------------------------------------------------------------
