@@ -6,6 +6,7 @@ Tensor-parallel weight loaders take the *full* checkpoint tensor and keep their 
 """
 import math
 import mmap
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,19 +48,22 @@ class FileReader:
 
     def read_box(self, path: str, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
                  starts: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
-        """A local file's box of the row-major tensor of `shape` stored at byte `offset`: copied in one
-        strided torch copy out of a memory map (fsspec's `cat_ranges` opens the file once a range,
+        """A local file's box of the row-major tensor of `shape` stored at byte `offset`: one strided
+        torch copy out of a read-only memory map (fsspec's `cat_ranges` opens the file once a range,
         which took a row-parallel shard's thousands of row pieces at ~0.1 GB/s)."""
+        end = offset + math.prod(shape) * dtype.itemsize
+
         def copy(buffer) -> torch.Tensor:       # the views die here, before the map closes
-            stored = torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
-            return stored[tuple(slice(s, s + n) for s, n in zip(starts, lengths))].clone()
+            with warnings.catch_warnings():     # read-only: only read here, by the copy
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                stored = torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset)
+            return stored.view(shape)[tuple(slice(s, s + n) for s, n in zip(starts, lengths))].clone()
 
         def fetch() -> torch.Tensor:
             with open(self.fs._strip_protocol(path), "rb") as f, \
-                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:     # copy-on-write: torch wants it writable
-                if offset + math.prod(shape) * dtype.itemsize > len(m):
-                    raise CheckpointError(f"{path}: truncated: a tensor ends at byte "
-                                          f"{offset + math.prod(shape) * dtype.itemsize}, the file at {len(m)}")
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if end > len(m):
+                    raise CheckpointError(f"{path}: truncated: a tensor ends at byte {end}, the file at {len(m)}")
                 return copy(m)
         return self._fetch(path, fetch)
 
@@ -133,7 +137,8 @@ class LazyTensor:
         return replace(self, perm=self.perm[::-1])
 
     def materialize(self) -> torch.Tensor:
-        """Read the view's bytes (one range per contiguous run in storage) into a CPU tensor."""
+        """Read the view's bytes into a CPU tensor: from a local file in one strided copy out of a memory
+        map, from any other filesystem as one byte range per contiguous run in storage."""
         if self.numel() == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         if self.reader.local:
