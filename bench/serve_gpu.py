@@ -32,19 +32,21 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 def write_checkpoint(path: str) -> None:
-    """GPT-Neo 2.7B's shape with random fp16 weights (built on the GPU, fast) and the demo tokenizer, whose
-    vocabulary the model takes: every sampled id then has text, so a stream's chunks (sent once there is
-    text) show when tokens come. With GPT-Neo's 50,257 ids most samples were ids the byte tokenizer has
-    no text for, and the first chunk came at the end (2026-11-27)."""
+    """GPT-Neo 2.7B's shape with random fp16 weights (built on the GPU, fast), the demo model's vocabulary
+    (320 ids: the byte tokenizer's 259 and padding) and the demo tokenizer: most sampled ids have text, so
+    a stream's chunks (sent once there is text) show when tokens come. With GPT-Neo's 50,257 ids nearly
+    every sample was an id the byte tokenizer has no text for, and the first chunk came at the end
+    (2026-11-27)."""
     import torch
 
     from bench.decode import build
-    from serve_apps.demo_model import byte_tokenizer
-    tokenizer = byte_tokenizer()
-    hf = build("neo", vocab_size=len(tokenizer))
-    hf.generation_config.pad_token_id = tokenizer.pad_token_id
+    from serve_apps.demo_model import BOS, EOS, PAD, VOCAB, byte_tokenizer
+    hf = build("neo", vocab_size=VOCAB)
+    special = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}     # GPT-Neo's 50256 is past VOCAB
+    hf.config.update(special)
+    hf.generation_config.update(**special)
     hf.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
     del hf
     torch.cuda.empty_cache()
 
