@@ -110,6 +110,7 @@ def bench_model(model: str, sizes: list[tuple[int, dict]], batches: list[int], t
                      nprocs=tp, join=True)
         except Exception as e:                  # noqa: BLE001  (a failed variant is reported, the rest runs)
             runs[name] = {"error": str(e)[-2000:]}
+            print(model, name, "failed after", round(time.perf_counter() - start, 1), "s:", str(e)[-2000:], flush=True)
             continue
         runs[name] = torch.load(out_path) | {"wall_s": time.perf_counter() - start}
         print(model, name, json.dumps(runs[name]["decode"]), flush=True)
