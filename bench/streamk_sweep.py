@@ -1,10 +1,11 @@
-"""The stream-K GEMM (kernels/gemm.py) against cuBLAS as the model calls it, on GPT-Neo 2.7B's four
-prefill products with their epilogues (QKV plain; output projection bias + residual; MLP up bias +
-tanh GELU, cuBLASLt's epilogue; MLP down bias + residual), at several row counts and tiles:
-microseconds back to back in a CUDA graph over weight copies that miss L2 (`time_in_graph`), with
-each variant's error against cuBLAS.
+"""The stream-K GEMM (bench/streamk_gemm.py) against cuBLAS as the model calls it, and the plain
+Triton GEMM of bench/gemm_sweep.py, on GPT-Neo 2.7B's four prefill products with their epilogues
+(QKV plain; output projection bias + residual; MLP up bias + tanh GELU, cuBLASLt's epilogue; MLP
+down bias + residual), at several row counts and tiles: microseconds back to back in a CUDA graph
+over weight copies that miss L2 (`time_in_graph`), with each variant's error against cuBLAS. A
+configuration "bm,bn,bk,warps,stages@P" fixes the persistent grid at P programs.
 
-    python3 bench/streamk_sweep.py --rows 256,512,1024,2048 --out bench/results
+    python3 bench/streamk_sweep.py --rows 256,512,1024,2048 --tag=-name --out bench/results
 """
 import argparse
 import datetime
@@ -39,6 +40,7 @@ def cublas(x, w, b, activation, r):
 
 
 def without_pdl(fn):
+    """fn() with programmatic dependent launch off (read at launch, so captured into the graph)."""
     os.environ["RAYSPEED_PDL"] = "0"
     try:
         return fn()
