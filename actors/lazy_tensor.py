@@ -51,12 +51,13 @@ class FileReader:
         """A local file's box of the row-major tensor of `shape` stored at byte `offset`: one strided
         torch copy out of a read-only memory map (fsspec's `cat_ranges` opens the file once a range,
         which took a row-parallel shard's thousands of row pieces at ~0.1 GB/s)."""
-        end = offset + math.prod(shape) * dtype.itemsize
+        numel = math.prod(shape)
+        end = offset + numel * dtype.itemsize
 
         def copy(buffer) -> torch.Tensor:       # the views die here, before the map closes
             with warnings.catch_warnings():     # read-only: only read here, by the copy
                 warnings.filterwarnings("ignore", message="The given buffer is not writable")
-                stored = torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset)
+                stored = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset)
             return stored.view(shape)[tuple(slice(s, s + n) for s, n in zip(starts, lengths))].clone()
 
         def fetch() -> torch.Tensor:
