@@ -16,7 +16,7 @@
 # ab VAR [model] [dtypes]: (~6 min) batch 1 and 32 with the switch VAR=0 (HF eager beside) then VAR=1, e.g.
 #         `ab RAYSPEED_PDL`; then the CUDA-only tests;
 # multi:  (2 GPUs) TP=2 over NCCL for GPT-Neo (with the symmetric-memory all-reduce as a variant), then the
-#         Serve app with one TP=2 replica (~10 min).
+#         Serve app with one TP=2 replica (~9 min).
 # Each step has its own time limit, so a slow step costs its own results only.
 . bench/gpu_setup.sh || exit 1
 export RAYSPEED_COMMIT=$(cat .commit 2>/dev/null || echo unknown) ANCHOR_BATCHES=1,8,32
@@ -83,7 +83,7 @@ if { [ "$phase" = multi ] || [ "$phase" = all ]; } && [ "$gpus" -ge 2 ]; then
   # 2026-11-27 on 2xH200: TP=2 printed nothing for ~200 s after loading (hang, slow step or failure);
   # the ranks now print their stages and dump their stacks every TP_BENCH_STALL_S seconds
   run 300 tp env TP_BENCH_STALL_S=90 python3 bench/tp_bench.py --models neo --symm --batches 1,32 --out "$out"
-  run 270 serve python3 bench/serve_gpu.py --out "$out"
+  run 240 serve python3 bench/serve_gpu.py --out "$out"
 fi
 for log in "$out"/*.log; do
   echo "== $(basename "$log" .log)"; grep -v "loading weights\|Warning" "$log" | tail -n 6 | cut -c1-400
