@@ -13,9 +13,16 @@ A fresh prefill (prompts with nothing cached) depends on its token and sequence 
 powers of two, captured the first time a step needs one (tens of ms, once), and replayed after. Its
 padding is one extra sequence that owns the padding tokens (token 0 at position 0, all written to
 the reserved cache slot), followed by empty sequences: every row the kernels compute is finite.
-Eager prefill is host-bound (GPT-Neo 2.7B: 19.5 ms for 32 tokens whose kernels take 3.1 ms)."""
+Eager prefill is host-bound (GPT-Neo 2.7B: 19.5 ms for 32 tokens whose kernels take 3.1 ms).
+
+Every graph recorded here is also kept in a weak set, so that `release_graphs` can reset them all
+before the NCCL group is destroyed: a live graph holding captured collectives makes
+`destroy_process_group` hang (pytorch/pytorch#115388; seen here on 2 x H200 when a TP=2 rank exited)."""
+import weakref
+
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from kernels.attention import AttentionMetadata
 
@@ -29,7 +36,31 @@ def record(forward, args: tuple, pool, warmups: int) -> tuple[torch.cuda.CUDAGra
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = forward(*args)
+    _live.add(graph)
     return graph, out
+
+
+_live: "weakref.WeakSet[torch.cuda.CUDAGraph]" = weakref.WeakSet()
+
+
+def release_graphs() -> int:
+    """Reset every graph `record` made that is still alive (after the device finishes its work) and
+    return how many: their replays become invalid, so callers drop the owners' graphs first or are
+    shutting down. Before `destroy_process_group`, this is what keeps it from hanging."""
+    graphs = list(_live)
+    if graphs:
+        torch.cuda.synchronize()
+    for graph in graphs:
+        graph.reset()
+    _live.clear()
+    return len(graphs)
+
+
+def destroy_process_group() -> None:
+    """`dist.destroy_process_group()` (every group), after `release_graphs`, if a group exists."""
+    if dist.is_initialized():
+        release_graphs()
+        dist.destroy_process_group()
 
 
 def buckets(max_batch: int) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from actors.build import load_engine
+from actors.cuda_graphs import destroy_process_group
 from actors.engine_loop import EngineLoop
 from actors.model_runner import STOP
 from actors.sequence import SamplingParams
@@ -117,5 +118,6 @@ class Worker:
     def shutdown(self) -> None:
         if self.loop is not None:
             self.loop.shutdown()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if self.engine is not None:                     # its graphs hold collectives: reset below
+            self.engine.runner.graphs = self.engine.runner.prefill_graphs = None
+        destroy_process_group()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from actors.build import build_engine, default_device, load_engine
 from actors.checkpoint import save_checkpoint
+from actors.cuda_graphs import destroy_process_group
 from actors.descriptions import is_description, resolve_description
 from actors.sharded_checkpoint import open_any, save_shards
 from cluster.config import ConfigError, InferenceConfig
@@ -94,9 +95,8 @@ def _join_launched_group(config: InferenceConfig) -> tuple[TensorParallel, torch
 def _leave_group() -> None:
     """Destroy the process group this module started. Left to interpreter shutdown, its threads
     can be torn down out of order ("terminate called without an active exception": the rank aborts
-    and loses its buffered stdout)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    and loses its buffered stdout). The decode graphs are reset first (`destroy_process_group`)."""
+    destroy_process_group()
 
 
 def auto_tp(model, config: InferenceConfig) -> torch.nn.Module:
