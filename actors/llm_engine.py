@@ -57,8 +57,8 @@ class _Launched:
     ready: "torch.cuda.Event | None"
 
     @classmethod
-    def pick(cls, seqs: list[Sequence], logits: torch.Tensor) -> "_Launched":
-        tokens = sample_on_device(logits, seqs)
+    def pick(cls, seqs: list[Sequence], logits: torch.Tensor, ahead: int = 0) -> "_Launched":
+        tokens = sample_on_device(logits, seqs, ahead)
         if not tokens.is_cuda:
             return cls(seqs, tokens, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -127,7 +127,7 @@ class LLMEngine:
             self.check_prompt(prompt_token_ids, params.max_new_tokens)
         seq = Sequence(prompt_token_ids, params, position_offset)
         if params.seed is not None and not params.greedy:
-            seq.generator = torch.Generator().manual_seed(params.seed + sample_index)
+            seq.seed = params.seed + sample_index
         self.scheduler.add(seq)
         return seq
 
@@ -156,7 +156,8 @@ class LLMEngine:
         if self._can_run_ahead(launched.seqs):
             for seq in launched.seqs:
                 self.block_manager.append(seq, ahead=1)
-            self._ahead = _Launched.pick(launched.seqs, self.runner.run_ahead(launched.seqs, launched.tokens))
+            logits = self.runner.run_ahead(launched.seqs, launched.tokens)
+            self._ahead = _Launched.pick(launched.seqs, logits, ahead=1)
         return self._advance(launched.seqs, launched.wait())
 
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:

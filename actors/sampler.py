@@ -6,9 +6,10 @@ logits, then greedy argmax, or temperature -> top-k -> top-p -> a draw.
 `sample_on_device` leaves the tokens on the logits' device and never waits for the GPU (the host's
 parameters travel through pinned staging copies; unseeded draws race exponential noise instead of
 calling multinomial), so a step's tokens can feed the next step before the host sees them
-(run-ahead, actors/llm_engine.py) for sampled sequences as for greedy ones. What needs the host
-stays out of that path (`picks_on_device`): the repetition penalty reads the token history, the stop
-mask depends on the step, a seeded request draws from its own CPU generator, and log-probabilities
+(run-ahead, actors/llm_engine.py) for sampled sequences as for greedy ones. A seeded request's noise
+is a function of its seed and the index of the token drawn (kernels/sampling.py), computed on the
+device like the rest. What needs the host stays out of that path (`picks_on_device`): the repetition
+penalty reads the token history, the stop mask depends on the step, and log-probabilities
 (`logprob_rows`, `token_logprobs`) are read by the host.
 """
 import torch
@@ -16,6 +17,7 @@ import torch
 from actors.model_runner import to_device
 from actors.sequence import Sequence, TokenLogprobs
 from kernels.argmax import argmax_rows
+from kernels.sampling import draw_key, seeded_exponential
 
 
 def stops_masked(seq: Sequence, ahead: int = 0) -> bool:
@@ -25,10 +27,9 @@ def stops_masked(seq: Sequence, ahead: int = 0) -> bool:
 
 def picks_on_device(seq: Sequence, ahead: int = 0) -> bool:
     """Whether `sample_on_device` picks the sequence's token `ahead` steps from now without the host:
-    greedy or sampled, no repetition penalty, no stop mask, no seeded generator."""
+    greedy or sampled (seeded or not), no repetition penalty, no stop mask, no log-probabilities."""
     p = seq.params
-    return (p.repetition_penalty == 1.0 and not stops_masked(seq, ahead) and (p.greedy or p.seed is None)
-            and p.logprobs is None)
+    return p.repetition_penalty == 1.0 and not stops_masked(seq, ahead) and p.logprobs is None
 
 
 def logprob_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
@@ -98,20 +99,29 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.T
     return probs, order
 
 
-def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """One candidate index per row, in proportion to `probs` (rows need not sum to 1). Unseeded rows
-    race exponential noise on the device (argmax of p / E, E ~ Exp(1), picks i with probability p_i);
-    a seeded row draws from its CPU generator (the host waits)."""
-    picks = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-    for i, seq in enumerate(seqs):
-        if seq.generator is not None:
-            picks[i] = torch.multinomial(probs[i].cpu(), 1, generator=seq.generator).item()
-    return picks
+def _draw(probs: torch.Tensor, seqs: list[Sequence], ahead: int) -> torch.Tensor:
+    """One candidate index per row, in proportion to `probs` (rows need not sum to 1): exponential
+    noise raced on the device (argmax of p / E, E ~ Exp(1), picks i with probability p_i). A seeded
+    row's noise is that of its seed and the index of the token drawn (`ahead` past its last)."""
+    seeded = [i for i, s in enumerate(seqs) if s.seed is not None]
+    if len(seeded) == len(seqs):
+        noise = seeded_exponential(_keys(seqs, ahead, probs.device), probs.shape[-1])
+    else:
+        noise = torch.empty_like(probs).exponential_()
+        if seeded:
+            noise[to_device(seeded, torch.int64, probs.device)] = \
+                seeded_exponential(_keys([seqs[i] for i in seeded], ahead, probs.device), probs.shape[-1])
+    return (probs / noise).argmax(dim=-1)
 
 
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _keys(seqs: list[Sequence], ahead: int, device: torch.device) -> torch.Tensor:
+    return to_device([draw_key(s.seed, s.num_output_tokens + ahead) for s in seqs], torch.int64, device)
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], ahead: int = 0) -> torch.Tensor:
     """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence, int64 on the logits'
-    device; waits for the GPU only for sequences `picks_on_device` excludes."""
+    device; waits for the GPU only for sequences `picks_on_device` excludes. `ahead`: the step is that
+    many tokens past each sequence's last (run-ahead), which a seeded draw takes into account."""
     _penalize(logits, seqs)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not rows:
@@ -120,7 +130,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     every = len(rows) == len(seqs)
     index = None if every else to_device(rows, torch.int64, logits.device)
     probs, order = _filtered_probs(logits if every else logits[index], sampled)
-    picks = _draw(probs, sampled)
+    picks = _draw(probs, sampled, ahead)
     if order is not None:
         picks = order.gather(1, picks[:, None]).squeeze(1)
     if every:                                     # no greedy row: no argmax

@@ -83,7 +83,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0                 # tokens whose keys/values are in the cache
         self.finish_reason: str | None = None
-        self.generator = None                      # torch.Generator when params.seed is set
+        self.seed: int | None = None               # a sampled draw's seed (params.seed + the sample's index)
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None   # per output token
 
     def __len__(self) -> int:

@@ -110,20 +110,23 @@ def smoke(url: str) -> dict:
             "stream_equals_unary": streamed == unary.json()["choices"][0]["text"]}
 
 
-async def concurrent(url: str, n: int, stream: bool, max_tokens: int) -> dict:
+async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bool = True) -> dict:
     """n requests at once, all streamed or all not, after a warm-up burst of n short ones (the batch
     sizes the timed burst passes through run once before it)."""
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n + 2)) as http:
-        await asyncio.gather(*[one(http, i, stream, 4) for i in range(n)])
+        await asyncio.gather(*[one(http, i, stream, 4, seeded) for i in range(n)])
         start = time.perf_counter()
-        results = await asyncio.gather(*[one(http, i, stream, max_tokens) for i in range(n)])
+        results = await asyncio.gather(*[one(http, i, stream, max_tokens, seeded) for i in range(n)])
         return summary(results, time.perf_counter() - start, {})
 
 
 def load(url: str, n: int, max_tokens: int) -> dict:
+    """Seeded requests (as OpenAI clients often send) streamed and not, then unseeded ones not streamed."""
     streamed = asyncio.run(concurrent(url, n, True, max_tokens))
     unary = asyncio.run(concurrent(url, n, False, max_tokens))
+    unseeded = asyncio.run(concurrent(url, n, False, max_tokens, seeded=False))
     return {"requests": n, "max_tokens": max_tokens, "streaming": streamed, "non_streaming": unary,
+            "non_streaming_unseeded": unseeded,
             "streaming_over_non_streaming_wall": streamed["wall_s"] / unary["wall_s"],
             "streaming_over_non_streaming_p50_latency": streamed["latency_s"]["p50"] / unary["latency_s"]["p50"]}
 

@@ -110,6 +110,19 @@ def test_sampled_sequences_run_ahead_too(hf):
     assert ahead.block_manager.num_free == ahead.block_manager.num_blocks
 
 
+def test_seeded_sampling_runs_ahead_with_the_lockstep_tokens(hf):
+    """A seeded draw's noise depends on the seed and the token's index, not on when the step runs: with
+    run-ahead the seeded requests (n=2: two seeds) give exactly the lockstep tokens, and do run ahead."""
+    ps = prompts(4, seed=9)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, do_sample=True, temperature=1.5, top_p=0.9,
+                            seed=11, n=2)
+    lockstep, _ = engine(hf, False)
+    ahead, calls = engine(hf, True)
+    expected = tokens(lockstep.generate(ps, params))
+    assert tokens(ahead.generate(ps, params)) == expected and sum(calls) > 0
+    assert len({tuple(t) for t, _ in expected}) == len(expected)   # every prompt and sample drew its own
+
+
 def test_engine_loop_streams_cancels_and_admits_with_run_ahead(hf):
     """Through `EngineLoop` (the Serve replica's engine thread): requests arriving while others
     decode, a stream closed after three deltas; every answer equals lockstep, every block returns."""

@@ -9,10 +9,13 @@ def seqs(n: int, **params) -> list[Sequence]:
     out = []
     for _ in range(n):
         s = Sequence([1, 2, 3], SamplingParams(**params))
-        if s.params.seed is not None:
-            s.generator = torch.Generator().manual_seed(s.params.seed)
+        s.seed = s.params.seed                          # as the engine sets it for the first sample
         out.append(s)
     return out
+
+
+def seeded(seeds, **params) -> list[Sequence]:
+    return [s for seed in seeds for s in seqs(1, do_sample=True, seed=seed, **params)]
 
 
 def test_greedy_is_argmax():
@@ -65,6 +68,37 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     b = sample(logits.clone().repeat(16, 1), seqs(16, do_sample=True, seed=7, temperature=5.0))
     c = sample(logits.clone().repeat(16, 1), seqs(16, do_sample=True, seed=8, temperature=5.0))
     assert a == b and a != c
+
+
+@pytest.mark.parametrize("params, allowed", [(dict(), 4), (dict(top_k=2), 2), (dict(top_p=0.8), 2)])
+def test_seeded_draws_follow_the_filtered_softmax(params, allowed):
+    """40,000 rows of one distribution, each with its own seed: frequencies within 0.015."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    probs = logits[0].softmax(-1)
+    probs[allowed:] = 0.0
+    probs = probs / probs.sum()
+    rows = 40_000
+    drawn = sample_on_device(logits.repeat(rows, 1), seeded(range(rows), **params))
+    freq = torch.bincount(drawn, minlength=4).double() / rows
+    torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
+
+
+def test_a_seeded_draw_depends_on_its_seed_and_index_only():
+    """The same seed and token index give the same token alone, at another row of a batch, beside
+    unseeded and greedy rows; the next index (`ahead`, or after a token) gives another draw."""
+    logits = torch.randn(1, 1000)
+    hot = lambda rows: logits.clone().repeat(rows, 1) * 0.01                 # noqa: E731  (nearly uniform)
+    alone = sample(hot(1), seeded([7]))
+    batch = seqs(2, do_sample=True) + seqs(1) + seeded([9, 7])
+    assert sample(hot(5), batch)[4] == alone[0]
+    following = [sample(hot(1), seeded([7]))[0]]
+    later = seeded([7])[0]
+    ahead = [sample_on_device(hot(1), [later], ahead=k).item() for k in range(1, 5)]
+    for k in range(4):
+        later.append(following[-1])
+        following.append(sample(hot(1), [later])[0])
+    assert following[0] == alone[0] and ahead == following[1:]
+    assert len(set(following)) > 1                     # 1,000 near-equal tokens: five draws differ
 
 
 def test_repetition_penalty_demotes_seen_tokens():
