@@ -2,7 +2,11 @@
 then `materialize()` reads only the bytes the view covers.
 
 Tensor-parallel weight loaders take the *full* checkpoint tensor and keep their shard with
-`.shape`, `.narrow`, `.split` and `.t()`; given a `LazyTensor` they never touch the other ranks' bytes.
+`.shape`, `.narrow`, `.split` and `.t()`; given a `LazyTensor` they never touch the other ranks' bytes,
+with one exception on remote filesystems: a view of more than REMOTE_EXACT_RUNS separate runs (a
+row-parallel shard: one run a row) is read as a few blocks spanning its runs, the other ranks' bytes
+between them included, since one request a row (thousands a tensor) is what an object store serves
+worst. A pre-sharded checkpoint (`save_mp_checkpoint_path`) reads exactly its bytes anywhere.
 """
 import math
 import mmap
@@ -15,6 +19,9 @@ from fsspec.implementations.local import LocalFileSystem
 from actors.loader import CheckpointError
 from actors.tensor_views import split_view
 
+REMOTE_EXACT_RUNS = 64          # views of more runs than this are read as spanning blocks (not local files)
+REMOTE_BLOCK_BYTES = 16 << 20   # the most a spanning block covers; a tensor's blocks go in one cat_ranges
+
 # safetensors dtype names -> torch dtypes (those torch has)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -22,20 +29,24 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 
 class FileReader:
-    """Byte ranges of files on one fsspec filesystem, counting every byte fetched."""
+    """Byte ranges of files on one fsspec filesystem, counting every byte fetched and every range
+    requested (a GET each on an object store; none for a local file's memory map)."""
 
     def __init__(self, fs):
         self.fs = fs
         self.bytes_read = 0
+        self.requests = 0
 
     def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes [start, end) of `path` (the whole file by default); a short read is an error."""
         if start is None:
+            self.requests += 1
             return self._fetch(path, lambda: self.fs.cat_file(path))
         return self.read_ranges(path, [start], [end])[0]
 
     def read_ranges(self, path: str, starts: list[int], ends: list[int]) -> list[bytes]:
         """Several ranges of one file in a single `cat_ranges` call (remote filesystems overlap them)."""
+        self.requests += len(starts)
         chunks = self._fetch(path, lambda: self.fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise"))
         for chunk, start, end in zip(chunks, starts, ends):
             if len(chunk) != end - start:
@@ -139,7 +150,8 @@ class LazyTensor:
 
     def materialize(self) -> torch.Tensor:
         """Read the view's bytes into a CPU tensor: from a local file in one strided copy out of a memory
-        map, from any other filesystem as one byte range per contiguous run in storage."""
+        map, from any other filesystem as one byte range per contiguous run in storage, or, past
+        REMOTE_EXACT_RUNS runs, as blocks spanning them (`_spanning_read`)."""
         if self.numel() == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         if self.reader.local:
@@ -147,10 +159,31 @@ class LazyTensor:
                                        self.lengths)
             return box.permute(self.perm)
         starts, run = self._runs()
-        ends = [start + run for start in starts]
-        data = bytearray(b"".join(self.reader.read_ranges(self.path, starts, ends)))
+        if len(starts) > REMOTE_EXACT_RUNS:
+            data = self._spanning_read(starts, run)
+        else:
+            data = bytearray(b"".join(self.reader.read_ranges(self.path, starts, [s + run for s in starts])))
         box = torch.frombuffer(data, dtype=self.dtype).view(self.lengths)
         return box.permute(self.perm)
+
+    def _spanning_read(self, starts: list[int], run: int) -> bytearray:
+        """The runs (ascending byte offsets, `run` bytes each) read as blocks of consecutive runs, each
+        block one range from its first run's start to its last run's end (at most REMOTE_BLOCK_BYTES, or
+        one run), all in one `cat_ranges` call; the runs are then cut out of the blocks."""
+        blocks = [0]                                       # index of each block's first run
+        for i in range(1, len(starts)):
+            if starts[i] + run - starts[blocks[-1]] > REMOTE_BLOCK_BYTES:
+                blocks.append(i)
+        firsts = [starts[b] for b in blocks]
+        lasts = [starts[b - 1] + run for b in blocks[1:]] + [starts[-1] + run]
+        chunks = self.reader.read_ranges(self.path, firsts, lasts)
+        out, pos = bytearray(len(starts) * run), 0
+        for b, (first, chunk) in enumerate(zip(firsts, chunks)):
+            view = memoryview(chunk)
+            for start in starts[blocks[b]:blocks[b + 1] if b + 1 < len(blocks) else len(starts)]:
+                out[pos:pos + run] = view[start - first:start - first + run]
+                pos += run
+        return out
 
     def _runs(self) -> tuple[list[int], int]:
         """Byte offsets of the view's contiguous runs in the file, and the bytes in each run.

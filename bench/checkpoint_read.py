@@ -4,7 +4,14 @@ along dim 0 (column-parallel shards: whole rows) and along dim 1 (row-parallel s
 every row), then every tensor whole; MB/s of what was read, the file in the page cache (written
 just before). CPU only.
 
+With --s3 the file is uploaded to a local moto S3 server and read through s3fs: layer 0's
+row-parallel shards (attention output and MLP down, half of each row: 5,120 runs) once run by run
+(one GET a row, REMOTE_EXACT_RUNS raised past them) and once in spanning blocks (the default),
+with the GET requests and bytes each took. moto answers a GET in about a millisecond on loopback,
+where S3 takes tens: the request counts carry over to a real store, the seconds do not.
+
     python3 bench/checkpoint_read.py --out bench/results
+    python3 bench/checkpoint_read.py --s3 --out bench/results
 """
 import argparse
 import datetime
@@ -40,21 +47,62 @@ def rate(tensors: dict, view) -> dict:
     return {"mb": round(nbytes / 1e6, 1), "s": round(seconds, 3), "mb_per_s": round(nbytes / 1e6 / seconds)}
 
 
+def half(dim: int):
+    return lambda t: t.narrow(dim, t.shape[dim] // 2, t.shape[dim] // 2) if t.dim() == 2 else None
+
+
+def s3_reads(ckpt: str) -> dict:
+    """Layer 0's row-parallel halves from a moto S3 server, run by run and in spanning blocks."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from actors import lazy_tensor
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        client = {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}
+        s3 = boto3.client("s3", aws_access_key_id="bench", aws_secret_access_key="bench", **client)
+        s3.create_bucket(Bucket="ckpt")
+        s3.upload_file(os.path.join(ckpt, "model.safetensors"), "ckpt", "neo/model.safetensors")
+        options = {"key": "bench", "secret": "bench", "skip_instance_cache": True, "client_kwargs": client}
+        out = {}
+        for name, exact_runs in (("run_by_run", 1 << 30), ("spanning_blocks", lazy_tensor.REMOTE_EXACT_RUNS)):
+            lazy_tensor.REMOTE_EXACT_RUNS = exact_runs
+            files = TensorFiles(options)
+            tensors = {n: t for n, t in files.tensors("s3://ckpt/neo/model.safetensors").items()
+                       if n.startswith("transformer.h.0.") and n.endswith(("out_proj.weight", "c_proj.weight"))}
+            reader = next(iter(tensors.values())).reader
+            before, requests = files.bytes_read, reader.requests
+            out[name] = rate(tensors, half(1)) | {"runs": sum(t.shape[0] for t in tensors.values()),
+                                                   "bytes_fetched": files.bytes_read - before,
+                                                   "requests": reader.requests - requests}
+        lazy_tensor.REMOTE_EXACT_RUNS = 64
+        return out
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="/tmp/rayspeed-neo-read-bench")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--s3", action="store_true", help="row-parallel halves from a local moto S3 server instead")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.ckpt, "model.safetensors")):
         write(args.ckpt)
-    tensors = TensorFiles(None).tensors(os.path.join(args.ckpt, "model.safetensors"))
-    half = lambda dim: lambda t: t.narrow(dim, t.shape[dim] // 2, t.shape[dim] // 2) if t.dim() == 2 else None  # noqa: E731
-    result = {"bench": "checkpoint-read", "commit": commit(), "date": datetime.date.today().isoformat(),
-              "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-              "half_dim0": rate(tensors, half(0)), "half_dim1": rate(tensors, half(1)), "whole": rate(tensors, lambda t: t)}
+    result = {"bench": "checkpoint-read" + ("-s3" if args.s3 else ""), "commit": commit(),
+              "date": datetime.date.today().isoformat(),
+              "machine": {"cores": os.cpu_count(), "python": platform.python_version()}}
+    if args.s3:
+        result |= s3_reads(args.ckpt)
+    else:
+        tensors = TensorFiles(None).tensors(os.path.join(args.ckpt, "model.safetensors"))
+        result |= {"half_dim0": rate(tensors, half(0)), "half_dim1": rate(tensors, half(1)),
+                   "whole": rate(tensors, lambda t: t)}
     print(json.dumps(result))
-    path = os.path.join(args.out, f"cpu-{result['date']}-checkpoint-read{args.tag}.json")
+    path = os.path.join(args.out, f"cpu-{result['date']}-{result['bench']}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print("wrote", path)

@@ -9,6 +9,7 @@ import safetensors.torch
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
+from actors import lazy_tensor
 from actors.checkpoint import DTYPES, open_checkpoint, save_checkpoint
 from actors.lazy_tensor import LazyTensor
 from actors.loader import CheckpointError, load_weights
@@ -24,6 +25,7 @@ class CountingMemoryFileSystem(MemoryFileSystem):
     store: dict = {}
     pseudo_dirs = [""]
     bytes_returned = 0
+    reads = 0
 
     @classmethod
     def _strip_protocol(cls, path):
@@ -32,6 +34,7 @@ class CountingMemoryFileSystem(MemoryFileSystem):
     def cat_file(self, path, start=None, end=None, **kwargs):
         data = super().cat_file(path, start, end, **kwargs)
         CountingMemoryFileSystem.bytes_returned += len(data)
+        CountingMemoryFileSystem.reads += 1
         return data
 
 
@@ -240,6 +243,33 @@ def test_every_dtype_and_3d_narrows(where, tmp_path):
     assert ck.bytes_read - before == 4 * 3 * 3 * 4
     with pytest.raises(ValueError):
         lazy["F32"].t()
+
+
+@pytest.mark.parametrize("block_kb", [16384, 20])
+def test_a_remote_row_parallel_shard_is_read_in_spanning_blocks(block_kb, monkeypatch):
+    """Past REMOTE_EXACT_RUNS runs (here 300 rows of a column half, and a [6, 50, 40] tensor's middle
+    narrow) a remote view is read as blocks from a run's start to a later run's end, at most
+    REMOTE_BLOCK_BYTES each: one read per block instead of one per row, the same values, and the
+    bytes fetched are the blocks' (the rows' other halves included)."""
+    monkeypatch.setattr(lazy_tensor, "REMOTE_BLOCK_BYTES", block_kb * 1024)
+    g = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(300, 64, generator=g), "cube": torch.randn(6, 50, 40, generator=g).half()}
+    fsspec.filesystem("countingmem").pipe("countingmem://spans/model.safetensors", safetensors.torch.save(tensors))
+    lazy = dict(open_checkpoint("countingmem://spans").tensors())
+    reads, fetched = CountingMemoryFileSystem.reads, CountingMemoryFileSystem.bytes_returned
+    requests = lazy["w"].reader.requests
+    half = lazy["w"].narrow(1, 32, 32).materialize()
+    assert torch.equal(half, tensors["w"][:, 32:]) and half.is_contiguous()
+    span = 299 * 64 * 4 + 32 * 4                                      # first run's start to last run's end
+    blocks = -(-span // (block_kb * 1024 - 32 * 4)) if block_kb * 1024 < span else 1
+    assert CountingMemoryFileSystem.reads - reads == blocks == lazy["w"].reader.requests - requests
+    gaps = (blocks - 1) * 32 * 4                                      # between blocks: not fetched
+    assert CountingMemoryFileSystem.bytes_returned - fetched == span - gaps
+    assert torch.equal(lazy["cube"].narrow(1, 10, 30).narrow(2, 5, 20).materialize(), tensors["cube"][:, 10:40, 5:25])
+    monkeypatch.setattr(lazy_tensor, "REMOTE_EXACT_RUNS", 10_000)       # below the threshold: run by run, exact
+    reads, fetched = CountingMemoryFileSystem.reads, CountingMemoryFileSystem.bytes_returned
+    assert torch.equal(lazy["w"].narrow(1, 32, 32).materialize(), tensors["w"][:, 32:])
+    assert (CountingMemoryFileSystem.reads - reads, CountingMemoryFileSystem.bytes_returned - fetched) == (300, 300 * 32 * 4)
 
 
 def test_a_local_file_cut_short_after_opening_names_it(tmp_path):
