@@ -1,13 +1,17 @@
-"""The Serve app with one TP=2 replica on a local Ray cluster: startup time, a completion and an SSE
-stream, 64 concurrent requests (generated tok/s, TTFT p50/p99, streaming vs not), and a follower rank
-killed (SIGKILL) while requests run: seconds until requests fail with 503 and until a replacement
-replica serves again.
+"""The Serve app with one TP=2 replica (--tp) on a local Ray cluster: startup time, a completion and an
+SSE stream, 64 concurrent requests (generated tok/s, TTFT p50/p99, streaming vs not), and a follower
+rank killed (SIGKILL) while requests run: seconds until requests fail with 503 and until a replacement
+replica serves again (not at TP=1).
 
     python3 bench/serve_gpu.py --out bench/results            # 2 GPUs: GPT-Neo 2.7B shape, random fp16 weights
+    python3 bench/serve_gpu.py --tp 1 --profile --out bench/results   # one GPU, py-spy on the replica
     python3 bench/serve_gpu.py --cpu --out bench/results      # CPU: the tiny demo model over gloo
 
+With --profile (py-spy installed), py-spy samples the replica process (rank 0 and the engine thread)
+during the timed unary burst and writes its stacks, collapsed, to <out>/pyspy-replica-tp<N>.txt.
+
 On GPU the checkpoint (random weights, the demo byte-level tokenizer) is written to --ckpt first by a
-child process, so this driver never holds GPU memory. Writes <out>/<device>x2-<date>-serve-tp2.json.
+child process, so this driver never holds GPU memory. Writes <out>/<device>x<N>-<date>-serve-tp<N>.json.
 """
 import argparse
 import asyncio
@@ -18,6 +22,7 @@ import os
 import platform
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -51,8 +56,8 @@ def write_checkpoint(path: str) -> None:
     torch.cuda.empty_cache()
 
 
-def app_args(cpu: bool, ckpt: str) -> dict:
-    common = {"tp_size": 2, "health_check_period_s": 1, "max_queued_requests": 1024}
+def app_args(cpu: bool, ckpt: str, tp: int = 2) -> dict:
+    common = {"tp_size": tp, "health_check_period_s": 1, "max_queued_requests": 1024}
     if cpu:
         return common | {"accelerator": "cpu", "replica_cpus": 0.5, "worker_cpus": 0.5, "kv_cache_blocks": 1024,
                          "block_size": 8, "max_num_seqs": 64, "step_timeout_s": 30}
@@ -60,7 +65,7 @@ def app_args(cpu: bool, ckpt: str) -> dict:
                      "gpu_memory_utilization": 0.8, "step_timeout_s": 60}
 
 
-def start(cpu: bool, ckpt: str) -> tuple[str, object, float]:
+def start(cpu: bool, ckpt: str, tp: int) -> tuple[str, object, float]:
     """Local Ray + Serve on a free loopback port, the app deployed; (url, handle, seconds to healthy)."""
     import ray
     from ray import serve
@@ -69,7 +74,7 @@ def start(cpu: bool, ckpt: str) -> tuple[str, object, float]:
     env = NO_MULTICAST | ({"TRITON_INTERPRET": "1"} if cpu else {})
     os.environ.update(env)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4 if cpu else 8, num_gpus=0 if cpu else 2, include_dashboard=False, configure_logging=False,
+    ray.init(num_cpus=4 if cpu else 8, num_gpus=0 if cpu else tp, include_dashboard=False, configure_logging=False,
              log_to_driver=False, runtime_env={"env_vars": env})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,9 +82,9 @@ def start(cpu: bool, ckpt: str) -> tuple[str, object, float]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     t = time.perf_counter()
-    serve.run(app(app_args(cpu, ckpt)), name="tp2", route_prefix="/")
+    serve.run(app(app_args(cpu, ckpt, tp)), name="tp", route_prefix="/")
     wait_healthy(url, 300)
-    return url, serve.get_app_handle("tp2"), time.perf_counter() - t
+    return url, serve.get_app_handle("tp"), time.perf_counter() - t
 
 
 def wait_healthy(url: str, timeout: float) -> None:
@@ -120,10 +125,19 @@ async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bo
         return summary(results, time.perf_counter() - start, {})
 
 
-def load(url: str, n: int, max_tokens: int) -> dict:
-    """Seeded requests (as OpenAI clients often send) streamed and not, then unseeded ones not streamed."""
+def load(url: str, n: int, max_tokens: int, profile_pid: int | None = None, profile_out: str = "") -> dict:
+    """Seeded requests (as OpenAI clients often send) streamed and not, then unseeded ones not streamed;
+    with `profile_pid`, py-spy samples that process through the seeded unary burst."""
     streamed = asyncio.run(concurrent(url, n, True, max_tokens))
+    spy = None
+    if profile_pid is not None:
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(profile_pid), "--rate", "250", "--duration", "4",
+                                "--format", "raw", "--threads", "--idle", "--nonblocking", "--output", profile_out],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1.0)                                   # let it attach
     unary = asyncio.run(concurrent(url, n, False, max_tokens))
+    if spy is not None:
+        print("py-spy:", spy.communicate(timeout=60)[0][-1500:], flush=True)
     unseeded = asyncio.run(concurrent(url, n, False, max_tokens, seeded=False))
     return {"requests": n, "max_tokens": max_tokens, "streaming": streamed, "non_streaming": unary,
             "non_streaming_unseeded": unseeded,
@@ -191,10 +205,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=None, help="default 128 on GPU, 16 on CPU")
     ap.add_argument("--recovery-timeout", type=float, default=240)
+    ap.add_argument("--tp", type=int, default=2, help="the replica's TP size (1: one GPU, no failover step)")
+    ap.add_argument("--profile", action="store_true", help="py-spy on the replica during the unary burst")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     max_tokens = a.max_tokens or (16 if a.cpu else 128)
-    result = {"bench": "serve-tp2", "cpu": a.cpu, "app_args": app_args(a.cpu, a.ckpt), "commit": commit(),
+    result = {"bench": f"serve-tp{a.tp}", "cpu": a.cpu, "app_args": app_args(a.cpu, a.ckpt, a.tp), "commit": commit(),
               "date": datetime.date.today().isoformat(),
               "machine": {"cores": os.cpu_count(), "python": platform.python_version()}}
     if not a.cpu and not os.path.exists(os.path.join(a.ckpt, "config.json")):
@@ -204,10 +220,16 @@ def main() -> None:
         child.join()
         assert child.exitcode == 0, f"writing the checkpoint failed ({child.exitcode})"
         result["checkpoint_write_s"] = time.perf_counter() - t
-    url, handle, result["startup_s"] = start(a.cpu, a.ckpt)
+    url, handle, result["startup_s"] = start(a.cpu, a.ckpt, a.tp)
     result["ranks"] = handle.ranks.remote().result(timeout_s=30)
-    for step, run in (("smoke", lambda: smoke(url)), ("load", lambda: load(url, a.requests, max_tokens)),
-                      ("failover", lambda: failover(url, handle, 4 * max_tokens, a.recovery_timeout))):
+    os.makedirs(a.out, exist_ok=True)
+    replica = next(r["pid"] for r in result["ranks"] if r["rank"] == 0) if a.profile else None
+    steps = [("smoke", lambda: smoke(url)),
+             ("load", lambda: load(url, a.requests, max_tokens, replica,
+                                   os.path.join(a.out, f"pyspy-replica-tp{a.tp}.txt")))]
+    if a.tp > 1:
+        steps.append(("failover", lambda: failover(url, handle, 4 * max_tokens, a.recovery_timeout)))
+    for step, run in steps:
         t = time.perf_counter()
         result[step] = run()
         print(step, f"{time.perf_counter() - t:.1f}s", json.dumps(result[step])[:1500], flush=True)
@@ -217,8 +239,7 @@ def main() -> None:
     ray.shutdown()
     result["device"] = result["machine"]["device"] = device_name(a.cpu)
     text = json.dumps(result, indent=2, default=str)
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"{result['device']}x2-{result['date']}-serve-tp2.json")
+    path = os.path.join(a.out, f"{result['device']}x{a.tp}-{result['date']}-serve-tp{a.tp}.json")
     with open(path, "w") as f:
         f.write(text + "\n")
     print("wrote", path)
