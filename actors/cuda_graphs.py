@@ -10,7 +10,10 @@ over that narrower view of the tables: attention then knows on the host that no 
 enough to split, and launches no programs that would find nothing to do.
 
 A fresh prefill (prompts with nothing cached) depends on its token and sequence counts: buckets of
-powers of two, captured the first time a step needs one (tens of ms, once), and replayed after. Its
+powers of two, those of up to `prefill_graph_tokens` tokens captured at start-up (`warm_up`), the
+others the first time a step needs one (tens of ms, once), and replayed after. Captured on first use
+they stalled serving: in a burst of 64 requests on an H100, prefill captures took 0.27 s of the engine
+thread's 1.1 s (py-spy, docs/performance.md). Its
 padding is one extra sequence that owns the padding tokens (token 0 at position 0, all written to
 the reserved cache slot), followed by empty sequences: every row the kernels compute is finite.
 Eager prefill is host-bound (GPT-Neo 2.7B: 19.5 ms for 32 tokens whose kernels take 3.1 ms).
@@ -131,6 +134,14 @@ class DecodeGraphs:
 PREFILL_GRAPH_MAX_TOKENS = 4096      # the default max_num_batched_tokens; beyond, prefill runs eagerly
 
 
+def _pow2_range(first: int, last: int) -> list[int]:
+    """Powers of two from `first` (one) up to `last`."""
+    out = [first]
+    while out[-1] * 2 <= last:
+        out.append(out[-1] * 2)
+    return out
+
+
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -170,9 +181,8 @@ class _PrefillInputs:
 
 
 class PrefillGraphs:
-    """Captures lazily, except the smallest bucket (`warm_up`, at start-up: it compiles the kernels).
-    Each bucket's graph reads its inputs from a buffer of its own, which `run_arrays` fills from the
-    host in one copy."""
+    """Captures the buckets of small steps at start-up (`warm_up`) and the others lazily. Each bucket's
+    graph reads its inputs from a buffer of its own, which `run_arrays` fills from the host in one copy."""
 
     def __init__(self, forward, max_seqs: int, pad_slot: int, device: torch.device,
                  max_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
@@ -184,11 +194,22 @@ class PrefillGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self.pool = None
 
-    def warm_up(self) -> None:
-        inputs = self._inputs((16, 2))
-        inputs.slots.fill_(self.pad_slot)
-        inputs.cu_seqlens[1:].fill_(16)                         # one padding sequence of 16 tokens
-        self.graphs[16, 2] = self._capture(inputs)
+    def warm_up(self, max_tokens: int = 0) -> list[tuple[int, int]]:
+        """Capture every bucket a step of up to `max_tokens` tokens can fall in (at least the smallest,
+        which compiles the kernels), largest first, so the smaller graphs take their memory from the
+        pool the larger ones grew; returns the buckets."""
+        keys = self.buckets_up_to(max_tokens)
+        for key in sorted(keys, reverse=True):
+            inputs = self._inputs(key)
+            inputs.slots.fill_(self.pad_slot)
+            inputs.cu_seqlens[1:].fill_(key[0])                 # one padding sequence of every token
+            self.graphs[key] = self._capture(inputs)
+        return keys
+
+    def buckets_up_to(self, max_tokens: int) -> list[tuple[int, int]]:
+        """Every bucket a step of at most `max_tokens` tokens (at least 16) can fall in."""
+        return [(tokens, seqs) for tokens in _pow2_range(16, min(_pow2_at_least(max_tokens, 16), self.max_tokens))
+                for seqs in _pow2_range(2, self.max_seqs) if seqs // 2 <= tokens]    # a sequence has a token
 
     def bucket(self, tokens: int, seqs: int) -> tuple[int, int] | None:
         """(padded tokens, padded sequences) for a step, or None when it is too large for a graph."""

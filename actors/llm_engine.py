@@ -97,7 +97,7 @@ class LLMEngine:
         if device.type == "cuda":
             self.runner.tune_kernels()
         if device.type == "cuda" and config.enable_cuda_graph is not False:
-            self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len)
+            self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len, config.prefill_graph_tokens)
         self.run_ahead = device.type == "cuda" if config.run_ahead is None else config.run_ahead
         self._ahead: _Launched | None = None     # the decode step launched ahead, tokens not read yet
 

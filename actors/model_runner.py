@@ -98,9 +98,10 @@ class ModelRunner:
                 ids = torch.zeros(rows, dtype=torch.int64, device=self.device)
                 self._eager(ids, ids, meta, False)
 
-    def capture_cudagraphs(self, max_batch: int, max_seq_len: int) -> None:
-        """Capture the decode step for every batch bucket up to `max_batch`, and set up fresh-prefill
-        graphs (captured on first use) where prefill runs the Triton kernels (CUDA only)."""
+    def capture_cudagraphs(self, max_batch: int, max_seq_len: int, prefill_tokens: int = 0) -> None:
+        """Capture the decode step for every batch bucket up to `max_batch`, and, where prefill runs the
+        Triton kernels (CUDA only), the fresh-prefill graphs of steps up to `prefill_tokens` tokens (the
+        others on first use)."""
         max_blocks = -(-max_seq_len // self.block_size)
         eager = lambda ids, pos, meta: self._eager(ids, pos, meta, False)     # noqa: E731
         heads = self.model.layers[0].attn.qkv.num_heads           # this rank's
@@ -113,7 +114,7 @@ class ModelRunner:
         self.graphs = graphs
         if use_triton(self.model.embed.weight):
             self.prefill_graphs = PrefillGraphs(eager, max_batch, self.pad_block * self.block_size, self.device)
-            self.prefill_graphs.warm_up()
+            self.prefill_graphs.warm_up(prefill_tokens)
 
     def _step_tensors(self, seqs: list[Sequence], input_ids, positions, slots, context_lens, cu_seqlens):
         """(input_ids or None, positions, slot_mapping, block_tables, context_lens, cu_seqlens) on the

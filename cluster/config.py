@@ -101,6 +101,10 @@ class InferenceConfig(BaseModel):
     quant: QuantConfig | None = Field(None, description="DeepSpeed's quantization dict (with dtype int8/int4)")
     enable_cuda_graph: bool | None = Field(
         None, description="capture decode steps in CUDA graphs per batch bucket; default: on for CUDA devices")
+    prefill_graph_tokens: int = Field(
+        1024, ge=0, description="with CUDA graphs, capture the fresh-prefill graphs of steps of up to this many "
+                                "tokens (every sequence-count bucket) at start-up, so serving never stops to capture "
+                                "one; larger steps capture theirs on first use; 0: all on first use")
     max_out_tokens: int = Field(1024, ge=1, validation_alias=AliasChoices("max_out_tokens", "max_tokens"),
                                 description="most tokens (prompt + generated) one sequence may hold")
     min_out_tokens: int = Field(1, ge=1, description="accepted for DeepSpeed compatibility")
@@ -111,7 +115,7 @@ class InferenceConfig(BaseModel):
     max_num_batched_tokens: int = Field(4096, ge=1, description="prefill tokens per step (one prompt may exceed)")
     run_ahead: bool | None = Field(
         None, description="launch the next decode step before reading this one's tokens, where the GPU picks them "
-                          "(greedy, or sampled without repetition penalty or seed): hides the host's per-step work "
+                          "(greedy, or sampled without repetition penalty): hides the host's per-step work "
                           "behind the GPU; default: on for CUDA devices")
     block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     kv_cache_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; default: sized from memory")

@@ -61,9 +61,24 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
     expected, _ = generate(hf, enable_cuda_graph=False, run_ahead=False)
     got, engine = generate(hf)
     assert engine.runner.graphs is not None and engine.runner.prefill_graphs is not None and engine.run_ahead
-    assert len(engine.runner.prefill_graphs.graphs) > 1                 # a bucket beyond the warm-up one ran
+    assert len(engine.runner.prefill_graphs.graphs) > 1                 # small steps' buckets, from start-up
     assert got == expected
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("limit", [0, 64])
+def test_prefill_graphs_of_small_steps_are_captured_at_start_up(limit):
+    """With prefill_graph_tokens=64 every bucket of up to 64 tokens is captured before the first request
+    (0: only the smallest); the tokens equal the eager lockstep engine's either way."""
+    hf = tiny_model("gpt_neo")
+    expected, _ = generate(hf, enable_cuda_graph=False, run_ahead=False)
+    engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
+                                     max_num_seqs=8, prefill_graph_tokens=limit).backend
+    graphs = engine.runner.prefill_graphs
+    captured = {key for key, entry in graphs.graphs.items() if entry is not None}
+    assert captured == (set(graphs.buckets_up_to(limit)) if limit else {(16, 2)})
+    out = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in out] == expected
 
 
 def test_sampled_decode_runs_ahead_on_the_gpu():
