@@ -46,12 +46,14 @@ def record(forward, args: tuple, pool, warmups: int) -> tuple[torch.cuda.CUDAGra
 _live: "weakref.WeakSet[torch.cuda.CUDAGraph]" = weakref.WeakSet()
 
 
-def release_graphs() -> int:
-    """Reset every graph `record` made that is still alive (after the device finishes its work) and
-    return how many: their replays become invalid, so callers drop the owners' graphs first or are
-    shutting down. Before `destroy_process_group`, this is what keeps it from hanging."""
+def release_graphs(wait: bool = True) -> int:
+    """Reset every graph `record` made that is still alive and return how many: their replays become
+    invalid, so callers drop the owners' graphs first or are shutting down. Before
+    `destroy_process_group`, this is what keeps it from hanging. With `wait`, after the device
+    finishes its work; a caller whose group failed passes False (a collective left waiting for a dead
+    peer would hold the device until the group's timeout)."""
     graphs = list(_live)
-    if graphs:
+    if graphs and wait:
         torch.cuda.synchronize()
     for graph in graphs:
         graph.reset()
@@ -59,10 +61,11 @@ def release_graphs() -> int:
     return len(graphs)
 
 
-def destroy_process_group() -> None:
-    """`dist.destroy_process_group()` (every group), after `release_graphs`, if a group exists."""
+def destroy_process_group(failed: bool = False) -> None:
+    """`dist.destroy_process_group()` (every group), after `release_graphs` (without waiting for the
+    device if the group `failed`), if a group exists."""
     if dist.is_initialized():
-        release_graphs()
+        release_graphs(wait=not failed)
         dist.destroy_process_group()
 
 

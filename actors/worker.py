@@ -120,4 +120,4 @@ class Worker:
             self.loop.shutdown()
         if self.engine is not None:                     # its graphs hold collectives: reset below
             self.engine.runner.graphs = self.engine.runner.prefill_graphs = None
-        destroy_process_group()
+        destroy_process_group(failed=self.loop is not None and self.loop.error is not None)
