@@ -4,10 +4,11 @@ along dim 0 (column-parallel shards: whole rows) and along dim 1 (row-parallel s
 every row), then every tensor whole; MB/s of what was read, the file in the page cache (written
 just before). CPU only.
 
-With --s3 layer 0's row-parallel weights go to a local moto S3 server and are read through s3fs: their shards (attention output and MLP down, half of each row: 5,120 runs) once run by run
-(one GET a row, REMOTE_EXACT_RUNS raised past them) and once in spanning blocks (the default),
-with the GET requests and bytes each took. moto answers a GET in about a millisecond on loopback,
-where S3 takes tens: the request counts carry over to a real store, the seconds do not.
+With --s3 layer 0's row-parallel weights go to a local moto S3 server and are read through s3fs:
+their shards (attention output and MLP down, half of each row: 5,120 runs) once run by run (one GET
+a row, REMOTE_EXACT_RUNS raised past them) and once in spanning blocks (the default), with the GET
+requests and bytes each took. moto is not S3 (here it served about 20 of these GETs a second): the
+request counts carry over to a real store, the seconds do not.
 
     python3 bench/checkpoint_read.py --out bench/results
     python3 bench/checkpoint_read.py --s3 --out bench/results
@@ -27,9 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors.tensor_files import TensorFiles  # noqa: E402
 from bench.decode import commit  # noqa: E402
+from bench.results import write  # noqa: E402
 
 
-def write(path: str) -> None:
+def write_checkpoint(path: str) -> None:
     import transformers as tf
     config = tf.GPTNeoConfig(hidden_size=2560, num_layers=4, num_heads=20, vocab_size=50257,
                              max_position_embeddings=2048, window_size=256, attention_types=[[["global", "local"], 2]])
@@ -96,7 +98,7 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="row-parallel halves from a local moto S3 server instead")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.ckpt, "model.safetensors")):
-        write(args.ckpt)
+        write_checkpoint(args.ckpt)
     result = {"bench": "checkpoint-read" + ("-s3" if args.s3 else ""), "commit": commit(),
               "date": datetime.date.today().isoformat(),
               "machine": {"cores": os.cpu_count(), "python": platform.python_version()}}
@@ -107,10 +109,7 @@ def main() -> None:
         result |= {"half_dim0": rate(tensors, half(0)), "half_dim1": rate(tensors, half(1)),
                    "whole": rate(tensors, lambda t: t)}
     print(json.dumps(result))
-    path = os.path.join(args.out, f"cpu-{result['date']}-{result['bench']}{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    write(result, args.out, result["bench"] + args.tag, indent=1)
 
 
 if __name__ == "__main__":

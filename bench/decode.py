@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
+from bench.results import write  # noqa: E402
 
 PROMPT, NEW = 32, 128
 KV_BLOCKS = {"neo": 4096, "llama": 1024}       # fixed, so several engines fit beside the HF model
@@ -326,10 +327,7 @@ def save(result: dict, args) -> None:
             row["block_linear_bytes_vs_fp16"] = row["block_linear_gb"] / fp16
     os.makedirs(args.out, exist_ok=True)
     merge_tuned_table(result["device"], args.out)    # the tuner's table: commit it to kernels/tuned/ to ship it
-    name = f"{result['device'].replace(' ', '-')}-{result['date']}-{args.model}{args.tag}.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", os.path.join(args.out, name))
+    write(result, args.out, args.model + args.tag)
 
 
 if __name__ == "__main__":

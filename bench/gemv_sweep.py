@@ -21,6 +21,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
+from bench.results import write  # noqa: E402
 from kernels.gemv import Tile, pick_tile, skinny_linear  # noqa: E402
 from kernels.gemv_tuner import FMA_MAX_ROWS, candidates  # noqa: E402
 
@@ -111,11 +112,8 @@ def refine_prefetch(table_path: str, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, os.path.basename(table_path)), "w") as f:
         json.dump(table, f, indent=0)
-    path = os.path.join(out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{time.strftime('%Y-%m-%d')}-prefetch.json")
-    with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
-                   "table": os.path.basename(table_path), "rows": rows}, f, indent=2)
-    print("wrote", path)
+    write({"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
+           "table": os.path.basename(table_path), "rows": rows}, out, "prefetch")
 
 
 def main() -> None:
@@ -184,11 +182,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "seconds": time.time() - t0, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-gemv.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    write(result, args.out, "gemv")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rayspeed  # noqa: E402
 from actors.sequence import SamplingParams, Sequence  # noqa: E402
 from bench.decode import commit  # noqa: E402
+from bench.results import write  # noqa: E402
 from tests.helpers import tiny_model  # noqa: E402
 
 
@@ -57,11 +58,7 @@ def main() -> None:
               "prepare_prefill_512_us": us_per_call(lambda: backend.runner.prepare_prefill([long_seq])),
               "prepare_decode_32_us": us_per_call(lambda: backend.runner.prepare_decode(batch))}
     print(json.dumps(result))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cpu-{result['date']}-host-step{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    write(result, args.out, "host-step" + args.tag, device="cpu")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import rayspeed  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
 from bench.profile_step import replay_split, walls_ms  # noqa: E402
+from bench.results import write  # noqa: E402
 
 
 def parse_variants(text: str) -> dict[str, dict[str, str]]:
@@ -79,12 +80,7 @@ def main() -> None:
                                   "replay_rounds": replays[name]} for name, env in variants.items()}}
     print(json.dumps({name: {k: round(v, 4) for k, v in row.items() if k in ("wall_ms", "replay_ms")}
                       for name, row in result["variants"].items()}), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-prefill-ab-"
-                        f"{args.dtype}-{args.batch}x{args.length}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    write(result, args.out, f"prefill-ab-{args.dtype}-{args.batch}x{args.length}", indent=1)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
+from bench.results import write  # noqa: E402
 from bench.soak import one, summary  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -238,11 +239,7 @@ def main() -> None:
     import ray
     ray.shutdown()
     result["device"] = result["machine"]["device"] = device_name(a.cpu)
-    text = json.dumps(result, indent=2, default=str)
-    path = os.path.join(a.out, f"{result['device']}x{a.tp}-{result['date']}-serve-tp{a.tp}.json")
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    print("wrote", path)
+    write(result, a.out, f"serve-tp{a.tp}", device=f"{result['device']}x{a.tp}")
 
 
 if __name__ == "__main__":

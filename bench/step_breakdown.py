@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
+from bench.results import write  # noqa: E402
 
 
 def replay_ms(runner, seqs, iters: int = 50) -> float:
@@ -75,11 +76,7 @@ def main() -> None:
         print(batch, json.dumps(rows[batch]), flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "model": "neo", "dtype": args.dtype, "batches": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{result['device'].replace(' ', '-')}-{result['date']}-step-breakdown-{args.dtype}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    write(result, args.out, f"step-breakdown-{args.dtype}")
 
 
 if __name__ == "__main__":

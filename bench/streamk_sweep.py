@@ -9,7 +9,6 @@ configuration "bm,bn,bk,warps,stages@P" fixes the persistent grid at P programs.
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
 from bench.gemm_sweep import triton_gemm  # noqa: E402
+from bench.results import write  # noqa: E402
 from bench.streamk_gemm import GemmConfig, streamk_linear  # noqa: E402
 from kernels.gemv_tuner import time_in_graph  # noqa: E402
 
@@ -99,11 +99,7 @@ def main() -> None:
                   round(row["tflops"][key]), f"{row['rel_err'][key]:.1e}") for key in top], flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "rows": rows_out}
-    path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-streamk"
-                                  f"{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    write(result, args.out, "streamk" + args.tag, indent=1)
 
 
 if __name__ == "__main__":

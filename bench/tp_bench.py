@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import build, commit, decode_ms  # noqa: E402
+from bench.results import write  # noqa: E402
 
 NUM_PROMPTS, PROMPT, GREEDY = 4, 32, 32
 STALL_S = float(os.environ.get("TP_BENCH_STALL_S", "120"))     # each rank dumps its threads' stacks this often
@@ -152,17 +153,13 @@ def main() -> None:
     result = {"bench": "tp", "device": device, "gpus": torch.cuda.device_count(), "tp": args.tp,
               "commit": commit(), "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "prompt": PROMPT, "batches": batches, "models": {}}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{device.replace(' ', '-')}x{args.tp}-{result['date']}-tp.json")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             result["models"][model] = bench_model(model, sizes, batches, tmp)
             result["wall_s"] = time.perf_counter() - start
-            with open(path, "w") as f:                  # after each model: a later timeout keeps this one
-                f.write(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print("wrote", path)
+            print(json.dumps(result["models"][model], indent=2))
+            write(result, args.out, "tp", device=f"{device}x{args.tp}")    # after each model: a timeout keeps it
 
 
 if __name__ == "__main__":

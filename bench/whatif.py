@@ -29,6 +29,7 @@ import kernels.block as block  # noqa: E402
 import kernels.gemv_tuner as gemv_tuner  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
+from bench.results import write  # noqa: E402
 from bench.step_breakdown import replay_ms  # noqa: E402
 
 REAL_NORM, REAL_ATTENTION, REAL_TILE = block.Norm.forward, block.attention, gemv_tuner.tuned_tile
@@ -115,13 +116,8 @@ def main() -> None:
             "numbers), or with the one- and two-row products unsplit")
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
               "model": "neo", "batch": args.batch, "context": args.context, "what": what, "ms": rows}
-    os.makedirs(args.out, exist_ok=True)
     tag = "configs" if args.configs else args.variants.replace(" ", "_").replace(",", "-")
-    name = f"{result['device'].replace(' ', '-')}-{result['date']}-whatif-bs{args.batch}-ctx{args.context}-{tag}.json"
-    path = os.path.join(args.out, name)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    write(result, args.out, f"whatif-bs{args.batch}-ctx{args.context}-{tag}", indent=1)
 
 
 if __name__ == "__main__":
