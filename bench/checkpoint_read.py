@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors.tensor_files import TensorFiles  # noqa: E402
 from bench.decode import commit  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 
 
 def write_checkpoint(path: str) -> None:

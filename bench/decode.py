@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 
 PROMPT, NEW = 32, 128
 KV_BLOCKS = {"neo": 4096, "llama": 1024}       # fixed, so several engines fit beside the HF model

@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 from kernels.gemv import Tile, pick_tile, skinny_linear  # noqa: E402
 from kernels.gemv_tuner import FMA_MAX_ROWS, candidates  # noqa: E402
 

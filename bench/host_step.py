@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rayspeed  # noqa: E402
 from actors.sequence import SamplingParams, Sequence  # noqa: E402
 from bench.decode import commit  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 from tests.helpers import tiny_model  # noqa: E402
 
 

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rayspeed  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
+from bench.output import write  # noqa: E402
 from bench.profile_step import replay_split, walls_ms  # noqa: E402
-from bench.results import write  # noqa: E402
 
 
 def parse_variants(text: str) -> dict[str, dict[str, str]]:

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 
 
 def replay_ms(runner, seqs, iters: int = 50) -> float:

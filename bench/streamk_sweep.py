@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
 from bench.gemm_sweep import triton_gemm  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 from bench.streamk_gemm import GemmConfig, streamk_linear  # noqa: E402
 from kernels.gemv_tuner import time_in_graph  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import build, commit, decode_ms  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 
 NUM_PROMPTS, PROMPT, GREEDY = 4, 32, 32
 STALL_S = float(os.environ.get("TP_BENCH_STALL_S", "120"))     # each rank dumps its threads' stacks this often

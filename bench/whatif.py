@@ -29,7 +29,7 @@ import kernels.block as block  # noqa: E402
 import kernels.gemv_tuner as gemv_tuner  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit  # noqa: E402
-from bench.results import write  # noqa: E402
+from bench.output import write  # noqa: E402
 from bench.step_breakdown import replay_ms  # noqa: E402
 
 REAL_NORM, REAL_ATTENTION, REAL_TILE = block.Norm.forward, block.attention, gemv_tuner.tuned_tile

@@ -1,5 +1,5 @@
 """The benchmark scripts: every one imports on CPU (their GPU work runs from `main`, not at import;
-`streamk_ncu` is a script for the profiler, all module level), and `bench.results.write` names and
+`streamk_ncu` is a script for the profiler, all module level), and `bench.output.write` names and
 writes a result as the scripts rely on."""
 import importlib
 import json
@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from bench.results import write
+from bench.output import write
 
 SCRIPTS = sorted(p.stem for p in (pathlib.Path(__file__).parents[2] / "bench").glob("*.py")
                  if p.stem not in ("__init__", "streamk_ncu"))
