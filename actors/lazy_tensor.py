@@ -170,17 +170,17 @@ class LazyTensor:
         """The runs (ascending byte offsets, `run` bytes each) read as blocks of consecutive runs, each
         block one range from its first run's start to its last run's end (at most REMOTE_BLOCK_BYTES, or
         one run), all in one `cat_ranges` call; the runs are then cut out of the blocks."""
-        blocks = [0]                                       # index of each block's first run
+        bounds = [0]                                       # each block's first run, then len(starts)
         for i in range(1, len(starts)):
-            if starts[i] + run - starts[blocks[-1]] > REMOTE_BLOCK_BYTES:
-                blocks.append(i)
-        firsts = [starts[b] for b in blocks]
-        lasts = [starts[b - 1] + run for b in blocks[1:]] + [starts[-1] + run]
-        chunks = self.reader.read_ranges(self.path, firsts, lasts)
+            if starts[i] + run - starts[bounds[-1]] > REMOTE_BLOCK_BYTES:
+                bounds.append(i)
+        bounds.append(len(starts))
+        firsts = [starts[lo] for lo in bounds[:-1]]
+        chunks = self.reader.read_ranges(self.path, firsts, [starts[hi - 1] + run for hi in bounds[1:]])
         out, pos = bytearray(len(starts) * run), 0
-        for b, (first, chunk) in enumerate(zip(firsts, chunks)):
+        for first, chunk, lo, hi in zip(firsts, chunks, bounds, bounds[1:]):
             view = memoryview(chunk)
-            for start in starts[blocks[b]:blocks[b + 1] if b + 1 < len(blocks) else len(starts)]:
+            for start in starts[lo:hi]:
                 out[pos:pos + run] = view[start - first:start - first + run]
                 pos += run
         return out

@@ -63,6 +63,7 @@ def s3_reads(ckpt: str) -> dict:
     from moto.server import ThreadedMotoServer
 
     from actors import lazy_tensor
+    default = lazy_tensor.REMOTE_EXACT_RUNS
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -75,7 +76,7 @@ def s3_reads(ckpt: str) -> dict:
         s3.put_object(Bucket="ckpt", Key="neo/model.safetensors", Body=safetensors.torch.save(layer0))
         options = {"key": "bench", "secret": "bench", "skip_instance_cache": True, "client_kwargs": client}
         out = {}
-        for name, exact_runs in (("run_by_run", 1 << 30), ("spanning_blocks", lazy_tensor.REMOTE_EXACT_RUNS)):
+        for name, exact_runs in (("run_by_run", 1 << 30), ("spanning_blocks", default)):
             lazy_tensor.REMOTE_EXACT_RUNS = exact_runs
             files = TensorFiles(options)
             tensors = files.tensors("s3://ckpt/neo/model.safetensors")
@@ -84,9 +85,9 @@ def s3_reads(ckpt: str) -> dict:
             out[name] = rate(tensors, half(1)) | {"runs": sum(t.shape[0] for t in tensors.values()),
                                                    "bytes_fetched": files.bytes_read - before,
                                                    "requests": reader.requests - requests}
-        lazy_tensor.REMOTE_EXACT_RUNS = 64
         return out
     finally:
+        lazy_tensor.REMOTE_EXACT_RUNS = default
         server.stop()
 
 
