@@ -8,6 +8,7 @@ idling it. A sequence that stops on a token it could not foresee
 (EOS) has one extra token computed and dropped; one that is aborted in between, likewise."""
 import itertools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -94,10 +95,14 @@ class LLMEngine:
             raise ValueError(f"could not allocate the KV cache: {blocks} blocks of {config.block_size} tokens = "
                              f"{size:.1f} GiB on {device} ({type(e).__name__}); set kv_cache_blocks lower "
                              "(or cpu_kv_cache_bytes / gpu_memory_utilization)") from None
+        self.startup: dict[str, float] = {}             # what start-up took after the load (seconds, MiB, counts)
         if device.type == "cuda":
+            start = time.perf_counter()
             self.runner.tune_kernels()
+            self.startup["tune_s"] = time.perf_counter() - start
         if device.type == "cuda" and config.enable_cuda_graph is not False:
-            self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len, config.prefill_graph_tokens)
+            self.startup |= self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len,
+                                                           config.prefill_graph_tokens)
         self.run_ahead = device.type == "cuda" if config.run_ahead is None else config.run_ahead
         self._ahead: _Launched | None = None     # the decode step launched ahead, tokens not read yet
 

@@ -8,6 +8,7 @@ the other ranks `follow()` in lockstep; no Ray call per step.
 """
 import array
 import itertools
+import time
 
 import numpy as np
 import torch
@@ -98,10 +99,12 @@ class ModelRunner:
                 ids = torch.zeros(rows, dtype=torch.int64, device=self.device)
                 self._eager(ids, ids, meta, False)
 
-    def capture_cudagraphs(self, max_batch: int, max_seq_len: int, prefill_tokens: int = 0) -> None:
+    def capture_cudagraphs(self, max_batch: int, max_seq_len: int, prefill_tokens: int = 0) -> dict:
         """Capture the decode step for every batch bucket up to `max_batch`, and, where prefill runs the
         Triton kernels (CUDA only), the fresh-prefill graphs of steps up to `prefill_tokens` tokens (the
-        others on first use)."""
+        others on first use). Returns what it took: graphs, seconds, and the memory the caching
+        allocator reserved meanwhile (the graphs' pools; MiB)."""
+        reserved, start = torch.cuda.memory_reserved(self.device), time.perf_counter()
         max_blocks = -(-max_seq_len // self.block_size)
         eager = lambda ids, pos, meta: self._eager(ids, pos, meta, False)     # noqa: E731
         heads = self.model.layers[0].attn.qkv.num_heads           # this rank's
@@ -112,9 +115,15 @@ class ModelRunner:
                                                    if decode_splits(heads * b, self.device) > 1), default=0))
         graphs.capture()
         self.graphs = graphs
+        took = {"decode_graphs": len(graphs.graphs), "decode_capture_s": time.perf_counter() - start,
+                "decode_graph_mb": (torch.cuda.memory_reserved(self.device) - reserved) / 2**20}
         if use_triton(self.model.embed.weight):
+            reserved, start = torch.cuda.memory_reserved(self.device), time.perf_counter()
             self.prefill_graphs = PrefillGraphs(eager, max_batch, self.pad_block * self.block_size, self.device)
-            self.prefill_graphs.warm_up(prefill_tokens)
+            took["prefill_graphs"] = len(self.prefill_graphs.warm_up(prefill_tokens))
+            took["prefill_capture_s"] = time.perf_counter() - start
+            took["prefill_graph_mb"] = (torch.cuda.memory_reserved(self.device) - reserved) / 2**20
+        return took
 
     def _step_tensors(self, seqs: list[Sequence], input_ids, positions, slots, context_lens, cu_seqlens):
         """(input_ids or None, positions, slot_mapping, block_tables, context_lens, cu_seqlens) on the

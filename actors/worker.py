@@ -90,7 +90,7 @@ class Worker:
         return {"rank": self.rank, "device": str(device), "pid": os.getpid(), "bytes_read": ckpt.bytes_read,
                 "load_s": time.perf_counter() - start, "kv_blocks": self.engine.block_manager.num_blocks,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
+                "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb(), **self.engine.startup}
 
     async def follow(self) -> None:
         """Ranks > 0: run rank 0's steps until it says STOP."""

@@ -7,8 +7,9 @@ replica serves again (not at TP=1).
     python3 bench/serve_gpu.py --tp 1 --profile --out bench/results   # one GPU, py-spy on the replica
     python3 bench/serve_gpu.py --cpu --out bench/results      # CPU: the tiny demo model over gloo
 
-With --profile (py-spy installed), py-spy samples the replica process (rank 0 and the engine thread)
-during the timed unary burst and writes its stacks, collapsed, to <out>/pyspy-replica-tp<N>.txt.
+With --profile (py-spy installed), py-spy samples the replica process (rank 0 and the engine thread):
+the GIL's holder through the streamed burst (<out>/pyspy-replica-tp<N>-gil.txt) and every thread through
+the timed unary burst (<out>/pyspy-replica-tp<N>.txt), as raw collapsed stacks.
 
 On GPU the checkpoint (random weights, the demo byte-level tokenizer) is written to --ckpt first by a
 child process, so this driver never holds GPU memory. Writes <out>/<device>x<N>-<date>-serve-tp<N>.json.
@@ -126,19 +127,35 @@ async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bo
         return summary(results, time.perf_counter() - start, {})
 
 
+def spy(pid: int | None, out: str, *flags: str):
+    """py-spy recording `pid` for 4 s at 250 Hz into `out` (raw collapsed stacks, one line per thread and
+    stack), started 1 s before the caller's burst; None without a pid."""
+    if pid is None:
+        return None
+    recorder = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--duration", "4",
+                                 "--format", "raw", "--threads", "--nonblocking", *flags, "--output", out],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)                                       # let it attach
+    return recorder
+
+
+def spied(recorder) -> None:
+    if recorder is not None:
+        print("py-spy:", recorder.communicate(timeout=60)[0][-1500:], flush=True)
+
+
 def load(url: str, n: int, max_tokens: int, profile_pid: int | None = None, profile_out: str = "") -> dict:
-    """Seeded requests (as OpenAI clients often send) streamed and not, then unseeded ones not streamed;
-    with `profile_pid`, py-spy samples that process through the seeded unary burst."""
+    """Seeded requests (as OpenAI clients often send) streamed and not, then unseeded ones not streamed.
+    With `profile_pid`, py-spy samples that process: only the thread holding the GIL through the streamed
+    burst (`<profile_out>-gil.txt`: which thread the interpreter serves, and whether it is ever free), and
+    every thread, idle or not, through the unary burst (`<profile_out>.txt`)."""
+    root = profile_out.removesuffix(".txt")
+    recorder = spy(profile_pid, root + "-gil.txt", "--gil")
     streamed = asyncio.run(concurrent(url, n, True, max_tokens))
-    spy = None
-    if profile_pid is not None:
-        spy = subprocess.Popen(["py-spy", "record", "--pid", str(profile_pid), "--rate", "250", "--duration", "4",
-                                "--format", "raw", "--threads", "--idle", "--nonblocking", "--output", profile_out],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(1.0)                                   # let it attach
+    spied(recorder)
+    recorder = spy(profile_pid, root + ".txt", "--idle")
     unary = asyncio.run(concurrent(url, n, False, max_tokens))
-    if spy is not None:
-        print("py-spy:", spy.communicate(timeout=60)[0][-1500:], flush=True)
+    spied(recorder)
     unseeded = asyncio.run(concurrent(url, n, False, max_tokens, seeded=False))
     return {"requests": n, "max_tokens": max_tokens, "streaming": streamed, "non_streaming": unary,
             "non_streaming_unseeded": unseeded,

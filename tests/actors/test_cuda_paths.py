@@ -77,6 +77,9 @@ def test_prefill_graphs_of_small_steps_are_captured_at_start_up(limit):
     graphs = engine.runner.prefill_graphs
     captured = {key for key, entry in graphs.graphs.items() if entry is not None}
     assert captured == (set(graphs.buckets_up_to(limit)) if limit else {(16, 2)})
+    startup = engine.startup                        # what the worker's load report carries
+    assert startup["prefill_graphs"] == len(captured) and startup["decode_graphs"] == len(engine.runner.graphs.graphs)
+    assert min(startup["tune_s"], startup["decode_capture_s"], startup["prefill_capture_s"]) > 0
     out = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in out] == expected
 
