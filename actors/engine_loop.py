@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from actors.llm_engine import LLMEngine
 from actors.model_runner import KEEPALIVE, STOP
@@ -47,6 +47,8 @@ class _Request:
     groups: list[list[Sequence]] = field(default_factory=list)
     sent: dict[int, int] = field(default_factory=dict)      # stream: tokens delivered per sample
     closed: set[int] = field(default_factory=set)           # stream: samples whose last delta went out
+    interval: Callable[[], float] | None = None              # stream: seconds between deltas after the first
+    next_at: float = 0.0                                     # stream: no delta before this (time.monotonic)
 
     def seqs(self) -> list[Sequence]:
         return [s for g in self.groups for s in g]
@@ -96,10 +98,15 @@ class EngineLoop:
             self.inbox.put(lambda: self._abort(request))
             raise
 
-    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
-        """Token deltas of each of the prompt's `params.n` samples as they are generated."""
+    async def stream(self, prompt: list[int], params: SamplingParams,
+                     interval: Callable[[], float] | None = None) -> AsyncIterator[StreamDelta]:
+        """Token deltas of each of the prompt's `params.n` samples as they are generated. With `interval`
+        (read by the engine thread at each hand-off), the first delta comes at once and the next ones
+        at most once per `interval()` seconds, each holding every token since the one before, or as soon
+        as a sample ends: a caller that needs no per-token pace (a non-streamed answer, a stream that
+        sends chunks only so often) then costs its event loop a wake-up per interval, not per step."""
         loop = asyncio.get_running_loop()
-        request = _Request([prompt], loop, deltas=asyncio.Queue())
+        request = _Request([prompt], loop, deltas=asyncio.Queue(), interval=interval)
         self._submit(lambda: self._admit(request, params, None), request)
         unfinished = params.n
         try:
@@ -252,11 +259,15 @@ class EngineLoop:
         with self._lock:
             requests = list(self.requests)
         handoffs: dict[asyncio.AbstractEventLoop, list] = {}
+        now = time.monotonic()
         for request in requests:
-            if request.deltas is not None:
-                handoffs.setdefault(request.loop, []).extend(
-                    (request.settle, delta) for delta in self._new_deltas(request))
-            if request.done():
+            done = request.done()
+            if request.deltas is not None and (done or now >= request.next_at or _a_sample_ended(request)):
+                deltas = self._new_deltas(request)
+                if deltas and request.interval is not None:
+                    request.next_at = now + request.interval()
+                handoffs.setdefault(request.loop, []).extend((request.settle, delta) for delta in deltas)
+            if done:
                 if request.future is not None:
                     handoffs.setdefault(request.loop, []).append(
                         (request.settle, request_outputs(request.prompts, request.groups)))
@@ -281,6 +292,11 @@ class EngineLoop:
                 if seq.is_finished:
                     request.closed.add(i)
         return deltas
+
+
+def _a_sample_ended(request: _Request) -> bool:
+    """Whether one of a stream's samples finished and its last delta has not gone out."""
+    return any(seq.is_finished and i not in request.closed for i, seq in enumerate(request.groups[0]))
 
 
 def join_runs(items: list, key, join) -> list:

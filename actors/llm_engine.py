@@ -17,6 +17,7 @@ from actors.block_manager import BlockManager
 from actors.model_runner import DONE, STEP, ModelRunner, kv_cache_block_bytes
 from actors.outputs import RequestOutput, request_outputs
 from actors.sampler import logprob_rows, picks_on_device, sample, sample_on_device, token_logprobs
+from actors.sampler import warm_up as warm_up_sampler
 from actors.scheduler import Scheduler
 from actors.sequence import RequestError, SamplingParams, Sequence, SequenceStatus
 from kernels.model import CausalLM
@@ -103,6 +104,8 @@ class LLMEngine:
         if device.type == "cuda" and config.enable_cuda_graph is not False:
             self.startup |= self.runner.capture_cudagraphs(config.max_num_seqs, self.max_seq_len,
                                                            config.prefill_graph_tokens)
+        if device.type == "cuda":
+            warm_up_sampler(model.spec.vocab_size, device)
         self.run_ahead = device.type == "cuda" if config.run_ahead is None else config.run_ahead
         self._ahead: _Launched | None = None     # the decode step launched ahead, tokens not read yet
 

@@ -118,6 +118,13 @@ def _keys(seqs: list[Sequence], ahead: int, device: torch.device) -> torch.Tenso
     return to_device([draw_key(s.seed, s.num_output_tokens + ahead) for s in seqs], torch.int64, device)
 
 
+def warm_up(vocab_size: int, device: torch.device) -> None:
+    """Build the sampling kernels now, at start-up: the first request to need one would otherwise wait
+    for its compile (and the engine thread hold the GIL through it)."""
+    argmax_rows(torch.zeros(2, vocab_size, device=device))
+    seeded_exponential(to_device([1, 2], torch.int64, device), vocab_size)
+
+
 def sample_on_device(logits: torch.Tensor, seqs: list[Sequence], ahead: int = 0) -> torch.Tensor:
     """logits: [seqs, vocab] fp32 (modified in place) -> one token id per sequence, int64 on the logits'
     device; waits for the GPU only for sequences `picks_on_device` excludes. `ahead`: the step is that

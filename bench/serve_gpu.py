@@ -1,7 +1,8 @@
 """The Serve app with one TP=2 replica (--tp) on a local Ray cluster: startup time, a completion and an
 SSE stream, 64 concurrent requests (generated tok/s, TTFT p50/p99, streaming vs not), and a follower
 rank killed (SIGKILL) while requests run: seconds until requests fail with 503 and until a replacement
-replica serves again (not at TP=1).
+replica serves again (not at TP=1). At TP=1 on GPU, the seeded burst's requests then run through an
+engine of the same configuration in a process of its own (`engine_alone`): the replica's overhead.
 
     python3 bench/serve_gpu.py --out bench/results            # 2 GPUs: GPT-Neo 2.7B shape, random fp16 weights
     python3 bench/serve_gpu.py --tp 1 --profile --out bench/results   # one GPU, py-spy on the replica
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from queue import Empty
 
 import httpx
 
@@ -163,6 +165,52 @@ def load(url: str, n: int, max_tokens: int, profile_pid: int | None = None, prof
             "streaming_over_non_streaming_p50_latency": streamed["latency_s"]["p50"] / unary["latency_s"]["p50"]}
 
 
+def engine_alone(ckpt: str, n: int, max_tokens: int, out) -> None:
+    """The seeded burst's requests (same prompts, seeds, temperature and stop tokens) through an engine
+    of the app's configuration in this process: no Serve, no HTTP, no event loop. What the replica's
+    engine delivers alone, for the bursts to be read against; its tok/s goes into `out` (a queue)."""
+    import torch
+
+    from actors.build import load_engine
+    from actors.sequence import SamplingParams
+    from actors.sharded_checkpoint import open_any
+    from bench.soak import PROMPTS
+    from cluster.generation import token_list
+    from serve_apps.args import AppArgs
+    config = AppArgs(**app_args(False, ckpt, 1)).inference_config(ckpt, True)
+    opened = open_any(ckpt, None, 0, 1)
+    engine = load_engine(opened, config, device=torch.device("cuda", 0))
+    tokenizer, eos = opened.tokenizer(), tuple(token_list(opened.generation_config().eos_token_id))
+    prompts = [tokenizer(PROMPTS[i % len(PROMPTS)] + f" #{i}")["input_ids"] for i in range(n)]
+
+    def burst(tokens: int) -> tuple[int, float]:
+        params = [SamplingParams.build(max_new_tokens=tokens, do_sample=True, temperature=0.7, seed=i,
+                                       stop_token_ids=eos) for i in range(n)]
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, params)
+        return sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
+    burst(4)                                              # as the HTTP bursts' warm-up
+    generated, seconds = burst(max_tokens)
+    out.put({"requests": n, "max_tokens": max_tokens, "output_tokens": generated, "wall_s": seconds,
+             "output_tokens_per_s": generated / seconds})
+
+
+def in_child(target, *args) -> dict:
+    """`target(*args, queue)` in a spawned process (this driver keeps no GPU memory); what it put."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, queue))
+    child.start()
+    while child.is_alive() or not queue.empty():
+        try:
+            result = queue.get(timeout=5)
+        except Empty:
+            continue
+        child.join()
+        return result
+    raise RuntimeError(f"{target.__name__} exited ({child.exitcode}) without a result")
+
+
 def follower_pid(handle) -> int:
     (rank1,) = [r for r in handle.ranks.remote().result(timeout_s=30) if r["rank"] == 1]
     return rank1["pid"]
@@ -255,6 +303,13 @@ def main() -> None:
     serve.shutdown()
     import ray
     ray.shutdown()
+    if not a.cpu and a.tp == 1:
+        t = time.perf_counter()
+        try:
+            result["engine_alone"] = in_child(engine_alone, a.ckpt, a.requests, max_tokens)
+        except Exception as e:                            # the Serve figures above still get written
+            result["engine_alone"] = {"error": repr(e)}
+        print("engine_alone", f"{time.perf_counter() - t:.1f}s", json.dumps(result["engine_alone"]), flush=True)
     result["device"] = result["machine"]["device"] = device_name(a.cpu)
     write(result, a.out, f"serve-tp{a.tp}", device=f"{result['device']}x{a.tp}")
 

@@ -21,6 +21,11 @@ HALF_SHAPES = [(16, 512, 4), (32, 256, 4), (16, 1024, 8), (32, 512, 8)]   # (blo
 # int8's: the same 32-bit words per row (four columns a word instead of eight)
 HALF_SHAPES_INT8 = [(block_n, block_k // 2, warps) for block_n, block_k, warps in HALF_SHAPES]
 ROWS_L2_BYTES = 1 << 20                                  # `rows` tiles' L2 request: a row's whole K slice
+# Products of smaller weights are never timed (`_untuned`): at 3 TB/s 2 MiB stream in 0.7 us, so the best
+# tile saves a microsecond at most, and timing one shape compiles dozens of tiles (the 320-id LM head
+# of serve_apps' demo vocabulary cost seven shapes' worth of start-up, bench/results/*-serve-tp1.json).
+# The tests set it to 0, so that their tiny models' products still run (and check) the tuned kernels.
+TUNE_MIN_BYTES = int(os.environ.get("RAYSPEED_GEMV_TUNE_MIN_BYTES", str(2 << 20)))
 
 
 def candidates(m: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> list[Tile]:
@@ -210,8 +215,10 @@ def time_in_graph(launch, copies: int, reps: int = 32) -> float:
 
 
 def _untuned(m: int, n: int, k: int, bits: int, group: int, float_weights: bool) -> "Tile | str":
-    """The choice without timing: cuBLAS for float weights past FMA_MAX_ROWS rows, else the heuristic tile."""
-    return CUBLAS if float_weights and m > FMA_MAX_ROWS else pick_tile(m, n, k, bits, group)
+    """The choice without timing: cuBLAS for float weights past FMA_MAX_ROWS rows or under
+    TUNE_MIN_BYTES, else the heuristic tile."""
+    small = n * k * bits // 8 < TUNE_MIN_BYTES
+    return CUBLAS if float_weights and (m > FMA_MAX_ROWS or small) else pick_tile(m, n, k, bits, group)
 
 
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
@@ -224,8 +231,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     grid); a `rows` winner with `prefetch` and with its K slice asked of L2 (`l2_rows`); a
     swapped-operand winner once more with its rows' first two K tiles asked of L2 before its PDL
     wait (`l2_rows`). More than TUNED_MAX_ROWS rows (prefill) are never timed: the heuristic tile.
-    Outside `tuning_window`, while a CUDA graph is being captured, or with RAYSPEED_GEMV_TUNE=0, nothing
-    is timed: the cached choice, else the heuristic (cuBLAS for float weights past FMA_MAX_ROWS rows)."""
+    Outside `tuning_window`, while a CUDA graph is being captured, with RAYSPEED_GEMV_TUNE=0, or for a
+    weight under TUNE_MIN_BYTES, nothing is timed: the cached choice, else `_untuned`."""
     k = x.shape[-1]
     m, n = x.numel() // k, weight.shape[0]
     group = group_size or k
@@ -237,7 +244,8 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     cached = _choices.get(key, gpu)
     if cached is not None:
         return cached
-    if not _window or os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+    if not _window or os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing() \
+            or n * k * bits // 8 < TUNE_MIN_BYTES:
         return _untuned(m, n, k, bits, group, torch_path is not None)
     tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()

@@ -41,9 +41,11 @@ def seeded_exponential_torch(keys: torch.Tensor, n: int) -> torch.Tensor:
     return -torch.log(u)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "row_stride"])
 def _seeded_exponential_kernel(keys_ptr, out_ptr, n, row_stride, BLOCK: tl.constexpr):
-    """Columns [program_id(1) * BLOCK, + BLOCK) of row program_id(0): the reference's hash and -log(u)."""
+    """Columns [program_id(1) * BLOCK, + BLOCK) of row program_id(0): the reference's hash and -log(u).
+    One build for every width (the candidates of a top-k of 50, 64 or the vocabulary): a width
+    Triton would specialise on compiled anew on the request that first brought it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     key = tl.load(keys_ptr + row)

@@ -9,7 +9,9 @@ class ServerMetrics:
         tags = {"model": model}
         self.ttft = metrics.Histogram("rayspeed_time_to_first_token_s", "Seconds from request to first token",
                                       boundaries=_LATENCY_BOUNDARIES, tag_keys=("model",))
-        self.itl = metrics.Histogram("rayspeed_inter_token_latency_s", "Seconds between streamed tokens",
+        self.itl = metrics.Histogram("rayspeed_inter_token_latency_s",
+                                     "Seconds a token between a request's deliveries (a delivery's wait over its "
+                                     "tokens: the engine hands tokens over at most every stream interval)",
                                      boundaries=_LATENCY_BOUNDARIES, tag_keys=("model",))
         self.tokens = metrics.Counter("rayspeed_generated_tokens", "Tokens generated", tag_keys=("model",))
         self.queue = metrics.Gauge("rayspeed_queue_length", "Requests waiting for KV blocks", tag_keys=("model",))
@@ -20,7 +22,10 @@ class ServerMetrics:
 
     def observe_tokens(self, count: int, first: bool, since: float) -> None:
         self.tokens.inc(count)
-        (self.ttft if first else self.itl).observe(since)
+        if first:
+            self.ttft.observe(since)
+        else:
+            self.itl.observe(since / count)
 
     def observe_engine(self, health: dict) -> None:
         self.queue.set(health["waiting"])

@@ -11,6 +11,7 @@ so concurrent arrivals cannot all pass one check) and gives it back as each prom
 or ends; beyond `max_queued_requests` waiting sequences it is refused (HTTP 503 + Retry-After)."""
 import asyncio
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -20,6 +21,19 @@ from actors.sequence import RequestError, SamplingParams
 from cluster.generation import token_list
 from serve_apps.protocol import ChatRequest, CompletionRequest, SamplingFields, new_id, now
 from serve_apps.text_stream import TextStream, window_decoder
+
+
+# A non-streamed answer needs its tokens only when a sample ends, or, to end a sample at a stop string
+# (aborting its sequence), every so often: this often.
+STOP_CHECK_S = 0.05
+
+
+def _unary_pace(stops: list[str]):
+    """The engine's pace of deltas for a non-streamed answer (`EngineLoop.stream`'s `interval`): with
+    stop strings every STOP_CHECK_S, so a stop costs at most that much extra generation; without, only
+    the first delta (which gives back the queue reservation) and each sample's last."""
+    interval = STOP_CHECK_S if stops else math.inf
+    return lambda: interval
 
 
 class Unsupported(RequestError):
@@ -153,7 +167,8 @@ class LLMServer:
         sample ends (its last text and finish reason are not held back)."""
         reservation = self.admit(len(prompts), params.n)
         queue, ending = asyncio.Queue(), asyncio.Event()       # ending: a sample's last chunk (or an error) came
-        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, ending, reservation))
+        pace = self.stream_interval if streaming else _unary_pace(stops)
+        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, ending, reservation, pace))
                  for i, p in enumerate(prompts)]
         clock, unfinished, sent = asyncio.get_running_loop(), len(prompts) * params.n, None
         self.open_streams += unfinished if streaming else 0
@@ -182,13 +197,18 @@ class LLMServer:
                 task.cancel()
 
     async def _one(self, index: int, prompt: list[int], params: SamplingParams, stops: list[str],
-                   queue: asyncio.Queue, ending: asyncio.Event, reservation: "Reservation") -> None:
+                   queue: asyncio.Queue, ending: asyncio.Event, reservation: "Reservation", pace) -> None:
+        """One prompt's samples: the engine's deltas into text chunks on `queue`; every step's until each
+        sample has shown text (a first token may decode to none yet, or be held back as the start of a
+        stop string), then at most one per `pace()` seconds."""
         started, last = time.perf_counter(), None
         streams = [TextStream(self.decode, stops) for _ in range(params.n)]
         counts = [0] * params.n
         held = [[] for _ in range(params.n)]          # log-probabilities of tokens whose text is held back
+        shown = set()                                 # samples whose first text went out
         try:
-            async for delta in self.engine.loop.stream(prompt, params):
+            async for delta in self.engine.loop.stream(prompt, params,
+                                                       lambda: pace() if len(shown) == params.n else 0.0):
                 reservation.release(index)
                 s = streams[delta.index]
                 if s.stopped:
@@ -199,6 +219,7 @@ class LLMServer:
                 reason = "stop" if s.stopped else delta.finish_reason
                 last = self._observe(started, last, len(delta.token_ids))
                 if text or reason:
+                    shown.add(delta.index)
                     logprobs = held[delta.index] if params.logprobs is not None else None
                     held[delta.index] = []
                     queue.put_nowait(Chunk(index * params.n + delta.index, text, reason, counts[delta.index],
@@ -299,7 +320,7 @@ class LLMServer:
         reservation = self.admit(1, params.n)
         token_ids, reason, logprobs = [], None, []
         try:                                     # a stream: a cancelled call aborts its sequences
-            async for delta in self.engine.loop.stream(ids, params):
+            async for delta in self.engine.loop.stream(ids, params, _unary_pace([])):
                 reservation.release()
                 if delta.index == 0:
                     token_ids += delta.token_ids

@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# tiny models' products are all small: tune them anyway (kernels/gemv_tuner.py), as a real model's would be
+os.environ.setdefault("RAYSPEED_GEMV_TUNE_MIN_BYTES", "0")
+
 torch.set_num_threads(1)     # 2 cores shared with Ray workers: one thread each keeps the suite fast
 
 

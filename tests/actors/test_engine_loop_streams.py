@@ -77,3 +77,32 @@ def test_a_caller_whose_event_loop_closed_does_not_break_the_engine(engine):
         assert loop.health()["alive"], loop.health()
     finally:
         loop.shutdown()
+
+
+@pytest.mark.parametrize("interval", [float("inf"), 0.02])
+def test_a_paced_stream_sends_its_first_delta_at_once_then_at_most_once_an_interval(engine, interval):
+    """`interval`: the first delta as soon as there is one, each later one at least `interval` seconds
+    after the one before or when its sample ends (inf: only then), each holding every token since:
+    the samples' tokens are the unpaced ones."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, n=2, do_sample=True, seed=3)
+    expected = [s.token_ids for s in engine.generate([[4, 5, 6]], params)[0].outputs]
+    loop = EngineLoop(engine)
+    try:
+        async def read():
+            tokens, seen = {0: [], 1: []}, []
+            async for delta in loop.stream([4, 5, 6], params, lambda: interval):
+                tokens[delta.index] += delta.token_ids
+                seen.append((time.monotonic(), delta))
+            return tokens, seen
+        tokens, seen = asyncio.run(read())
+    finally:
+        loop.shutdown()
+    assert [tokens[0], tokens[1]] == expected
+    firsts = [d for _, d in seen[:2]]
+    assert sorted(d.index for d in firsts) == [0, 1] and all(len(d.token_ids) == 1 for d in firsts)
+    assert [d.finish_reason for _, d in seen[-2:]] == ["length", "length"]
+    if interval == float("inf"):
+        assert len(seen) == 4, [(len(d.token_ids), d.finish_reason) for _, d in seen]
+    else:                       # a sample's deltas before its last come an interval apart
+        middle = [t for t, d in seen[2:] if d.finish_reason is None and d.index == 0]
+        assert len(middle) > 1 and all(b - a >= interval * 0.9 for a, b in zip(middle, middle[1:])), middle

@@ -1,6 +1,7 @@
 """The weight-streaming matmul (`kernels.gemv.skinny_linear`) against fp64 references of its three
 weight formats, with per-group and in-register dequantization, split-K and the fused epilogue, run
 on CPU by Triton's interpreter; and the tuner's table on disk."""
+import contextlib
 import json
 import os
 
@@ -301,6 +302,23 @@ def test_streamed_linear_follows_the_tuners_verdict(monkeypatch):
     monkeypatch.setattr(gemv, "tuned_tile", lambda *args: Tile(16, 16, 64, split_k=2))
     got = gemv.streamed_linear(x, w, torch_path=lambda v, w: "torch")
     assert ((got - x.double() @ full.double().T).abs().max()).item() < 1e-4
+
+
+def test_small_products_are_not_timed(monkeypatch):
+    """A weight under TUNE_MIN_BYTES is never timed, even at start-up: cuBLAS for float weights (at one
+    row as at many), the heuristic tile for quantized ones; the same choice outside the window."""
+    from kernels import gemv_tuner as gemv
+    monkeypatch.setattr(gemv, "_choices", gemv._Choices())
+    monkeypatch.setattr(gemv, "_gpu_name", lambda device: "Test GPU")
+    monkeypatch.setattr(gemv, "TUNE_MIN_BYTES", 64 * 256 * 2 + 1)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gemv, "time_in_graph", lambda fn, copies: pytest.fail("a small product was timed"))
+    x, w = torch.randn(1, 256), torch.randn(64, 256, dtype=torch.float16)
+    q, scales = torch.zeros(64, 128, dtype=torch.uint8), torch.ones(64, 2)
+    for window in (gemv.tuning_window(), contextlib.nullcontext()):
+        with window:
+            assert gemv.tuned_tile(x, w, None, None, 16, None, None, None, torch_path=lambda v, w: v) == gemv.CUBLAS
+            assert gemv.tuned_tile(x, q, None, scales, 4, 128, None, None) == gemv.pick_tile(1, 64, 256, 4, 128)
 
 
 @pytest.mark.parametrize("twin_ms,expect_prefetch", [(0.4, True), (0.6, False)])
