@@ -1,8 +1,9 @@
 """The Serve app with one TP=2 replica (--tp) on a local Ray cluster: startup time, a completion and an
 SSE stream, 64 concurrent requests (generated tok/s, TTFT p50/p99, streaming vs not), and a follower
 rank killed (SIGKILL) while requests run: seconds until requests fail with 503 and until a replacement
-replica serves again (not at TP=1). At TP=1 on GPU, the seeded burst's requests then run through an
-engine of the same configuration in a process of its own (`engine_alone`): the replica's overhead.
+replica serves again (not at TP=1). The seeded burst also goes through the deployment's Python handle
+(no HTTP), and at TP=1 on GPU through an engine of the same configuration in a process of its own
+(`engine_alone`): what HTTP, and what Serve and the replica, cost.
 
     python3 bench/serve_gpu.py --out bench/results            # 2 GPUs: GPT-Neo 2.7B shape, random fp16 weights
     python3 bench/serve_gpu.py --tp 1 --profile --out bench/results   # one GPU, py-spy on the replica
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
 from bench.output import write  # noqa: E402
-from bench.soak import one, summary  # noqa: E402
+from bench.soak import PROMPTS, one, summary  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -129,6 +130,22 @@ async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bo
         return summary(results, time.perf_counter() - start, {})
 
 
+def handle_burst(handle, n: int, max_tokens: int) -> dict:
+    """The seeded burst through the deployment's Python handle (`handle.generate.remote`): Serve's router
+    and the replica without HTTP, the proxy or the client's JSON; after a warm-up burst of 4 tokens."""
+    def burst(tokens: int) -> list[dict]:
+        calls = [handle.generate.remote(PROMPTS[i % len(PROMPTS)] + f" #{i}", max_new_tokens=tokens, do_sample=True,
+                                        temperature=0.7, seed=i) for i in range(n)]
+        return [call.result(timeout_s=300) for call in calls]
+    burst(4)
+    start = time.perf_counter()
+    outputs = burst(max_tokens)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o["token_ids"]) for o in outputs)
+    return {"requests": n, "max_tokens": max_tokens, "output_tokens": generated, "wall_s": seconds,
+            "output_tokens_per_s": generated / seconds}
+
+
 def spy(pid: int | None, out: str, *flags: str):
     """py-spy recording `pid` for 4 s at 250 Hz into `out` (raw collapsed stacks, one line per thread and
     stack), started 1 s before the caller's burst; None without a pid."""
@@ -174,7 +191,6 @@ def engine_alone(ckpt: str, n: int, max_tokens: int, out) -> None:
     from actors.build import load_engine
     from actors.sequence import SamplingParams
     from actors.sharded_checkpoint import open_any
-    from bench.soak import PROMPTS
     from cluster.generation import token_list
     from serve_apps.args import AppArgs
     config = AppArgs(**app_args(False, ckpt, 1)).inference_config(ckpt, True)
@@ -292,7 +308,8 @@ def main() -> None:
     replica = next(r["pid"] for r in result["ranks"] if r["rank"] == 0) if a.profile else None
     steps = [("smoke", lambda: smoke(url)),
              ("load", lambda: load(url, a.requests, max_tokens, replica,
-                                   os.path.join(a.out, f"pyspy-replica-tp{a.tp}.txt")))]
+                                   os.path.join(a.out, f"pyspy-replica-tp{a.tp}.txt"))),
+             ("handle", lambda: handle_burst(handle, a.requests, max_tokens))]
     if a.tp > 1:
         steps.append(("failover", lambda: failover(url, handle, 4 * max_tokens, a.recovery_timeout)))
     for step, run in steps:
