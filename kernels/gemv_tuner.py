@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import os
+import tempfile
 from dataclasses import asdict, replace
 
 import torch
@@ -169,10 +170,10 @@ class _Choices:
             self.disk = self._read(gpu)
         self.disk[repr(key[:-1])] = choice if choice == CUBLAS else asdict(choice)
         path = self._path(gpu)
-        try:                                             # atomic: TP ranks may write at once
+        try:                  # atomic: TP ranks, and pods sharing the cache's volume, may write at once
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w") as f:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".")
+            with os.fdopen(fd, "w") as f:
                 json.dump(self.disk, f, indent=0)
             os.replace(tmp, path)
         except OSError:
