@@ -104,7 +104,8 @@ class InferenceConfig(BaseModel):
     prefill_graph_tokens: int = Field(
         1024, ge=0, description="with CUDA graphs, capture the fresh-prefill graphs of steps of up to this many "
                                 "tokens (every sequence-count bucket) at start-up, so serving never stops to capture "
-                                "one; larger steps capture theirs on first use; 0: only the smallest bucket")
+                                "one; larger steps capture theirs on first use; 0: only steps of up to 16 tokens (the smallest "
+                                "token bucket)")
     max_out_tokens: int = Field(1024, ge=1, validation_alias=AliasChoices("max_out_tokens", "max_tokens"),
                                 description="most tokens (prompt + generated) one sequence may hold")
     min_out_tokens: int = Field(1, ge=1, description="accepted for DeepSpeed compatibility")

@@ -68,15 +68,17 @@ def test_graphs_and_run_ahead_give_the_eager_lockstep_tokens(family):
 
 @pytest.mark.parametrize("limit", [0, 64])
 def test_prefill_graphs_of_small_steps_are_captured_at_start_up(limit):
-    """With prefill_graph_tokens=64 every bucket of up to 64 tokens is captured before the first request
-    (0: only the smallest); the tokens equal the eager lockstep engine's either way."""
+    """With prefill_graph_tokens=64 every bucket of steps of up to 64 tokens is captured before the first
+    request (0: of up to 16 tokens, the smallest token bucket); the tokens equal the eager lockstep
+    engine's either way."""
     hf = tiny_model("gpt_neo")
     expected, _ = generate(hf, enable_cuda_graph=False, run_ahead=False)
     engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
                                      max_num_seqs=8, prefill_graph_tokens=limit).backend
     graphs = engine.runner.prefill_graphs
     captured = {key for key, entry in graphs.graphs.items() if entry is not None}
-    assert captured == (set(graphs.buckets_up_to(limit)) if limit else {(16, 2)})
+    assert captured == set(graphs.buckets_up_to(limit))
+    assert {tokens for tokens, _ in captured} == ({16, 32, 64} if limit else {16})
     startup = engine.startup                        # what the worker's load report carries
     assert startup["prefill_graphs"] == len(captured) and startup["decode_graphs"] == len(engine.runner.graphs.graphs)
     assert min(startup["tune_s"], startup["decode_capture_s"], startup["prefill_capture_s"]) > 0
