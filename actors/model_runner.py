@@ -104,6 +104,7 @@ class ModelRunner:
         Triton kernels (CUDA only), the fresh-prefill graphs of steps up to `prefill_tokens` tokens (the
         others on first use). Returns what it took: graphs, seconds, and the memory the caching
         allocator reserved meanwhile (the graphs' pools; MiB)."""
+        torch.cuda.empty_cache()            # the tuner's weight copies: freed, or the baseline counts them
         reserved, start = torch.cuda.memory_reserved(self.device), time.perf_counter()
         max_blocks = -(-max_seq_len // self.block_size)
         eager = lambda ids, pos, meta: self._eager(ids, pos, meta, False)     # noqa: E731

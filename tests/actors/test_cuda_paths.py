@@ -73,8 +73,9 @@ def test_prefill_graphs_of_small_steps_are_captured_at_start_up(limit):
     engine's either way."""
     hf = tiny_model("gpt_neo")
     expected, _ = generate(hf, enable_cuda_graph=False, run_ahead=False)
-    engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
-                                     max_num_seqs=8, prefill_graph_tokens=limit).backend
+    wrapper = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
+                                      max_num_seqs=8, prefill_graph_tokens=limit)
+    engine = wrapper.backend
     graphs = engine.runner.prefill_graphs
     captured = {key for key, entry in graphs.graphs.items() if entry is not None}
     assert captured == set(graphs.buckets_up_to(limit))
@@ -82,7 +83,7 @@ def test_prefill_graphs_of_small_steps_are_captured_at_start_up(limit):
     startup = engine.startup                        # what the worker's load report carries
     assert startup["prefill_graphs"] == len(captured) and startup["decode_graphs"] == len(engine.runner.graphs.graphs)
     assert min(startup["tune_s"], startup["decode_capture_s"], startup["prefill_capture_s"]) > 0
-    out = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
+    out = wrapper.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in out] == expected
 
 
