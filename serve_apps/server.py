@@ -168,7 +168,7 @@ class LLMServer:
         reservation = self.admit(len(prompts), params.n)
         queue, ending = asyncio.Queue(), asyncio.Event()       # ending: a sample's last chunk (or an error) came
         pace = self.stream_interval if streaming else _unary_pace(stops)
-        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, ending, reservation, pace))
+        tasks = [asyncio.ensure_future(self._one(i, p, params, stops, queue, ending, reservation, pace, streaming))
                  for i, p in enumerate(prompts)]
         clock, unfinished, sent = asyncio.get_running_loop(), len(prompts) * params.n, None
         self.open_streams += unfinished if streaming else 0
@@ -197,10 +197,12 @@ class LLMServer:
                 task.cancel()
 
     async def _one(self, index: int, prompt: list[int], params: SamplingParams, stops: list[str],
-                   queue: asyncio.Queue, ending: asyncio.Event, reservation: "Reservation", pace) -> None:
-        """One prompt's samples: the engine's deltas into text chunks on `queue`; every step's until each
-        sample has shown text (a first token may decode to none yet, or be held back as the start of a
-        stop string), then at most one per `pace()` seconds."""
+                   queue: asyncio.Queue, ending: asyncio.Event, reservation: "Reservation", pace,
+                   streaming: bool) -> None:
+        """One prompt's samples: the engine's deltas into text chunks on `queue`, at most one per `pace()`
+        seconds after the first; `streaming`, every step's until each sample has shown text (a first
+        token may decode to none yet, or be held back as the start of a stop string: the time to first
+        text must not wait for the pace)."""
         started, last = time.perf_counter(), None
         streams = [TextStream(self.decode, stops) for _ in range(params.n)]
         counts = [0] * params.n
@@ -208,7 +210,7 @@ class LLMServer:
         shown = set()                                 # samples whose first text went out
         try:
             async for delta in self.engine.loop.stream(prompt, params,
-                                                       lambda: pace() if len(shown) == params.n else 0.0):
+                                                       lambda: 0.0 if streaming and len(shown) < params.n else pace()):
                 reservation.release(index)
                 s = streams[delta.index]
                 if s.stopped:

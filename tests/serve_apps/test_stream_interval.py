@@ -108,3 +108,33 @@ def test_a_samples_end_is_not_held_back_by_the_interval(checkpoint):
     [held] = asyncio.run(streams(checkpoint, 5.0))
     assert texts(held) == texts(every)
     assert text_events(held) == 2 and held[-1][0] - held[0][0] < 2.5
+
+
+def test_a_non_streamed_answer_takes_the_engines_tokens_at_its_first_and_its_end(checkpoint):
+    """Without stop strings, a non-streamed completion takes two deltas a sample from the engine loop
+    (the first token, which gives back its queue reservation, and the end), where a stream at
+    stream_interval_ms=0 takes one a step; both answers hold the same text."""
+    async def run():
+        args = AppArgs.parse({"max_num_seqs": 8, "kv_cache_blocks": 64, "block_size": 8, "accelerator": "cpu",
+                              "stream_interval_ms": 0, "max_stream_events_per_s": 0})
+        server = await start_server(args, checkpoint, MODEL_NAME)
+        loop, deltas = server.engine.loop, []
+        real = loop.stream
+
+        async def counted(prompt, params, interval=None):
+            deltas.append(0)
+            async for delta in real(prompt, params, interval):
+                deltas[-1] += 1
+                yield delta
+        loop.stream = counted
+        try:
+            fields = dict(prompt="paced", max_tokens=40, n=2, seed=3, temperature=0.8, ignore_eos=True)
+            unary = await server.complete(CompletionRequest(**fields))
+            streamed = [(0.0, e) async for e in server.complete_stream(
+                CompletionRequest(**fields, stream=True, stream_options={"include_usage": True}))]
+        finally:
+            await server.engine.shutdown()
+        return unary, streamed, deltas
+    unary, streamed, deltas = asyncio.run(run())
+    assert {c["index"]: c["text"] for c in unary["choices"]} == texts(streamed)[0]
+    assert deltas[0] <= 4 < 40 <= deltas[1], deltas
