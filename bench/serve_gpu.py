@@ -129,6 +129,19 @@ def median_round(rounds: list[dict]) -> dict:
     return ranked[len(ranked) // 2] | {"rounds_tok_s": [r["output_tokens_per_s"] for r in rounds]}
 
 
+def timed_rounds(burst, n: int, max_tokens: int) -> dict:
+    """ROUNDS timed calls of `burst()` (n requests of up to max_tokens; returns the tokens generated): the
+    median round's figures."""
+    rounds = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        generated = burst()
+        seconds = time.perf_counter() - start
+        rounds.append({"requests": n, "max_tokens": max_tokens, "output_tokens": generated, "wall_s": seconds,
+                       "output_tokens_per_s": generated / seconds})
+    return median_round(rounds)
+
+
 async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bool = True) -> dict:
     """n requests at once, all streamed or all not, after a warm-up burst of n short ones (the batch
     sizes the timed burst passes through run once before it); ROUNDS bursts, the median's figures."""
@@ -145,20 +158,12 @@ async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bo
 def handle_burst(handle, n: int, max_tokens: int) -> dict:
     """The seeded burst through the deployment's Python handle (`handle.generate.remote`): Serve's router
     and the replica without HTTP, the proxy or the client's JSON; after a warm-up burst of 4 tokens."""
-    def burst(tokens: int) -> list[dict]:
+    def burst(tokens: int) -> int:
         calls = [handle.generate.remote(PROMPTS[i % len(PROMPTS)] + f" #{i}", max_new_tokens=tokens, do_sample=True,
                                         temperature=0.7, seed=i) for i in range(n)]
-        return [call.result(timeout_s=300) for call in calls]
+        return sum(len(call.result(timeout_s=300)["token_ids"]) for call in calls)
     burst(4)
-    rounds = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        outputs = burst(max_tokens)
-        seconds = time.perf_counter() - start
-        generated = sum(len(o["token_ids"]) for o in outputs)
-        rounds.append({"requests": n, "max_tokens": max_tokens, "output_tokens": generated, "wall_s": seconds,
-                       "output_tokens_per_s": generated / seconds})
-    return median_round(rounds)
+    return timed_rounds(lambda: burst(max_tokens), n, max_tokens)
 
 
 def spy(pid: int | None, out: str, *flags: str):
@@ -214,19 +219,12 @@ def engine_alone(ckpt: str, n: int, max_tokens: int, out) -> None:
     tokenizer, eos = opened.tokenizer(), tuple(token_list(opened.generation_config().eos_token_id))
     prompts = [tokenizer(PROMPTS[i % len(PROMPTS)] + f" #{i}")["input_ids"] for i in range(n)]
 
-    def burst(tokens: int) -> tuple[int, float]:
+    def burst(tokens: int) -> int:
         params = [SamplingParams.build(max_new_tokens=tokens, do_sample=True, temperature=0.7, seed=i,
                                        stop_token_ids=eos) for i in range(n)]
-        start = time.perf_counter()
-        outputs = engine.generate(prompts, params)
-        return sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
+        return sum(len(o.outputs[0].token_ids) for o in engine.generate(prompts, params))
     burst(4)                                              # as the HTTP bursts' warm-up
-    rounds = []
-    for _ in range(ROUNDS):
-        generated, seconds = burst(max_tokens)
-        rounds.append({"requests": n, "max_tokens": max_tokens, "output_tokens": generated, "wall_s": seconds,
-                       "output_tokens_per_s": generated / seconds})
-    out.put(median_round(rounds))
+    out.put(timed_rounds(lambda: burst(max_tokens), n, max_tokens))
 
 
 def in_child(target, *args) -> dict:
