@@ -142,17 +142,48 @@ def timed_rounds(burst, n: int, max_tokens: int) -> dict:
     return median_round(rounds)
 
 
-async def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bool = True) -> dict:
-    """n requests at once, all streamed or all not, after a warm-up burst of n short ones (the batch
-    sizes the timed burst passes through run once before it); ROUNDS bursts, the median's figures."""
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=n + 2)) as http:
-        await asyncio.gather(*[one(http, i, stream, 4, seeded) for i in range(n)])
+async def client_rounds(url: str, ids: list[int], stream: bool, max_tokens: int, seeded: bool,
+                        barrier=None) -> list[tuple[list[dict], float, float]]:
+    """Requests `ids` at once, all streamed or all not, after a warm-up burst of them with 4 tokens (the
+    batch sizes the timed burst passes through run once before it); ROUNDS times, each after `barrier`
+    (other client processes) when given. Per round: the results, when it started and when it ended
+    (time.perf_counter: one clock for every process of the machine)."""
+    async with httpx.AsyncClient(base_url=url, timeout=300,
+                                 limits=httpx.Limits(max_connections=len(ids) + 2)) as http:
+        await asyncio.gather(*[one(http, i, stream, 4, seeded) for i in ids])
         rounds = []
         for _ in range(ROUNDS):
+            if barrier is not None:
+                await asyncio.to_thread(barrier.wait)
             start = time.perf_counter()
-            results = await asyncio.gather(*[one(http, i, stream, max_tokens, seeded) for i in range(n)])
-            rounds.append(summary(results, time.perf_counter() - start, {}))
-        return median_round(rounds)
+            results = await asyncio.gather(*[one(http, i, stream, max_tokens, seeded) for i in ids])
+            rounds.append((results, start, time.perf_counter()))
+        return rounds
+
+
+def client_process(url: str, ids: list[int], stream: bool, max_tokens: int, seeded: bool, barrier, out) -> None:
+    out.put(asyncio.run(client_rounds(url, ids, stream, max_tokens, seeded, barrier)))
+
+
+def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bool = True, clients: int = 1) -> dict:
+    """n requests at once from `clients` client processes (1: this one), ROUNDS bursts; the median
+    burst's figures. One process's httpx client may itself limit a burst: more spread the client's
+    work over cores, its requests still sent together."""
+    if clients == 1:
+        rounds = asyncio.run(client_rounds(url, list(range(n)), stream, max_tokens, seeded))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        barrier, out = ctx.Barrier(clients), ctx.Queue()
+        procs = [ctx.Process(target=client_process, args=(url, list(range(c, n, clients)), stream, max_tokens,
+                                                          seeded, barrier, out)) for c in range(clients)]
+        for proc in procs:
+            proc.start()
+        shares = [out.get(timeout=900) for _ in procs]
+        for proc in procs:
+            proc.join()
+        rounds = [([r for share in shares for r in share[k][0]], min(share[k][1] for share in shares),
+                   max(share[k][2] for share in shares)) for k in range(ROUNDS)]
+    return median_round([summary(results, end - start, {}) for results, start, end in rounds])
 
 
 def handle_burst(handle, n: int, max_tokens: int) -> dict:
@@ -183,20 +214,21 @@ def spied(recorder) -> None:
         print("py-spy:", recorder.communicate(timeout=60)[0][-1500:], flush=True)
 
 
-def load(url: str, n: int, max_tokens: int, profile_pid: int | None = None, profile_out: str = "") -> dict:
+def load(url: str, n: int, max_tokens: int, profile_pid: int | None = None, profile_out: str = "",
+         clients: int = 1) -> dict:
     """Seeded requests (as OpenAI clients often send) streamed and not, then unseeded ones not streamed.
     With `profile_pid`, py-spy samples that process: only the thread holding the GIL through the streamed
     burst (`<profile_out>-gil.txt`: which thread the interpreter serves, and whether it is ever free), and
     every thread, idle or not, through the unary burst (`<profile_out>.txt`)."""
     root = profile_out.removesuffix(".txt")
     recorder = spy(profile_pid, root + "-gil.txt", "--gil")
-    streamed = asyncio.run(concurrent(url, n, True, max_tokens))
+    streamed = concurrent(url, n, True, max_tokens, clients=clients)
     spied(recorder)
     recorder = spy(profile_pid, root + ".txt", "--idle")
-    unary = asyncio.run(concurrent(url, n, False, max_tokens))
+    unary = concurrent(url, n, False, max_tokens, clients=clients)
     spied(recorder)
-    unseeded = asyncio.run(concurrent(url, n, False, max_tokens, seeded=False))
-    return {"requests": n, "max_tokens": max_tokens, "streaming": streamed, "non_streaming": unary,
+    unseeded = concurrent(url, n, False, max_tokens, seeded=False, clients=clients)
+    return {"requests": n, "max_tokens": max_tokens, "clients": clients, "streaming": streamed, "non_streaming": unary,
             "non_streaming_unseeded": unseeded,
             "streaming_over_non_streaming_wall": streamed["wall_s"] / unary["wall_s"],
             "streaming_over_non_streaming_p50_latency": streamed["latency_s"]["p50"] / unary["latency_s"]["p50"]}
@@ -305,6 +337,7 @@ def main() -> None:
     ap.add_argument("--recovery-timeout", type=float, default=240)
     ap.add_argument("--tp", type=int, default=2, help="the replica's TP size (1: one GPU, no failover step)")
     ap.add_argument("--profile", action="store_true", help="py-spy on the replica during the unary burst")
+    ap.add_argument("--clients", type=int, default=1, help="HTTP client processes sharing each burst")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
     max_tokens = a.max_tokens or (16 if a.cpu else 128)
@@ -324,7 +357,7 @@ def main() -> None:
     replica = next(r["pid"] for r in result["ranks"] if r["rank"] == 0) if a.profile else None
     steps = [("smoke", lambda: smoke(url)),
              ("load", lambda: load(url, a.requests, max_tokens, replica,
-                                   os.path.join(a.out, f"pyspy-replica-tp{a.tp}.txt"))),
+                                   os.path.join(a.out, f"pyspy-replica-tp{a.tp}.txt"), a.clients)),
              ("handle", lambda: handle_burst(handle, a.requests, max_tokens))]
     if a.tp > 1:
         steps.append(("failover", lambda: failover(url, handle, 4 * max_tokens, a.recovery_timeout)))
