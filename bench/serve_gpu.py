@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
 from bench.output import write  # noqa: E402
-from bench.soak import PROMPTS, one, summary  # noqa: E402
+from bench.soak import TEMPERATURE, one, prompt, summary  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -172,15 +172,9 @@ def concurrent(url: str, n: int, stream: bool, max_tokens: int, seeded: bool = T
     if clients == 1:
         rounds = asyncio.run(client_rounds(url, list(range(n)), stream, max_tokens, seeded))
     else:
-        ctx = multiprocessing.get_context("spawn")
-        barrier, out = ctx.Barrier(clients), ctx.Queue()
-        procs = [ctx.Process(target=client_process, args=(url, list(range(c, n, clients)), stream, max_tokens,
-                                                          seeded, barrier, out)) for c in range(clients)]
-        for proc in procs:
-            proc.start()
-        shares = [out.get(timeout=900) for _ in procs]
-        for proc in procs:
-            proc.join()
+        barrier = multiprocessing.get_context("spawn").Barrier(clients)
+        shares = in_children(client_process, [(url, list(range(c, n, clients)), stream, max_tokens, seeded, barrier)
+                                              for c in range(clients)])
         rounds = [([r for share in shares for r in share[k][0]], min(share[k][1] for share in shares),
                    max(share[k][2] for share in shares)) for k in range(ROUNDS)]
     return median_round([summary(results, end - start, {}) for results, start, end in rounds])
@@ -190,8 +184,8 @@ def handle_burst(handle, n: int, max_tokens: int) -> dict:
     """The seeded burst through the deployment's Python handle (`handle.generate.remote`): Serve's router
     and the replica without HTTP, the proxy or the client's JSON; after a warm-up burst of 4 tokens."""
     def burst(tokens: int) -> int:
-        calls = [handle.generate.remote(PROMPTS[i % len(PROMPTS)] + f" #{i}", max_new_tokens=tokens, do_sample=True,
-                                        temperature=0.7, seed=i) for i in range(n)]
+        calls = [handle.generate.remote(prompt(i), max_new_tokens=tokens, do_sample=True, temperature=TEMPERATURE,
+                                        seed=i) for i in range(n)]
         return sum(len(call.result(timeout_s=300)["token_ids"]) for call in calls)
     burst(4)
     return timed_rounds(lambda: burst(max_tokens), n, max_tokens)
@@ -249,30 +243,40 @@ def engine_alone(ckpt: str, n: int, max_tokens: int, out) -> None:
     opened = open_any(ckpt, None, 0, 1)
     engine = load_engine(opened, config, device=torch.device("cuda", 0))
     tokenizer, eos = opened.tokenizer(), tuple(token_list(opened.generation_config().eos_token_id))
-    prompts = [tokenizer(PROMPTS[i % len(PROMPTS)] + f" #{i}")["input_ids"] for i in range(n)]
+    prompts = [tokenizer(prompt(i))["input_ids"] for i in range(n)]
 
     def burst(tokens: int) -> int:
-        params = [SamplingParams.build(max_new_tokens=tokens, do_sample=True, temperature=0.7, seed=i,
+        params = [SamplingParams.build(max_new_tokens=tokens, do_sample=True, temperature=TEMPERATURE, seed=i,
                                        stop_token_ids=eos) for i in range(n)]
         return sum(len(o.outputs[0].token_ids) for o in engine.generate(prompts, params))
     burst(4)                                              # as the HTTP bursts' warm-up
     out.put(timed_rounds(lambda: burst(max_tokens), n, max_tokens))
 
 
-def in_child(target, *args) -> dict:
-    """`target(*args, queue)` in a spawned process (this driver keeps no GPU memory); what it put."""
+def in_children(target, arg_lists: list[tuple]) -> list:
+    """`target(*args, queue)` for each args in a spawned process of its own, at once; what each put (in
+    the order they put it). A child that exits without putting ends the wait with an error, not a hang."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=target, args=(*args, queue))
-    child.start()
-    while child.is_alive() or not queue.empty():
+    children = [ctx.Process(target=target, args=(*args, queue)) for args in arg_lists]
+    for child in children:
+        child.start()
+    results = []
+    while len(results) < len(children):
         try:
-            result = queue.get(timeout=5)
+            results.append(queue.get(timeout=5))
         except Empty:
-            continue
+            if sum(not c.is_alive() for c in children) > len(results) and queue.empty():
+                codes = [c.exitcode for c in children]
+                raise RuntimeError(f"{target.__name__}: a child exited without a result (exit codes {codes})")
+    for child in children:
         child.join()
-        return result
-    raise RuntimeError(f"{target.__name__} exited ({child.exitcode}) without a result")
+    return results
+
+
+def in_child(target, *args) -> dict:
+    """`target(*args, queue)` in a spawned process (this driver keeps no GPU memory); what it put."""
+    return in_children(target, [args])[0]
 
 
 def follower_pid(handle) -> int:

@@ -29,10 +29,18 @@ PROMPTS = ["DeepSpeed is", "Ray Serve scales", "The quick brown fox", "Once upon
            "Tensor parallelism splits", "A", "Paged attention keeps the KV cache in blocks of tokens"]
 
 
+TEMPERATURE = 0.7
+
+
+def prompt(i: int) -> str:
+    """Request i's prompt (every burst of the Serve benchmarks sends the same ones)."""
+    return PROMPTS[i % len(PROMPTS)] + f" #{i}"
+
+
 async def one(http: httpx.AsyncClient, i: int, stream: bool, max_tokens: int, seeded: bool = True) -> dict:
     """One completion (temperature 0.7, seed i unless not `seeded`); its outcome, latency, time to first
     token (streamed) and output tokens."""
-    body = {"prompt": PROMPTS[i % len(PROMPTS)] + f" #{i}", "max_tokens": max_tokens, "temperature": 0.7,
+    body = {"prompt": prompt(i), "max_tokens": max_tokens, "temperature": TEMPERATURE,
             "seed": i if seeded else None, "stream": stream,
             "stream_options": {"include_usage": True} if stream else None}
     start, ttft = time.perf_counter(), None

@@ -218,8 +218,12 @@ def time_in_graph(launch, copies: int, reps: int = 32) -> float:
 def _untuned(m: int, n: int, k: int, bits: int, group: int, float_weights: bool) -> "Tile | str":
     """The choice without timing: cuBLAS for float weights past FMA_MAX_ROWS rows or under
     TUNE_MIN_BYTES, else the heuristic tile."""
-    small = n * k * bits // 8 < TUNE_MIN_BYTES
-    return CUBLAS if float_weights and (m > FMA_MAX_ROWS or small) else pick_tile(m, n, k, bits, group)
+    return CUBLAS if float_weights and (m > FMA_MAX_ROWS or _small(n, k, bits)) else pick_tile(m, n, k, bits, group)
+
+
+def _small(n: int, k: int, bits: int) -> bool:
+    """Whether an [n, k] weight of `bits` is under TUNE_MIN_BYTES (never timed)."""
+    return n * k * bits // 8 < TUNE_MIN_BYTES
 
 
 def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, group_size: int | None,
@@ -246,7 +250,7 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
     if cached is not None:
         return cached
     if not _window or os.environ.get("RAYSPEED_GEMV_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing() \
-            or n * k * bits // 8 < TUNE_MIN_BYTES:
+            or _small(n, k, bits):
         return _untuned(m, n, k, bits, group, torch_path is not None)
     tiles = candidates(m, k, bits, group, x.dtype) or [pick_tile(m, n, k, bits, group)]   # small K: none fit
     nbytes = weight.numel() * weight.element_size()
