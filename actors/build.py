@@ -32,6 +32,7 @@ def build_engine(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], config,
     with torch.device(device):
         model = CausalLM(spec, config.compute_dtype(device), tp, config.weight_quant())
     load_weights(model, weight_policy or policy, tensors, total=num_tensors, progress=progress)
+    model.quantize_head()
     return LLMEngine(model.eval(), config, device)
 
 

@@ -195,6 +195,20 @@ def block_linear_bytes(engine) -> int:
                if name.rsplit(".", 1)[-1] in ("weight", "qweight", "scales") and "norm" not in name)
 
 
+def head_copy_bytes(engine) -> int:
+    """Bytes of the LM head's quantized copy (quant.lm_head), 0 without one."""
+    model = engine.backend.runner.model
+    return sum(t.numel() * t.element_size() for t in (model.head_qweight, model.head_scales) if t is not None)
+
+
+def dtype_args(variant: str) -> dict:
+    """init_inference's arguments for a --dtypes entry: a dtype, or a quantized one + "head"."""
+    dtype, _, head = variant.partition("+")
+    if head not in ("", "head") or (head and dtype not in ("int8", "int4")):
+        raise SystemExit(f"--dtypes: unknown variant {variant!r}")
+    return {"dtype": dtype, **({"quant": {"lm_head": {"enabled": True}}} if head else {})}
+
+
 def quality_vs(reference, engine, vocab: int) -> dict:
     """Logits error and greedy agreement of `engine` against the fp16 `reference` engine."""
     ids = prompts(8, vocab, 99)
@@ -240,7 +254,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["neo", "llama"], default="neo")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--dtypes", default="float16", help="comma list of float16, bfloat16, int8, int4")
+    ap.add_argument("--dtypes", default="float16",
+                    help="comma list of float16, bfloat16, int8, int4; int8+head, int4+head: with the LM head's "
+                         "quantized copy (quant.lm_head)")
     ap.add_argument("--concurrent", type=int, default=0, help="also time this many requests in flight (fp16)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF eager timings")
     ap.add_argument("--tag", default="")
@@ -264,9 +280,11 @@ def main() -> None:
     reference = None
     for dtype in args.dtypes.split(","):
         t = time.perf_counter()
-        engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, kv_cache_blocks=KV_BLOCKS[args.model],
-                                         max_num_seqs=max(64, args.concurrent), max_out_tokens=max(1024, PROMPT + NEW))
+        engine = rayspeed.init_inference(hf, **dtype_args(dtype), replace_with_kernel_inject=True,
+                                         kv_cache_blocks=KV_BLOCKS[args.model], max_num_seqs=max(64, args.concurrent),
+                                         max_out_tokens=max(1024, PROMPT + NEW))
         row = {"load_s": time.perf_counter() - t, "block_linear_gb": block_linear_bytes(engine) / 1e9,
+               "head_copy_gb": head_copy_bytes(engine) / 1e9,
                "prefill_512_ms": None if long_context else prefill_ms(engine, vocab), "batches": {}}
         if long_context:
             pass
@@ -276,7 +294,7 @@ def main() -> None:
             reference = engine
         else:
             row["quality"] = quality_vs(reference, engine, vocab) if reference is not None else None
-            if dtype in ("int8", "int4") and reference is not None:
+            if dtype_args(dtype)["dtype"] in ("int8", "int4") and reference is not None:
                 row["matmul_rel_err_vs_fp32"] = matmul_errors(engine, reference)
         for batch in batches:
             ms, first = decode_ms(rs_run(engine), batch, vocab, lists=True)

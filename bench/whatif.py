@@ -4,13 +4,15 @@ The default variants are upper bounds, not results: the norm kernels or the atte
 swapped for identities (the numbers they compute are wrong, the kernels around them the same).
 "unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
 reduction kernel after them); "table" (with --table PATH) looks the products' tiles up in another
-gemv table (bench/tune.py --refine-rows writes one) before the shipped one; --configs compares
+gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "float head" (with a
+`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG) instead, at the context --context.
 
     python3 bench/whatif.py --dtypes int8,float16,int4 [--batch 1] [--context 38] [--out bench/results]
     python3 bench/whatif.py --variants "as built,unsplit" --dtypes int4 --context 100
     python3 bench/whatif.py --configs "64,early,4 64,early-l2,4" --context 150
     python3 bench/whatif.py --variants "as built,table" --table /tmp/refined/<GPU table>.json --dtypes int4
+    python3 bench/whatif.py --variants "as built,float head" --dtypes int8+head,int4+head --context 130
 """
 import argparse
 import json
@@ -28,7 +30,7 @@ import rayspeed  # noqa: E402
 import kernels.block as block  # noqa: E402
 import kernels.gemv_tuner as gemv_tuner  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
-from bench.decode import build, commit  # noqa: E402
+from bench.decode import build, commit, dtype_args  # noqa: E402
 from bench.output import write  # noqa: E402
 from bench.step_breakdown import replay_ms  # noqa: E402
 
@@ -51,7 +53,8 @@ def unsplit_tile(x, *args, **kwargs):
 
 
 VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"attention": no_attention},
-            "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile}}
+            "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile},
+            "float head": {"float_head": True}}
 
 
 def table_choices(path: str) -> gemv_tuner._Choices:
@@ -63,9 +66,14 @@ def table_choices(path: str) -> gemv_tuner._Choices:
     return choices
 
 
-def use(norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
-        choices=REAL_CHOICES) -> None:
+def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
+        choices=REAL_CHOICES, float_head: bool = False) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    if model is not None and model.head_quant is not None:    # the quantized head copy, hidden or back
+        if float_head and model.head_qweight is not None:
+            model.hidden_head, model.head_qweight = model.head_qweight, None
+        elif not float_head and model.head_qweight is None:
+            model.head_qweight = model.hidden_head
     gemv_tuner._choices = choices
     if config:
         os.environ["RAYSPEED_DECODE_CONFIG"] = config
@@ -89,7 +97,7 @@ def main() -> None:
     hf = build("neo")
     rows = {}
     for name in args.dtypes.split(","):
-        engine = rayspeed.init_inference(hf, dtype=name, replace_with_kernel_inject=True, kv_cache_blocks=1024,
+        engine = rayspeed.init_inference(hf, **dtype_args(name), replace_with_kernel_inject=True, kv_cache_blocks=1024,
                                          max_num_seqs=max(8, args.batch)).backend
         params = SamplingParams(max_new_tokens=900, ignore_eos=True)
         seqs = [engine.add_request(list(range(100 + i, 132 + i)), params) for i in range(args.batch)]
@@ -100,10 +108,10 @@ def main() -> None:
         times = {v: [] for v in variants}
         for _ in range(args.rounds):
             for variant, patches in variants.items():
-                use(**patches)
+                use(engine.runner.model, **patches)
                 engine.runner.capture_cudagraphs(engine.config.max_num_seqs, engine.max_seq_len)
                 times[variant].append(replay_ms(engine.runner, seqs, iters=200))
-        use()
+        use(engine.runner.model)
         rows[name] = {v: statistics.median(t) for v, t in times.items()}
         rows[name]["all"] = times
         print(name, json.dumps({v: round(t, 4) for v, t in rows[name].items() if v != "all"}), flush=True)

@@ -65,13 +65,21 @@ class QKVQuantConfig(BaseModel):
     enabled: bool = Field(True, description="quantize the fused QKV projection too")
 
 
+class LMHeadQuantConfig(BaseModel):
+    """Ours: an int8/int4 copy of the LM head (kernels/model.py `CausalLM.quantize_head`)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    enabled: bool = Field(False, description="compute the logits from a copy of the LM head quantized like the "
+                          "block linears (the float head stays: tied, it is the embedding table)")
+
+
 class QuantConfig(BaseModel):
-    """DeepSpeed's `quant={...}`; `activation_dtype` (ours) overrides the compute dtype."""
+    """DeepSpeed's `quant={...}`; `activation_dtype` and `lm_head` are ours."""
     model_config = ConfigDict(frozen=True, extra="forbid")
     enabled: bool = True
     weight: WeightQuantConfig = Field(default_factory=WeightQuantConfig)
     activation: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig)
     qkv: QKVQuantConfig = Field(default_factory=QKVQuantConfig)
+    lm_head: LMHeadQuantConfig = Field(default_factory=LMHeadQuantConfig)
     activation_dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
         None, description="compute dtype of a quantized model (default: float16 on CUDA, float32 on CPU)")
 
@@ -182,7 +190,7 @@ class InferenceConfig(BaseModel):
         quant = self.quant if self.quant is not None and self.quant.enabled else None
         if self.dtype not in _QUANTIZED:
             for name, used in (("quantization_setting", self.quantization_setting is not None),
-                               ("quant", quant is not None and quant.weight.enabled)):
+                               ("quant", quant is not None and (quant.weight.enabled or quant.lm_head.enabled))):
                 if used:
                     raise ValueError(f"{name} quantizes weights: it needs dtype=torch.int8 (or 'int4'), "
                                      f"got dtype={self.dtype}")
@@ -211,7 +219,7 @@ class InferenceConfig(BaseModel):
             raise ValueError("int4 quantizes in K-groups of quant.weight.group_size (default 128); MoQ row "
                              "groups are for int8")
         group_size = weight.group_size or (128 if bits == 4 else None)
-        return QuantSpec(bits, group_size, groups, extra, quant.qkv.enabled)
+        return QuantSpec(bits, group_size, groups, extra, quant.qkv.enabled, quant.lm_head.enabled)
 
     @property
     def weight_bits(self) -> int | None:

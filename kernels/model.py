@@ -3,6 +3,11 @@
 Embeddings and the LM head are replicated on every rank (simple, and the vocab of the models we
 serve is small next to their blocks); the blocks are tensor-parallel.
 
+A quantized model with `quant.lm_head` also holds an int8/int4 copy of the LM head (`quantize_head`)
+and takes every step's logits from it: at batch 1 the head is a tenth of an int8 GPT-Neo 2.7B's
+weight bytes. The float head stays (tied, it is the embedding table; it is also what checkpoints
+save), so the copy costs memory while it saves bandwidth.
+
 The LM head's rows (the embedding's, when tied) sit in storage padded to a multiple of 64 rows with
 zeros: the parameter is the first `vocab` rows, as checkpoints have it, and on CUDA the LM head
 multiplies the padded matrix and drops the extra logits. cuBLAS picks an unaligned (align1) kernel
@@ -20,7 +25,7 @@ from kernels.dispatch import use_triton
 from kernels.embedding import embed
 from kernels.gemv_tuner import streamed_linear
 from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
-from kernels.quant import QuantSpec
+from kernels.quant import QuantSpec, quant_linear
 from kernels.spec import ModelSpec
 
 
@@ -79,6 +84,11 @@ class CausalLM(nn.Module):
         self.lm_head = _replicated(spec.vocab_size, width, dtype=dtype, present=not spec.tie_word_embeddings,
                                    padded=True)
         self.lm_head_bias = _replicated(spec.vocab_size, dtype=dtype, present=spec.lm_head_bias, padded=True)
+        self.head_quant = quant.for_head() if quant is not None and quant.lm_head else None
+        if self.head_quant is not None:
+            self.head_quant.check("lm_head", [], width)
+        self.register_buffer("head_qweight", None, persistent=False)      # `quantize_head`
+        self.register_buffer("head_scales", None, persistent=False)
         # checkpoint tensors that may target nothing here: a tied LM head is the embedding; a final
         # norm the family drops (OPT's `_remove_final_layer_norm`)
         self.optional_targets = ({"lm_head"} if spec.tie_word_embeddings else set()) | \
@@ -105,12 +115,38 @@ class CausalLM(nn.Module):
             return self.norm.add(x, pending)[0]
         return x if pending is None else x + pending
 
+    def quantize_head(self, rows_at_once: int = 8192) -> None:
+        """With `quant.lm_head`: quantize the loaded LM head (its padded rows, `with_padding`) into
+        `head_qweight` / `head_scales`, `rows_at_once` rows at a time (a bounded fp32 transient)."""
+        if self.head_quant is None:
+            return
+        weight = with_padding(self.embed.weight if self.lm_head is None else self.lm_head)
+        parts = [self.head_quant.quantize(weight[i:i + rows_at_once], weight.dtype)
+                 for i in range(0, weight.shape[0], rows_at_once)]
+        self.head_qweight = torch.cat([q for q, _ in parts])
+        self.head_scales = torch.cat([s for _, s in parts])
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[tokens, hidden] -> fp32 logits [tokens, vocab]."""
         if self.project_out is not None:
             hidden = F.linear(hidden, self.project_out)
         weight = self.embed.weight if self.lm_head is None else self.lm_head
+        if self.head_qweight is not None:
+            return quantized_head_logits(hidden, self.head_qweight, self.head_scales, self.head_quant,
+                                         self.lm_head_bias, weight.shape[0])
         return lm_head_logits(hidden, weight, self.lm_head_bias, padded=hidden.is_cuda)
+
+
+def quantized_head_logits(hidden: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, quant: QuantSpec,
+                          bias: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """`lm_head_logits` from the quantized padded head: the streaming kernels below
+    DEQUANT_MIN_ROWS rows, a transient float copy and cuBLAS above (`quant_linear`), as the blocks'
+    linears; on CPU the torch reference."""
+    if bias is not None:
+        bias = with_padding(bias)
+        bias = bias if bias.shape[0] == qweight.shape[0] else F.pad(bias[:vocab], (0, qweight.shape[0] - vocab))
+    logits = quant_linear(hidden, qweight, scales, quant.bits, quant.k_group(hidden.shape[-1]), bias)
+    return logits[:, :vocab].float().contiguous()
 
 
 def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -14,6 +14,10 @@ group, stored expanded per row: group_size = K and scales [N, 1], rows of one gr
 The "matrix" is each logical part as this rank loads it: q, k, v (and gate, up) separately, each its
 rank's shard; the MLP's linears use twice the groups with `mlp_extra_grouping`. Without row groups
 int8 has one scale per row (or per (row, K-group) with `group_size`); int4 always uses K-groups.
+
+With `lm_head`, the model also keeps a copy of its LM head in this format (`for_head`: MoQ's row
+groups do not apply, so int8 scales it per row or per K-group), built from the float head after
+loading (kernels/model.py); checkpoints never store it.
 """
 from dataclasses import asdict, dataclass, replace
 
@@ -35,6 +39,7 @@ class QuantSpec:
     row_groups: int | None = None       # int8 MoQ: groups of output rows per part; None: one per row
     mlp_extra_grouping: bool = False
     quantize_qkv: bool = True
+    lm_head: bool = False               # also a quantized copy of the LM head (not part of the stored format)
 
     def __post_init__(self):
         if self.bits not in QMAX:
@@ -47,6 +52,10 @@ class QuantSpec:
         if self.mlp_extra_grouping and self.row_groups:
             return replace(self, row_groups=2 * self.row_groups, mlp_extra_grouping=False)
         return self
+
+    def for_head(self) -> "QuantSpec":
+        """The LM head copy's spec: the blocks' bits and K-groups, a scale per row rather than MoQ's row groups."""
+        return replace(self, row_groups=None, mlp_extra_grouping=False)
 
     def k_group(self, k: int) -> int:
         return self.group_size or k
@@ -79,7 +88,8 @@ class QuantSpec:
         return quantize(w, self.bits, self.k_group(w.shape[1]), scale_dtype)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored format of the block linears (what a pre-quantized checkpoint records)."""
+        return {k: v for k, v in asdict(self).items() if k != "lm_head"}
 
 
 def _divisor_below(k: int, limit: int) -> int:

@@ -122,6 +122,33 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(family, dtype, monk
     assert tokens() == expected
 
 
+@pytest.mark.parametrize("dtype, group", [("int8", None), ("int4", 32)])
+def test_quantized_lm_head_streams_and_dequantizes_like_its_reference(dtype, group):
+    """quant.lm_head on the GPU: decode rows stream the head's quantized copy through the tuned kernels,
+    many rows dequantize it for cuBLAS; both equal the dequantized head in fp32, and graphs with
+    run-ahead give the eager lockstep engine's tokens."""
+    from kernels.quant import dequantize
+    hf = tiny_model("gpt_neo")
+    quant = {"lm_head": {"enabled": True}, **({"weight": {"group_size": group}} if group else {})}
+
+    def engine(**config):
+        return rayspeed.init_inference(hf, dtype=dtype, quant=quant, replace_with_kernel_inject=True, device="cuda",
+                                       max_num_seqs=8, **config)
+
+    eager = engine(enable_cuda_graph=False, run_ahead=False)
+    expected = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)]
+    graphed = engine()
+    assert [o.outputs[0].token_ids for o in graphed.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)] == expected
+    model = graphed.backend.model
+    width, vocab = model.spec.embed_dim, model.spec.vocab_size
+    head = dequantize(model.head_qweight, model.head_scales, model.head_quant.bits,
+                      model.head_quant.k_group(width), torch.float32)[:vocab]
+    for rows in (1, 8, 300):
+        h = torch.randn(rows, width, device="cuda", dtype=torch.float16)
+        ref = h.float() @ head.T
+        assert ((model.compute_logits(h) - ref).norm() / ref.norm()).item() < 2e-3
+
+
 def test_prefill_graph_logits_equal_eager_logits():
     """The padded graph replay returns each prompt's last-token logits as the eager forward does (to
     rounding: cuBLAS may pick another algorithm for the padded row count); fed from host arrays

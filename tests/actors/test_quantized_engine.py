@@ -156,3 +156,48 @@ def test_float_sharded_checkpoint_quantizes_on_load(tmp_path):
     loaded = rayspeed.init_inference(checkpoint=str(tmp_path / "ds_inference_config.json"), dtype=torch.int8,
                                      **INJECT)
     assert torch.equal(loaded.module(ids).logits, direct.module(ids).logits)
+
+
+HEAD = {"int8": dict(dtype=torch.int8, quant={"lm_head": {"enabled": True}}),
+        "int4": dict(dtype="int4", quant={"weight": {"group_size": 32}, "lm_head": {"enabled": True}})}
+
+
+@pytest.mark.parametrize("bits", HEAD)
+def test_quantized_lm_head(hf, bits):
+    """quant.lm_head: the logits come from the head's quantized copy (padded rows, zeros past the vocab),
+    for one row (the streaming path) and many; the float head and the blocks are unchanged."""
+    ids = inputs()
+    with torch.no_grad():
+        expected = hf(ids).logits
+    plain = rayspeed.init_inference(hf, **INJECT, **{**HEAD[bits], "quant": {**HEAD[bits]["quant"], "lm_head": {}}})
+    engine = rayspeed.init_inference(hf, **INJECT, **HEAD[bits])
+    model = engine.backend.model
+    vocab, width = hf.config.vocab_size, model.spec.embed_dim
+    assert model.head_qweight.shape == (-(-vocab // 64) * 64, width // (2 if bits == "int4" else 1))
+    assert not model.head_qweight[vocab:].any() if bits == "int8" else (model.head_qweight[vocab:] == 0x88).all()
+    assert not any("head_q" in n or "head_scales" in n for n in model.state_dict())     # never saved
+    q = model.head_quant
+    head = dequantize(model.head_qweight, model.head_scales, q.bits, q.k_group(width))[:vocab]
+    for rows in (1, 40):
+        h = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+        assert rel_err(model.compute_logits(h), h @ head.T) < 1e-5
+    got = engine.module(ids).logits
+    max_err, top1 = BOUNDS[bits]
+    assert rel_err(got, expected) < max_err
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= top1
+    assert 0 < rel_err(got, plain.module(ids).logits) < max_err                        # the head's rounding
+    out = engine.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].outputs[0].token_ids
+    assert len(out) == 4
+
+
+def test_quantized_lm_head_needs_a_quantized_dtype_and_is_not_stored(tmp_path):
+    with pytest.raises(rayspeed.ConfigError, match="quant quantizes weights: it needs dtype=torch.int8"):
+        rayspeed.init_inference(tiny_model("gpt2"), dtype=torch.float16, quant={"lm_head": {"enabled": True}},
+                                **INJECT)
+    hf, ids = tiny_model("llama"), inputs()
+    engine = rayspeed.init_inference(hf, save_mp_checkpoint_path=str(tmp_path), **INJECT, **HEAD["int8"])
+    description = str(tmp_path / "ds_inference_config.json")
+    reloaded = rayspeed.init_inference(checkpoint=description, **INJECT, **HEAD["int8"])
+    assert torch.equal(reloaded.module(ids).logits, engine.module(ids).logits)          # rebuilt from the float head
+    without = rayspeed.init_inference(checkpoint=description, dtype=torch.int8, **INJECT)   # same stored format
+    assert without.backend.model.head_qweight is None

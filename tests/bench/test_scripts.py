@@ -26,3 +26,12 @@ def test_write_names_the_file_by_device_date_and_name(tmp_path, capsys):
     assert f"wrote {path}" in capsys.readouterr().out
     assert write({"date": "2026-11-27"}, str(tmp_path), "host").endswith("/cpu-2026-11-27-host.json")
     assert write(gpu, str(tmp_path), "serve-tp2", device="NVIDIA H200x2").endswith("/NVIDIA-H200x2-2026-11-27-serve-tp2.json")
+
+
+def test_decode_dtype_variants():
+    from bench.decode import dtype_args
+    assert dtype_args("float16") == {"dtype": "float16"}
+    assert dtype_args("int8+head") == {"dtype": "int8", "quant": {"lm_head": {"enabled": True}}}
+    for bad in ("float16+head", "int8+tail"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            dtype_args(bad)
