@@ -10,6 +10,7 @@ Writes <out>/<device>-<date>-<model>.json with the device, commit and date.
 import argparse
 import datetime
 import fcntl
+import gc
 import json
 import os
 import statistics
@@ -315,7 +316,9 @@ def main() -> None:
         if engine is not reference:
             engine.shutdown()
             del engine
+        gc.collect()                            # whatever cycles still hold an engine's KV cache and graphs
         torch.cuda.empty_cache()
+        print(f"after {dtype}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
 
 
 def merge_tuned_table(device: str, out: str) -> int:
