@@ -5,7 +5,9 @@ swapped for identities (the numbers they compute are wrong, the kernels around t
 "unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
 reduction kernel after them); "table" (with --table PATH) looks the products' tiles up in another
 gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "float head" (with a
-`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; --configs compares
+`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; "out whole",
+"out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
+programs ask the L2 for before their PDL wait (`l2_by_role`); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG) instead, at the context --context.
 
     python3 bench/whatif.py --dtypes int8,float16,int4 [--batch 1] [--context 38] [--out bench/results]
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
 import kernels.block as block  # noqa: E402
+import kernels.gemv as gemv  # noqa: E402
 import kernels.gemv_tuner as gemv_tuner  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit, dtype_args  # noqa: E402
@@ -35,6 +38,7 @@ from bench.output import write  # noqa: E402
 from bench.step_breakdown import replay_ms  # noqa: E402
 
 REAL_NORM, REAL_ATTENTION, REAL_TILE = block.Norm.forward, block.attention, gemv_tuner.tuned_tile
+REAL_L2 = gemv._l2_prefetch_bytes
 REAL_CHOICES = gemv_tuner._choices
 
 
@@ -52,9 +56,25 @@ def unsplit_tile(x, *args, **kwargs):
     return replace(tile, split_k=1) if few_rows and isinstance(tile, gemv_tuner.Tile) and tile.split_k > 1 else tile
 
 
+def l2_by_role(**mb):
+    """A `_l2_prefetch_bytes` asking the L2 for `mb[role]` MB (whole chunks, at most the weight) of a
+    product by its place in a block: "out" (square: the attention output projection, after attention),
+    "down" (K > N: MLP down, after MLP up), anything else as built (RAYSPEED_L2_PREFETCH_MB)."""
+    def l2_bytes(weight, bits):
+        n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
+        role = "out" if n == k else "down" if k > n else None
+        if role not in mb or REAL_L2(weight, bits) == 0:
+            return REAL_L2(weight, bits)
+        nbytes = min(int(mb[role] * 2**20), weight.numel() * weight.element_size())
+        return nbytes // gemv.L2_CHUNK * gemv.L2_CHUNK
+    return l2_bytes
+
+
 VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"attention": no_attention},
             "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile},
-            "float head": {"float_head": True}}
+            "float head": {"float_head": True},
+            "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
+            "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)}}
 
 
 def table_choices(path: str) -> gemv_tuner._Choices:
@@ -67,8 +87,9 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
-        choices=REAL_CHOICES, float_head: bool = False) -> None:
+        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    gemv._l2_prefetch_bytes = l2
     if model is not None and model.head_quant is not None:    # the quantized head copy, hidden or back
         if float_head and model.head_qweight is not None:
             model.hidden_head, model.head_qweight = model.head_qweight, None
