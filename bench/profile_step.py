@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
 from actors.sequence import SamplingParams, Sequence  # noqa: E402
-from bench.decode import build  # noqa: E402
+from bench.decode import build, dtype_args  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
                     help="steady-state decode through engine.step(): wall, GPU busy and idle a step, every op")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens of each decoding sequence")
     args = ap.parse_args()
-    engine = rayspeed.init_inference(build(args.model), dtype=args.dtype, replace_with_kernel_inject=True,
+    engine = rayspeed.init_inference(build(args.model), **dtype_args(args.dtype), replace_with_kernel_inject=True,
                                      gpu_memory_utilization=0.5).backend
     if args.prefill:
         for shape in args.prefill.split(","):
@@ -162,6 +162,30 @@ def graph_gaps(replay, args, repeats: int = 5) -> None:
                       "idle_us": statistics.median(idle)}))
     for name, us in before.most_common(args.top):
         print(f"{us:9.1f} us idle before  {name}")
+    print("a layer's kernels in order, by their place from decode attention: what each adds to the step "
+          "(its end past the latest end before it; PDL kernels start early, so their own spans overlap)")
+    for place, (name, us) in layer_increments(steps).items():
+        print(f"{place:+3d} {us:8.2f} us  {name}")
+
+
+def layer_increments(steps: list[list]) -> dict[int, tuple[str, float]]:
+    """{place from the layer's attention kernel: (kernel name, mean us it adds to the step)} over the
+    layers of every step but the first and last (their neighbours are the embedding and the LM head)."""
+    adds = collections.defaultdict(list)
+    names = {}
+    for step in steps:
+        ends, latest = [], step[0].time_range.end
+        for e in step:
+            ends.append(max(0.0, e.time_range.end - latest))
+            latest = max(latest, e.time_range.end)
+        attention = [i for i, e in enumerate(step) if "decode_kernel" in e.name]
+        for a, b in zip(attention[1:-1], attention[2:]):      # from one layer's attention to the next's
+            period = b - a
+            for place in range(period):                       # the first half after a, the rest before b
+                offset = place if place < period // 2 else place - period
+                adds[offset].append(ends[a + place])
+                names[offset] = step[a + place].name[:60]
+    return {o: (names[o], statistics.mean(v)) for o, v in sorted(adds.items())}
 
 
 def profile_prefill(engine, batch: int, length: int, args) -> None:
