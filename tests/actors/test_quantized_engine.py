@@ -201,3 +201,22 @@ def test_quantized_lm_head_needs_a_quantized_dtype_and_is_not_stored(tmp_path):
     assert torch.equal(reloaded.module(ids).logits, engine.module(ids).logits)          # rebuilt from the float head
     without = rayspeed.init_inference(checkpoint=description, dtype=torch.int8, **INJECT)   # same stored format
     assert without.backend.model.head_qweight is None
+
+
+@pytest.mark.parametrize("family", ["gptj", "opt_post"])
+def test_quantized_lm_head_with_a_bias_or_a_narrower_embedding(family):
+    """GPT-J's head adds a bias (padded with the copy's rows); OPT-350m's multiplies the embedding
+    width (48), after projecting the hidden state (64) down."""
+    hf, ids = tiny_model(family), inputs()
+    with torch.no_grad():
+        expected = hf(ids).logits
+    engine = rayspeed.init_inference(hf, **INJECT, **HEAD["int8"])
+    model = engine.backend.model
+    vocab, width = model.spec.vocab_size, model.spec.embed_dim
+    assert (model.lm_head_bias if family == "gptj" else model.project_out) is not None
+    head = dequantize(model.head_qweight, model.head_scales, 8, width)[:vocab]
+    h = torch.randn(3, model.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    projected = h if model.project_out is None else h @ model.project_out.T
+    bias = 0 if model.lm_head_bias is None else model.lm_head_bias
+    assert rel_err(model.compute_logits(h), projected @ head.T + bias) < 1e-5
+    assert rel_err(engine.module(ids).logits, expected) < BOUNDS["int8"][0]
