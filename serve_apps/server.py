@@ -20,7 +20,7 @@ from actors.engine_loop import SAMPLING_EPS, join_runs
 from actors.sequence import RequestError, SamplingParams
 from cluster.generation import token_list
 from serve_apps.protocol import ChatRequest, CompletionRequest, SamplingFields, new_id, now
-from serve_apps.text_stream import TextStream, window_decoder
+from serve_apps.text_stream import TextStream, text_encoder, window_decoder
 
 
 # A non-streamed answer needs its tokens only when a sample ends, or, to end a sample at a stop string
@@ -59,7 +59,7 @@ class LLMServer:
                  max_queued_requests: int | None = None, metrics=None, stream_interval_s: float = 0.0,
                  stream_events_per_s: float | None = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.decode = window_decoder(tokenizer)
+        self.decode, self.encode_text = window_decoder(tokenizer), text_encoder(tokenizer)
         self.eos = tuple(token_list(generation_config.eos_token_id))
         self.max_model_len = max_model_len
         self.max_queued_requests = max_queued_requests
@@ -88,9 +88,11 @@ class LLMServer:
             repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos, stop_token_ids=self.eos, n=req.n,
             logprobs=req.top_logprobs_wanted)
 
-    def encode(self, prompt) -> list[list[int]]:
+    def encode(self, prompt, special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each prompt (text, or ids as given); `special_tokens`: text gets the tokenizer's
+        special tokens (a BOS, say), as HF's `tokenizer(text)` adds them."""
         prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-        ids = [self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+        ids = [self.encode_text(p, special_tokens) if isinstance(p, str) else list(p) for p in prompts]
         for p in ids:
             if len(p) >= self.max_model_len:
                 raise RequestError(f"prompt of {len(p)} tokens leaves no room in the model's "
@@ -134,7 +136,7 @@ class LLMServer:
             raise Unsupported(f"model {self.model_name!r} has no chat template; use /v1/completions")
         messages = [m.model_dump() for m in req.messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)[0]
+        return self.encode(text, special_tokens=False)[0]     # the template writes its own BOS, as in HF
 
     def admit(self, num_prompts: int, n: int) -> "Reservation":
         """Reserve queue room for `num_prompts` x `n` sequences, or refuse: HTTP 503 while the queue is

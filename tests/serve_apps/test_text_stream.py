@@ -1,15 +1,18 @@
 """`TextStream`: token deltas -> text, incrementally. Whatever the chunking, the text equals the whole
 output's decode (byte-level BPE with random bytes, invalid UTF-8 included; a SentencePiece-style
 tokenizer whose decode drops a leading space and fuses byte-fallback tokens); stop strings cut it
-exactly; and a push decodes a bounded window, not the whole output."""
+exactly; and a push decodes a bounded window, not the whole output. `text_encoder` gives the wrapper's
+ids, and a chat prompt gets no second BOS from the tokenizer when its template writes one."""
 import random
 
 import pytest
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from serve_apps.demo_model import EOS, byte_tokenizer
-from serve_apps.text_stream import TextStream, window_decoder
+from serve_apps.protocol import ChatRequest
+from serve_apps.server import LLMServer
+from serve_apps.text_stream import TextStream, text_encoder, window_decoder
 
 
 def streamed(tokenizer, ids: list[int], sizes, stops=()) -> tuple[str, TextStream]:
@@ -103,3 +106,39 @@ def test_window_decoder_matches_the_tokenizers_decode():
     for tok in (byte_tokenizer(), sentencepiece_like()):
         ids = list(range(0, 300, 7)) + [2, 257]
         assert window_decoder(tok)(ids) == tok.decode(ids, skip_special_tokens=True)
+
+
+def with_bos(tok):
+    """`tok` whose backend adds <s> before every text (Llama's post-processor), with a chat template that
+    writes <s> itself, as Llama-2's does."""
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    return tok
+
+
+@pytest.mark.parametrize("make", [byte_tokenizer, sentencepiece_like, lambda: with_bos(sentencepiece_like())])
+def test_text_encoder_matches_the_tokenizer(make):
+    tok = make()
+    encode = text_encoder(tok)
+    assert encode.__name__ == "direct"                  # the backend's path where it agrees on the probe
+    for text in ("Hello world again", " cafés\n", "", "<s> Hello"):
+        for special in (True, False):
+            assert encode(text, special) == tok(text, add_special_tokens=special)["input_ids"]
+
+
+def test_a_disagreeing_backend_falls_back_to_the_wrapper():
+    class Lowering(transformers.PreTrainedTokenizerFast):
+        def __call__(self, text, **kwargs):             # what the backend does not know about
+            return super().__call__(text.lower(), **kwargs)
+
+    tok = Lowering(tokenizer_object=byte_tokenizer().backend_tokenizer, bos_token="<bos>", eos_token="<eos>")
+    encode = text_encoder(tok)
+    assert encode.__name__ == "wrapped" and encode("AbC") == tok("AbC")["input_ids"]
+
+
+def test_a_chat_prompt_has_one_bos():
+    tok = with_bos(sentencepiece_like())
+    server = LLMServer(None, tok, "m", transformers.GenerationConfig(eos_token_id=2), max_model_len=256)
+    ids = server.chat_prompt(ChatRequest(messages=[{"role": "user", "content": "Hello world"}]))
+    assert ids[:2] != [1, 1] and ids.count(1) == 1 and ids[0] == 1
+    assert server.encode("Hello")[0][0] == 1            # a completion's text still gets it
