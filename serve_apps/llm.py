@@ -20,7 +20,8 @@ from actors.sequence import RequestError
 from cluster.tp_group import GroupError
 from serve_apps.args import AppArgs
 from serve_apps.metrics import ServerMetrics
-from serve_apps.protocol import ChatRequest, CompletionRequest, error_json, validation_message
+from serve_apps.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_json,
+                                 validation_message)
 from serve_apps.server import OverloadedError, Unsupported, prepend, start_server
 
 api = FastAPI(title="rayspeed", docs_url=None, redoc_url=None)
@@ -88,7 +89,7 @@ class LLMDeployment:
         key = self.args.key
         return key is None or request.headers.get("authorization") == f"Bearer {key}"
 
-    async def _run(self, request: Request, body_type, unary, streaming):
+    async def _run(self, request: Request, body_type, unary, streaming=None):
         if not self._authorized(request):
             return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
         raw = await self._body(request)
@@ -97,7 +98,7 @@ class LLMDeployment:
                           "invalid_request_error")
         try:
             body = body_type.model_validate_json(raw)
-            if body.stream:
+            if streaming is not None and body.stream:
                 events = streaming(body)
                 first = await anext(events)            # errors before the first chunk get a status code
                 return StreamingResponse(_sse(prepend(first, events)), media_type="text/event-stream")
@@ -126,13 +127,34 @@ class LLMDeployment:
     async def chat_completions(self, request: Request):
         return await self._run(request, ChatRequest, self.server.chat, self.server.chat_stream)
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._run(request, TokenizeRequest, self.server.tokenize)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._run(request, DetokenizeRequest, self.server.detokenize)
+
     @api.get("/v1/models")
     async def models(self, request: Request):
         if not self._authorized(request):
             return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
-        return {"object": "list", "data": [{"id": self.server.model_name, "object": "model", "created": 0,
-                                            "owned_by": "rayspeed"}]}
+        return {"object": "list", "data": [self._model_card()]}
 
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request):
+        if not self._authorized(request):
+            return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
+        if model_id != self.server.model_name:
+            return _error(404, f"model {model_id!r} is not served here; this server serves "
+                               f"{self.server.model_name!r}", "invalid_request_error", "model")
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.server.model_name, "object": "model", "created": 0, "owned_by": "rayspeed",
+                "max_model_len": self.server.max_model_len}
+
+    @api.get("/health")                                 # vLLM's name for it
     @api.get("/healthz")
     async def healthz(self):
         try:

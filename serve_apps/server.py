@@ -19,7 +19,8 @@ from typing import AsyncIterator
 from actors.engine_loop import SAMPLING_EPS, join_runs
 from actors.sequence import RequestError, SamplingParams
 from cluster.generation import token_list
-from serve_apps.protocol import ChatRequest, CompletionRequest, SamplingFields, new_id, now
+from serve_apps.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
+                                 new_id, now)
 from serve_apps.text_stream import TextStream, text_encoder, window_decoder
 
 
@@ -132,11 +133,33 @@ class LLMServer:
                             for t in logprobs]}
 
     def chat_prompt(self, req: ChatRequest) -> list[int]:
+        return self.encode(self.chat_text(req.messages), special_tokens=False)[0]   # the template writes its BOS
+
+    def chat_text(self, messages, generation_prompt: bool = True) -> str:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise Unsupported(f"model {self.model_name!r} has no chat template; use /v1/completions")
-        messages = [m.model_dump() for m in req.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text, special_tokens=False)[0]     # the template writes its own BOS, as in HF
+        return self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    # -- /tokenize and /detokenize (vLLM's) ------------------------------------------------------
+
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        """Token ids as a completion (prompt) or a chat completion (messages) would see them; no length limit."""
+        self.check_model(req.model)
+        if req.messages is not None:
+            ids = self.encode_text(self.chat_text(req.messages, req.add_generation_prompt), bool(req.add_special_tokens))
+        else:
+            ids = self.encode_text(req.prompt, req.add_special_tokens is not False)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        """The text of token ids, special tokens included; ids the tokenizer lacks (a model's vocabulary
+        may be padded past it) read as nothing, as in generated text."""
+        self.check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < 2**31), None)
+        if bad is not None:
+            raise RequestError(f"tokens: {bad} is not a token id (0 to 2**31 - 1)")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     def admit(self, num_prompts: int, n: int) -> "Reservation":
         """Reserve queue room for `num_prompts` x `n` sequences, or refuse: HTTP 503 while the queue is

@@ -158,13 +158,16 @@ def test_wrong_routes_and_methods_answer_in_openai_shape(url, http, method, rout
 
 @pytest.mark.parametrize("method, route, body", [
     ("GET", "/v1/models", None),
+    ("GET", f"/v1/models/{MODEL_NAME}", None),
+    ("POST", "/tokenize", {"prompt": "x"}),
+    ("POST", "/detokenize", {"tokens": [72]}),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": True}),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                                       "stream": True}),
 ])
-def test_every_v1_route_needs_the_api_key(url, method, route, body):
+def test_every_api_route_needs_the_api_key(url, method, route, body):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         reply = httpx.request(method, url + route, json=body, headers=headers, timeout=30)
         assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"

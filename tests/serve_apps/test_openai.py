@@ -196,3 +196,34 @@ def test_sse_format_ends_with_done(base_url):
     assert reply.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and all(l.startswith("data: ") for l in lines)
     assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_tokenize_and_detokenize_as_vllm_does(client, base_url):
+    """/tokenize counts what a completion or a chat completion would see (their usage says the same);
+    /detokenize reverses it; unknown models are 404, bad bodies 400, both in OpenAI's error shape."""
+    text = "héllo, wörld"
+    out = httpx.post(base_url + "/tokenize", json={"model": MODEL_NAME, "prompt": text}).json()
+    assert out["tokens"] == list(text.encode()) and out["count"] == len(text.encode()) and out["max_model_len"] > 0
+    assert httpx.post(base_url + "/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": text}
+    messages = [{"role": "user", "content": "hello"}]
+    chat = httpx.post(base_url + "/tokenize", json={"messages": messages}).json()
+    usage = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1).usage
+    assert chat["count"] == usage.prompt_tokens
+    bare = httpx.post(base_url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["count"] < chat["count"]
+    for path, body, status, param in [
+            ("/tokenize", {"prompt": "x", "messages": messages}, 400, None),
+            ("/tokenize", {"prompt": "x", "model": "other"}, 404, "model"),
+            ("/detokenize", {"tokens": [1, -5]}, 400, None),
+            ("/detokenize", {"tokens": "abc"}, 400, "tokens")]:
+        reply = httpx.post(base_url + path, json=body)
+        assert reply.status_code == status, (path, body, reply.text)
+        error = reply.json()["error"]
+        assert error["message"] and (param is None or error["param"] == param)
+
+
+def test_retrieve_model_and_vllm_health_route(client, base_url):
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("gpt-4")
+    assert httpx.get(base_url + "/health").status_code == 200
