@@ -1,6 +1,7 @@
 """Quantized inference at TP=2 on Ray (gloo on CPU): each rank quantizes its own shard; logits stay
 within tolerance of TP=1 int8 (row-parallel per-row scales are per shard, so they differ slightly),
-and a pre-quantized TP=2 checkpoint reloads bit for bit."""
+and a pre-quantized TP=2 checkpoint reloads bit for bit, also with the LM head's quantized copy (each
+rank quantizes its replicated head alike), whose logits equal TP=1's with the copy as closely."""
 import pytest
 import torch
 
@@ -34,3 +35,13 @@ def test_int8_tp2_matches_tp1_and_round_trips(tmp_path):
         assert torch.equal(reloaded.module(ids).logits, got)
     finally:
         reloaded.shutdown()
+    head = {"quant": {"lm_head": {"enabled": True}}}
+    tp1_head = rayspeed.init_inference(hf, **KW, **head).module(ids).logits
+    with_head = rayspeed.init_inference(checkpoint=str(tmp_path / "ds_inference_config.json"),
+                                        tensor_parallel={"tp_size": 2}, **KW, **head)
+    try:
+        logits = with_head.module(ids).logits
+        assert 0 < rel_err(logits, got) < 0.06 and rel_err(logits, tp1_head) < 0.06
+        assert with_head.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].outputs[0].token_ids
+    finally:
+        with_head.shutdown()
