@@ -85,13 +85,16 @@ class LLMDeployment:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
-    def _authorized(self, request: Request) -> bool:
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """The 401 answer when an API key is set and the request does not carry it, else None."""
         key = self.args.key
-        return key is None or request.headers.get("authorization") == f"Bearer {key}"
+        if key is None or request.headers.get("authorization") == f"Bearer {key}":
+            return None
+        return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
 
     async def _run(self, request: Request, body_type, unary, streaming=None):
-        if not self._authorized(request):
-            return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
+        if refused := self._refused(request):
+            return refused
         raw = await self._body(request)
         if raw is None:
             return _error(413, f"request body exceeds max_body_bytes={self.args.max_body_bytes}",
@@ -137,14 +140,14 @@ class LLMDeployment:
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if not self._authorized(request):
-            return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
+        if refused := self._refused(request):
+            return refused
         return {"object": "list", "data": [self._model_card()]}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request):
-        if not self._authorized(request):
-            return _error(401, "missing or invalid API key (Authorization: Bearer ...)", "authentication_error")
+        if refused := self._refused(request):
+            return refused
         if model_id != self.server.model_name:
             return _error(404, f"model {model_id!r} is not served here; this server serves "
                                f"{self.server.model_name!r}", "invalid_request_error", "model")

@@ -100,6 +100,15 @@ class LLMServer:
                                    f"{self.max_model_len}-token context")
         return ids
 
+    def chat_prompt(self, req: ChatRequest) -> list[int]:
+        return self.encode(self.chat_text(req.messages), special_tokens=False)[0]   # the template writes its BOS
+
+    def chat_text(self, messages, generation_prompt: bool = True) -> str:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise Unsupported(f"model {self.model_name!r} has no chat template; use /v1/completions")
+        return self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
     def echoed(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """Per prompt, the text an `echo` answer starts with: the prompt as given, or decoded from ids."""
         if not req.echo:
@@ -132,34 +141,7 @@ class LLMServer:
         return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                             for t in logprobs]}
 
-    def chat_prompt(self, req: ChatRequest) -> list[int]:
-        return self.encode(self.chat_text(req.messages), special_tokens=False)[0]   # the template writes its BOS
-
-    def chat_text(self, messages, generation_prompt: bool = True) -> str:
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise Unsupported(f"model {self.model_name!r} has no chat template; use /v1/completions")
-        return self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
-
-    # -- /tokenize and /detokenize (vLLM's) ------------------------------------------------------
-
-    async def tokenize(self, req: TokenizeRequest) -> dict:
-        """Token ids as a completion (prompt) or a chat completion (messages) would see them; no length limit."""
-        self.check_model(req.model)
-        if req.messages is not None:
-            ids = self.encode_text(self.chat_text(req.messages, req.add_generation_prompt), bool(req.add_special_tokens))
-        else:
-            ids = self.encode_text(req.prompt, req.add_special_tokens is not False)
-        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
-
-    async def detokenize(self, req: DetokenizeRequest) -> dict:
-        """The text of token ids, special tokens included; ids the tokenizer lacks (a model's vocabulary
-        may be padded past it) read as nothing, as in generated text."""
-        self.check_model(req.model)
-        bad = next((t for t in req.tokens if not 0 <= t < 2**31), None)
-        if bad is not None:
-            raise RequestError(f"tokens: {bad} is not a token id (0 to 2**31 - 1)")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+    # -- running ------------------------------------------------------------------------------
 
     def admit(self, num_prompts: int, n: int) -> "Reservation":
         """Reserve queue room for `num_prompts` x `n` sequences, or refuse: HTTP 503 while the queue is
@@ -173,8 +155,6 @@ class LLMServer:
                                   "retry later")
         self.queued += size
         return Reservation(self, {i: n for i in range(num_prompts)})
-
-    # -- running ------------------------------------------------------------------------------
 
     def stream_interval(self) -> float:
         """Seconds between a stream's chunks after its first: `stream_interval_s`, or longer while so many
@@ -361,6 +341,26 @@ class LLMServer:
             out["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob, "top": [list(p) for p in t.top]}
                                for t in logprobs]
         return out
+
+    # -- /tokenize and /detokenize (vLLM's) ------------------------------------------------------
+
+    async def tokenize(self, req: TokenizeRequest) -> dict:
+        """Token ids as a completion (prompt) or a chat completion (messages) would see them; no length limit."""
+        self.check_model(req.model)
+        if req.messages is not None:
+            ids = self.encode_text(self.chat_text(req.messages, req.add_generation_prompt), bool(req.add_special_tokens))
+        else:
+            ids = self.encode_text(req.prompt, req.add_special_tokens is not False)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
+        """The text of token ids, special tokens included; ids the tokenizer lacks (a model's vocabulary
+        may be padded past it) read as nothing, as in generated text."""
+        self.check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < 2**31), None)
+        if bad is not None:
+            raise RequestError(f"tokens: {bad} is not a token id (0 to 2**31 - 1)")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
 
 async def start_server(args, checkpoint: str, model_name: str, pg=None, use_gpu: bool = False,
