@@ -2,8 +2,6 @@
 changed, every variant's graphs recaptured and the replays alternated so drift hits them all alike.
 The default variants are upper bounds, not results: the norm kernels or the attention kernels
 swapped for identities (the numbers they compute are wrong, the kernels around them the same).
-"norm kernels" runs each decode norm as a kernel of its own, the residual added in it, instead of
-inside the product after it (kernels.block.FUSED_NORMS).
 "unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
 reduction kernel after them); "table" (with --table PATH) looks the products' tiles up in another
 gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "float head" (with a
@@ -72,10 +70,8 @@ def l2_by_role(**mb):
     return l2_bytes
 
 
-VARIANTS = {"as built": {}, "no norms": {"norm": no_norm, "fused_norms": False},
-            "no attention": {"attention": no_attention},
-            "neither": {"norm": no_norm, "attention": no_attention, "fused_norms": False},
-            "norm kernels": {"fused_norms": False}, "unsplit": {"tile": unsplit_tile},
+VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"attention": no_attention},
+            "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile},
             "float head": {"float_head": True},
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
             "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)}}
@@ -91,9 +87,8 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
-        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, fused_norms: bool = True) -> None:
+        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
-    block.FUSED_NORMS = fused_norms
     gemv._l2_prefetch_bytes = l2
     if model is not None and model.head_quant is not None:    # the quantized head copy, hidden or back
         if float_head and model.head_qweight is not None:

@@ -1,13 +1,11 @@
 """The injected decoder block: one generic block whose family differences are knobs on `ModelSpec`."""
 import math
-import os
 
 import torch
 from torch import nn
 
 from kernels.activation import FUSED_NAME, activation
 from kernels.attention import AttentionMetadata, attention
-from kernels.gemv_tuner import FMA_MAX_ROWS
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
@@ -16,10 +14,6 @@ from kernels.rotary import apply_rotary, rotary_cos_sin
 from kernels.spec import ModelSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]     # k, v: [num_blocks, block_size, kv_heads, head_dim]
-
-# Decode steps of up to FMA_MAX_ROWS rows run each pre-norm inside the product after it (`DecoderBlock`);
-# RAYSPEED_FUSED_NORMS=0 keeps the norm kernels (bench/whatif.py times both).
-FUSED_NORMS = os.environ.get("RAYSPEED_FUSED_NORMS", "1") != "0"
 
 
 class Norm(nn.Module):
@@ -86,10 +80,9 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """attention(norm(x)) + residual (added in the output projection's epilogue; `norm` optional,
-        inside the QKV product where its tile allows)."""
-        q, k, v = self.qkv(x, norm=norm)             # [tokens, heads | kv_heads, head_dim]
+                kv_cache: KVCache, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """attention(x) + residual (added in the output projection's epilogue)."""
+        q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
@@ -109,14 +102,13 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """mlp(norm(x)) + residual; the activation (ungated) and the residual ride in the matmul
-        epilogues, `norm` (optional) in the up projection where its tile allows."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """mlp(x) + residual; the activation (ungated) and the residual ride in the matmul epilogues."""
         if self.gated:
-            gate, up = self.up(x, norm=norm).chunk(2, dim=-1)
+            gate, up = self.up(x).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.up(x, self.act_name, norm=norm)
+            h = self.up(x, self.act_name)
         return self.down(h, residual)
 
 
@@ -127,17 +119,12 @@ class DecoderBlock(nn.Module):
 
     The residual stream travels between blocks as (x, pending): the stream is x + pending, and the
     next norm adds them in its own kernel (`Norm.add`) instead of a separate add after each
-    sublayer. `pending` is None after a post-norm block. Decode steps of up to FMA_MAX_ROWS rows
-    through a pre-norm block (`fused_norms`) instead add each residual in the epilogue of the
-    sublayer's last product and hand each norm to the product after it, which normalises its input
-    in its own prologue where its tile allows (kernels/gemv_rows.py): no norm kernels, and pending
-    stays None."""
+    sublayer. `pending` is None after a post-norm block."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None, quant: QuantSpec | None = None):
         super().__init__()
         self.parallel_residual, self.post_norm = spec.parallel_residual, spec.post_norm
-        self.fused_norms = not (spec.post_norm or spec.parallel_residual)
         self.attn_norm = Norm(spec, dtype)
         try:
             self.attn = Attention(spec, layer, tp, dtype, rotary, quant)
@@ -149,9 +136,6 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, pending) in -> (x, pending) out, the stream being their sum."""
-        if self.fused_norms and FUSED_NORMS and pending is None and x.numel() // x.shape[-1] <= FMA_MAX_ROWS:
-            x = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
-            return self.mlp(x, residual=x, norm=self.mlp_norm), None
         if self.post_norm:
             if pending is not None:
                 x = x + pending

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params
 from kernels.gemv_fma import _fma_kernel
-from kernels.gemv_rows import NORM_CODES, _rows_kernel
+from kernels.gemv_rows import _rows_kernel
 from kernels.pdl import await_previous, prefetch_rows_l2
 from kernels.pdl import enabled as programmatic_launch
 from kernels.unpack import nibble_minus_8, s8_to
@@ -232,34 +232,13 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
     return Tile(block_m, block_n, block_k, split_k)
 
 
-def _norm_chunk(k: int, num_warps: int) -> int:
-    """Values a pass step of an input norm's statistics: up to 32 a thread."""
-    return min(triton.next_power_of_2(k), 1024 * num_warps)
-
-
-def _norm_args(norm, tile: Tile, rows: torch.Tensor) -> tuple:
-    """(weight, bias, eps) of `skinny_linear`'s input norm for `_rows_kernel` (placeholders without one)."""
-    if norm is None:
-        return rows, rows, 0.0
-    assert tile.rows, f"an input norm runs inside `rows` tiles only, not {tile}"
-    assert norm.kind in NORM_CODES, f"unknown norm kind {norm.kind!r}"
-    k = rows.shape[1]
-    for p in (norm.weight, norm.bias):
-        assert p is None or (p.shape == (k,) and p.dtype == rows.dtype and p.is_contiguous()
-                             and p.data_ptr() % 16 == 0), \
-            f"norm parameters must be contiguous, 16-byte aligned [{k}] {rows.dtype} (got {p.shape} {p.dtype})"
-    return norm.weight, norm.weight if norm.bias is None else norm.bias, norm.eps
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
-                  residual: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
     `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
-    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice). `norm` (`rows` tiles only):
-    an input norm (kernels.block.Norm: kind "layer" or "rms", weight, bias, eps) applied to x inside
-    the product, as if x were norm(x)."""
+    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -277,7 +256,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         assert scales is not None and scales.shape == (n, triton.cdiv(k, group_size)), \
             f"scales {None if scales is None else tuple(scales.shape)} != ({n}, {triton.cdiv(k, group_size)})"
     tile = tile or pick_tile(m, n, k, bits, group_size)
-    norm_args = _norm_args(norm, tile, rows)
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
     if bits < 16 and not per_row and not tile.scale_in_tile and not (tile.fma or tile.rows):
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
@@ -323,11 +301,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
-            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, *norm_args, ROWS=tile.block_n, SUB=sub,
-                                              PDL=pdl, NORM=NORM_CODES[None if norm is None else norm.kind],
-                                              NORM_BIAS=norm is not None and norm.bias is not None,
-                                              NORM_CHUNK=_norm_chunk(k, tile.num_warps),
-                                              NORM_CHUNKS=triton.cdiv(k, _norm_chunk(k, tile.num_warps)),
+            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                               L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,

@@ -26,117 +26,9 @@ import triton
 import triton.language as tl
 
 from kernels.gemv_epilogue import epilogue, feature_params
-from kernels.gemv_fma import _fma_x, _two_words
+from kernels.gemv_fma import _fma_x
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
-from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
-
-# NORM codes of `_rows_kernel`: the product's input normalised in its prologue (`skinny_linear(norm=...)`)
-NORM_CODES = {None: 0, "layer": 1, "rms": 2}
-
-
-@triton.jit
-def _row_stats(x_row, K, eps, NORM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    """(mean, rstd) of x_row[:K] in fp32 as kernels/norm.py computes them (LayerNorm: mean, then the
-    deviations' mean square, read again from L1; RMSNorm: mean 0), CHUNK values a pass step."""
-    offs = tl.arange(0, CHUNK)
-    mean = 0.0
-    if NORM == 1:
-        total = tl.zeros((CHUNK,), tl.float32)
-        for c in tl.static_range(CHUNKS):
-            total += tl.load(x_row + c * CHUNK + offs, mask=c * CHUNK + offs < K, other=0.0).to(tl.float32)
-        mean = tl.sum(total, axis=0) / K
-    squares = tl.zeros((CHUNK,), tl.float32)
-    for c in tl.static_range(CHUNKS):
-        cols = c * CHUNK + offs
-        d = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) - mean
-        squares += tl.where(cols < K, d * d, 0.0)
-    if NORM == 1:
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-    else:
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    return mean, rstd
-
-
-@triton.jit
-def _normed(x, w, b, mean, rstd, dtype: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
-    """x normalised with its weight w (and bias b) as the norm kernels do, rounded to `dtype`."""
-    x, w = x.to(tl.float32), w.to(tl.float32)
-    if NORM == 2:                                  # RMSNorm rounds before its weight (Llama's order)
-        y = (x * rstd).to(dtype).to(tl.float32) * w
-    else:
-        y = (x - mean) * rstd * w
-        if NORM_BIAS:
-            y += b.to(tl.float32)
-    return y.to(dtype)
-
-
-@triton.jit
-def _load_if(ptr, offs, mask, PRESENT: tl.constexpr):
-    """ptr[offs] (zeros where masked), or zeros without reading when not PRESENT (a norm without bias)."""
-    values = tl.zeros(offs.shape, ptr.dtype.element_ty)
-    if PRESENT:
-        values = tl.load(ptr + offs, mask=mask, other=0)
-    return values
-
-
-@triton.jit
-def _normed_word(xw, ww, bw, mean, rstd, dtype: tl.constexpr, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
-    """`_normed` of the two 16-bit values in each 32-bit word of x (with the words of w and b alike)."""
-    lo = _normed(low_half(xw, dtype), low_half(ww, dtype), low_half(bw, dtype), mean, rstd, dtype, NORM, NORM_BIAS)
-    hi = _normed(high_half(xw, dtype), high_half(ww, dtype), high_half(bw, dtype), mean, rstd, dtype, NORM,
-                 NORM_BIAS)
-    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
-
-
-@triton.jit
-def _norm_x(x_row, nw_ptr, nb_ptr, k0, k_end, cols, mean, rstd, BITS: tl.constexpr, HALF: tl.constexpr,
-            NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
-    """`_fma_x`'s (xa, xb), of the normalised row: each x value read with its norm weight (and bias) in
-    the same vectors, normalised in fp32 and rounded to x's dtype, then packed as `_fma_x` packs it."""
-    dtype: tl.constexpr = x_row.dtype.element_ty
-    if HALF and BITS == 8:                             # x[4c .. 4c + 3]: one 64-bit word of each
-        i = k0 // 4 + cols
-        mask = i < k_end // 4
-        xq = tl.load(x_row.to(tl.pointer_type(tl.int64)) + i, mask=mask, other=0)
-        wq = tl.load(nw_ptr.to(tl.pointer_type(tl.int64)) + i, mask=mask, other=0)
-        bq = _load_if(nb_ptr.to(tl.pointer_type(tl.int64)), i, mask, NORM_BIAS)
-        xa = _normed_word(xq.to(tl.int32), wq.to(tl.int32), bq.to(tl.int32), mean, rstd, dtype, NORM, NORM_BIAS)
-        xb = _normed_word((xq >> 32).to(tl.int32), (wq >> 32).to(tl.int32), (bq >> 32).to(tl.int32), mean, rstd,
-                          dtype, NORM, NORM_BIAS)
-    elif HALF:                                         # x[8c .. 8c + 7]: four 32-bit words of each
-        i = k0 // 2 + 4 * cols
-        mask = i < k_end // 2
-        xw, ww, bw = (x_row.to(tl.pointer_type(tl.int32)), nw_ptr.to(tl.pointer_type(tl.int32)),
-                      nb_ptr.to(tl.pointer_type(tl.int32)))
-        w0 = _normed_word(tl.load(xw + i, mask=mask, other=0), tl.load(ww + i, mask=mask, other=0),
-                          _load_if(bw, i, mask, NORM_BIAS), mean, rstd, dtype, NORM, NORM_BIAS)
-        w1 = _normed_word(tl.load(xw + i + 1, mask=mask, other=0), tl.load(ww + i + 1, mask=mask, other=0),
-                          _load_if(bw, i + 1, mask, NORM_BIAS), mean, rstd, dtype, NORM, NORM_BIAS)
-        w2 = _normed_word(tl.load(xw + i + 2, mask=mask, other=0), tl.load(ww + i + 2, mask=mask, other=0),
-                          _load_if(bw, i + 2, mask, NORM_BIAS), mean, rstd, dtype, NORM, NORM_BIAS)
-        w3 = _normed_word(tl.load(xw + i + 3, mask=mask, other=0), tl.load(ww + i + 3, mask=mask, other=0),
-                          _load_if(bw, i + 3, mask, NORM_BIAS), mean, rstd, dtype, NORM, NORM_BIAS)
-        x0 = (w0 & 0xFFFF) | (w2 << 16)                # the pairs of `_fma_x`
-        x1 = ((w0 >> 16) & 0xFFFF) | ((w2 >> 16) << 16)
-        x2 = (w1 & 0xFFFF) | (w3 << 16)
-        x3 = ((w1 >> 16) & 0xFFFF) | ((w3 >> 16) << 16)
-        xa, xb = _two_words(x0, x1), _two_words(x2, x3)
-    elif BITS == 4:                                    # byte column j: x[2j] (low nibble), x[2j + 1] (high)
-        kw = k0 // 2 + cols
-        mask = kw < k_end // 2
-        xa = _normed(tl.load(x_row + 2 * kw, mask=mask, other=0.0), tl.load(nw_ptr + 2 * kw, mask=mask, other=0.0),
-                     _load_if(nb_ptr, 2 * kw, mask, NORM_BIAS), mean, rstd, dtype, NORM, NORM_BIAS)
-        xb = _normed(tl.load(x_row + 2 * kw + 1, mask=mask, other=0.0),
-                     tl.load(nw_ptr + 2 * kw + 1, mask=mask, other=0.0),
-                     _load_if(nb_ptr, 2 * kw + 1, mask, NORM_BIAS), mean, rstd, dtype, NORM,
-                     NORM_BIAS)
-    else:
-        k = k0 + cols
-        mask = k < k_end
-        xa = _normed(tl.load(x_row + k, mask=mask, other=0.0), tl.load(nw_ptr + k, mask=mask, other=0.0),
-                     _load_if(nb_ptr, k, mask, NORM_BIAS), mean, rstd, dtype, NORM, NORM_BIAS)
-        xb = xa
-    return xa, xb
+from kernels.unpack import int4_half_dot, int8_half_dot, one_plus_sixteenth, s8_to_f32
 
 
 @triton.jit
@@ -220,12 +112,11 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_rm, stride_om, stride_os, group_size, k_per_split, l2_row_bytes, l2_head_bytes,
-                 nw_ptr, nb_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
-                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0, NORM_BIAS: tl.constexpr = False,
-                 NORM_CHUNK: tl.constexpr = 1024, NORM_CHUNKS: tl.constexpr = 1):
+                 L2_CHUNK: tl.constexpr = 2048):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -235,10 +126,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     its whole share of the weight is on the way at once; the loop's loads, issued one K tile at a
     time, then find it there. With L2_LANES, as in `_fma_kernel`, the first programs of x row 0 ask
     the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK bytes each, before the wait
-    (`kernels.gemv._l2_prefetch_bytes`). With NORM (`NORM_CODES`) x is a row of the residual stream,
-    normalised here (LayerNorm with NORM_BIAS, or RMSNorm, weight `nw`, bias `nb`, `eps`): the
-    program reads the whole row once after the wait for its statistics, then each K tile's x values
-    with their norm weights (`_norm_x`), so no norm kernel runs before the product."""
+    (`kernels.gemv._l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -270,9 +158,6 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
             w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k_begin, k_end, cols, rg, ROWS, BITS, HALF, VEC,
             GROUPED, SUB)
     await_previous(PDL)
-    mean, rstd = 0.0, 1.0
-    if NORM:
-        mean, rstd = _row_stats(x_row, K, eps, NORM, NORM_CHUNK, NORM_CHUNKS)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                              # the next tile's loads fly while this one computes
             v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, t7 = _row_tiles(
@@ -282,10 +167,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
             w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, s2, s3, s4, s5, s6, s7 = _row_tiles(
                 w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, ROWS, BITS, HALF, VEC,
                 GROUPED, SUB)
-        if NORM:
-            xa, xb = _norm_x(x_row, nw_ptr, nb_ptr, k0, k_end, cols, mean, rstd, BITS, HALF, NORM, NORM_BIAS)
-        else:
-            xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
+        xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         x0, x1, x2, x3 = xa, xa, xb, xb
         if HALF and BITS == 4:                    # the fp16 pairs of `int4_half_dot`, once for all rows
             x0, x1 = xa.to(tl.int32), (xa >> 32).to(tl.int32)

@@ -292,14 +292,10 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
 
 def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
-                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
-                    norm=None):
+                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None):
     """`skinny_linear` with the tuner's tile, or `torch_path(x, weight)` (the same product in torch,
-    offered for float weights) where the tuner measured that faster. With an input `norm`
-    (kernels.block.Norm), the product of norm(x): inside a `rows` tile, else after the norm's kernel."""
+    offered for float weights) where the tuner measured that faster."""
     tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
-    if norm is not None and not (isinstance(tile, Tile) and tile.rows):
-        x, norm = norm(x), None
     if tile == CUBLAS:
         return torch_path(x, weight)
-    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual, norm)
+    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)

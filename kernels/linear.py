@@ -161,21 +161,19 @@ class _Linear(nn.Module):
         self.weight_loader(QuantizedRows(self.qweight, self.scales, self.quant), full, shard_id)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
-                residual: torch.Tensor | None = None, norm=None) -> torch.Tensor:
-        """act(norm(x) W^T + bias) + residual (`norm`, a kernels.block.Norm, optional). On CUDA, float
-        weights at decode batches and quantized weights below DEQUANT_MIN_ROWS go through the
-        weight-streaming Triton kernels with the epilogue (and, in `rows` tiles, the norm) fused, unless
-        the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger quantized
-        products dequantize the weight once and run cuBLAS (`quant_linear`)."""
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(x W^T + bias) + residual. On CUDA, float weights at decode batches and quantized weights
+        below DEQUANT_MIN_ROWS go through the weight-streaming Triton kernels with the epilogue fused,
+        unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
+        quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""
         bits = 16 if self.quant is None else self.quant.bits
         rows = x.numel() // x.shape[-1]
         if use_triton(x) and (rows < DEQUANT_MIN_ROWS[bits] if bits < 16 else rows <= SKINNY_MAX_ROWS):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
-            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path,
-                                   norm=norm)
-        return self._torch_matmul(x if norm is None else norm(x), bias, activation, residual)
+            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+        return self._torch_matmul(x, bias, activation, residual)
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,10 +209,9 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
-    def forward(self, x: torch.Tensor, activation: str | None = None, norm=None) -> torch.Tensor:
-        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue;
-        `norm` (kernels.block.Norm): the product takes norm(x)."""
-        return self._matmul(x, self.bias, activation, norm=norm)
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue."""
+        return self._matmul(x, self.bias, activation)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -277,8 +274,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             shard = full.narrow(0, rank * size, size)
         copy_checked(param.narrow(0, start, size), shard)
 
-    def forward(self, x: torch.Tensor, norm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().forward(x, norm=norm).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().forward(x).split(self.sizes, dim=-1)
         return (q.unflatten(-1, (self.num_heads, self.head_dim)),       # [tokens, heads, head_dim]
                 k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                 v.unflatten(-1, (self.num_kv_heads, self.head_dim)))

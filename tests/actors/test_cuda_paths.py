@@ -357,37 +357,3 @@ def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
     assert ((plain.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
     for twin in (replace(tile, prefetch=True), replace(tile, l2_rows=1 << 20)):
         assert torch.equal(skinny_linear(*args, bits, group, twin, residual=residual.cuda()), plain)
-
-
-@pytest.mark.parametrize("bits,half,kind", [(16, False, "layer"), (8, True, "layer"), (8, False, "rms"),
-                                            (4, True, "rms"), (4, True, "layer")])
-def test_rows_tiles_normalise_like_the_norm_kernel(bits, half, kind):
-    """A GPT-Neo-sized `rows` product given its input norm (statistics in the product's prologue,
-    under PDL, the packed tiles' inline assembly) against the norm kernel followed by the product."""
-    from kernels.norm import layer_norm, rms_norm
-    from tests.kernels.test_gemv import _Norm
-    g = torch.Generator().manual_seed(bits + 2 * half)
-    n, k, group = 2560, 2560, 128 if bits == 4 else None
-    w, scales, _ = _weight(n, k, bits, group or k, g)
-    norm = _Norm(kind, k, torch.float16, kind == "layer", g)
-    norm.weight, norm.bias = norm.weight.cuda(), None if norm.bias is None else norm.bias.cuda()
-    x = (torch.randn(1, k, generator=g) * 3 + 1).half().cuda()
-    residual = torch.randn(1, n, generator=g).half().cuda()
-    args = [(w.half() if bits == 16 else w).cuda(), None, None if scales is None else scales.half().cuda(), bits, group]
-    h = rms_norm(x, norm.weight, norm.eps) if kind == "rms" else layer_norm(x, norm.weight, norm.bias, norm.eps)
-    vector = {(4, True): 32, (8, True): 16}.get((bits, half), 8)          # columns a thread's vector holds
-    for tile in (Tile(1, 8, 32 * vector, 1, 1, half=half, rows=True, prefetch=True),
-                 Tile(1, 4, 64 * vector, 2, 2, half=half, rows=True)):
-        fused = skinny_linear(x, *args, tile, residual=residual, norm=norm)
-        apart = skinny_linear(h, *args, tile, residual=residual)
-        assert ((fused - apart).abs().max() / apart.abs().max()).item() < 2e-3
-
-
-@pytest.mark.parametrize("family", ["gpt_neo", "llama"])
-def test_norms_inside_the_products_give_the_norm_kernels_tokens(family, monkeypatch):
-    """Decode with each norm inside the product after it (kernels.block.FUSED_NORMS) gives the tokens
-    of decode with norm kernels."""
-    import kernels.block
-    fused, _ = generate(tiny_model(family))
-    monkeypatch.setattr(kernels.block, "FUSED_NORMS", False)
-    assert generate(tiny_model(family))[0] == fused

@@ -153,50 +153,6 @@ def test_quantized_weights_in_packed_half_arithmetic(bits, group, tile):
     assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
 
 
-class _Norm:
-    """What `skinny_linear(norm=...)` reads of a kernels.block.Norm."""
-
-    def __init__(self, kind: str, k: int, dtype: torch.dtype, bias: bool, g: torch.Generator):
-        self.kind, self.eps = kind, 1e-5
-        self.weight = (torch.rand(k, generator=g) + 0.5).to(dtype)
-        self.bias = torch.randn(k, generator=g).to(dtype) if bias else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.norm import layer_norm_torch, rms_norm_torch
-        if self.kind == "rms":
-            return rms_norm_torch(x, self.weight, self.eps)
-        return layer_norm_torch(x, self.weight, self.bias, self.eps)
-
-
-@pytest.mark.parametrize("kind,bias,bits,group,dtype,tile", [
-    ("layer", True, 16, None, torch.float32, Tile(1, 4, 64, split_k=3, rows=True)),
-    ("rms", False, 16, None, torch.float32, Tile(1, 4, 64, split_k=3, rows=True)),
-    ("layer", True, 8, None, torch.float16, Tile(1, 8, 128, rows=True, prefetch=True)),
-    ("layer", True, 8, 64, torch.float16, Tile(1, 4, 128, split_k=2, rows=True, half=True)),
-    ("rms", False, 8, 64, torch.float16, Tile(1, 4, 128, split_k=2, rows=True, half=True)),
-    ("layer", False, 4, 64, torch.float16, Tile(1, 8, 128, rows=True, half=True, prefetch=True)),
-    ("layer", True, 4, 32, torch.float16, Tile(1, 4, 64, split_k=2, rows=True))],
-    ids=["fp32", "fp32-rms", "int8", "int8-half", "int8-half-rms", "int4-half-nobias", "int4"])
-def test_rows_tiles_normalise_their_input(kind, bias, bits, group, dtype, tile):
-    """A `rows` tile given an input norm computes the product of norm(x) (its statistics over the whole
-    row, whatever the K split; every x packing of the rows kernel), bias and residual still fused:
-    what the norm kernel followed by the product gives, to the rounding of a normalised value."""
-    g = torch.Generator().manual_seed(5)
-    n, k = 13, 320                                     # the statistics' passes end inside a chunk
-    w, scales, full = _weight(n, k, bits, group or k, g)
-    w = w.to(dtype) if bits == 16 else w
-    scales = None if scales is None else scales.to(dtype)
-    x = (torch.randn(2, k, generator=g) * 2 + 0.5).to(dtype)
-    out_bias, residual = torch.randn(n, generator=g).to(dtype), torch.randn(2, n, generator=g).to(dtype)
-    norm = _Norm(kind, k, dtype, bias, g)
-    got = skinny_linear(x, w, out_bias, scales, bits, group, tile, residual=residual, norm=norm)
-    want = skinny_linear(norm(x), w, out_bias, scales, bits, group, tile, residual=residual)
-    assert ((got.double() - want.double()).abs().max() / want.double().abs().max()).item() < \
-        (1e-6 if dtype == torch.float32 else 2e-3)
-    with pytest.raises(AssertionError, match="rows"):
-        skinny_linear(x, w, out_bias, scales, bits, group, Tile(1, 4, 64, fma=True), norm=norm)
-
-
 def test_half_tiles_take_quantized_weights_and_fp16_rows():
     g = torch.Generator().manual_seed(2)
     with pytest.raises(AssertionError, match="fp16 x"):

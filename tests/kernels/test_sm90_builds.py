@@ -35,14 +35,12 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
 
 
 def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False,
-         l2_head=False, norm=0):
-    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}", "nw_ptr": "*fp16", "nb_ptr": "*fp16"}
-    norm_flags = dict(NORM=norm, NORM_BIAS=norm == 1, NORM_CHUNK=1024, NORM_CHUNKS=3)
+         l2_head=False):
+    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}"}
     return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                       ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
                                                       ASM=half, L2=l2, PREFETCH=prefetch,
-                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048,
-                                                      **norm_flags),
+                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048),
             pointers, num_warps)
 
 
@@ -95,9 +93,6 @@ BUILDS = {
     "rows-int4-half-prefetch": rows(4, "u8", 8, 1024, 128, half=True, prefetch=True),
     "pdl-rows-int4-half-l2": rows(4, "u8", 4, 1024, 128, half=True, pdl=True, l2=True),
     "pdl-rows-int8-half-l2-head": rows(8, "i8", 4, 512, 512, half=True, pdl=True, l2_head=True),
-    "rows-int8-half-layer-norm": rows(8, "i8", 4, 512, 512, half=True, norm=1),
-    "rows-int4-half-rms-norm": rows(4, "u8", 8, 1024, 128, half=True, norm=2),
-    "pdl-rows-int8-half-norm-prefetch": rows(8, "i8", 8, 512, 512, half=True, pdl=True, prefetch=True, norm=1),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
