@@ -5,9 +5,7 @@ swapped for identities (the numbers they compute are wrong, the kernels around t
 "unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
 reduction kernel after them); "table" (with --table PATH) looks the products' tiles up in another
 gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "float head" (with a
-`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; "attention
-apart" runs decode attention and the output projection as two kernels instead of kernels/attention_out.py's
-one ("fused BxW": that kernel with B rows a program and W warps); "out whole",
+`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; "out whole",
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
 programs ask the L2 for before their PDL wait (`l2_by_role`); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG) instead, at the context --context.
@@ -74,9 +72,7 @@ def l2_by_role(**mb):
 
 VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"attention": no_attention},
             "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile},
-            "float head": {"float_head": True}, "attention apart": {"attn_out": "0"},
-            "fused 128x4": {"attn_out": "128,4"}, "fused 256x8": {"attn_out": "256,8"},
-            "fused 64x4": {"attn_out": "64,4"},
+            "float head": {"float_head": True},
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
             "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)}}
 
@@ -91,12 +87,8 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
-        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, attn_out: str | None = None) -> None:
+        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
-    if attn_out:
-        os.environ["RAYSPEED_ATTN_OUT"] = attn_out
-    else:
-        os.environ.pop("RAYSPEED_ATTN_OUT", None)
     gemv._l2_prefetch_bytes = l2
     if model is not None and model.head_quant is not None:    # the quantized head copy, hidden or back
         if float_head and model.head_qweight is not None:

@@ -53,58 +53,6 @@ def _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
 
 
 @triton.jit
-def _new_token_state(q, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, seq, k_new_stride, v_new_stride,
-                     cache_block_stride, cache_row_stride, head_offs, d_mask, scale, write, BLOCK_SIZE: tl.constexpr):
-    """The softmax state (max, sum, output) of this step's token alone (it is always visible); with
-    `write` its key and value also go to their cache slot."""
-    k_new = tl.load(k_new_ptr + seq * k_new_stride + head_offs, mask=d_mask, other=0.0)
-    v_new = tl.load(v_new_ptr + seq * v_new_stride + head_offs, mask=d_mask, other=0.0)
-    if write:
-        slot = tl.load(slots_ptr + seq)
-        row_offs = (slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_row_stride + head_offs
-        tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
-        tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
-    return tl.sum(q * k_new.to(tl.float32), axis=0) * scale, tl.full((), 1.0, tl.float32), v_new.to(tl.float32)
-
-
-@triton.jit
-def _attend_chunks_early(q, k, v, m, l, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
-                         cache_block_stride, cache_row_stride, head_offs, d_mask, c_first, c_end, first, end, q_pos,
-                         scale, slope, HAS_ALIBI: tl.constexpr, BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    """The softmax state (m, l, acc) carried over cached chunks c_first .. c_end - 1 as
-    `_paged_decode_kernel` does in its EARLY mode: k, v hold chunk c_first (read by the caller), each
-    next chunk is read after the current one is used, and each position lane keeps its own state,
-    merged once after the loop."""
-    positions = tl.arange(0, CHUNK)[:, None]                                # [CHUNK, 1]
-    m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
-    l_lane = tl.zeros((CHUNK, 1), tl.float32)
-    acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
-    for c in range(c_first, c_end):
-        k_pos = c * CHUNK + positions
-        scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
-        if HAS_ALIBI:
-            scores += slope * (k_pos - q_pos).to(tl.float32)
-        scores = tl.where((k_pos < end) & (k_pos >= first), scores, float("-inf"))
-        m_new = tl.maximum(m_lane, scores)
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
-        alpha = tl.exp(m_lane - base)
-        p = tl.exp(scores - base)
-        acc_lane = acc_lane * alpha + p * v.to(tl.float32)
-        l_lane = l_lane * alpha + p
-        m_lane = m_new
-        k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                             cache_row_stride, head_offs, d_mask, c + 1, first, end, BLOCK_SIZE, CHUNK)
-    m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the caller's state
-    base = tl.where(m_all == float("-inf"), 0.0, m_all)
-    lane_weight = tl.exp(m_lane - base)
-    own_weight = tl.exp(m - base)
-    l = l * own_weight + tl.sum(l_lane * lane_weight)
-    acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
-    return m_all, l, acc
-
-
-@triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, alibi_ptr, out_ptr,
                          k_new_ptr, v_new_ptr, slots_ptr, ws_ptr, counters_ptr,
                          q_seq_stride, q_head_stride, k_new_stride, v_new_stride, cache_block_stride, cache_row_stride,

@@ -5,9 +5,7 @@ import torch
 from torch import nn
 
 from kernels.activation import FUSED_NAME, activation
-from kernels.dispatch import use_triton
 from kernels.attention import AttentionMetadata, attention
-from kernels.attention_out import decode_attention_out, fuses
 from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
@@ -87,21 +85,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
-        if meta.is_decode and use_triton(q) and fuses(q, meta.block_tables, kv_cache[0].shape[1]):
-            return self._attend_and_project(q, k, v, meta, kv_cache, residual)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
         return self.out(o.flatten(1), residual)
-
-    def _attend_and_project(self, q, k, v, meta: AttentionMetadata, kv_cache: KVCache, residual):
-        """Short-context decode of one or two sequences: attention and the output projection in one
-        kernel (kernels/attention_out.py); rank 0 adds bias and residual, as `RowParallelLinear` does."""
-        out, lead = self.out, self.out.tp.rank == 0
-        weight, scales = (out.weight, None) if out.quant is None else (out.qweight, out.scales)
-        y = decode_attention_out(q, k, v, *kv_cache, meta.block_tables, meta.context_lens, meta.slot_mapping,
-                                 self.scale, self.window, self.alibi, weight, scales,
-                                 16 if out.quant is None else out.quant.bits, getattr(out, "group_size", None),
-                                 out.bias if lead else None, residual if lead else None)
-        return out.tp.all_reduce(y)
 
 
 class MLP(nn.Module):

@@ -357,35 +357,3 @@ def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
     assert ((plain.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
     for twin in (replace(tile, prefetch=True), replace(tile, l2_rows=1 << 20)):
         assert torch.equal(skinny_linear(*args, bits, group, twin, residual=residual.cuda()), plain)
-
-
-@pytest.mark.parametrize("bits,group", [(16, None), (8, None), (4, 128)])
-def test_attention_fused_with_the_output_projection_matches_the_two_kernels(bits, group):
-    """kernels/attention_out.py on GPT-Neo 2.7B's shapes (20 heads of 128, a 2560-wide projection),
-    130 positions, PDL on: the two-kernel path's output, and the same cache writes."""
-    from kernels.attention import paged_decode_attention_triton
-    from kernels.attention_out import decode_attention_out
-    g = torch.Generator().manual_seed(bits)
-    heads, head_dim, block_size, n = 20, 128, 16, 2560
-    k_cache, v_cache = (torch.randn(16, block_size, heads, head_dim, generator=g).half().cuda() for _ in range(2))
-    tables = torch.randperm(16, generator=g)[:9].int().view(1, 9).cuda()
-    context_lens, slots = torch.tensor([130], dtype=torch.int32).cuda(), None
-    slots = (tables[0, 129 // block_size].long() * block_size + 129 % block_size).view(1)
-    q, k_new, v_new = (torch.randn(1, heads, head_dim, generator=g).half().cuda() for _ in range(3))
-    w, scales, _ = _weight(n, heads * head_dim, bits, group or heads * head_dim, g)
-    w, scales = (w.half() if bits == 16 else w).cuda(), None if scales is None else scales.half().cuda()
-    residual = torch.randn(1, n, generator=g).half().cuda()
-    k_two, v_two = k_cache.clone(), v_cache.clone()
-    fused = decode_attention_out(q, k_new, v_new, k_cache, v_cache, tables, context_lens, slots, 0.09, None, None,
-                                 w, scales, bits, group, None, residual)
-    o = paged_decode_attention_triton(q, k_two, v_two, tables, context_lens, 0.09, None, None, k_new, v_new, slots)
-    two = skinny_linear(o.flatten(1), w, None, scales, bits, group, residual=residual)
-    assert ((fused.float() - two.float()).abs().max() / two.float().abs().max()).item() < 3e-3
-    assert torch.equal(k_cache, k_two) and torch.equal(v_cache, v_two)
-
-
-@pytest.mark.parametrize("family", ["gpt_neo", "llama", "bloom"])
-def test_fused_attention_and_projection_give_the_two_kernels_tokens(family, monkeypatch):
-    fused, _ = generate(tiny_model(family))
-    monkeypatch.setenv("RAYSPEED_ATTN_OUT", "0")
-    assert generate(tiny_model(family))[0] == fused

@@ -65,13 +65,6 @@ def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, 
             ATTENTION_POINTERS, num_warps)
 
 
-def attention_out(bits, weight, block_n, pdl=False):
-    pointers = {**ATTENTION_POINTERS, "slots_ptr": "*i64", "w_ptr": f"*{weight}", "s_ptr": "*fp16"}
-    return ("kernels.attention_out", "_decode_attention_out_kernel",
-            dict(USE_WINDOW=True, HAS_ALIBI=False, BITS=bits, PER_ROW_SCALE=bits == 8, BLOCK_SIZE=16, CHUNK=64,
-                 BLOCK_D=128, BLOCK_N=block_n, PDL=pdl), pointers)
-
-
 def prefill_attention(block, window_alibi, pdl=False):
     return ("kernels.prefill_attention", "_prefill_kernel",
             dict(USE_WINDOW=window_alibi, HAS_ALIBI=window_alibi, IEEE=False, STORE_KV=True, CACHE_BLOCK=16,
@@ -112,9 +105,6 @@ BUILDS = {
     "decode-chunk64-early": decode_attention(64, False, False, early=True),
     "pdl-fma-int8-prefetch": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True),
     "pdl-fma-fp16-l2": fma(16, "fp16", "fp16", 2, 1024, 1024, False, pdl=True, l2=True),
-    "decode-attention-out-int4": attention_out(4, "u8", 256),
-    "pdl-decode-attention-out-int8": attention_out(8, "i8", 256, pdl=True),
-    "pdl-decode-attention-out-fp16": attention_out(16, "fp16", 128, pdl=True),
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
     "pdl-decode-chunk32-early": decode_attention(32, False, False, pdl=True, early=True),
     "pdl-decode-chunk64-early-l2": decode_attention(64, True, False, pdl=True, early=True, l2_ahead=256),
