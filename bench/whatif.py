@@ -5,7 +5,8 @@ swapped for identities (the numbers they compute are wrong, the kernels around t
 "unsplit" runs the one- and two-row products of the shipped table without their K splits (so no
 reduction kernel after them); "table" (with --table PATH) looks the products' tiles up in another
 gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "float head" (with a
-`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; "out whole",
+`+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; "norm 1 warp"
+and "norm 2 warps" run the norm kernels' programs with fewer warps (kernels.norm.NORM_WARPS); "out whole",
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
 programs ask the L2 for before their PDL wait (`l2_by_role`); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG) instead, at the context --context.
@@ -32,6 +33,7 @@ import rayspeed  # noqa: E402
 import kernels.block as block  # noqa: E402
 import kernels.gemv as gemv  # noqa: E402
 import kernels.gemv_tuner as gemv_tuner  # noqa: E402
+import kernels.norm as norm_kernels  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit, dtype_args  # noqa: E402
 from bench.output import write  # noqa: E402
@@ -40,6 +42,7 @@ from bench.step_breakdown import replay_ms  # noqa: E402
 REAL_NORM, REAL_ATTENTION, REAL_TILE = block.Norm.forward, block.attention, gemv_tuner.tuned_tile
 REAL_L2 = gemv._l2_prefetch_bytes
 REAL_CHOICES = gemv_tuner._choices
+REAL_NORM_WARPS = norm_kernels.NORM_WARPS
 
 
 def no_norm(self, x, residual=None):
@@ -72,7 +75,7 @@ def l2_by_role(**mb):
 
 VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"attention": no_attention},
             "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile},
-            "float head": {"float_head": True},
+            "float head": {"float_head": True}, "norm 1 warp": {"norm_warps": 1}, "norm 2 warps": {"norm_warps": 2},
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
             "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)}}
 
@@ -87,8 +90,9 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
-        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2) -> None:
+        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, norm_warps: int = REAL_NORM_WARPS) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    norm_kernels.NORM_WARPS = norm_warps
     gemv._l2_prefetch_bytes = l2
     if model is not None and model.head_quant is not None:    # the quantized head copy, hidden or back
         if float_head and model.head_qweight is not None:
