@@ -111,7 +111,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="int8,float16,int4")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--context", type=int, default=38, help="tokens in each sequence's cache when timed")
+    ap.add_argument("--context", default="38", help="tokens in each sequence's cache when timed (a comma list: "
+                                                    "timed at each in turn, the sequences decoding on between)")
     ap.add_argument("--variants", default="as built,no norms,no attention,neither", help=f"of {list(VARIANTS)}")
     ap.add_argument("--configs", default="", help="space-separated RAYSPEED_DECODE_CONFIG values to compare")
     ap.add_argument("--table", default="", help="the gemv table of the `table` variant")
@@ -119,6 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         VARIANTS["table"] = {"choices": table_choices(args.table)}
+    contexts = [int(c) for c in args.context.split(",")]
     hf = build("neo")
     rows = {}
     for name in args.dtypes.split(","):
@@ -126,20 +128,22 @@ def main() -> None:
                                          max_num_seqs=max(8, args.batch)).backend
         params = SamplingParams(max_new_tokens=900, ignore_eos=True)
         seqs = [engine.add_request(list(range(100 + i, 132 + i)), params) for i in range(args.batch)]
-        while len(seqs[0]) < args.context:            # prefill, then decode steps
-            engine.step()
         variants = ({c: {"config": c} for c in args.configs.split()} or
                     {v: VARIANTS[v] for v in args.variants.split(",")})
-        times = {v: [] for v in variants}
-        for _ in range(args.rounds):
-            for variant, patches in variants.items():
-                use(engine.runner.model, **patches)
-                engine.runner.capture_cudagraphs(engine.config.max_num_seqs, engine.max_seq_len)
-                times[variant].append(replay_ms(engine.runner, seqs, iters=200))
-        use(engine.runner.model)
-        rows[name] = {v: statistics.median(t) for v, t in times.items()}
-        rows[name]["all"] = times
-        print(name, json.dumps({v: round(t, 4) for v, t in rows[name].items() if v != "all"}), flush=True)
+        for context in contexts:
+            while len(seqs[0]) < context:             # prefill, then decode steps
+                engine.step()
+            times = {v: [] for v in variants}
+            for _ in range(args.rounds):
+                for variant, patches in variants.items():
+                    use(engine.runner.model, **patches)
+                    engine.runner.capture_cudagraphs(engine.config.max_num_seqs, engine.max_seq_len)
+                    times[variant].append(replay_ms(engine.runner, seqs, iters=200))
+            use(engine.runner.model)
+            key = name if len(contexts) == 1 else f"{name}@{context}"
+            rows[key] = {v: statistics.median(t) for v, t in times.items()}
+            rows[key]["all"] = times
+            print(key, json.dumps({v: round(t, 4) for v, t in rows[key].items() if v != "all"}), flush=True)
         for seq in seqs:
             engine.abort(seq)
         del engine
@@ -148,9 +152,10 @@ def main() -> None:
             "as built, with the norms and/or attention swapped for identities (upper bounds of their cost, wrong "
             "numbers), or with the one- and two-row products unsplit")
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
-              "model": "neo", "batch": args.batch, "context": args.context, "what": what, "ms": rows}
+              "model": "neo", "batch": args.batch, "context": contexts if len(contexts) > 1 else contexts[0], "what": what,
+              "ms": rows}
     tag = "configs" if args.configs else args.variants.replace(" ", "_").replace(",", "-")
-    write(result, args.out, f"whatif-bs{args.batch}-ctx{args.context}-{tag}", indent=1)
+    write(result, args.out, f"whatif-bs{args.batch}-ctx{args.context.replace(',', '_')}-{tag}", indent=1)
 
 
 if __name__ == "__main__":

@@ -239,10 +239,13 @@ def _bulk_prefetch(device: torch.device) -> bool:
 # L2_AHEAD_CHUNKS asked of the L2 then (Hopper)
 DECODE_MODES = ("plain", "early", "prefetch", "early-l2")
 L2_AHEAD_CHUNKS = 4
+FEW_PAIRS = 32
 
 
-def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False) -> tuple[int, str, int]:
-    """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size. Timed in
+def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False,
+                  pairs: int | None = None) -> tuple[int, str, int]:
+    """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size (`programs`,
+    splits included; `pairs`: the step's (head, sequence) pairs). Timed in
     CUDA graphs on an H100 (bench/attention_sweep.py --decode-configs, *-decode-configs-attention*.json;
     GPT-Neo's 20 heads of 128, contexts 96 / 160 / 512, every chunk, mode and warp count): the first
     chunk read before the PDL wait and each next one after the current one is used ("early") beat
@@ -261,6 +264,12 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False) -
     products end in a short reduction kernel, so the work before the wait is not hidden behind the
     product before attention (the model passes it for float and int8 weights); at batch 8 (160
     programs) it cost fp16 2.585 -> 2.594 and int8 2.222 -> 2.233 ms (`*-whatif-bs8-ctx120-configs.json`).
+    Steps of at most FEW_PAIRS (head, sequence) pairs (batch 1 of up to 32 heads) read 16 positions a
+    step in programs of 2 warps, early, which also lets contexts past 64 positions split over several
+    programs (`SPLIT_MIN_CHUNKS` chunks of 16): GPT-Neo 2.7B's batch-1 decode graph at 130 positions
+    took 2.2512 -> 2.2346 ms in fp16 and 1.4701 -> 1.4636 in int8+head against 64 positions early-l2
+    with 4 warps (unsplit), the best of six configurations in fp16 and within 1.1 us of the best in
+    int8 (`*-whatif-bs1-ctx130-configs.json`; other contexts: docs/performance.md).
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -269,6 +278,8 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False) -
         return int(chunk), mode, int(warps)
     if device.type != "cuda":
         return 64, "early", 4
+    if pairs is not None and pairs <= FEW_PAIRS:
+        return 16, "early", 2
     sms = _sm_count(device.index or 0)
     if programs <= 3 * sms:
         return 64, "early-l2" if l2_ahead and programs <= sms else "early", 4
@@ -340,16 +351,17 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if out.numel() == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
-    splits = decode_splits(num_heads * num_seqs, q.device)
+    pairs = num_heads * num_seqs
+    splits = decode_splits(pairs, q.device)
     if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
-        chunk = max(block_size, _decode_chunk(num_heads * num_seqs * splits, q.device)[0])
+        chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs)[0])
         splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
     counters = _split_counters(num_heads * num_seqs, q.device) if splits > 1 else None
     if counters is None:
         splits = 1
     ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
-    chunk, mode, warps = _decode_chunk(num_heads * num_seqs * splits, q.device, l2_ahead)
+    chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()
