@@ -5,9 +5,10 @@ static input buffers; a step copies its inputs into the first `batch` rows, pads
 harmless dummy sequence (one token in a reserved cache block), and replays. Block tables are
 `max_blocks` wide; entries past a sequence's length are never read. In buckets up to
 `short_max_batch` (those whose decode attention may split contexts over several programs,
-kernels/attention.py), steps whose contexts all fit `short_blocks` replay a second graph captured
-over that narrower view of the tables: attention then knows on the host that no context is long
-enough to split, and launches no programs that would find nothing to do.
+kernels/attention.py), steps whose contexts all fit one of `narrow_blocks` replay a graph captured
+over the narrowest such view of the tables: attention then knows on the host how long a context can
+be, so it launches no split programs that would find nothing to do, and reads contexts that fit one
+64-position chunk in one early read (`kernels.attention._decode_chunk`).
 
 A fresh prefill (prompts with nothing cached) depends on its token and sequence counts: buckets of
 powers of two, those of up to `prefill_graph_tokens` tokens captured at start-up (`warm_up`), the
@@ -76,7 +77,7 @@ def buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, forward, vocab_size: int, max_batch: int, max_blocks: int, pad_slot: int,
-                 pad_block: int, device: torch.device, short_blocks: int = 0, short_max_batch: int = 0):
+                 pad_block: int, device: torch.device, narrow_blocks: tuple[int, ...] = (), short_max_batch: int = 0):
         self.forward = forward                              # (input_ids, positions, meta) -> logits
         self.pad_slot, self.pad_block = pad_slot, pad_block
         self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -85,15 +86,15 @@ class DecodeGraphs:
         self.block_tables = torch.full((max_batch, max_blocks), pad_block, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        # (bucket, table width) -> graph and its logits; the width is max_blocks or short_blocks
+        # (bucket, table width) -> graph and its logits; the width is max_blocks or one of narrow_blocks
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.sizes = buckets(max_batch)
         self.max_blocks, self.pool = max_blocks, None
-        self.short_blocks = short_blocks if 0 < short_blocks < max_blocks else 0
-        self.short_max_batch = short_max_batch if self.short_blocks else 0
+        self.narrow_blocks = sorted({b for b in narrow_blocks if 0 < b < max_blocks})
+        self.short_max_batch = short_max_batch if self.narrow_blocks else 0
 
     def _widths(self, batch: int) -> list[int]:
-        return [self.max_blocks, self.short_blocks] if batch <= self.short_max_batch else [self.max_blocks]
+        return [self.max_blocks, *self.narrow_blocks] if batch <= self.short_max_batch else [self.max_blocks]
 
     def _meta(self, batch: int, width: int) -> AttentionMetadata:
         return AttentionMetadata(self.slots[:batch], self.block_tables[:batch, :width], self.context_lens[:batch],
@@ -128,8 +129,8 @@ class DecodeGraphs:
         self.slots[batch:bucket].fill_(self.pad_slot)       # padding rows: one token in the pad block
         self.block_tables[batch:bucket, 0].fill_(self.pad_block)
         self.context_lens[batch:bucket].fill_(1)
-        short = bucket <= self.short_max_batch and width <= self.short_blocks
-        graph, logits = self.graphs[bucket, self.short_blocks if short else self.max_blocks]
+        narrow = [b for b in self.narrow_blocks if width <= b] if bucket <= self.short_max_batch else []
+        graph, logits = self.graphs[bucket, narrow[0] if narrow else self.max_blocks]
         graph.replay()
         return logits[:batch]
 

@@ -9,7 +9,8 @@ gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "flo
 and "norm 2 warps" run the norm kernels' programs with fewer warps (kernels.norm.NORM_WARPS); "out whole",
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
 programs ask the L2 for before their PDL wait (`l2_by_role`); --configs compares
-decode attention configurations (RAYSPEED_DECODE_CONFIG) instead, at the context --context.
+decode attention configurations (RAYSPEED_DECODE_CONFIG; "default": the built-in choice) instead, at
+each context of --context.
 
     python3 bench/whatif.py --dtypes int8,float16,int4 [--batch 1] [--context 38] [--out bench/results]
     python3 bench/whatif.py --variants "as built,unsplit" --dtypes int4 --context 100
@@ -128,7 +129,7 @@ def main() -> None:
                                          max_num_seqs=max(8, args.batch)).backend
         params = SamplingParams(max_new_tokens=900, ignore_eos=True)
         seqs = [engine.add_request(list(range(100 + i, 132 + i)), params) for i in range(args.batch)]
-        variants = ({c: {"config": c} for c in args.configs.split()} or
+        variants = ({c: {"config": None if c == "default" else c} for c in args.configs.split()} or
                     {v: VARIANTS[v] for v in args.variants.split(",")})
         for context in contexts:
             while len(seqs[0]) < context:             # prefill, then decode steps

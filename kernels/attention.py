@@ -240,12 +240,14 @@ def _bulk_prefetch(device: torch.device) -> bool:
 DECODE_MODES = ("plain", "early", "prefetch", "early-l2")
 L2_AHEAD_CHUNKS = 4
 FEW_PAIRS = 32
+ONE_CHUNK = 64
 
 
-def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False,
-                  pairs: int | None = None) -> tuple[int, str, int]:
+def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pairs: int | None = None,
+                  max_context: int | None = None) -> tuple[int, str, int]:
     """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size (`programs`,
-    splits included; `pairs`: the step's (head, sequence) pairs). Timed in
+    splits included; `pairs`: the step's (head, sequence) pairs; `max_context`: a host bound on its
+    contexts, None if unknown). Timed in
     CUDA graphs on an H100 (bench/attention_sweep.py --decode-configs, *-decode-configs-attention*.json;
     GPT-Neo's 20 heads of 128, contexts 96 / 160 / 512, every chunk, mode and warp count): the first
     chunk read before the PDL wait and each next one after the current one is used ("early") beat
@@ -264,12 +266,14 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False,
     products end in a short reduction kernel, so the work before the wait is not hidden behind the
     product before attention (the model passes it for float and int8 weights); at batch 8 (160
     programs) it cost fp16 2.585 -> 2.594 and int8 2.222 -> 2.233 ms (`*-whatif-bs8-ctx120-configs.json`).
-    Steps of at most FEW_PAIRS (head, sequence) pairs (batch 1 of up to 32 heads) read 16 positions a
-    step in programs of 2 warps, early, which also lets contexts past 64 positions split over several
-    programs (`SPLIT_MIN_CHUNKS` chunks of 16): GPT-Neo 2.7B's batch-1 decode graph at 130 positions
-    took 2.2512 -> 2.2346 ms in fp16 and 1.4701 -> 1.4636 in int8+head against 64 positions early-l2
-    with 4 warps (unsplit), the best of six configurations in fp16 and within 1.1 us of the best in
-    int8 (`*-whatif-bs1-ctx130-configs.json`; other contexts: docs/performance.md).
+    Steps of at most FEW_PAIRS (head, sequence) pairs (batch 1 of up to 32 heads) whose contexts may
+    pass ONE_CHUNK positions read 16 positions a step in programs of 2 warps, early, which lets contexts
+    past 64 positions split over several programs (`SPLIT_MIN_CHUNKS` chunks of 16). GPT-Neo 2.7B's
+    batch-1 decode graph against 64 positions early-l2 with 4 warps, unsplit (int4: early), at 40 / 130
+    / 250 positions (`*-whatif-bs1-ctx40_130_250-configs.json`): fp16 2.188 / 2.254 / 2.357 -> 2.223 /
+    2.234 / 2.237 ms, int8+head 1.381 / 1.469 / 1.525 -> 1.437 / 1.460 / 1.464, int4+head 1.520 / 1.601
+    / 1.667 -> 1.538 / 1.560 / 1.537. Slower where the context fits one 64-position chunk, so steps
+    known to (`max_context`, the narrow decode graphs of actors/cuda_graphs.py) keep that.
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -278,7 +282,7 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False,
         return int(chunk), mode, int(warps)
     if device.type != "cuda":
         return 64, "early", 4
-    if pairs is not None and pairs <= FEW_PAIRS:
+    if pairs is not None and pairs <= FEW_PAIRS and (max_context is None or max_context > ONE_CHUNK):
         return 16, "early", 2
     sms = _sm_count(device.index or 0)
     if programs <= 3 * sms:
@@ -354,14 +358,14 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     pairs = num_heads * num_seqs
     splits = decode_splits(pairs, q.device)
     if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
-        chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs)[0])
+        chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs, max_context=max_context)[0])
         splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
     counters = _split_counters(num_heads * num_seqs, q.device) if splits > 1 else None
     if counters is None:
         splits = 1
     ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
-    chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs)
+    chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs, max_context)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()

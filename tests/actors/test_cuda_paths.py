@@ -33,8 +33,8 @@ def generate(hf, **config) -> tuple[list[list[int]], object]:
 
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
-    """Steps whose contexts all fit SHORT_DECODE_CONTEXT replay graphs captured over that narrower
-    block-table view (one attention program per head and sequence); longer ones the full-width
+    """Steps whose contexts all fit one of NARROW_DECODE_CONTEXTS replay graphs captured over the
+    narrowest such block-table view; longer ones the full-width
     graphs, whose attention splits contexts over several programs (a tiny model's few heads leave
     the GPU idle). Tokens equal the eager lockstep engine's in both."""
     hf = tiny_model(family, max_position_embeddings=1024)
@@ -50,8 +50,8 @@ def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
     expected, _ = tokens(enable_cuda_graph=False, run_ahead=False)
     got, engine = tokens()
     graphs = engine.runner.graphs
-    assert 0 < graphs.short_blocks < graphs.max_blocks and graphs.short_max_batch >= 2
-    assert {(2, graphs.short_blocks), (2, graphs.max_blocks)} <= graphs.graphs.keys()
+    assert graphs.narrow_blocks and graphs.narrow_blocks[-1] < graphs.max_blocks and graphs.short_max_batch >= 2
+    assert {(2, width) for width in [*graphs.narrow_blocks, graphs.max_blocks]} <= graphs.graphs.keys()
     assert got == expected
 
 
