@@ -234,7 +234,7 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     program; with this step's token (split 0 folds it in and stores it) and without; twice in a row,
     so the tickets are back at zero after each merge."""
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device, l2_ahead=False: (chunk, "prefetch", 4))
+    monkeypatch.setattr(attention, "_decode_chunk", lambda *args, **kwargs: (chunk, "prefetch", 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=splits)
     for _ in range(2):
@@ -416,7 +416,7 @@ def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, hea
     contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
     leaves empty; the next chunk loaded before or after this one's arithmetic, the first before the
     wait or in the loop) and a single token."""
-    monkeypatch.setattr(attention, "_decode_chunk", lambda programs, device, l2_ahead=False: (chunk, mode, 4))
+    monkeypatch.setattr(attention, "_decode_chunk", lambda *args, **kwargs: (chunk, mode, 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=5)
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
