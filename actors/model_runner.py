@@ -59,7 +59,7 @@ def block_tables(seqs: list[Sequence], dtype) -> np.ndarray:
 # a follower waits for its next plan inside a collective, which times out after the group's timeout)
 STEP, DONE, STOP, KEEPALIVE = 0, 1, 2, 3
 # decode graphs of their own for steps whose contexts all fit these (cuda_graphs.py)
-NARROW_DECODE_CONTEXTS = (64, 256)
+NARROW_DECODE_CONTEXTS = (128, 256)     # kernels.attention.SMALL_CHUNK_CONTEXTS: each side its own attention
 
 
 def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:

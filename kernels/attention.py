@@ -240,7 +240,7 @@ def _bulk_prefetch(device: torch.device) -> bool:
 DECODE_MODES = ("plain", "early", "prefetch", "early-l2")
 L2_AHEAD_CHUNKS = 4
 FEW_PAIRS = 32
-ONE_CHUNK = 64
+SMALL_CHUNK_CONTEXTS = (128, 256)       # (exclusive, inclusive) bounds on a step's host-known context
 
 
 def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pairs: int | None = None,
@@ -266,14 +266,17 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     products end in a short reduction kernel, so the work before the wait is not hidden behind the
     product before attention (the model passes it for float and int8 weights); at batch 8 (160
     programs) it cost fp16 2.585 -> 2.594 and int8 2.222 -> 2.233 ms (`*-whatif-bs8-ctx120-configs.json`).
-    Steps of at most FEW_PAIRS (head, sequence) pairs (batch 1 of up to 32 heads) whose contexts may
-    pass ONE_CHUNK positions read 16 positions a step in programs of 2 warps, early, which lets contexts
-    past 64 positions split over several programs (`SPLIT_MIN_CHUNKS` chunks of 16). GPT-Neo 2.7B's
-    batch-1 decode graph against 64 positions early-l2 with 4 warps, unsplit (int4: early), at 40 / 130
-    / 250 positions (`*-whatif-bs1-ctx40_130_250-configs.json`): fp16 2.188 / 2.254 / 2.357 -> 2.223 /
-    2.234 / 2.237 ms, int8+head 1.381 / 1.469 / 1.525 -> 1.437 / 1.460 / 1.464, int4+head 1.520 / 1.601
-    / 1.667 -> 1.538 / 1.560 / 1.537. Slower where the context fits one 64-position chunk, so steps
-    known to (`max_context`, the narrow decode graphs of actors/cuda_graphs.py) keep that.
+    Steps of at most FEW_PAIRS (head, sequence) pairs (batch 1 of up to 32 heads) whose contexts are
+    known on the host to lie within SMALL_CHUNK_CONTEXTS (`max_context`: the narrow decode graphs of
+    actors/cuda_graphs.py, or an eager step's table width) read 16 positions a step in programs of 2
+    warps, early, which lets their contexts split over several programs (`SPLIT_MIN_CHUNKS` chunks of
+    16). GPT-Neo 2.7B's batch-1 decode graph, 64 positions early-l2 with 4 warps unsplit (int4: early)
+    against that, at 130 / 250 positions (`*-whatif-bs1-ctx40_130_250-configs.json`, H100): fp16 2.254
+    / 2.357 -> 2.234 / 2.237 ms, int8+head 1.469 / 1.525 -> 1.460 / 1.464, int4+head 1.601 / 1.667 ->
+    1.560 / 1.537; but at 40 / 100 positions fp16 2.188 / 2.219 -> 2.223 / 2.229 and int8+head 1.381 /
+    1.442 -> 1.437 / 1.458 (`*-whatif-bs1-ctx40_100-configs.json`), so shorter contexts keep the one
+    64-position chunk, and longer ones (whose tables the host does not bound) the split 64-position
+    reads.
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -282,7 +285,8 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
         return int(chunk), mode, int(warps)
     if device.type != "cuda":
         return 64, "early", 4
-    if pairs is not None and pairs <= FEW_PAIRS and (max_context is None or max_context > ONE_CHUNK):
+    low, high = SMALL_CHUNK_CONTEXTS
+    if pairs is not None and pairs <= FEW_PAIRS and max_context is not None and low < max_context <= high:
         return 16, "early", 2
     sms = _sm_count(device.index or 0)
     if programs <= 3 * sms:

@@ -179,8 +179,8 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
 def test_decode_chunk_by_grid_size(monkeypatch):
     """64 positions a step, the first read early, while 3 programs per SM hold the grid (with l2_ahead
     and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps, as
-    for steps of at most FEW_PAIRS (head, sequence) pairs whatever their splits, unless their contexts
-    are known to fit one 64-position chunk; RAYSPEED_DECODE_CONFIG overrides."""
+    for steps of at most FEW_PAIRS (head, sequence) pairs, whatever their splits, whose contexts the host
+    bounds within SMALL_CHUNK_CONTEXTS; RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
@@ -193,12 +193,13 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
     assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20) == (16, "early", 2)       # batch 1, 20 heads
-    assert attention._decode_chunk(32, cuda, True, pairs=32) == (16, "early", 2)
-    assert attention._decode_chunk(40 * 4, cuda, True, pairs=40) == (64, "early", 4)
-    assert attention._decode_chunk(20, torch.device("cpu"), pairs=20) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (16, "early", 2)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=64) == (64, "early-l2", 4)   # one chunk
+    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (16, "early", 2)   # batch 1
+    assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (16, "early", 2)
+    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (64, "early-l2", 4)
+    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=257) == (64, "early", 4)
+    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20) == (64, "early", 4)             # unbounded
+    assert attention._decode_chunk(40 * 4, cuda, True, pairs=40, max_context=256) == (64, "early", 4)
+    assert attention._decode_chunk(20, torch.device("cpu"), pairs=20, max_context=256) == (64, "early", 4)
     monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,prefetch,8")
     assert attention._decode_chunk(20, cuda) == (16, "prefetch", 8)
     monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,ahead,8")
