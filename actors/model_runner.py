@@ -15,7 +15,7 @@ import torch
 
 from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
 from actors.sequence import Sequence
-from kernels.attention import AttentionMetadata, decode_splits
+from kernels.attention import SMALL_CHUNK_CONTEXTS, AttentionMetadata, decode_splits
 from kernels.dispatch import use_triton
 from kernels.gemv_tuner import TUNED_MAX_ROWS, tuning_window
 from kernels.model import CausalLM
@@ -58,8 +58,9 @@ def block_tables(seqs: list[Sequence], dtype) -> np.ndarray:
 # plan commands: run a step / end of a driver call / leave the loop / nothing (an idle group's keepalive:
 # a follower waits for its next plan inside a collective, which times out after the group's timeout)
 STEP, DONE, STOP, KEEPALIVE = 0, 1, 2, 3
-# decode graphs of their own for steps whose contexts all fit these (cuda_graphs.py)
-NARROW_DECODE_CONTEXTS = (128, 256)     # kernels.attention.SMALL_CHUNK_CONTEXTS: each side its own attention
+# decode graphs of their own for steps whose contexts all fit these (cuda_graphs.py): attention reads the
+# contexts on either side of each bound its own way (kernels.attention._decode_chunk)
+NARROW_DECODE_CONTEXTS = SMALL_CHUNK_CONTEXTS
 
 
 def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:

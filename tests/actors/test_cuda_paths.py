@@ -33,12 +33,13 @@ def generate(hf, **config) -> tuple[list[list[int]], object]:
 
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
-    """Steps whose contexts all fit one of NARROW_DECODE_CONTEXTS replay graphs captured over the
-    narrowest such block-table view; longer ones the full-width
-    graphs, whose attention splits contexts over several programs (a tiny model's few heads leave
-    the GPU idle). Tokens equal the eager lockstep engine's in both."""
+    """Steps whose contexts all fit one of NARROW_DECODE_CONTEXTS (128, 256) replay graphs captured over
+    the narrowest such block-table view (attention reading 64 positions a step up to 128, 16 a step
+    and split past it); longer ones the full-width graphs, whose attention splits contexts in 64-position
+    steps (a tiny model's few heads leave the GPU idle). Tokens equal the eager lockstep engine's in all."""
     hf = tiny_model(family, max_position_embeddings=1024)
-    batches = [[list(range(7, 30)), list(range(60, 77))], [[3 + i % 250 for i in range(400)], list(range(9, 40))]]
+    batches = [[list(range(7, 30)), list(range(60, 77))], [[5 + i % 200 for i in range(150)], list(range(9, 40))],
+               [[3 + i % 250 for i in range(400)], list(range(9, 40))]]
 
     def tokens(**config):
         engine = rayspeed.init_inference(hf, dtype=torch.float32, replace_with_kernel_inject=True, device="cuda",
