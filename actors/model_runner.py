@@ -58,9 +58,6 @@ def block_tables(seqs: list[Sequence], dtype) -> np.ndarray:
 # plan commands: run a step / end of a driver call / leave the loop / nothing (an idle group's keepalive:
 # a follower waits for its next plan inside a collective, which times out after the group's timeout)
 STEP, DONE, STOP, KEEPALIVE = 0, 1, 2, 3
-# decode graphs of their own for steps whose contexts all fit these (cuda_graphs.py): attention reads the
-# contexts on either side of each bound its own way (kernels.attention._decode_chunk)
-NARROW_DECODE_CONTEXTS = SMALL_CHUNK_CONTEXTS
 
 
 def kv_cache_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -113,7 +110,8 @@ class ModelRunner:
         heads = self.model.layers[0].attn.qkv.num_heads           # this rank's
         graphs = DecodeGraphs(eager, self.model.spec.vocab_size, max_batch, max_blocks,
                               self.pad_block * self.block_size, self.pad_block, self.device,
-                              narrow_blocks=tuple(c // self.block_size for c in NARROW_DECODE_CONTEXTS),
+                              # graphs of their own for contexts within each bound attention reads by
+                              narrow_blocks=tuple(c // self.block_size for c in SMALL_CHUNK_CONTEXTS),
                               short_max_batch=max((b for b in buckets(max_batch)
                                                    if decode_splits(heads * b, self.device) > 1), default=0))
         graphs.capture()

@@ -364,10 +364,10 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
         chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs, max_context=max_context)[0])
         splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
-    counters = _split_counters(num_heads * num_seqs, q.device) if splits > 1 else None
+    counters = _split_counters(pairs, q.device) if splits > 1 else None
     if counters is None:
         splits = 1
-    ws = q if splits == 1 else torch.empty(num_seqs * num_heads * splits * (block_d + 2), dtype=torch.float32,
+    ws = q if splits == 1 else torch.empty(pairs * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
     chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs, max_context)
     chunk = max(block_size, chunk)

@@ -33,7 +33,7 @@ def generate(hf, **config) -> tuple[list[list[int]], object]:
 
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
-    """Steps whose contexts all fit one of NARROW_DECODE_CONTEXTS (128, 256) replay graphs captured over
+    """Steps whose contexts all fit one of kernels.attention.SMALL_CHUNK_CONTEXTS (128, 256) replay graphs captured over
     the narrowest such block-table view (attention reading 64 positions a step up to 128, 16 a step
     and split past it); longer ones the full-width graphs, whose attention splits contexts in 64-position
     steps (a tiny model's few heads leave the GPU idle). Tokens equal the eager lockstep engine's in all."""
