@@ -1,5 +1,6 @@
 """The prefill's GEMMs (GPT-Neo 2.7B, 512 rows: QKV, attention output, MLP up and down) through cuBLAS
-(`F.linear`, what the model runs), two other cuBLAS formulations, and a plain Triton GEMM at several
+(`F.linear`, what the model runs; also with torch told to prefer cuBLAS or cuBLASLt, and through
+TunableOp), two other cuBLAS formulations, and (without `--blas`) a plain Triton GEMM at several
 tiles, warps, stages and K splits: microseconds and TFLOP/s back to back in a CUDA graph over weight
 copies that miss L2, with each variant's error against cuBLAS. Kept to show why prefill keeps cuBLAS.
 
@@ -61,8 +62,45 @@ def triton_gemm(x, w, b, block_m, block_n, block_k, warps, stages, split=1):
     return c if split == 1 else c.to(x.dtype)
 
 
-def variants(x, ws, b):
-    yield "cublas_linear", lambda i: torch.nn.functional.linear(x, ws[i], b)
+def _with_blas(library: str, fn):
+    """`fn` with torch's preferred BLAS library set to `library` ("cublas" or "cublaslt") while it runs
+    (and while a graph captures it), the previous choice restored after."""
+    def call(i):
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library(library)
+        try:
+            return fn(i)
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
+    return call
+
+
+def _tuned(fn):
+    """`fn` through TunableOp (torch.cuda.tunable): its first call, outside any graph, times every
+    GEMM implementation torch registers for the shape and keeps the fastest; later calls replay it."""
+    state = {"tuned": False}
+    torch.cuda.tunable.write_file_on_exit(False)
+
+    def call(i):
+        torch.cuda.tunable.enable(True)
+        torch.cuda.tunable.tuning_enable(not state["tuned"])
+        try:
+            return fn(i)
+        finally:
+            state["tuned"] = True
+            torch.cuda.tunable.tuning_enable(False)
+            torch.cuda.tunable.enable(False)
+    return call
+
+
+def variants(x, ws, b, blas_only=False):
+    linear = lambda i: torch.nn.functional.linear(x, ws[i], b)        # noqa: E731
+    yield "cublas_linear", linear
+    yield "linear_prefer_cublaslt", _with_blas("cublaslt", linear)
+    yield "linear_prefer_cublas", _with_blas("cublas", linear)
+    yield "linear_tunableop", _tuned(linear)
+    if blas_only:
+        return
     yield "cublas_mm_then_bias", lambda i: torch.mm(x, ws[i].t()) + b
     yield "cublas_swapped_output", lambda i: torch.addmm(b[:, None], ws[i], x.t())        # y^T: [N, M]
     for bm, bn, warps, stages in itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4)):
@@ -79,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--blas", action="store_true", help="cuBLAS formulations only (library choice, TunableOp)")
     args = ap.parse_args()
     rows = []
     for name, n, k in SHAPES:
@@ -88,11 +127,12 @@ def main() -> None:
         x = torch.randn(args.rows, k, device="cuda", dtype=torch.half)
         ref = torch.nn.functional.linear(x, ws[0], b).float()
         row = {"shape": name, "m": args.rows, "n": n, "k": k, "us": {}, "tflops": {}, "rel_err": {}}
-        for key, fn in variants(x, ws, b):
+        for key, fn in variants(x, ws, b, args.blas):
             try:
                 out = fn(0).float()
                 us = time_in_graph(fn, copies) * 1e3
-            except Exception:                           # a tile that does not fit shared memory
+            except Exception as e:                      # a tile that does not fit shared memory
+                print(f"{name} {key}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             row["us"][key], row["tflops"][key] = us, 2 * args.rows * n * k / us / 1e6
             out = out if out.shape == ref.shape else out.t()         # the swapped formulation's y^T
@@ -103,7 +143,7 @@ def main() -> None:
         print(name, [(key, round(row["us"][key], 2), round(row["tflops"][key])) for key in top], flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
-    path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-gemm-sweep.json")
+    path = os.path.join(args.out, f"{torch.cuda.get_device_name().replace(' ', '-')}-{result['date']}-gemm-sweep{'-blas' if args.blas else ''}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
