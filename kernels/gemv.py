@@ -57,6 +57,21 @@ class Tile:
     l2_rows: int = 0               # swap, rows: bytes of each weight row a program asks the L2 for before its PDL wait
     rows: bool = False             # `_rows_kernel` (kernels/gemv_rows.py) instead: each thread owns all block_n rows
 
+    @property
+    def takes_norm(self) -> bool:
+        """Whether the product can do the norm before it (`NormFold`): `rows` tiles of one K split."""
+        return self.rows and self.split_k == 1
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """The LayerNorm or RMSNorm before a product, done inside it (kernels/gemv_rows.py, NORM): its
+    weight g ([K], x's dtype), c1 = W g (fp32 [N], LayerNorm only: the mean's share) and eps. The
+    product is then W norm(x) + bias with the caller's bias holding the norm's, W b_norm."""
+    weight: torch.Tensor
+    c1: torch.Tensor | None
+    eps: float
+
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
@@ -235,10 +250,11 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, norm: NormFold | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
     `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
-    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice)."""
+    (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice). With `norm`, x is normalised
+    first, inside the product (a tile that `takes_norm`)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -256,6 +272,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         assert scales is not None and scales.shape == (n, triton.cdiv(k, group_size)), \
             f"scales {None if scales is None else tuple(scales.shape)} != ({n}, {triton.cdiv(k, group_size)})"
     tile = tile or pick_tile(m, n, k, bits, group_size)
+    if norm is not None:
+        if not tile.takes_norm:
+            raise ValueError(f"only rows tiles of one K split take the norm before them, not {tile}")
+        assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype and norm.weight.is_contiguous(), \
+            f"norm weight must be [{k}] {x.dtype}, got {tuple(norm.weight.shape)} {norm.weight.dtype}"
+        assert norm.c1 is None or (norm.c1.shape == (n,) and norm.c1.dtype == torch.float32), f"c1 must be [{n}] fp32"
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
     if bits < 16 and not per_row and not tile.scale_in_tile and not (tile.fma or tile.rows):
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
@@ -301,7 +323,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
-            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, ROWS=tile.block_n, SUB=sub, PDL=pdl,
+            norm_args = (dummy, dummy, 0.0) if norm is None else \
+                (norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps)
+            norm_kind = 0 if norm is None else 2 if norm.c1 is None else 1
+            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, *norm_args, NORM=norm_kind,
+                                              ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                               L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from kernels.gemv_epilogue import epilogue, feature_params
-from kernels.gemv_fma import _fma_x
+from kernels.gemv_fma import _fma_x, _two_words
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
-from kernels.unpack import int4_half_dot, int8_half_dot, one_plus_sixteenth, s8_to_f32
+from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
 
 
 @triton.jit
@@ -108,15 +108,70 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
         sums = sums * scale[:, None]
     return sums
 
+@triton.jit
+def _norm_word(w, g, ASM: tl.constexpr):
+    """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,
+    rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 {lo, hi}, $3;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $1, flo, fhi;
+            mul.f32 $2, flo, flo;
+            fma.rn.f32 $2, fhi, fhi, $2;
+            mul.rn.f16x2 $0, $3, $4;
+            }""",
+            "=r,=f,=f,r,r", [w, g], dtype=(tl.int32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
+        plo = (lo * low_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
+        phi = (hi * high_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
+        word = (plo.to(tl.int32) & 0xFFFF) | (phi.to(tl.int32) << 16)
+        return word, lo + hi, lo * lo + hi * hi
+
+
+@triton.jit
+def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr):
+    """This K tile's x (as `_fma_x` loads it) times the norm weights g (loaded the same way), and
+    the fp32 sum and sum of squares of the x values, [NG, SV]. Packed words (HALF) multiply in fp16
+    as the norm kernel's output would be rounded; float x (else) in fp32."""
+    if HALF and BITS == 8:                             # two words of two fp16 each
+        xa, s1, s2 = _norm_word(xa, ga, ASM)
+        xb, t1, t2 = _norm_word(xb, gb, ASM)
+        s1, s2 = s1 + t1, s2 + t2
+    elif HALF:                                         # two 64-bit words of two words each
+        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM)
+        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM)
+        s1, s2 = s1 + t1, s2 + t2
+        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM)
+        s1, s2 = s1 + t1, s2 + t2
+        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM)
+        s1, s2 = s1 + t1, s2 + t2
+        xa, xb = _two_words(a0, a1), _two_words(b0, b1)
+    elif BITS == 4:                                    # float x pairs
+        fa, fb = xa.to(tl.float32), xb.to(tl.float32)
+        s1, s2 = fa + fb, fa * fa + fb * fb
+        xa, xb = (fa * ga.to(tl.float32)).to(xa.dtype), (fb * gb.to(tl.float32)).to(xb.dtype)
+    else:                                              # xa is xb: one x per weight column
+        fa = xa.to(tl.float32)
+        s1, s2 = fa, fa * fa
+        xa = (fa * ga.to(tl.float32)).to(xa.dtype)
+        xb = xa
+    return xa, xb, tl.sum(s1, axis=2), tl.sum(s2, axis=2)
+
 
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_rm, stride_om, stride_os, group_size, k_per_split, l2_row_bytes, l2_head_bytes,
-                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 g_ptr, c1_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
-                 L2_CHUNK: tl.constexpr = 2048):
+                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -126,7 +181,13 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     its whole share of the weight is on the way at once; the loop's loads, issued one K tile at a
     time, then find it there. With L2_LANES, as in `_fma_kernel`, the first programs of x row 0 ask
     the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK bytes each, before the wait
-    (`kernels.gemv._l2_prefetch_bytes`)."""
+    (`kernels.gemv._l2_prefetch_bytes`).
+
+    NORM (1 LayerNorm, 2 RMSNorm; one K split only): x is the residual stream before the norm that
+    feeds this product, whose weight `g` multiplies x as it loads; the loop also sums x and its
+    squares, and after it out = rstd * (out - mean * c1) with c1[n] = sum_k W[n, k] g[k] (mean 0 for
+    RMSNorm): the normalised product without a norm kernel before it. The norm's bias, W b_norm, is
+    in the caller's bias."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -142,6 +203,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     rn = n0 + tl.arange(0, ROWS)
     bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)      # parameters: before the wait
     row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
+    c1 = feature_params(c1_ptr, rn, 1, N, NORM == 1, 0.0)
     x_row = x_ptr + row * stride_xm
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
@@ -153,6 +215,8 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     acc0 = tl.zeros((NG, SV), dtype=tl.float32)
     acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
     GROUPED: tl.constexpr = BITS < 16 and not PER_ROW_SCALE
+    x_sum = tl.zeros((NG, SV), dtype=tl.float32)
+    x_squares = x_sum
     if PREFETCH:                                  # weights never change: the first tile before the wait
         w0, w1, w2, w3, w4, w5, w6, w7, s0, s1, s2, s3, s4, s5, s6, s7 = _row_tiles(
             w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k_begin, k_end, cols, rg, ROWS, BITS, HALF, VEC,
@@ -168,6 +232,11 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
                 w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k0, k_end, cols, rg, ROWS, BITS, HALF, VEC,
                 GROUPED, SUB)
         xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
+        if NORM:
+            ga, gb = _fma_x(g_ptr, g_ptr, k0, k_end, cols, BITS, HALF)
+            xa, xb, part_sum, part_squares = _norm_x(xa, xb, ga, gb, BITS, HALF, ASM)
+            x_sum += part_sum
+            x_squares += part_squares
         x0, x1, x2, x3 = xa, xa, xb, xb
         if HALF and BITS == 4:                    # the fp16 pairs of `int4_half_dot`, once for all rows
             x0, x1 = xa.to(tl.int32), (xa >> 32).to(tl.int32)
@@ -204,7 +273,14 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
         out *= 16.0
     elif HALF:
         out *= 128.0
-    out = (out * row_scale)[None, :]                                        # [1, ROWS]
+    out = out * row_scale
+    if NORM:
+        mean = 0.0
+        if NORM == 1:
+            mean = tl.sum(tl.sum(x_sum, axis=1), axis=0) / K
+        var = tl.sum(tl.sum(x_squares, axis=1), axis=0) / K - mean * mean
+        out = (out - mean * c1) * (1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps))
+    out = out[None, :]                                                      # [1, ROWS]
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
         out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)

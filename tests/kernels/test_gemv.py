@@ -387,3 +387,48 @@ def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bi
         ref = x.double() @ full.double().T + bias.double()
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
         assert bool(copies) == expect_copy
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("bits,group,dtype,tile", [
+    (16, None, torch.float32, Tile(1, 4, 64, rows=True)), (8, None, torch.float32, Tile(1, 2, 128, rows=True, prefetch=True)),
+    (8, 64, torch.float32, Tile(1, 4, 64, rows=True)), (4, 64, torch.float32, Tile(1, 2, 128, rows=True, prefetch=True)),
+    (8, None, torch.float16, Tile(1, 8, 128, rows=True, half=True)),
+    (8, 64, torch.float16, Tile(1, 2, 64, rows=True, half=True, prefetch=True)),
+    (4, 64, torch.float16, Tile(1, 8, 128, rows=True, half=True))])
+def test_norm_inside_the_product(bits, group, kind, dtype, tile):
+    """A rows tile with the norm before it (`NormFold`): the residual stream x in, W norm(x) + bias +
+    residual out, against fp64 LayerNorm / RMSNorm then the product; the norm's bias in the caller's
+    bias as W b_norm, the mean's share through c1 = W g. x has a large mean, as residual streams may."""
+    from kernels.gemv import NormFold
+    g = torch.Generator().manual_seed(5)
+    n, k = 37, 384
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x = (torch.randn(2, k, generator=g) * 3 + 2).to(dtype)
+    gamma, beta = (torch.rand(k, generator=g) + 0.5).to(dtype), torch.randn(k, generator=g).to(dtype)
+    bias, residual = torch.randn(n, generator=g).to(dtype), torch.randn(2, n, generator=g).to(dtype)
+    xd = x.double()
+    if kind == "layer":
+        xn = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        xn = xn * gamma.double() + beta.double()
+        c1, folded_bias = (full.double() @ gamma.double()).float(), bias.double() + full.double() @ beta.double()
+    else:
+        xn = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double()
+        c1, folded_bias = None, bias.double()
+    w_in = w.to(dtype) if bits == 16 else w
+    got = skinny_linear(x, w_in, folded_bias.to(dtype), None if scales is None else scales.to(dtype), bits, group,
+                        tile, residual=residual, norm=NormFold(gamma, c1, 1e-5))
+    ref = xn @ full.double().T + bias.double() + residual.double()
+    assert got.dtype == dtype and got.shape == (2, n)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+def test_norm_needs_a_rows_tile_of_one_split():
+    from kernels.gemv import NormFold
+    g = torch.Generator().manual_seed(6)
+    w, scales, _ = _weight(8, 256, 8, 256, g)
+    norm = NormFold(torch.ones(256), None, 1e-5)
+    for tile in (Tile(1, 4, 64, split_k=2, rows=True), Tile(1, 4, 64, fma=True)):
+        with pytest.raises(ValueError, match="rows tiles of one K split"):
+            skinny_linear(torch.randn(1, 256, generator=g), w, None, scales, 8, None, tile, norm=norm)
