@@ -80,9 +80,10 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """attention(x) + residual (added in the output projection's epilogue)."""
-        q, k, v = self.qkv(x)                        # [tokens, heads | kv_heads, head_dim]
+                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
+        """attention(norm(x)) + residual (added in the output projection's epilogue); `norm` None: x
+        is normalised already."""
+        q, k, v = self.qkv(x, norm=norm)             # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
@@ -102,13 +103,14 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """mlp(x) + residual; the activation (ungated) and the residual ride in the matmul epilogues."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
+        """mlp(norm(x)) + residual; the activation (ungated) and the residual ride in the matmul
+        epilogues; `norm` None: x is normalised already."""
         if self.gated:
-            gate, up = self.up(x).chunk(2, dim=-1)
+            gate, up = self.up(x, norm=norm).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.up(x, self.act_name)
+            h = self.up(x, self.act_name, norm=norm)
         return self.down(h, residual)
 
 
@@ -119,7 +121,12 @@ class DecoderBlock(nn.Module):
 
     The residual stream travels between blocks as (x, pending): the stream is x + pending, and the
     next norm adds them in its own kernel (`Norm.add`) instead of a separate add after each
-    sublayer. `pending` is None after a post-norm block."""
+    sublayer. `pending` is None after a post-norm block.
+
+    Pre-norm blocks whose QKV and MLP-up products can each do the norm before them (decode batches
+    whose tiles take it: `_Linear.norm_fold`) run without norm kernels instead (`_forward_folded`):
+    those products read the stream itself, and the output projection and MLP down add the residual
+    in their epilogues, so the block hands on (x, None)."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None, quant: QuantSpec | None = None):
@@ -136,6 +143,8 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, pending) in -> (x, pending) out, the stream being their sum."""
+        if not self.post_norm and self._folds(x):
+            return self._forward_folded(x, positions, meta, kv_cache, pending)
         if self.post_norm:
             if pending is not None:
                 x = x + pending
@@ -147,3 +156,17 @@ class DecoderBlock(nn.Module):
             return after_attn, self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
         h, x = self.mlp_norm(self.attn(h, positions, meta, kv_cache), x)
         return x, self.mlp(h)
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        mlp_norm = self.mlp_norm or self.attn_norm
+        up_act = None if self.mlp.gated else self.mlp.act_name
+        return (self.attn.qkv.norm_fold(x, self.attn_norm) is not None
+                and self.mlp.up.norm_fold(x, mlp_norm, up_act) is not None)
+
+    def _forward_folded(self, x, positions, meta, kv_cache, pending):
+        if pending is not None:
+            x = x + pending
+        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
+        if self.parallel_residual:
+            return self.mlp(x, residual=after_attn, norm=self.mlp_norm or self.attn_norm), None
+        return self.mlp(after_attn, residual=after_attn, norm=self.mlp_norm), None

@@ -292,10 +292,13 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
 
 def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
-                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None):
+                    activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
+                    norm=None):
     """`skinny_linear` with the tuner's tile, or `torch_path(x, weight)` (the same product in torch,
-    offered for float weights) where the tuner measured that faster."""
+    offered for float weights) where the tuner measured that faster. `norm` (a `NormFold`) only
+    where the tile takes it (`_Linear.norm_fold` asks first)."""
     tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
     if tile == CUBLAS:
+        assert norm is None, "cuBLAS does not take the norm before it"
         return torch_path(x, weight)
-    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual)
+    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual, norm)

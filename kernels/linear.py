@@ -19,9 +19,10 @@ from torch import nn
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.dequant import DEQUANT_MIN_ROWS
-from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear
+from kernels.gemv import NormFold, Tile
+from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear, tuned_tile
 from kernels import allreduce
-from kernels.quant import QuantSpec, quant_linear
+from kernels.quant import QuantSpec, dequantize, quant_linear
 
 # Float products of at most this many rows (decode batches) stream the weight through kernels/gemv.py
 # on CUDA where its tuner (kernels/gemv_tuner.py) measured that faster than cuBLAS (with its
@@ -29,6 +30,9 @@ from kernels.quant import QuantSpec, quant_linear
 # the Triton kernels.
 CUBLAS_EPILOGUES = ("gelu_tanh", "relu")       # activations cuBLASLt applies after the bias (`_torch_matmul`)
 SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(TUNED_MAX_ROWS)))
+# Decode products whose tile can (`Tile.takes_norm`) do the norm before them instead of a norm kernel
+# (`_Linear.norm_fold`); RAYSPEED_FOLD_NORMS=0 keeps the norm kernels.
+FOLD_NORMS = os.environ.get("RAYSPEED_FOLD_NORMS", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,14 @@ def _param(*shape: int, dtype: torch.dtype, loader, tp_dim: int | None = None,
     return p
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """A norm done inside a product (`_Linear.norm_fold`): the kernel's part, and the product's bias
+    with the norm's folded in."""
+    norm: NormFold
+    bias: torch.Tensor | None
+
+
 class QuantizedRows:
     """A quantized weight seen as the float [rows, K] weight it replaces, for the float weight loaders:
     `narrow(0, ...)` selects rows (a part), `copy_(w)` quantizes w into those rows of qweight/scales."""
@@ -160,19 +172,66 @@ class _Linear(nn.Module):
         """A float checkpoint weight, quantized part by part (this rank's shard) into qweight/scales."""
         self.weight_loader(QuantizedRows(self.qweight, self.scales, self.quant), full, shard_id)
 
+    def _streams(self, x: torch.Tensor) -> bool:
+        """Whether this product runs in the weight-streaming Triton kernels at x's rows."""
+        bits = 16 if self.quant is None else self.quant.bits
+        rows = x.numel() // x.shape[-1]
+        return use_triton(x) and (rows < DEQUANT_MIN_ROWS[bits] if bits < 16 else rows <= SKINNY_MAX_ROWS)
+
+    def norm_fold(self, x: torch.Tensor, norm, activation: str | None = None) -> "_Fold | None":
+        """`norm` (a LayerNorm or RMSNorm module: kind, weight, bias, eps) done inside this product at
+        x's rows, or None where its tile cannot (`Tile.takes_norm`, the tuner's choice for the
+        product as it would run with the folded bias). What the fold needs, c1 = W g and the norm's
+        bias through the weight, W b_norm, is computed from the (dequantized) weight once per weights
+        and norm, and never while a CUDA graph is being captured (the product then runs after a
+        norm kernel, as without the fold)."""
+        if not FOLD_NORMS or norm.weight.dtype != x.dtype or not self._streams(x):
+            return None
+        fold = self._prepared_fold(norm)
+        if fold is None:
+            return None
+        bits = 16 if self.quant is None else self.quant.bits
+        weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
+        torch_path = (lambda v, w: self._torch_matmul(v, fold.bias, activation, None, w)) if bits == 16 else None
+        tile = tuned_tile(x, weight, fold.bias, scales, bits, None if bits == 16 else self.group_size, activation,
+                          None, torch_path)
+        return fold if isinstance(tile, Tile) and tile.takes_norm else None
+
+    def _prepared_fold(self, norm) -> "_Fold | None":
+        params = (self.weight,) if self.quant is None else (self.qweight, self.scales)
+        params += (self.bias, norm.weight, norm.bias)
+        key = tuple(None if p is None else (p.data_ptr(), p._version) for p in params)
+        cached = getattr(self, "_fold", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if norm.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        with torch.no_grad():
+            w = (self.weight if self.quant is None else
+                 dequantize(self.qweight, self.scales, self.quant.bits, self.group_size, torch.float32)).float()
+            c1 = (w @ norm.weight.float()).contiguous() if norm.kind == "layer" else None
+            bias = self.bias
+            if norm.kind == "layer" and norm.bias is not None and bool(norm.bias.any()):
+                shift = w @ norm.bias.float()
+                bias = (shift if bias is None else bias.float() + shift).to(norm.weight.dtype)
+        fold = _Fold(NormFold(norm.weight.detach().contiguous(), c1, norm.eps), bias)
+        self._fold = (key, fold)
+        return fold
+
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, norm: NormFold | None = None) -> torch.Tensor:
         """act(x W^T + bias) + residual. On CUDA, float weights at decode batches and quantized weights
         below DEQUANT_MIN_ROWS go through the weight-streaming Triton kernels with the epilogue fused,
         unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
-        quantized products dequantize the weight once and run cuBLAS (`quant_linear`)."""
+        quantized products dequantize the weight once and run cuBLAS (`quant_linear`). `norm`: from
+        `norm_fold`, x is the stream before that norm."""
         bits = 16 if self.quant is None else self.quant.bits
-        rows = x.numel() // x.shape[-1]
-        if use_triton(x) and (rows < DEQUANT_MIN_ROWS[bits] if bits < 16 else rows <= SKINNY_MAX_ROWS):
+        if self._streams(x):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
-            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
+            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm)
+        assert norm is None, "the norm rides only in the weight-streaming kernels"
         return self._torch_matmul(x, bias, activation, residual)
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,
@@ -209,9 +268,15 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
-    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue."""
-        return self._matmul(x, self.bias, activation)
+    def forward(self, x: torch.Tensor, activation: str | None = None, norm=None) -> torch.Tensor:
+        """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue.
+        `norm`: the norm module x goes through first, inside the product where `norm_fold` can."""
+        if norm is None:
+            return self._matmul(x, self.bias, activation)
+        fold = self.norm_fold(x, norm, activation)
+        if fold is None:
+            return self._matmul(norm(x), self.bias, activation)
+        return self._matmul(x, fold.bias, activation, norm=fold.norm)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -274,8 +339,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             shard = full.narrow(0, rank * size, size)
         copy_checked(param.narrow(0, start, size), shard)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().forward(x).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor, norm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().forward(x, norm=norm).split(self.sizes, dim=-1)
         return (q.unflatten(-1, (self.num_heads, self.head_dim)),       # [tokens, heads, head_dim]
                 k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                 v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
