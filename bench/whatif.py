@@ -8,7 +8,8 @@ gemv table (bench/tune.py --refine-rows writes one) before the shipped one; "flo
 `+head` dtype, e.g. int8+head) multiplies the float LM head instead of its quantized copy; "norm 1 warp"
 and "norm 2 warps" run the norm kernels' programs with fewer warps (kernels.norm.NORM_WARPS); "out whole",
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
-programs ask the L2 for before their PDL wait (`l2_by_role`); --configs compares
+programs ask the L2 for before their PDL wait (`l2_by_role`); "norm kernels" runs every norm as a kernel
+of its own instead of inside the products after it (kernels.linear.FOLD_NORMS); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG; "default": the built-in choice) instead, at
 each context of --context.
 
@@ -34,6 +35,7 @@ import rayspeed  # noqa: E402
 import kernels.block as block  # noqa: E402
 import kernels.gemv as gemv  # noqa: E402
 import kernels.gemv_tuner as gemv_tuner  # noqa: E402
+import kernels.linear as linear  # noqa: E402
 import kernels.norm as norm_kernels  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, commit, dtype_args  # noqa: E402
@@ -78,7 +80,8 @@ VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"att
             "neither": {"norm": no_norm, "attention": no_attention}, "unsplit": {"tile": unsplit_tile},
             "float head": {"float_head": True}, "norm 1 warp": {"norm_warps": 1}, "norm 2 warps": {"norm_warps": 2},
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
-            "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)}}
+            "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)},
+            "norm kernels": {"fold": False}}
 
 
 def table_choices(path: str) -> gemv_tuner._Choices:
@@ -91,8 +94,10 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
-        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, norm_warps: int = REAL_NORM_WARPS) -> None:
+        choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, norm_warps: int = REAL_NORM_WARPS,
+        fold: bool = True) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    linear.FOLD_NORMS = fold
     norm_kernels.NORM_WARPS = norm_warps
     gemv._l2_prefetch_bytes = l2
     if model is not None and model.head_quant is not None:    # the quantized head copy, hidden or back

@@ -20,7 +20,8 @@ from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.dequant import DEQUANT_MIN_ROWS
 from kernels.gemv import NormFold, Tile
-from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear, tuned_tile
+from kernels import gemv_tuner
+from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear
 from kernels import allreduce
 from kernels.quant import QuantSpec, dequantize, quant_linear
 
@@ -193,7 +194,7 @@ class _Linear(nn.Module):
         bits = 16 if self.quant is None else self.quant.bits
         weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
         torch_path = (lambda v, w: self._torch_matmul(v, fold.bias, activation, None, w)) if bits == 16 else None
-        tile = tuned_tile(x, weight, fold.bias, scales, bits, None if bits == 16 else self.group_size, activation,
+        tile = gemv_tuner.tuned_tile(x, weight, fold.bias, scales, bits, None if bits == 16 else self.group_size, activation,
                           None, torch_path)
         return fold if isinstance(tile, Tile) and tile.takes_norm else None
 

@@ -358,3 +358,54 @@ def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
     assert ((plain.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 3e-3
     for twin in (replace(tile, prefetch=True), replace(tile, l2_rows=1 << 20)):
         assert torch.equal(skinny_linear(*args, bits, group, twin, residual=residual.cuda()), plain)
+
+
+@pytest.mark.parametrize("bits,half", [(16, False), (8, True), (4, False), (4, True)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_rows_tiles_do_the_norm_before_them_on_the_gpu(bits, half, rms):
+    """A GPT-Neo-sized rows product with the LayerNorm (or RMSNorm) before it inside (`NormFold`; the
+    packed-fp16 tiles run their inline assembly here): against fp64 norm-then-product, on a stream
+    with a large mean; the same with the next-tile prefetch."""
+    from kernels.gemv import NormFold
+    g = torch.Generator().manual_seed(bits + 2 * half + 4 * rms)
+    n, k, group = 2560, 2560, 128 if bits == 4 else None
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x = (torch.randn(1, k, generator=g) * 4 + 3).half()
+    gamma, beta = (torch.rand(k, generator=g) + 0.5).half(), torch.randn(k, generator=g).half()
+    bias, residual = torch.randn(n, generator=g).half(), torch.randn(1, n, generator=g).half()
+    xd = x.double()
+    if rms:
+        xn, c1, folded = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.double(), None, bias.double()
+    else:
+        xn = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        xn = xn * gamma.double() + beta.double()
+        c1, folded = (full.double() @ gamma.double()).float().cuda(), bias.double() + full.double() @ beta.double()
+    norm = NormFold(gamma.cuda(), c1, 1e-5)
+    args = [x.cuda(), (w.half() if bits == 16 else w).cuda(), folded.half().cuda(),
+            None if scales is None else scales.half().cuda()]
+    tile = Tile(1, 8, 1024 if half and bits == 4 else 512, 1, 1, half=half, rows=True)
+    got = skinny_linear(*args, bits, group, tile, residual=residual.cuda(), norm=norm)
+    ref = xn @ full.double().T + bias.double() + residual.double()
+    assert ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 5e-3
+    assert torch.equal(skinny_linear(*args, bits, group, replace(tile, prefetch=True), residual=residual.cuda(),
+                                     norm=norm), got)
+
+
+@pytest.mark.parametrize("family,dtype", [("gpt_neo", torch.int8), ("llama", "int4")])
+def test_folded_norms_give_the_norm_kernels_tokens(family, dtype, monkeypatch):
+    """fp16 decode on rows tiles (forced, as the tuner picks them for large models) with the norms
+    inside QKV and MLP up against the same engine with norm kernels (`kernels.linear.FOLD_NORMS`
+    off): close logits."""
+    import kernels.gemv_tuner as tuner
+    import kernels.linear as linear
+    tile = lambda x, *args, **kwargs: Tile(1, 8, 64, rows=True, half=True)      # noqa: E731
+    monkeypatch.setattr(tuner, "tuned_tile", tile)
+    hf = tiny_model(family)
+    quant = {"quant": {"weight": {"group_size": 32}}} if dtype == "int4" else {}
+    engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, device="cuda", max_num_seqs=8,
+                                     **quant)
+    ids = torch.tensor([PROMPTS[1]], device="cuda")
+    folded = engine.module(ids).logits.float()
+    monkeypatch.setattr(linear, "FOLD_NORMS", False)
+    plain = engine.module(ids).logits.float()
+    assert ((folded - plain).norm() / plain.norm()).item() < 5e-3

@@ -29,7 +29,6 @@ def test_blocks_fold_their_norms_into_the_products(monkeypatch, family, quant):
 
     tile = lambda x, *args, **kwargs: Tile(1, 8, 64, rows=True)                   # noqa: E731
     monkeypatch.setattr(linear._Linear, "_streams", lambda self, x: isinstance(self, linear.ColumnParallelLinear))
-    monkeypatch.setattr(linear, "tuned_tile", tile)
     monkeypatch.setattr(tuner, "tuned_tile", tile)
     folded = []
     real = DecoderBlock._forward_folded
