@@ -112,6 +112,14 @@ def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, co
         os.environ.pop("RAYSPEED_DECODE_CONFIG", None)
 
 
+def folded_blocks(model, batch: int) -> int:
+    """How many decoder blocks run with their norms inside the products at this batch (`_folds`)."""
+    blocks = [m for m in model.modules() if isinstance(m, block.DecoderBlock)]
+    x = torch.zeros(batch, blocks[0].attn_norm.weight.shape[0],
+                    dtype=blocks[0].attn_norm.weight.dtype, device="cuda")
+    return sum(b._folds(x) for b in blocks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", default="int8,float16,int4")
@@ -139,17 +147,18 @@ def main() -> None:
         for context in contexts:
             while len(seqs[0]) < context:             # prefill, then decode steps
                 engine.step()
-            times = {v: [] for v in variants}
+            times, folds = {v: [] for v in variants}, {}
             for _ in range(args.rounds):
                 for variant, patches in variants.items():
                     use(engine.runner.model, **patches)
                     engine.runner.capture_cudagraphs(engine.config.max_num_seqs, engine.max_seq_len)
                     times[variant].append(replay_ms(engine.runner, seqs, iters=200))
+                    folds.setdefault(variant, folded_blocks(engine.runner.model, args.batch))
             use(engine.runner.model)
             key = name if len(contexts) == 1 else f"{name}@{context}"
             rows[key] = {v: statistics.median(t) for v, t in times.items()}
-            rows[key]["all"] = times
-            print(key, json.dumps({v: round(t, 4) for v, t in rows[key].items() if v != "all"}), flush=True)
+            rows[key]["all"], rows[key]["blocks_with_folded_norms"] = times, folds
+            print(key, json.dumps({v: round(t, 4) for v, t in rows[key].items() if v in times}), "folded blocks", folds, flush=True)
         for seq in seqs:
             engine.abort(seq)
         del engine

@@ -398,13 +398,16 @@ def test_folded_norms_give_the_norm_kernels_tokens(family, dtype, monkeypatch):
     off): close logits."""
     import kernels.gemv_tuner as tuner
     import kernels.linear as linear
-    tile = lambda x, *args, **kwargs: Tile(1, 8, 64, rows=True, half=True)      # noqa: E731
+    from kernels.block import DecoderBlock
+    tile = lambda x, w, b, s, bits, *args, **kwargs: Tile(1, 8, 64, rows=True, half=bits < 16)   # noqa: E731
     monkeypatch.setattr(tuner, "tuned_tile", tile)
     hf = tiny_model(family)
     quant = {"quant": {"weight": {"group_size": 32}}} if dtype == "int4" else {}
     engine = rayspeed.init_inference(hf, dtype=dtype, replace_with_kernel_inject=True, device="cuda", max_num_seqs=8,
                                      **quant)
     ids = torch.tensor([PROMPTS[1]], device="cuda")
+    blocks = [m for m in engine.backend.model.modules() if isinstance(m, DecoderBlock)]
+    assert all(b._folds(torch.zeros(1, hf.config.hidden_size, dtype=torch.half, device="cuda")) for b in blocks)
     folded = engine.module(ids).logits.float()
     monkeypatch.setattr(linear, "FOLD_NORMS", False)
     plain = engine.module(ids).logits.float()
