@@ -18,9 +18,19 @@ def feature_params(ptr, rn, stride, N, PRESENT: tl.constexpr, DEFAULT: tl.conste
 
 
 @triton.jit
+def residual_tile(r_ptr, rm, rn, M, N, stride_rm):
+    """fp32 [BM, BN] of the residual for rows rm and features rn (0 outside). The CUDA-core kernels
+    read it right after their PDL wait, so its latency hides behind the product instead of adding to
+    every program's tail, and pass it to `epilogue` as `early_residual`."""
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    return tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-             HAS_RESIDUAL: tl.constexpr):
-    """fp32 [BM, BN] -> act(acc + bias) + residual, in that order; `bias` from `feature_params`."""
+             HAS_RESIDUAL: tl.constexpr, early_residual=None):
+    """fp32 [BM, BN] -> act(acc + bias) + residual, in that order; `bias` from `feature_params`; the
+    residual read here, or given (`residual_tile`, read earlier) as `early_residual`."""
     if HAS_BIAS:
         acc += bias[None, :]
     if ACT == 1:                                       # tanh GELU; tanh(y) = 2 sigmoid(2y) - 1
@@ -33,6 +43,8 @@ def epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, 
     elif ACT == 4:
         acc = acc * tl.sigmoid(acc)
     if HAS_RESIDUAL:
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        acc += tl.load(r_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        if early_residual is None:
+            acc += residual_tile(r_ptr, rm, rn, M, N, stride_rm)
+        else:
+            acc += early_residual
     return acc

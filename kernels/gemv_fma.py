@@ -5,7 +5,7 @@ fastest at one or two rows (bench/results/*-gemv-fma.json)."""
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import epilogue, feature_params
+from kernels.gemv_epilogue import epilogue, feature_params, residual_tile
 from kernels.pdl import await_previous, prefetch_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
 
@@ -134,6 +134,9 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         xa, xb = _fma_x(x_ptr, x_row, k_begin, k_end, cols, BITS, HALF)
     else:
         await_previous(PDL)
+    residual = None
+    if HAS_RESIDUAL and EPILOGUE:                  # written before this kernel: read it now, add it at the end
+        residual = residual_tile(r_ptr, row + tl.arange(0, 1), rn, M, N, stride_rm)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                                   # the next tile's loads fly while this one computes
             w_next = _fma_weights(w_ptrs, k0 + BLOCK_K, k_end, cols, n_mask, BITS, HALF)
@@ -173,6 +176,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         out *= row_scale[None, :]
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
-        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL, residual)
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])

@@ -25,7 +25,7 @@ Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 by
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import epilogue, feature_params
+from kernels.gemv_epilogue import epilogue, feature_params, residual_tile
 from kernels.gemv_fma import _fma_x, _two_words
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
@@ -222,6 +222,9 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
             w_ptr, s_ptr, n0, N, K, stride_wn, stride_sn, group_size, k_begin, k_end, cols, rg, ROWS, BITS, HALF, VEC,
             GROUPED, SUB)
     await_previous(PDL)
+    residual = None
+    if HAS_RESIDUAL and EPILOGUE:                  # written before this kernel: read it now, add it at the end
+        residual = residual_tile(r_ptr, row + tl.arange(0, 1), rn, M, N, stride_rm)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                              # the next tile's loads fly while this one computes
             v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, t7 = _row_tiles(
@@ -283,6 +286,6 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     out = out[None, :]                                                      # [1, ROWS]
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
-        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
+        out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL, residual)
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])
