@@ -129,11 +129,18 @@ def main() -> None:
                                                     "timed at each in turn, the sequences decoding on between)")
     ap.add_argument("--variants", default="as built,no norms,no attention,neither", help=f"of {list(VARIANTS)}")
     ap.add_argument("--configs", default="", help="space-separated RAYSPEED_DECODE_CONFIG values to compare")
-    ap.add_argument("--table", default="", help="the gemv table of the `table` variant")
+    ap.add_argument("--table", default="", help="the gemv table of the `table` variant; several, comma-separated: "
+                                                "variants `table:<file name>` each")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    if args.table:
-        VARIANTS["table"] = {"choices": table_choices(args.table)}
+    tables = [t for t in args.table.split(",") if t]
+    if len(tables) == 1:
+        VARIANTS["table"] = {"choices": table_choices(tables[0])}
+    for path in tables if len(tables) > 1 else []:
+        VARIANTS[f"table:{os.path.basename(path)}"] = {"choices": table_choices(path)}
+    if len(tables) > 1 and "table" in args.variants.split(","):
+        args.variants = ",".join([v for v in args.variants.split(",") if v != "table"] +
+                                 [f"table:{os.path.basename(p)}" for p in tables])
     contexts = [int(c) for c in args.context.split(",")]
     hf = build("neo")
     rows = {}
