@@ -84,6 +84,10 @@ VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"att
             "norm kernels": {"fold": False}}
 
 
+def _stem(path: str) -> str:
+    return os.path.basename(path).removesuffix(".json")
+
+
 def table_choices(path: str) -> gemv_tuner._Choices:
     """The tuner's choices with the table at `path` read over the shipped one (keys it lacks stay)."""
     choices = gemv_tuner._Choices()
@@ -130,17 +134,17 @@ def main() -> None:
     ap.add_argument("--variants", default="as built,no norms,no attention,neither", help=f"of {list(VARIANTS)}")
     ap.add_argument("--configs", default="", help="space-separated RAYSPEED_DECODE_CONFIG values to compare")
     ap.add_argument("--table", default="", help="the gemv table of the `table` variant; several, comma-separated: "
-                                                "variants `table:<file name>` each")
+                                                "variants `table-<file name without .json>` each")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     tables = [t for t in args.table.split(",") if t]
     if len(tables) == 1:
         VARIANTS["table"] = {"choices": table_choices(tables[0])}
     for path in tables if len(tables) > 1 else []:
-        VARIANTS[f"table:{os.path.basename(path)}"] = {"choices": table_choices(path)}
+        VARIANTS[f"table-{_stem(path)}"] = {"choices": table_choices(path)}
     if len(tables) > 1 and "table" in args.variants.split(","):
         args.variants = ",".join([v for v in args.variants.split(",") if v != "table"] +
-                                 [f"table:{os.path.basename(p)}" for p in tables])
+                                 [f"table-{_stem(p)}" for p in tables])
     contexts = [int(c) for c in args.context.split(",")]
     hf = build("neo")
     rows = {}
@@ -176,7 +180,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "commit": commit(), "date": time.strftime("%Y-%m-%d"),
               "model": "neo", "batch": args.batch, "context": contexts if len(contexts) > 1 else contexts[0], "what": what,
               "ms": rows}
-    tag = "configs" if args.configs else args.variants.replace(" ", "_").replace(",", "-")
+    tag = "configs" if args.configs else "tables" if len(tables) > 1 else \
+        args.variants.replace(" ", "_").replace(",", "-")
     write(result, args.out, f"whatif-bs{args.batch}-ctx{args.context.replace(',', '_')}-{tag}", indent=1)
 
 
