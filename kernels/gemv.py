@@ -59,9 +59,8 @@ class Tile:
 
     @property
     def takes_norm(self) -> bool:
-        """Whether the product can do the norm before it (`NormFold`): CUDA-core tiles of one K split
-        whose x is loaded once for all their rows (`rows`, or `fma` without `x_per_row`)."""
-        return (self.rows or (self.fma and not self.x_per_row)) and self.split_k == 1
+        """Whether the product can do the norm before it (`NormFold`): `rows` tiles of one K split."""
+        return self.rows and self.split_k == 1
 
 
 @dataclass(frozen=True)
@@ -275,8 +274,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tile = tile or pick_tile(m, n, k, bits, group_size)
     if norm is not None:
         if not tile.takes_norm:
-            raise ValueError(f"only CUDA-core tiles of one K split without x_per_row take the norm before them, "
-                             f"not {tile}")
+            raise ValueError(f"only rows tiles of one K split take the norm before them, not {tile}")
         assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype and norm.weight.is_contiguous(), \
             f"norm weight must be [{k}] {x.dtype}, got {tuple(norm.weight.shape)} {norm.weight.dtype}"
         assert norm.c1 is None or (norm.c1.shape == (n,) and norm.c1.dtype == torch.float32), f"c1 must be [{n}] fp32"
@@ -320,14 +318,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             assert k % vector == 0 and sub % vector == 0 and aligned, \
                 f"half tiles read weights in 16-byte vectors of {vector} columns: K={k}, K tiles of {sub} do not fit"
         flags.pop("BLOCK_M")
-        norm_args = (dummy, dummy, 0.0) if norm is None else \
-            (norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps)
-        norm_kind = 0 if norm is None else 2 if norm.c1 is None else 1
         if tile.rows:
             assert tile.block_n in (1, 2, 4, 8), f"rows tiles own 1, 2, 4 or 8 rows a thread, not {tile.block_n}"
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
+            norm_args = (dummy, dummy, 0.0) if norm is None else \
+                (norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps)
+            norm_kind = 0 if norm is None else 2 if norm.c1 is None else 1
             _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, *norm_args, NORM=norm_kind,
                                               ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
@@ -335,8 +333,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,
                                               **flags)
         else:
-            _fma_kernel[(grid[0], split, m)](*args, l2_bytes, *norm_args, NORM=norm_kind, SUB=sub,
-                                             PREFETCH=tile.prefetch, PDL=pdl,
+            _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
                                              launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                              X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
                                              L2_CHUNK=L2_CHUNK, **flags)

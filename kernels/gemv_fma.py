@@ -78,69 +78,13 @@ def _fma_x(x_ptr, x_row, k0, k_end, cols, BITS: tl.constexpr, HALF: tl.constexpr
 
 
 @triton.jit
-def _norm_word(w, g, ASM: tl.constexpr):
-    """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,
-    rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .f16 lo, hi;
-            .reg .f32 flo, fhi;
-            mov.b32 {lo, hi}, $3;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $1, flo, fhi;
-            mul.f32 $2, flo, flo;
-            fma.rn.f32 $2, fhi, fhi, $2;
-            mul.rn.f16x2 $0, $3, $4;
-            }""",
-            "=r,=f,=f,r,r", [w, g], dtype=(tl.int32, tl.float32, tl.float32), is_pure=True, pack=1)
-    else:
-        lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
-        plo = (lo * low_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
-        phi = (hi * high_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
-        word = (plo.to(tl.int32) & 0xFFFF) | (phi.to(tl.int32) << 16)
-        return word, lo + hi, lo * lo + hi * hi
-
-
-@triton.jit
-def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr):
-    """This K tile's x (as `_fma_x` loads it) times the norm weights g (loaded the same way), and
-    the fp32 sum and sum of squares of the x values, [NG, SV]. Packed words (HALF) multiply in fp16
-    as the norm kernel's output would be rounded; float x (else) in fp32."""
-    if HALF and BITS == 8:                             # two words of two fp16 each
-        xa, s1, s2 = _norm_word(xa, ga, ASM)
-        xb, t1, t2 = _norm_word(xb, gb, ASM)
-        s1, s2 = s1 + t1, s2 + t2
-    elif HALF:                                         # two 64-bit words of two words each
-        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM)
-        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM)
-        s1, s2 = s1 + t1, s2 + t2
-        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM)
-        s1, s2 = s1 + t1, s2 + t2
-        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM)
-        s1, s2 = s1 + t1, s2 + t2
-        xa, xb = _two_words(a0, a1), _two_words(b0, b1)
-    elif BITS == 4:                                    # float x pairs
-        fa, fb = xa.to(tl.float32), xb.to(tl.float32)
-        s1, s2 = fa + fb, fa * fa + fb * fb
-        xa, xb = (fa * ga.to(tl.float32)).to(xa.dtype), (fb * gb.to(tl.float32)).to(xb.dtype)
-    else:                                              # xa is xb: one x per weight column
-        fa = xa.to(tl.float32)
-        s1, s2 = fa, fa * fa
-        xa = (fa * ga.to(tl.float32)).to(xa.dtype)
-        xb = xa
-    return xa, xb, tl.sum(s1, axis=2), tl.sum(s2, axis=2)
-
-
-@triton.jit
 def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes, g_ptr, c1_ptr, eps,
+                stride_rm, stride_om, stride_os, group_size, k_per_split, l2_bytes,
                 BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
                 PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
-                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0):
+                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -158,9 +102,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
     otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
     With L2_LANES, the first programs of row 0 each ask the L2 for L2_LANES * L2_CHUNK bytes of the
-    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`).
-    NORM (not with X_PER_ROW; one K split): the norm before the product inside it, as in
-    kernels/gemv_rows.py."""
+    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -184,9 +126,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     acc = tl.zeros((BLOCK_N, NG, SV, VEC), dtype=tl.float32)
     bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS and EPILOGUE, 0.0)
     row_scale = feature_params(s_ptr, rn, stride_sn, N, PER_ROW_SCALE, 1.0)
-    c1 = feature_params(c1_ptr, rn, 1, N, NORM == 1, 0.0)
-    x_sum = tl.zeros((NG, SV), dtype=tl.float32)
-    x_squares = x_sum
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if PREFETCH:
@@ -205,11 +144,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         else:
             w = _fma_weights(w_ptrs, k0, k_end, cols, n_mask, BITS, HALF)
             xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
-        if NORM:
-            ga, gb = _fma_x(g_ptr, g_ptr, k0, k_end, cols, BITS, HALF)
-            xa, xb, part_sum, part_squares = _norm_x(xa, xb, ga, gb, BITS, HALF, ASM)
-            x_sum += part_sum
-            x_squares += part_squares
         if HALF and BITS == 8:
             prod = int8_half_dot(w, tl.broadcast_to(_rows(xa, X_PER_ROW), w.shape),
                                  tl.broadcast_to(_rows(xb, X_PER_ROW), w.shape), ASM)
@@ -240,12 +174,6 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
         out *= 128.0
     if PER_ROW_SCALE:
         out *= row_scale[None, :]
-    if NORM:
-        mean = 0.0
-        if NORM == 1:
-            mean = tl.sum(tl.sum(x_sum, axis=1), axis=0) / K
-        var = tl.sum(tl.sum(x_squares, axis=1), axis=0) / K - mean * mean
-        out = (out - mean * c1[None, :]) * (1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps))
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
         out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL, residual)

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from kernels.gemv_epilogue import epilogue, feature_params, residual_tile
-from kernels.gemv_fma import _fma_x, _norm_x
+from kernels.gemv_fma import _fma_x, _two_words
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
-from kernels.unpack import int4_half_dot, int8_half_dot, one_plus_sixteenth, s8_to_f32
+from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
 
 
 @triton.jit
@@ -109,10 +109,65 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
     return sums
 
 @triton.jit
+def _norm_word(w, g, ASM: tl.constexpr):
+    """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,
+    rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 {lo, hi}, $3;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $1, flo, fhi;
+            mul.f32 $2, flo, flo;
+            fma.rn.f32 $2, fhi, fhi, $2;
+            mul.rn.f16x2 $0, $3, $4;
+            }""",
+            "=r,=f,=f,r,r", [w, g], dtype=(tl.int32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
+        plo = (lo * low_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
+        phi = (hi * high_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
+        word = (plo.to(tl.int32) & 0xFFFF) | (phi.to(tl.int32) << 16)
+        return word, lo + hi, lo * lo + hi * hi
+
+
+@triton.jit
+def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr):
+    """This K tile's x (as `_fma_x` loads it) times the norm weights g (loaded the same way), and
+    the fp32 sum and sum of squares of the x values, [NG, SV]. Packed words (HALF) multiply in fp16
+    as the norm kernel's output would be rounded; float x (else) in fp32."""
+    if HALF and BITS == 8:                             # two words of two fp16 each
+        xa, s1, s2 = _norm_word(xa, ga, ASM)
+        xb, t1, t2 = _norm_word(xb, gb, ASM)
+        s1, s2 = s1 + t1, s2 + t2
+    elif HALF:                                         # two 64-bit words of two words each
+        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM)
+        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM)
+        s1, s2 = s1 + t1, s2 + t2
+        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM)
+        s1, s2 = s1 + t1, s2 + t2
+        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM)
+        s1, s2 = s1 + t1, s2 + t2
+        xa, xb = _two_words(a0, a1), _two_words(b0, b1)
+    elif BITS == 4:                                    # float x pairs
+        fa, fb = xa.to(tl.float32), xb.to(tl.float32)
+        s1, s2 = fa + fb, fa * fa + fb * fb
+        xa, xb = (fa * ga.to(tl.float32)).to(xa.dtype), (fb * gb.to(tl.float32)).to(xb.dtype)
+    else:                                              # xa is xb: one x per weight column
+        fa = xa.to(tl.float32)
+        s1, s2 = fa, fa * fa
+        xa = (fa * ga.to(tl.float32)).to(xa.dtype)
+        xb = xa
+    return xa, xb, tl.sum(s1, axis=2), tl.sum(s2, axis=2)
+
+
+@triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_rm, stride_om, stride_os, group_size, k_per_split, l2_row_bytes, l2_head_bytes,
-                 g_ptr, c1_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ACT: tl.constexpr,
+                 g_ptr, c1_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,

@@ -362,9 +362,8 @@ def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
 
 @pytest.mark.parametrize("bits,half", [(16, False), (8, True), (4, False), (4, True)])
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("fma", [False, True])
-def test_cuda_core_tiles_do_the_norm_before_them_on_the_gpu(bits, half, rms, fma):
-    """A GPT-Neo-sized rows or fma product with the LayerNorm (or RMSNorm) before it inside (`NormFold`; the
+def test_rows_tiles_do_the_norm_before_them_on_the_gpu(bits, half, rms):
+    """A GPT-Neo-sized rows product with the LayerNorm (or RMSNorm) before it inside (`NormFold`; the
     packed-fp16 tiles run their inline assembly here): against fp64 norm-then-product, on a stream
     with a large mean; the same with the next-tile prefetch."""
     from kernels.gemv import NormFold
@@ -384,8 +383,7 @@ def test_cuda_core_tiles_do_the_norm_before_them_on_the_gpu(bits, half, rms, fma
     norm = NormFold(gamma.cuda(), c1, 1e-5)
     args = [x.cuda(), (w.half() if bits == 16 else w).cuda(), folded.half().cuda(),
             None if scales is None else scales.half().cuda()]
-    tile = Tile(1, 4 if fma else 8, 1024 if half and bits == 4 else 512, 1, 4 if fma else 1, half=half, rows=not fma,
-                fma=fma)
+    tile = Tile(1, 8, 1024 if half and bits == 4 else 512, 1, 1, half=half, rows=True)
     got = skinny_linear(*args, bits, group, tile, residual=residual.cuda(), norm=norm)
     ref = xn @ full.double().T + bias.double() + residual.double()
     assert ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 5e-3
