@@ -231,7 +231,8 @@ class _Linear(nn.Module):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
-            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path, norm)
+            return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path,
+                                   norm=norm)
         assert norm is None, "the norm rides only in the weight-streaming kernels"
         return self._torch_matmul(x, bias, activation, residual)
 

@@ -35,12 +35,13 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
 
 
 def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False,
-         l2_head=False):
-    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}"}
+         l2_head=False, norm=0):
+    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}", "g_ptr": "*fp16", "c1_ptr": "*fp32"}
     return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                       ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
                                                       ASM=half, L2=l2, PREFETCH=prefetch,
-                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048),
+                                                      L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048,
+                                                      NORM=norm),
             pointers, num_warps)
 
 
@@ -93,6 +94,9 @@ BUILDS = {
     "rows-int4-half-prefetch": rows(4, "u8", 8, 1024, 128, half=True, prefetch=True),
     "pdl-rows-int4-half-l2": rows(4, "u8", 4, 1024, 128, half=True, pdl=True, l2=True),
     "pdl-rows-int8-half-l2-head": rows(8, "i8", 4, 512, 512, half=True, pdl=True, l2_head=True),
+    "rows-int8-half-layernorm": rows(8, "i8", 4, 512, 512, half=True, pdl=True, norm=1),
+    "rows-int8-half-prefetch-layernorm": rows(8, "i8", 8, 512, 512, half=True, prefetch=True, norm=1),
+    "rows-int4-half-rmsnorm": rows(4, "u8", 8, 1024, 128, half=True, norm=2),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
@@ -270,3 +274,11 @@ def test_split_argmax_reads_16_byte_vectors(built):
 @pytest.mark.parametrize("name", ["dequantize-int8", "dequantize-int4"])
 def test_dequantize_kernel_writes_16_byte_vectors(built, name):
     assert "st.global.v4" in built[name]["ptx"]
+
+
+@pytest.mark.parametrize("name", [name for name in BUILDS if name.startswith("rows") and name.endswith("norm")])
+def test_rows_tiles_do_the_norm_in_the_loop(built, name):
+    """With the norm before the product inside: x times the norm weight in packed fp16 and the sum of
+    squares in fp32 multiply-adds, inside the loop that streams the weight."""
+    loop = built[name]["loop"]
+    assert "mul.rn.f16x2" in loop and "fma.rn.f32" in loop and "ld.global.v4.b32" in loop
