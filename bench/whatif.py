@@ -169,7 +169,8 @@ def main() -> None:
             key = name if len(contexts) == 1 else f"{name}@{context}"
             rows[key] = {v: statistics.median(t) for v, t in times.items()}
             rows[key]["all"], rows[key]["blocks_with_folded_norms"] = times, folds
-            print(key, json.dumps({v: round(t, 4) for v, t in rows[key].items() if v in times}), "folded blocks", folds, flush=True)
+            print(key, json.dumps({v: round(t, 4) for v, t in rows[key].items() if v in times}), "folded blocks", folds,
+                  flush=True)
         for seq in seqs:
             engine.abort(seq)
         del engine

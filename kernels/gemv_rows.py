@@ -167,7 +167,8 @@ def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.cons
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_rm, stride_om, stride_os, group_size, k_per_split, l2_row_bytes, l2_head_bytes,
-                 g_ptr, c1_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                 g_ptr, c1_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,

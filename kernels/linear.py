@@ -194,8 +194,8 @@ class _Linear(nn.Module):
         bits = 16 if self.quant is None else self.quant.bits
         weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
         torch_path = (lambda v, w: self._torch_matmul(v, fold.bias, activation, None, w)) if bits == 16 else None
-        tile = gemv_tuner.tuned_tile(x, weight, fold.bias, scales, bits, None if bits == 16 else self.group_size, activation,
-                          None, torch_path)
+        group_size = None if bits == 16 else self.group_size
+        tile = gemv_tuner.tuned_tile(x, weight, fold.bias, scales, bits, group_size, activation, None, torch_path)
         return fold if isinstance(tile, Tile) and tile.takes_norm else None
 
     def _prepared_fold(self, norm) -> "_Fold | None":

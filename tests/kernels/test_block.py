@@ -33,8 +33,8 @@ def test_blocks_fold_their_norms_into_the_products(monkeypatch, family, quant):
     folded = []
     real = DecoderBlock._forward_folded
     monkeypatch.setattr(DecoderBlock, "_forward_folded", lambda self, *a: folded.append(1) or real(self, *a))
-    layers = {"gpt_neo": dict(num_layers=1, attention_types=[[["global"], 1]], attention_layers=["global"]), "gptj": dict(n_layer=1),
-              "llama": dict(num_hidden_layers=1)}[family]
+    layers = {"gpt_neo": dict(num_layers=1, attention_types=[[["global"], 1]], attention_layers=["global"]),
+              "gptj": dict(n_layer=1), "llama": dict(num_hidden_layers=1)}[family]
     hf = tiny_model(family, **layers)
     settings = {} if quant is None else {"dtype": torch.int8} if quant == 8 else \
         {"dtype": "int4", "quant": {"weight": {"group_size": 32}}}

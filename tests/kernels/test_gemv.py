@@ -391,8 +391,10 @@ def test_large_quantized_products_dequantize_once_then_use_torch(monkeypatch, bi
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("bits,group,dtype,tile", [
-    (16, None, torch.float32, Tile(1, 4, 64, rows=True)), (8, None, torch.float32, Tile(1, 2, 128, rows=True, prefetch=True)),
-    (8, 64, torch.float32, Tile(1, 4, 64, rows=True)), (4, 64, torch.float32, Tile(1, 2, 128, rows=True, prefetch=True)),
+    (16, None, torch.float32, Tile(1, 4, 64, rows=True)),
+    (8, None, torch.float32, Tile(1, 2, 128, rows=True, prefetch=True)),
+    (8, 64, torch.float32, Tile(1, 4, 64, rows=True)),
+    (4, 64, torch.float32, Tile(1, 2, 128, rows=True, prefetch=True)),
     (8, None, torch.float16, Tile(1, 8, 128, rows=True, half=True)),
     (8, 64, torch.float16, Tile(1, 2, 64, rows=True, half=True, prefetch=True)),
     (4, 64, torch.float16, Tile(1, 8, 128, rows=True, half=True))])
