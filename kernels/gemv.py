@@ -66,9 +66,10 @@ class Tile:
 @dataclass(frozen=True)
 class NormFold:
     """The LayerNorm or RMSNorm before a product, done inside it (kernels/gemv_rows.py, NORM): its
-    weight g ([K], x's dtype), c1 = W g (fp32 [N], LayerNorm only: the mean's share) and eps. The
-    product is then W norm(x) + bias with the caller's bias holding the norm's, W b_norm."""
-    weight: torch.Tensor
+    weight g ([K], x's dtype; None where the product's weight holds it already, W g), c1 = W g (fp32
+    [N], LayerNorm only: the mean's share) and eps. The product is then W norm(x) + bias with the
+    caller's bias holding the norm's, W b_norm."""
+    weight: torch.Tensor | None
     c1: torch.Tensor | None
     eps: float
 
@@ -275,8 +276,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if norm is not None:
         if not tile.takes_norm:
             raise ValueError(f"only rows tiles of one K split take the norm before them, not {tile}")
-        assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype and norm.weight.is_contiguous(), \
-            f"norm weight must be [{k}] {x.dtype}, got {tuple(norm.weight.shape)} {norm.weight.dtype}"
+        assert norm.weight is None or (norm.weight.shape == (k,) and norm.weight.dtype == x.dtype
+                                       and norm.weight.is_contiguous() and norm.weight.data_ptr() % 16 == 0), \
+            f"norm weight must be [{k}] {x.dtype}, aligned, got {tuple(norm.weight.shape)} {norm.weight.dtype}"
         assert norm.c1 is None or (norm.c1.shape == (n,) and norm.c1.dtype == torch.float32), f"c1 must be [{n}] fp32"
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
     if bits < 16 and not per_row and not tile.scale_in_tile and not (tile.fma or tile.rows):
@@ -324,9 +326,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
             norm_args = (dummy, dummy, 0.0) if norm is None else \
-                (norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps)
+                (dummy if norm.weight is None else norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps)
             norm_kind = 0 if norm is None else 2 if norm.c1 is None else 1
             _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, *norm_args, NORM=norm_kind,
+                                              NORM_WEIGHT=norm is None or norm.weight is not None,
                                               ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                               L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,

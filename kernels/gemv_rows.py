@@ -109,10 +109,25 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
     return sums
 
 @triton.jit
-def _norm_word(w, g, ASM: tl.constexpr):
+def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
     """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,
-    rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32)."""
-    if ASM:
+    rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32).
+    Without WEIGHT (g already in the product's weight), the word of x itself."""
+    if ASM and not WEIGHT:
+        sums = tl.inline_asm_elementwise(
+            """{
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 {lo, hi}, $2;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            mul.f32 $1, flo, flo;
+            fma.rn.f32 $1, fhi, fhi, $1;
+            }""",
+            "=f,=f,r", [w], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        return w, sums[0], sums[1]
+    elif ASM:
         return tl.inline_asm_elementwise(
             """{
             .reg .f16 lo, hi;
@@ -128,6 +143,8 @@ def _norm_word(w, g, ASM: tl.constexpr):
             "=r,=f,=f,r,r", [w, g], dtype=(tl.int32, tl.float32, tl.float32), is_pure=True, pack=1)
     else:
         lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
+        if not WEIGHT:
+            return w, lo + hi, lo * lo + hi * hi
         plo = (lo * low_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
         phi = (hi * high_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
         word = (plo.to(tl.int32) & 0xFFFF) | (phi.to(tl.int32) << 16)
@@ -135,31 +152,34 @@ def _norm_word(w, g, ASM: tl.constexpr):
 
 
 @triton.jit
-def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr):
+def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
     """This K tile's x (as `_fma_x` loads it) times the norm weights g (loaded the same way), and
     the fp32 sum and sum of squares of the x values, [NG, SV]. Packed words (HALF) multiply in fp16
-    as the norm kernel's output would be rounded; float x (else) in fp32."""
+    as the norm kernel's output would be rounded; float x (else) in fp32. Without WEIGHT, x as it is
+    (g is in the product's weight; ga, gb unused)."""
     if HALF and BITS == 8:                             # two words of two fp16 each
-        xa, s1, s2 = _norm_word(xa, ga, ASM)
-        xb, t1, t2 = _norm_word(xb, gb, ASM)
+        xa, s1, s2 = _norm_word(xa, ga, ASM, WEIGHT)
+        xb, t1, t2 = _norm_word(xb, gb, ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
     elif HALF:                                         # two 64-bit words of two words each
-        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM)
-        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM)
+        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM, WEIGHT)
+        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
-        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM)
+        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
-        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM)
+        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
         xa, xb = _two_words(a0, a1), _two_words(b0, b1)
     elif BITS == 4:                                    # float x pairs
         fa, fb = xa.to(tl.float32), xb.to(tl.float32)
         s1, s2 = fa + fb, fa * fa + fb * fb
-        xa, xb = (fa * ga.to(tl.float32)).to(xa.dtype), (fb * gb.to(tl.float32)).to(xb.dtype)
+        if WEIGHT:
+            xa, xb = (fa * ga.to(tl.float32)).to(xa.dtype), (fb * gb.to(tl.float32)).to(xb.dtype)
     else:                                              # xa is xb: one x per weight column
         fa = xa.to(tl.float32)
         s1, s2 = fa, fa * fa
-        xa = (fa * ga.to(tl.float32)).to(xa.dtype)
+        if WEIGHT:
+            xa = (fa * ga.to(tl.float32)).to(xa.dtype)
         xb = xa
     return xa, xb, tl.sum(s1, axis=2), tl.sum(s2, axis=2)
 
@@ -172,7 +192,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
-                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0):
+                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = True):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -188,7 +208,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     feeds this product, whose weight `g` multiplies x as it loads; the loop also sums x and its
     squares, and after it out = rstd * (out - mean * c1) with c1[n] = sum_k W[n, k] g[k] (mean 0 for
     RMSNorm): the normalised product without a norm kernel before it. The norm's bias, W b_norm, is
-    in the caller's bias."""
+    in the caller's bias. Without NORM_WEIGHT, g is already in W (x is not multiplied)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -237,8 +257,10 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
                 GROUPED, SUB)
         xa, xb = _fma_x(x_ptr, x_row, k0, k_end, cols, BITS, HALF)
         if NORM:
-            ga, gb = _fma_x(g_ptr, g_ptr, k0, k_end, cols, BITS, HALF)
-            xa, xb, part_sum, part_squares = _norm_x(xa, xb, ga, gb, BITS, HALF, ASM)
+            ga, gb = xa, xb
+            if NORM_WEIGHT:
+                ga, gb = _fma_x(g_ptr, g_ptr, k0, k_end, cols, BITS, HALF)
+            xa, xb, part_sum, part_squares = _norm_x(xa, xb, ga, gb, BITS, HALF, ASM, NORM_WEIGHT)
             x_sum += part_sum
             x_squares += part_squares
         x0, x1, x2, x3 = xa, xa, xb, xb

@@ -434,3 +434,23 @@ def test_norm_needs_a_rows_tile_of_one_split():
     for tile in (Tile(1, 4, 64, split_k=2, rows=True), Tile(1, 4, 64, fma=True)):
         with pytest.raises(ValueError, match="rows tiles of one K split"):
             skinny_linear(torch.randn(1, 256, generator=g), w, None, scales, 8, None, tile, norm=norm)
+
+
+@pytest.mark.parametrize("bits,group,dtype,tile", [(8, None, torch.float16, Tile(1, 8, 128, rows=True, half=True)),
+                                                   (4, 64, torch.float16, Tile(1, 4, 128, rows=True, half=True)),
+                                                   (16, None, torch.float32, Tile(1, 4, 64, rows=True))])
+def test_norm_whose_weight_is_in_the_product(bits, group, dtype, tile):
+    """`NormFold(weight=None)`: the norm's weight already multiplied into W, so x goes in as it is;
+    against fp64 LayerNorm (no affine) then W."""
+    from kernels.gemv import NormFold
+    g = torch.Generator().manual_seed(8)
+    n, k = 24, 256
+    w, scales, full = _weight(n, k, bits, group or k, g)
+    x = (torch.randn(1, k, generator=g) * 2 + 1).to(dtype)
+    xd = x.double()
+    xn = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    norm = NormFold(None, full.sum(1).float(), 1e-5)
+    got = skinny_linear(x, w.to(dtype) if bits == 16 else w, None, None if scales is None else scales.to(dtype), bits,
+                        group, tile, norm=norm)
+    ref = xn @ full.double().T
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < (1e-5 if dtype == torch.float32 else 5e-3)

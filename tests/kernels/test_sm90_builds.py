@@ -35,13 +35,13 @@ def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False,
 
 
 def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False,
-         l2_head=False, norm=0):
+         l2_head=False, norm=0, norm_weight=True):
     pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}", "g_ptr": "*fp16", "c1_ptr": "*fp32"}
     return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                       ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
                                                       ASM=half, L2=l2, PREFETCH=prefetch,
                                                       L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048,
-                                                      NORM=norm),
+                                                      NORM=norm, NORM_WEIGHT=norm_weight),
             pointers, num_warps)
 
 
@@ -97,6 +97,7 @@ BUILDS = {
     "rows-int8-half-layernorm": rows(8, "i8", 4, 512, 512, half=True, pdl=True, norm=1),
     "rows-int8-half-prefetch-layernorm": rows(8, "i8", 8, 512, 512, half=True, prefetch=True, norm=1),
     "rows-int4-half-rmsnorm": rows(4, "u8", 8, 1024, 128, half=True, norm=2),
+    "rows-int8-half-layernorm-in-w": rows(8, "i8", 4, 512, 512, half=True, norm=1, norm_weight=False),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
