@@ -157,16 +157,19 @@ class DecoderBlock(nn.Module):
         h, x = self.mlp_norm(self.attn(h, positions, meta, kv_cache), x)
         return x, self.mlp(h)
 
+    @property
+    def _mlp_input_norm(self) -> Norm:
+        return self.attn_norm if self.mlp_norm is None else self.mlp_norm
+
     def _folds(self, x: torch.Tensor) -> bool:
-        mlp_norm = self.mlp_norm or self.attn_norm
+        """Whether QKV and MLP up both do their norms at x's rows (`_Linear.norm_fold`)."""
         up_act = None if self.mlp.gated else self.mlp.act_name
         return (self.attn.qkv.norm_fold(x, self.attn_norm) is not None
-                and self.mlp.up.norm_fold(x, mlp_norm, up_act) is not None)
+                and self.mlp.up.norm_fold(x, self._mlp_input_norm, up_act) is not None)
 
     def _forward_folded(self, x, positions, meta, kv_cache, pending):
-        if pending is not None:
+        if pending is not None:                      # after a block that did not fold (not at one batch size)
             x = x + pending
         after_attn = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
-        if self.parallel_residual:
-            return self.mlp(x, residual=after_attn, norm=self.mlp_norm or self.attn_norm), None
-        return self.mlp(after_attn, residual=after_attn, norm=self.mlp_norm), None
+        mlp_in = x if self.parallel_residual else after_attn
+        return self.mlp(mlp_in, residual=after_attn, norm=self._mlp_input_norm), None
