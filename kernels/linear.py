@@ -34,6 +34,7 @@ SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(TUNED_MAX_R
 # Decode products whose tile can (`Tile.takes_norm`) do the norm before them instead of a norm kernel
 # (`_Linear.norm_fold`); RAYSPEED_FOLD_NORMS=0 keeps the norm kernels.
 FOLD_NORMS = os.environ.get("RAYSPEED_FOLD_NORMS", "1") != "0"
+FOLD_ROWS = 4096           # weight rows dequantized to fp32 at a time to prepare a fold (64 MB at K = 4,096)
 
 
 @dataclass(frozen=True)
@@ -207,14 +208,23 @@ class _Linear(nn.Module):
             return cached[1]
         if norm.weight.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
+        layer = norm.kind == "layer"
+        shifted = layer and norm.bias is not None and bool(norm.bias.any())
+        stored = self.weight if self.quant is None else self.qweight
+        c1 = torch.empty(stored.shape[0], dtype=torch.float32, device=stored.device) if layer else None
+        shift = torch.empty_like(c1) if shifted else None
         with torch.no_grad():
-            w = (self.weight if self.quant is None else
-                 dequantize(self.qweight, self.scales, self.quant.bits, self.group_size, torch.float32)).float()
-            c1 = (w @ norm.weight.float()).contiguous() if norm.kind == "layer" else None
-            bias = self.bias
-            if norm.kind == "layer" and norm.bias is not None and bool(norm.bias.any()):
-                shift = w @ norm.bias.float()
-                bias = (shift if bias is None else bias.float() + shift).to(norm.weight.dtype)
+            for start in range(0, stored.shape[0], FOLD_ROWS):        # fp32 rows a slice at a time
+                rows = slice(start, start + FOLD_ROWS)
+                w = (stored[rows].float() if self.quant is None else
+                     dequantize(stored[rows], self.scales[rows], self.quant.bits, self.group_size, torch.float32))
+                if layer:
+                    c1[rows] = w @ norm.weight.float()
+                if shifted:
+                    shift[rows] = w @ norm.bias.float()
+        bias = self.bias
+        if shifted:
+            bias = (shift if bias is None else bias.float() + shift).to(norm.weight.dtype)
         fold = _Fold(NormFold(norm.weight.detach().contiguous(), c1, norm.eps), bias)
         self._fold = (key, fold)
         return fold
