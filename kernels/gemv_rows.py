@@ -113,7 +113,7 @@ def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
     """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,
     rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32).
     Without WEIGHT (g already in the product's weight), the word of x itself."""
-    if ASM and not WEIGHT:
+    if ASM:
         sums = tl.inline_asm_elementwise(
             """{
             .reg .f16 lo, hi;
@@ -126,29 +126,16 @@ def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
             fma.rn.f32 $1, fhi, fhi, $1;
             }""",
             "=f,=f,r", [w], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        if WEIGHT:
+            w = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [w, g], dtype=tl.int32,
+                                          is_pure=True, pack=1)
         return w, sums[0], sums[1]
-    elif ASM:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .f16 lo, hi;
-            .reg .f32 flo, fhi;
-            mov.b32 {lo, hi}, $3;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $1, flo, fhi;
-            mul.f32 $2, flo, flo;
-            fma.rn.f32 $2, fhi, fhi, $2;
-            mul.rn.f16x2 $0, $3, $4;
-            }""",
-            "=r,=f,=f,r,r", [w, g], dtype=(tl.int32, tl.float32, tl.float32), is_pure=True, pack=1)
-    else:
-        lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
-        if not WEIGHT:
-            return w, lo + hi, lo * lo + hi * hi
+    lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
+    if WEIGHT:
         plo = (lo * low_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
         phi = (hi * high_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
-        word = (plo.to(tl.int32) & 0xFFFF) | (phi.to(tl.int32) << 16)
-        return word, lo + hi, lo * lo + hi * hi
+        w = (plo.to(tl.int32) & 0xFFFF) | (phi.to(tl.int32) << 16)
+    return w, lo + hi, lo * lo + hi * hi
 
 
 @triton.jit
