@@ -46,3 +46,47 @@ def test_blocks_fold_their_norms_into_the_products(monkeypatch, family, quant):
     monkeypatch.setattr(linear, "FOLD_NORMS", False)
     expected = engine.module(ids).logits
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("family,quant,producer", [("gpt_neo", None, "rows"), ("gptj", 8, "fma"),
+                                                   ("llama", 8, "split")])
+def test_folded_norms_take_their_statistics_from_the_product_before(monkeypatch, family, quant, producer):
+    """The output projection and MLP down (on `producer` tiles: rows, fma, or rows with two K splits and
+    the reduction kernel) add their output rows' sums and sums of squares to the step's buffers, and the
+    folded norms after them (the MLP's; the next block's QKV) read those instead of summing x: logits as
+    with the sums in the products (and as with norm kernels) within 1e-5 in fp32. Two layers, one token,
+    Triton's interpreter; the parallel-residual GPT-J reads x's statistics for both of its norms."""
+    import kernels.gemv as gemv
+    import kernels.gemv_tuner as tuner
+    import kernels.linear as linear
+    import rayspeed
+    from kernels.gemv import Tile
+    from tests.helpers import tiny_model
+
+    def tile(x, weight, *args, **kwargs):                # QKV and MLP up: rows tiles that take the norm
+        row_parallel = weight.shape[0] == x.shape[-1] or weight.shape[1] * (2 if quant == 4 else 1) > weight.shape[0]
+        if not row_parallel or producer == "rows":
+            return Tile(1, 8, 64, rows=True)
+        return Tile(1, 4, 64, fma=True) if producer == "fma" else Tile(1, 4, 64, split_k=2, rows=True)
+
+    monkeypatch.setattr(linear._Linear, "_streams", lambda self, x: True)
+    monkeypatch.setattr(tuner, "tuned_tile", tile)
+    given = []
+    real = gemv.skinny_linear
+    monkeypatch.setattr(tuner, "skinny_linear", lambda *a, **kw: given.append(
+        a[9] is not None and a[9].stats is not None) or real(*a, **kw))
+    layers = {"gpt_neo": dict(num_layers=2, attention_types=[[["global"], 2]], attention_layers=["global"] * 2),
+              "gptj": dict(n_layer=2), "llama": dict(num_hidden_layers=2)}[family]
+    hf = tiny_model(family, **layers)
+    settings = {} if quant is None else {"dtype": torch.int8}
+    engine = rayspeed.init_inference(hf, replace_with_kernel_inject=True, **({"dtype": torch.float32} | settings))
+    ids = torch.randint(3, hf.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))
+    got = engine.module(ids).logits
+    # the MLP's norm in both blocks and the second block's QKV norm; GPT-J's second block, both from x's
+    assert sum(given) == (2 if family == "gptj" else 3), given
+    monkeypatch.setattr(linear, "NORM_STATS", False)
+    summed = engine.module(ids).logits
+    monkeypatch.setattr(linear, "FOLD_NORMS", False)
+    expected = engine.module(ids).logits
+    for other in (summed, expected):
+        assert ((got - other).norm() / other.norm()).item() < 1e-5
