@@ -14,7 +14,7 @@ from kernels.rotary import apply_rotary, rotary_cos_sin
 from kernels.spec import ModelSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]     # k, v: [num_blocks, block_size, kv_heads, head_dim]
-# (statistics in, statistics out): kernels.gemv.row_stats_buffer's of row sums and sums of squares, or None
+# (statistics in, statistics out): fp64 [rows, 2] buffers of row sums and sums of squares, or None
 RowStats = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
@@ -132,7 +132,7 @@ class DecoderBlock(nn.Module):
     whose tiles take it: `_Linear.norm_fold`) run without norm kernels instead (`_forward_folded`):
     those products read the stream itself, and the output projection and MLP down add the residual
     in their epilogues, so the block hands on (x, None). There `stats` (`CausalLM.row_stats`: three
-    zeroed `row_stats_buffer`s, the first None where no product gathered it) carries the norms'
+    zeroed fp64 [rows, 2] buffers, the first None where no product gathered it) carries the norms'
     row statistics: the first is x's, which QKV's norm (and a parallel-residual MLP's) then reads
     instead of summing x in every program; the output projection adds its output's to the second,
     for the MLP's norm; MLP down its output's to the third (if not None), for the next block."""

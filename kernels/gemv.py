@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import ACTIVATION_CODES, STATS_LINE, STATS_SLOTS, add_row_stats, epilogue, feature_params
+from kernels.gemv_epilogue import ACTIVATION_CODES, add_row_stats, epilogue, feature_params
 from kernels.gemv_fma import _fma_kernel
 from kernels.gemv_rows import _rows_kernel
 from kernels.pdl import await_previous, prefetch_rows_l2
@@ -68,9 +68,9 @@ class NormFold:
     """The LayerNorm or RMSNorm before a product, done inside it (kernels/gemv_rows.py, NORM): its
     weight g ([K], x's dtype; None where the product's weight holds it already, W g), c1 = W g (fp32
     [N], LayerNorm only: the mean's share) and eps. The product is then W norm(x) + bias with the
-    caller's bias holding the norm's, W b_norm. `stats`: x's rows' sums and sums of squares
-    (`row_stats_buffer`), added up by the product that wrote x (`skinny_linear`'s `stats_out`); None:
-    the product sums x itself as it streams it, once per program."""
+    caller's bias holding the norm's, W b_norm. `stats`: x's rows' sums and sums of squares (fp64
+    [M, 2]), added up by the product that wrote x (`skinny_linear`'s `stats_out`); None: the product
+    sums x itself as it streams it, once per program."""
     weight: torch.Tensor | None
     c1: torch.Tensor | None
     eps: float
@@ -263,8 +263,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
     `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
     (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice). With `norm`, x is normalised
-    first, inside the product (a tile that `takes_norm`). `stats_out` (`row_stats_buffer`): the output
-    rows' sums and sums of squares are added to it, for a `NormFold` after."""
+    first, inside the product (a tile that `takes_norm`). `stats_out` (fp64 [M, 2], zeroed by the
+    caller): the output rows' sums and sums of squares are added to it, for a `NormFold` after."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -289,10 +289,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                        and norm.weight.is_contiguous() and norm.weight.data_ptr() % 16 == 0), \
             f"norm weight must be [{k}] {x.dtype}, aligned, got {tuple(norm.weight.shape)} {norm.weight.dtype}"
         assert norm.c1 is None or (norm.c1.shape == (n,) and norm.c1.dtype == torch.float32), f"c1 must be [{n}] fp32"
-        assert norm.stats is None or _is_row_stats(norm.stats, rows.shape[0]), \
-            f"norm stats must be a row_stats_buffer({rows.shape[0]}), got {tuple(norm.stats.shape)}"
-    assert stats_out is None or _is_row_stats(stats_out, rows.shape[0]), \
-        f"stats_out must be a row_stats_buffer({rows.shape[0]}), got {tuple(stats_out.shape)}"
+        assert norm.stats is None or _row_stats_buffer(norm.stats, rows.shape[0]), \
+            f"norm stats must be fp64 [{rows.shape[0]}, 2], contiguous"
+    assert stats_out is None or _row_stats_buffer(stats_out, rows.shape[0]), \
+        f"stats_out must be fp64 [{rows.shape[0]}, 2], contiguous"
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
     if bits < 16 and not per_row and not tile.scale_in_tile and not (tile.fma or tile.rows):
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
@@ -378,25 +378,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def row_stats_buffer(m: int, device, count: int | None = None) -> torch.Tensor:
-    """Zeroed statistics buffers for m rows (`count` of them stacked, if given): fp64 [..., m,
-    STATS_SLOTS, STATS_LINE], into which products add their output rows' sums and sums of squares
-    (`stats_out`, kernels/gemv_epilogue.py's `add_row_stats`) for the `NormFold` after them."""
-    shape = (m, STATS_SLOTS.value, STATS_LINE.value)
-    return torch.zeros(shape if count is None else (count, *shape), dtype=torch.float64, device=device)
-
-
-def row_stats_totals(stats: torch.Tensor) -> torch.Tensor:
-    """A `row_stats_buffer`'s (sum, sum of squares) per row: fp64 [m, 2]."""
-    return stats[..., :2].sum(-2)
-
-
 def add_row_stats_torch(stats: torch.Tensor, out: torch.Tensor) -> None:
-    """`add_row_stats` in torch: out's rows' sums and sums of squares added to a `row_stats_buffer`."""
+    """`add_row_stats` in torch: out's rows' sums and sums of squares added to stats (fp64 [M, 2])."""
     rows = out.reshape(-1, out.shape[-1]).double()
-    stats[:, 0, :2] += torch.stack((rows.sum(-1), rows.square().sum(-1)), dim=-1)
+    stats += torch.stack((rows.sum(-1), rows.square().sum(-1)), dim=-1)
 
 
-def _is_row_stats(stats: torch.Tensor, m: int) -> bool:
-    return (stats.shape == (m, STATS_SLOTS.value, STATS_LINE.value) and stats.dtype == torch.float64
-            and stats.is_contiguous())
+def _row_stats_buffer(stats: torch.Tensor, m: int) -> bool:
+    return stats.shape == (m, 2) and stats.dtype == torch.float64 and stats.is_contiguous()

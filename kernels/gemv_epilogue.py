@@ -50,31 +50,14 @@ def epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, 
     return acc
 
 
-# A row's statistics buffer (`NormFold.stats`): fp64 [STATS_SLOTS, STATS_LINE], the sums in each slot's
-# first two values; program n of a product adds its partials to slot n % STATS_SLOTS, so the atomics of
-# hundreds of programs spread over 16 cache lines (one address for all of them cost GPT-Neo 2.7B's int8
-# step 9 us, docs/performance.md), and the reader adds the slots up.
-STATS_SLOTS = tl.constexpr(16)
-STATS_LINE = tl.constexpr(16)               # fp64 values: 128 bytes
-
-
 @triton.jit
 def add_row_stats(stats_ptr, stored, rm, rn, M, N):
     """Add the sum and the sum of squares of each row of this tile's output, as stored (`stored`,
-    [BM, BN] in the output's dtype), to the rows' statistics buffers (fp64 [M, STATS_SLOTS,
-    STATS_LINE], this program's slot): the next norm's statistics, gathered by the product that writes
-    its input (`NormFold.stats`). Each program's partial sums are in fp64 in a fixed order; the
-    atomics add them in any order, which can move only the last bits of the fp64 totals, below what
-    the fp32 mean and variance made from them resolve."""
+    [BM, BN] in the output's dtype), to stats (fp64 [M, 2]): the next norm's statistics, gathered by
+    the product that writes its input (`NormFold.stats`). Each program's partial sums are in fp64 in a
+    fixed order; the atomics add them in any order, which can move only the last bits of the fp64
+    totals, below what the fp32 mean and variance made from them resolve."""
     kept = tl.where((rn < N)[None, :], stored.to(tl.float64), 0.0)
     row_ok = rm < M
-    at = stats_ptr + rm.to(tl.int64) * (STATS_SLOTS * STATS_LINE) + (tl.program_id(0) % STATS_SLOTS) * STATS_LINE
-    tl.atomic_add(at, tl.sum(kept, axis=1), mask=row_ok, sem="relaxed")
-    tl.atomic_add(at + 1, tl.sum(kept * kept, axis=1), mask=row_ok, sem="relaxed")
-
-
-@triton.jit
-def row_stats(stats_ptr, row):
-    """Row `row`'s (sum, sum of squares) from its statistics buffer (`add_row_stats`): fp64 [2]."""
-    slots = tl.arange(0, STATS_SLOTS)[:, None] * STATS_LINE + tl.arange(0, 2)[None, :]
-    return tl.sum(tl.load(stats_ptr + row.to(tl.int64) * (STATS_SLOTS * STATS_LINE) + slots), axis=0)
+    tl.atomic_add(stats_ptr + rm * 2, tl.sum(kept, axis=1), mask=row_ok, sem="relaxed")
+    tl.atomic_add(stats_ptr + rm * 2 + 1, tl.sum(kept * kept, axis=1), mask=row_ok, sem="relaxed")

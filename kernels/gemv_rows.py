@@ -25,7 +25,7 @@ Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 by
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import add_row_stats, epilogue, feature_params, residual_tile, row_stats
+from kernels.gemv_epilogue import add_row_stats, epilogue, feature_params, residual_tile
 from kernels.gemv_fma import _fma_x, _two_words
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
@@ -206,7 +206,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     squares, and after it out = rstd * (out - mean * c1) with c1[n] = sum_k W[n, k] g[k] (mean 0 for
     RMSNorm): the normalised product without a norm kernel before it. The norm's bias, W b_norm, is
     in the caller's bias. Without NORM_WEIGHT, g is already in W (x is not multiplied). With
-    NORM_STATS the sums come from `stats` (`row_stats`, gathered by the product that wrote x, read after
+    NORM_STATS the sums come from `stats` (fp64 [M, 2], gathered by the product that wrote x, after
     the PDL wait) instead of the loop. STATS_OUT adds this program's output rows' sums and sums of
     squares to `stats_out` (`add_row_stats`), for the norm after it."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -247,7 +247,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     if HAS_RESIDUAL and EPILOGUE:                  # written before this kernel: read it now, add it at the end
         residual = residual_tile(r_ptr, row + tl.arange(0, 1), rn, M, N, stride_rm)
     if NORM_STATS:                                 # written by the kernel before: read them now, use at the end
-        given = row_stats(stats_ptr, row)
+        given = tl.load(stats_ptr + row.to(tl.int64) * 2 + tl.arange(0, 2))
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                              # the next tile's loads fly while this one computes
             v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, t7 = _row_tiles(

@@ -241,7 +241,7 @@ class _Linear(nn.Module):
         unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
         quantized products dequantize the weight once and run cuBLAS (`quant_linear`). `norm`: from
         `norm_fold`, x is the stream before that norm. `stats_out`: the output rows' sums and sums
-        of squares are added to it (a `row_stats_buffer`), for a folded norm after."""
+        of squares are added to it (fp64 [rows, 2]), for a folded norm after."""
         bits = 16 if self.quant is None else self.quant.bits
         if self._streams(x):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)

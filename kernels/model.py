@@ -23,7 +23,6 @@ from kernels.attention import AttentionMetadata
 from kernels.block import DecoderBlock, KVCache, Norm, Rotary
 from kernels.dispatch import use_triton
 from kernels.embedding import embed
-from kernels.gemv import row_stats_buffer
 from kernels.gemv_tuner import streamed_linear
 from kernels import linear
 from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
@@ -123,14 +122,14 @@ class CausalLM(nn.Module):
         return x if pending is None else x + pending
 
     def row_stats(self, x: torch.Tensor) -> torch.Tensor | None:
-        """2 * layers + 1 zeroed `row_stats_buffer`s through which the blocks' products hand their
-        folded norms the row sums and sums of squares of their input (DecoderBlock), where the
-        blocks fold their norms at x's rows (pre-norm, one tp rank); else None. One tensor a step,
-        zeroed by one memset."""
+        """Zeroed fp64 [2 * layers + 1, rows, 2] buffers through which the blocks' products hand
+        their folded norms the row sums and sums of squares of their input (DecoderBlock), where
+        the blocks fold their norms at x's rows (pre-norm, one tp rank); else None. One buffer a
+        step, zeroed by one memset."""
         first = self.layers[0]
         if not (linear.NORM_STATS and self.tp.size == 1 and not first.post_norm and first._folds(x)):
             return None
-        return row_stats_buffer(x.shape[0], x.device, count=2 * len(self.layers) + 1)
+        return torch.zeros(2 * len(self.layers) + 1, x.shape[0], 2, dtype=torch.float64, device=x.device)
 
     def quantize_head(self, rows_at_once: int = 8192) -> None:
         """With `quant.lm_head`: quantize the loaded LM head (its padded rows, `with_padding`) into
