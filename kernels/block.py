@@ -14,8 +14,6 @@ from kernels.rotary import apply_rotary, rotary_cos_sin
 from kernels.spec import ModelSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]     # k, v: [num_blocks, block_size, kv_heads, head_dim]
-# (statistics in, statistics out): fp64 [rows, 2] buffers of row sums and sums of squares, or None
-RowStats = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 class Norm(nn.Module):
@@ -82,16 +80,14 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None,
-                stats: RowStats = (None, None)) -> torch.Tensor:
+                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
         """attention(norm(x)) + residual (added in the output projection's epilogue); `norm` None: x
-        is normalised already. `stats`: (x's row statistics for a folded norm, where the output's
-        go), each None or `RowStats`' buffers."""
-        q, k, v = self.qkv(x, norm=norm, norm_stats=stats[0])   # [tokens, heads | kv_heads, head_dim]
+        is normalised already."""
+        q, k, v = self.qkv(x, norm=norm)             # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
-        return self.out(o.flatten(1), residual, stats_out=stats[1])
+        return self.out(o.flatten(1), residual)
 
 
 class MLP(nn.Module):
@@ -107,16 +103,15 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None,
-                stats: RowStats = (None, None)) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
         """mlp(norm(x)) + residual; the activation (ungated) and the residual ride in the matmul
-        epilogues; `norm` None: x is normalised already. `stats` as `Attention.forward`'s."""
+        epilogues; `norm` None: x is normalised already."""
         if self.gated:
-            gate, up = self.up(x, norm=norm, norm_stats=stats[0]).chunk(2, dim=-1)
+            gate, up = self.up(x, norm=norm).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.up(x, self.act_name, norm=norm, norm_stats=stats[0])
-        return self.down(h, residual, stats_out=stats[1])
+            h = self.up(x, self.act_name, norm=norm)
+        return self.down(h, residual)
 
 
 class DecoderBlock(nn.Module):
@@ -131,11 +126,7 @@ class DecoderBlock(nn.Module):
     Pre-norm blocks whose QKV and MLP-up products can each do the norm before them (decode batches
     whose tiles take it: `_Linear.norm_fold`) run without norm kernels instead (`_forward_folded`):
     those products read the stream itself, and the output projection and MLP down add the residual
-    in their epilogues, so the block hands on (x, None). There `stats` (`CausalLM.row_stats`: three
-    zeroed fp64 [rows, 2] buffers, the first None where no product gathered it) carries the norms'
-    row statistics: the first is x's, which QKV's norm (and a parallel-residual MLP's) then reads
-    instead of summing x in every program; the output projection adds its output's to the second,
-    for the MLP's norm; MLP down its output's to the third (if not None), for the next block."""
+    in their epilogues, so the block hands on (x, None)."""
 
     def __init__(self, spec: ModelSpec, layer: int, tp: TensorParallel, dtype: torch.dtype,
                  rotary: Rotary | None = None, quant: QuantSpec | None = None):
@@ -150,11 +141,10 @@ class DecoderBlock(nn.Module):
             raise ValueError(f"layer {layer}: {e}") from None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
-                pending: torch.Tensor | None = None, stats: tuple | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, pending) in -> (x, pending) out, the stream being their sum."""
         if not self.post_norm and self._folds(x):
-            return self._forward_folded(x, positions, meta, kv_cache, pending, stats or (None, None, None))
+            return self._forward_folded(x, positions, meta, kv_cache, pending)
         if self.post_norm:
             if pending is not None:
                 x = x + pending
@@ -177,15 +167,9 @@ class DecoderBlock(nn.Module):
         return (self.attn.qkv.norm_fold(x, self.attn_norm) is not None
                 and self.mlp.up.norm_fold(x, self._mlp_input_norm, up_act) is not None)
 
-    def _forward_folded(self, x, positions, meta, kv_cache, pending, stats):
-        x_stats, mid_stats, out_stats = stats
+    def _forward_folded(self, x, positions, meta, kv_cache, pending):
         if pending is not None:                      # after a block that did not fold (not at one batch size)
-            x, x_stats = x + pending, None
-        if self.parallel_residual:                   # both norms see x
-            after_attn = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm,
-                                   stats=(x_stats, None))
-            return self.mlp(x, residual=after_attn, norm=self._mlp_input_norm, stats=(x_stats, out_stats)), None
-        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm,
-                               stats=(x_stats, mid_stats))
-        return self.mlp(after_attn, residual=after_attn, norm=self._mlp_input_norm,
-                        stats=(mid_stats, out_stats)), None
+            x = x + pending
+        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
+        mlp_in = x if self.parallel_residual else after_attn
+        return self.mlp(mlp_in, residual=after_attn, norm=self._mlp_input_norm), None

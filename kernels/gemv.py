@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import ACTIVATION_CODES, add_row_stats, epilogue, feature_params
+from kernels.gemv_epilogue import ACTIVATION_CODES, epilogue, feature_params
 from kernels.gemv_fma import _fma_kernel
 from kernels.gemv_rows import _rows_kernel
 from kernels.pdl import await_previous, prefetch_rows_l2
@@ -68,13 +68,10 @@ class NormFold:
     """The LayerNorm or RMSNorm before a product, done inside it (kernels/gemv_rows.py, NORM): its
     weight g ([K], x's dtype; None where the product's weight holds it already, W g), c1 = W g (fp32
     [N], LayerNorm only: the mean's share) and eps. The product is then W norm(x) + bias with the
-    caller's bias holding the norm's, W b_norm. `stats`: x's rows' sums and sums of squares (fp64
-    [M, 2]), added up by the product that wrote x (`skinny_linear`'s `stats_out`); None: the product
-    sums x itself as it streams it, once per program."""
+    caller's bias holding the norm's, W b_norm."""
     weight: torch.Tensor | None
     c1: torch.Tensor | None
     eps: float
-    stats: torch.Tensor | None = None
 
 
 @triton.jit
@@ -196,11 +193,10 @@ def _swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
 
 
 @triton.jit
-def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, stats_out_ptr, M, N, stride_rm, SPLIT_K: tl.constexpr,
+def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, M, N, stride_rm, SPLIT_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                           STATS_OUT: tl.constexpr = False):
-    """Sum the fp32 partials [SPLIT_K, M, N] in order, then the epilogue (and `add_row_stats`)."""
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Sum the fp32 partials [SPLIT_K, M, N] in order, then the epilogue."""
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     bias = feature_params(b_ptr, rn, 1, N, HAS_BIAS, 0.0)
@@ -211,10 +207,7 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, stats_out_ptr, M, N, s
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
     acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
-    stored = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, stored, mask=mask)
-    if STATS_OUT:
-        add_row_stats(stats_out_ptr, stored, rm, rn, M, N)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 NUM_SMS = 132          # H100 SXM; shapes only the heuristic split, never correctness
@@ -258,13 +251,11 @@ def pick_tile(m: int, n: int, k: int, bits: int, group_size: int) -> Tile:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                   tile: Tile | None = None, activation: str | None = None,
-                  residual: torch.Tensor | None = None, norm: NormFold | None = None,
-                  stats_out: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, norm: NormFold | None = None) -> torch.Tensor:
     """act(x [..., K] @ dequantized(weight)^T + bias) + residual, in x's dtype; `activation` one of
     `ACTIVATION_CODES`, `residual` shaped like the output. `tile`: default the untuned `pick_tile`
     (kernels/gemv_tuner.py's `streamed_linear` runs the tuner's choice). With `norm`, x is normalised
-    first, inside the product (a tile that `takes_norm`). `stats_out` (fp64 [M, 2], zeroed by the
-    caller): the output rows' sums and sums of squares are added to it, for a `NormFold` after."""
+    first, inside the product (a tile that `takes_norm`)."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -289,10 +280,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                        and norm.weight.is_contiguous() and norm.weight.data_ptr() % 16 == 0), \
             f"norm weight must be [{k}] {x.dtype}, aligned, got {tuple(norm.weight.shape)} {norm.weight.dtype}"
         assert norm.c1 is None or (norm.c1.shape == (n,) and norm.c1.dtype == torch.float32), f"c1 must be [{n}] fp32"
-        assert norm.stats is None or _row_stats_buffer(norm.stats, rows.shape[0]), \
-            f"norm stats must be fp64 [{rows.shape[0]}, 2], contiguous"
-    assert stats_out is None or _row_stats_buffer(stats_out, rows.shape[0]), \
-        f"stats_out must be fp64 [{rows.shape[0]}, 2], contiguous"
     per_row = bits < 16 and group_size >= k and not tile.scale_in_tile
     if bits < 16 and not per_row and not tile.scale_in_tile and not (tile.fma or tile.rows):
         assert group_size % tile.block_k == 0, f"block_k={tile.block_k} must divide group_size={group_size}"
@@ -319,8 +306,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
     l2_bytes = _l2_prefetch_bytes(weight, bits) if pdl else 0
-    stats_target = dummy if stats_out is None else stats_out
-    stats_in_kernel = stats_out is not None and split == 1 and (tile.fma or tile.rows)   # else the reduction's
     if tile.fma or tile.rows:
         grouped = bits < 16 and not per_row
         sub = min(tile.block_k, group_size) if grouped else tile.block_k
@@ -340,21 +325,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             flags.pop("BLOCK_N")
             aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * bits // 8) % 16 == 0
             l2_row_bytes = tile.l2_rows // 16 * 16 if pdl and aligned and not _interpreting() else 0
-            norm_args = (dummy, dummy, 0.0, dummy) if norm is None else \
-                (dummy if norm.weight is None else norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps,
-                 dummy if norm.stats is None else norm.stats)
+            norm_args = (dummy, dummy, 0.0) if norm is None else \
+                (dummy if norm.weight is None else norm.weight, dummy if norm.c1 is None else norm.c1, norm.eps)
             norm_kind = 0 if norm is None else 2 if norm.c1 is None else 1
-            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, *norm_args, stats_target,
-                                              NORM=norm_kind, NORM_WEIGHT=norm is None or norm.weight is not None,
-                                              NORM_STATS=norm is not None and norm.stats is not None,
-                                              STATS_OUT=stats_in_kernel,
+            _rows_kernel[(grid[0], split, m)](*args, l2_row_bytes, l2_bytes, *norm_args, NORM=norm_kind,
+                                              NORM_WEIGHT=norm is None or norm.weight is not None,
                                               ROWS=tile.block_n, SUB=sub, PDL=pdl,
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                               L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,
                                               **flags)
         else:
-            _fma_kernel[(grid[0], split, m)](*args, l2_bytes, stats_target, STATS_OUT=stats_in_kernel, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
+            _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
                                              launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                              X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
                                              L2_CHUNK=L2_CHUNK, **flags)
@@ -371,18 +353,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if split > 1:
         block_m, block_n = min(16, triton.next_power_of_2(m)), 256
         _split_k_reduce_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-            target, bias_, residual_, out, stats_target, m, n, res_stride, SPLIT_K=split, **epilogue,
-            BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl, STATS_OUT=stats_out is not None)
-    elif stats_out is not None and not stats_in_kernel:       # the swapped and tensor-core tiles: in torch
-        add_row_stats_torch(stats_out, out)
+            target, bias_, residual_, out, m, n, res_stride, SPLIT_K=split, **epilogue,
+            BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, launch_pdl=pdl)
     return out
-
-
-def add_row_stats_torch(stats: torch.Tensor, out: torch.Tensor) -> None:
-    """`add_row_stats` in torch: out's rows' sums and sums of squares added to stats (fp64 [M, 2])."""
-    rows = out.reshape(-1, out.shape[-1]).double()
-    stats += torch.stack((rows.sum(-1), rows.square().sum(-1)), dim=-1)
-
-
-def _row_stats_buffer(stats: torch.Tensor, m: int) -> bool:
-    return stats.shape == (m, 2) and stats.dtype == torch.float64 and stats.is_contiguous()

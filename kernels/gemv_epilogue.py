@@ -48,16 +48,3 @@ def epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, 
         else:
             acc += early_residual
     return acc
-
-
-@triton.jit
-def add_row_stats(stats_ptr, stored, rm, rn, M, N):
-    """Add the sum and the sum of squares of each row of this tile's output, as stored (`stored`,
-    [BM, BN] in the output's dtype), to stats (fp64 [M, 2]): the next norm's statistics, gathered by
-    the product that writes its input (`NormFold.stats`). Each program's partial sums are in fp64 in a
-    fixed order; the atomics add them in any order, which can move only the last bits of the fp64
-    totals, below what the fp32 mean and variance made from them resolve."""
-    kept = tl.where((rn < N)[None, :], stored.to(tl.float64), 0.0)
-    row_ok = rm < M
-    tl.atomic_add(stats_ptr + rm * 2, tl.sum(kept, axis=1), mask=row_ok, sem="relaxed")
-    tl.atomic_add(stats_ptr + rm * 2 + 1, tl.sum(kept * kept, axis=1), mask=row_ok, sem="relaxed")

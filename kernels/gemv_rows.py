@@ -25,7 +25,7 @@ Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 by
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import add_row_stats, epilogue, feature_params, residual_tile
+from kernels.gemv_epilogue import epilogue, feature_params, residual_tile
 from kernels.gemv_fma import _fma_x, _two_words
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
@@ -109,32 +109,27 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
     return sums
 
 @triton.jit
-def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True, SUMS: tl.constexpr = True):
+def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
     """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,
     rounded to fp16 as `mul.rn.f16x2` rounds, the two x values' sum and their sum of squares in fp32).
-    Without WEIGHT (g already in the product's weight), the word of x itself; without SUMS, zeros
-    for the sums (the statistics come from elsewhere: `NormFold.stats`)."""
+    Without WEIGHT (g already in the product's weight), the word of x itself."""
     if ASM:
-        s1 = tl.zeros(w.shape, tl.float32)
-        s2 = s1
-        if SUMS:
-            sums = tl.inline_asm_elementwise(
-                """{
-                .reg .f16 lo, hi;
-                .reg .f32 flo, fhi;
-                mov.b32 {lo, hi}, $2;
-                cvt.f32.f16 flo, lo;
-                cvt.f32.f16 fhi, hi;
-                add.f32 $0, flo, fhi;
-                mul.f32 $1, flo, flo;
-                fma.rn.f32 $1, fhi, fhi, $1;
-                }""",
-                "=f,=f,r", [w], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-            s1, s2 = sums[0], sums[1]
+        sums = tl.inline_asm_elementwise(
+            """{
+            .reg .f16 lo, hi;
+            .reg .f32 flo, fhi;
+            mov.b32 {lo, hi}, $2;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            mul.f32 $1, flo, flo;
+            fma.rn.f32 $1, fhi, fhi, $1;
+            }""",
+            "=f,=f,r", [w], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
         if WEIGHT:
             w = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [w, g], dtype=tl.int32,
                                           is_pure=True, pack=1)
-        return w, s1, s2
+        return w, sums[0], sums[1]
     lo, hi = low_half(w, tl.float16).to(tl.float32), high_half(w, tl.float16).to(tl.float32)
     if WEIGHT:
         plo = (lo * low_half(g, tl.float16).to(tl.float32)).to(tl.float16).to(tl.int16, bitcast=True)
@@ -144,23 +139,22 @@ def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True, SUMS: tl.co
 
 
 @triton.jit
-def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, WEIGHT: tl.constexpr = True,
-            SUMS: tl.constexpr = True):
+def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
     """This K tile's x (as `_fma_x` loads it) times the norm weights g (loaded the same way), and
     the fp32 sum and sum of squares of the x values, [NG, SV]. Packed words (HALF) multiply in fp16
     as the norm kernel's output would be rounded; float x (else) in fp32. Without WEIGHT, x as it is
-    (g is in the product's weight; ga, gb unused). Without SUMS the sums are zeros, not computed."""
+    (g is in the product's weight; ga, gb unused)."""
     if HALF and BITS == 8:                             # two words of two fp16 each
-        xa, s1, s2 = _norm_word(xa, ga, ASM, WEIGHT, SUMS)
-        xb, t1, t2 = _norm_word(xb, gb, ASM, WEIGHT, SUMS)
+        xa, s1, s2 = _norm_word(xa, ga, ASM, WEIGHT)
+        xb, t1, t2 = _norm_word(xb, gb, ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
     elif HALF:                                         # two 64-bit words of two words each
-        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM, WEIGHT, SUMS)
-        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM, WEIGHT, SUMS)
+        a0, s1, s2 = _norm_word(xa.to(tl.int32), ga.to(tl.int32), ASM, WEIGHT)
+        a1, t1, t2 = _norm_word((xa >> 32).to(tl.int32), (ga >> 32).to(tl.int32), ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
-        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM, WEIGHT, SUMS)
+        b0, t1, t2 = _norm_word(xb.to(tl.int32), gb.to(tl.int32), ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
-        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM, WEIGHT, SUMS)
+        b1, t1, t2 = _norm_word((xb >> 32).to(tl.int32), (gb >> 32).to(tl.int32), ASM, WEIGHT)
         s1, s2 = s1 + t1, s2 + t2
         xa, xb = _two_words(a0, a1), _two_words(b0, b1)
     elif BITS == 4:                                    # float x pairs
@@ -174,22 +168,18 @@ def _norm_x(xa, xb, ga, gb, BITS: tl.constexpr, HALF: tl.constexpr, ASM: tl.cons
         if WEIGHT:
             xa = (fa * ga.to(tl.float32)).to(xa.dtype)
         xb = xa
-    part_sum, part_squares = 0.0, 0.0
-    if SUMS:
-        part_sum, part_squares = tl.sum(s1, axis=2), tl.sum(s2, axis=2)
-    return xa, xb, part_sum, part_squares
+    return xa, xb, tl.sum(s1, axis=2), tl.sum(s2, axis=2)
 
 
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_rm, stride_om, stride_os, group_size, k_per_split, l2_row_bytes, l2_head_bytes,
-                 g_ptr, c1_ptr, eps, stats_ptr, stats_out_ptr, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 g_ptr, c1_ptr, eps, BITS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
-                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = True,
-                 NORM_STATS: tl.constexpr = False, STATS_OUT: tl.constexpr = False):
+                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = True):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -205,10 +195,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     feeds this product, whose weight `g` multiplies x as it loads; the loop also sums x and its
     squares, and after it out = rstd * (out - mean * c1) with c1[n] = sum_k W[n, k] g[k] (mean 0 for
     RMSNorm): the normalised product without a norm kernel before it. The norm's bias, W b_norm, is
-    in the caller's bias. Without NORM_WEIGHT, g is already in W (x is not multiplied). With
-    NORM_STATS the sums come from `stats` (fp64 [M, 2], gathered by the product that wrote x, after
-    the PDL wait) instead of the loop. STATS_OUT adds this program's output rows' sums and sums of
-    squares to `stats_out` (`add_row_stats`), for the norm after it."""
+    in the caller's bias. Without NORM_WEIGHT, g is already in W (x is not multiplied)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -246,8 +233,6 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     residual = None
     if HAS_RESIDUAL and EPILOGUE:                  # written before this kernel: read it now, add it at the end
         residual = residual_tile(r_ptr, row + tl.arange(0, 1), rn, M, N, stride_rm)
-    if NORM_STATS:                                 # written by the kernel before: read them now, use at the end
-        given = tl.load(stats_ptr + row.to(tl.int64) * 2 + tl.arange(0, 2))
     for k0 in range(k_begin, k_end, BLOCK_K):
         if PREFETCH:                              # the next tile's loads fly while this one computes
             v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, t7 = _row_tiles(
@@ -262,10 +247,9 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
             ga, gb = xa, xb
             if NORM_WEIGHT:
                 ga, gb = _fma_x(g_ptr, g_ptr, k0, k_end, cols, BITS, HALF)
-            xa, xb, part_sum, part_squares = _norm_x(xa, xb, ga, gb, BITS, HALF, ASM, NORM_WEIGHT, not NORM_STATS)
-            if not NORM_STATS:                    # else the sums go unused, and the compiler drops them
-                x_sum += part_sum
-                x_squares += part_squares
+            xa, xb, part_sum, part_squares = _norm_x(xa, xb, ga, gb, BITS, HALF, ASM, NORM_WEIGHT)
+            x_sum += part_sum
+            x_squares += part_squares
         x0, x1, x2, x3 = xa, xa, xb, xb
         if HALF and BITS == 4:                    # the fp16 pairs of `int4_half_dot`, once for all rows
             x0, x1 = xa.to(tl.int32), (xa >> 32).to(tl.int32)
@@ -304,27 +288,14 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
         out *= 128.0
     out = out * row_scale
     if NORM:
-        if NORM_STATS:                            # fp64 sums: the mean and variance in fp64, then fp32
-            two = tl.arange(0, 2)
-            mean = 0.0
-            var64 = tl.sum(tl.where(two == 1, given, 0.0)) / K
-            if NORM == 1:
-                mean64 = tl.sum(tl.where(two == 0, given, 0.0)) / K
-                var64 -= mean64 * mean64
-                mean = mean64.to(tl.float32)
-            var = var64.to(tl.float32)
-        else:
-            mean = 0.0
-            if NORM == 1:
-                mean = tl.sum(tl.sum(x_sum, axis=1), axis=0) / K
-            var = tl.sum(tl.sum(x_squares, axis=1), axis=0) / K - mean * mean
+        mean = 0.0
+        if NORM == 1:
+            mean = tl.sum(tl.sum(x_sum, axis=1), axis=0) / K
+        var = tl.sum(tl.sum(x_squares, axis=1), axis=0) / K - mean * mean
         out = (out - mean * c1) * (1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps))
     out = out[None, :]                                                      # [1, ROWS]
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
         out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL, residual)
     offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    stored = out.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offsets, stored, mask=(rn < N)[None, :])
-    if STATS_OUT:
-        add_row_stats(stats_out_ptr, stored, rm, rn, M, N)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])

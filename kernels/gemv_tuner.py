@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 import torch
 import triton
 
-from kernels.gemv import Tile, add_row_stats_torch, pick_tile, skinny_linear
+from kernels.gemv import Tile, pick_tile, skinny_linear
 
 FMA_MAX_ROWS = 2                                         # products the CUDA-core kernel is offered for
 TUNED_MAX_ROWS = 64                                      # products of more rows (prefill) are never timed
@@ -293,15 +293,12 @@ def tuned_tile(x: torch.Tensor, weight: torch.Tensor, bias, scales, bits: int, g
 def streamed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     scales: torch.Tensor | None = None, bits: int = 16, group_size: int | None = None,
                     activation: str | None = None, residual: torch.Tensor | None = None, torch_path=None,
-                    norm=None, stats_out: torch.Tensor | None = None):
+                    norm=None):
     """`skinny_linear` with the tuner's tile, or `torch_path(x, weight)` (the same product in torch,
     offered for float weights) where the tuner measured that faster. `norm` (a `NormFold`) only
-    where the tile takes it (`_Linear.norm_fold` asks first); `stats_out` as `skinny_linear`'s."""
+    where the tile takes it (`_Linear.norm_fold` asks first)."""
     tile = tuned_tile(x, weight, bias, scales, bits, group_size, activation, residual, torch_path)
     if tile == CUBLAS:
         assert norm is None, "cuBLAS does not take the norm before it"
-        out = torch_path(x, weight)
-        if stats_out is not None:
-            add_row_stats_torch(stats_out, out)
-        return out
-    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual, norm, stats_out)
+        return torch_path(x, weight)
+    return skinny_linear(x, weight, bias, scales, bits, group_size, tile, activation, residual, norm)

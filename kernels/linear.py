@@ -9,7 +9,7 @@ of `weight`: never a float copy. Their `weight_loader`s shard pre-quantized tens
 weight; `load_float_weight` quantizes each part of this rank's shard of a float weight as it loads.
 """
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from torch import nn
 from kernels.activation import FUSABLE_ACTIVATIONS
 from kernels.dispatch import use_triton
 from kernels.dequant import DEQUANT_MIN_ROWS
-from kernels.gemv import NormFold, Tile, add_row_stats_torch
+from kernels.gemv import NormFold, Tile
 from kernels import gemv_tuner
 from kernels.gemv_tuner import TUNED_MAX_ROWS, streamed_linear
 from kernels import allreduce
@@ -34,10 +34,6 @@ SKINNY_MAX_ROWS = int(os.environ.get("RAYSPEED_SKINNY_MAX_ROWS", str(TUNED_MAX_R
 # Decode products whose tile can (`Tile.takes_norm`) do the norm before them instead of a norm kernel
 # (`_Linear.norm_fold`); RAYSPEED_FOLD_NORMS=0 keeps the norm kernels.
 FOLD_NORMS = os.environ.get("RAYSPEED_FOLD_NORMS", "1") != "0"
-# Folded norms take their statistics from the product that wrote their input (`NormFold.stats`, one
-# tp rank: an all-reduce comes after the product) instead of summing x in every program;
-# RAYSPEED_NORM_STATS=0 sums them in the products that take the norm.
-NORM_STATS = os.environ.get("RAYSPEED_NORM_STATS", "1") != "0"
 FOLD_ROWS = 4096           # weight rows dequantized to fp32 at a time to prepare a fold (64 MB at K = 4,096)
 
 
@@ -234,26 +230,21 @@ class _Linear(nn.Module):
         return fold
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
-                residual: torch.Tensor | None = None, norm: NormFold | None = None,
-                stats_out: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, norm: NormFold | None = None) -> torch.Tensor:
         """act(x W^T + bias) + residual. On CUDA, float weights at decode batches and quantized weights
         below DEQUANT_MIN_ROWS go through the weight-streaming Triton kernels with the epilogue fused,
         unless the tuner measured cuBLAS (plus separate epilogue ops) faster for this shape; larger
         quantized products dequantize the weight once and run cuBLAS (`quant_linear`). `norm`: from
-        `norm_fold`, x is the stream before that norm. `stats_out`: the output rows' sums and sums
-        of squares are added to it (fp64 [rows, 2]), for a folded norm after."""
+        `norm_fold`, x is the stream before that norm."""
         bits = 16 if self.quant is None else self.quant.bits
         if self._streams(x):
             weight, scales = (self.weight, None) if bits == 16 else (self.qweight, self.scales)
             group_size = None if bits == 16 else self.group_size
             torch_path = (lambda v, w: self._torch_matmul(v, bias, activation, residual, w)) if bits == 16 else None
             return streamed_linear(x, weight, bias, scales, bits, group_size, activation, residual, torch_path,
-                                   norm=norm, stats_out=stats_out)
+                                   norm=norm)
         assert norm is None, "the norm rides only in the weight-streaming kernels"
-        y = self._torch_matmul(x, bias, activation, residual)
-        if stats_out is not None:
-            add_row_stats_torch(stats_out, y)
-        return y
+        return self._torch_matmul(x, bias, activation, residual)
 
     def _torch_matmul(self, x: torch.Tensor, bias, activation: str | None, residual,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,18 +280,15 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
-    def forward(self, x: torch.Tensor, activation: str | None = None, norm=None,
-                norm_stats: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None, norm=None) -> torch.Tensor:
         """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue.
-        `norm`: the norm module x goes through first, inside the product where `norm_fold` can, with
-        x's row statistics from `norm_stats` where given (`NormFold.stats`)."""
+        `norm`: the norm module x goes through first, inside the product where `norm_fold` can."""
         if norm is None:
             return self._matmul(x, self.bias, activation)
         fold = self.norm_fold(x, norm, activation)
         if fold is None:
             return self._matmul(norm(x), self.bias, activation)
-        folded = fold.norm if norm_stats is None else replace(fold.norm, stats=norm_stats)
-        return self._matmul(x, fold.bias, activation, norm=folded)
+        return self._matmul(x, fold.bias, activation, norm=fold.norm)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -363,9 +351,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             shard = full.narrow(0, rank * size, size)
         copy_checked(param.narrow(0, start, size), shard)
 
-    def forward(self, x: torch.Tensor, norm=None, norm_stats: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().forward(x, norm=norm, norm_stats=norm_stats).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor, norm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().forward(x, norm=norm).split(self.sizes, dim=-1)
         return (q.unflatten(-1, (self.num_heads, self.head_dim)),       # [tokens, heads, head_dim]
                 k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                 v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
@@ -387,14 +374,9 @@ class RowParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 1))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                stats_out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """all_reduce(x W^T) + bias + residual; rank 0 adds bias and residual to its partial sum
-        before the all-reduce, so the epilogue fuses at any tp_size. `stats_out` (one rank only: the
-        sums must be of the reduced output): `_matmul`'s."""
-        if self.tp.size == 1:
-            return self._matmul(x, self.bias, residual=residual, stats_out=stats_out)
-        assert stats_out is None, "a row-parallel product's epilogue sees only its rank's partial sums"
+        before the all-reduce, so the epilogue fuses at any tp_size."""
         lead = self.tp.rank == 0
         return self.tp.all_reduce(self._matmul(x, self.bias if lead else None,
                                                residual=residual if lead else None))

@@ -24,7 +24,6 @@ from kernels.block import DecoderBlock, KVCache, Norm, Rotary
 from kernels.dispatch import use_triton
 from kernels.embedding import embed
 from kernels.gemv_tuner import streamed_linear
-from kernels import linear
 from kernels.linear import SINGLE, SKINNY_MAX_ROWS, TensorParallel, _param, default_weight_loader
 from kernels.quant import QuantSpec, quant_linear
 from kernels.spec import ModelSpec
@@ -110,26 +109,11 @@ class CausalLM(nn.Module):
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """input_ids, positions: [tokens] -> hidden states [tokens, hidden]."""
         x, pending = self.embed_tokens(input_ids, positions), None
-        stats, last = self.row_stats(x), len(self.layers) - 1
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            window = None
-            if stats is not None:                # a block's first buffer holds x's sums if the one before wrote them
-                window = (stats[2 * i] if i and pending is None else None, stats[2 * i + 1],
-                          stats[2 * i + 2] if i < last else None)
-            x, pending = layer(x, positions, meta, kv_cache, pending, window)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, pending = layer(x, positions, meta, kv_cache, pending)
         if self.norm is not None:
             return self.norm.add(x, pending)[0]
         return x if pending is None else x + pending
-
-    def row_stats(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Zeroed fp64 [2 * layers + 1, rows, 2] buffers through which the blocks' products hand
-        their folded norms the row sums and sums of squares of their input (DecoderBlock), where
-        the blocks fold their norms at x's rows (pre-norm, one tp rank); else None. One buffer a
-        step, zeroed by one memset."""
-        first = self.layers[0]
-        if not (linear.NORM_STATS and self.tp.size == 1 and not first.post_norm and first._folds(x)):
-            return None
-        return torch.zeros(2 * len(self.layers) + 1, x.shape[0], 2, dtype=torch.float64, device=x.device)
 
     def quantize_head(self, rows_at_once: int = 8192) -> None:
         """With `quant.lm_head`: quantize the loaded LM head (its padded rows, `with_padding`) into

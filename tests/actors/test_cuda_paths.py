@@ -389,38 +389,13 @@ def test_rows_tiles_do_the_norm_before_them_on_the_gpu(bits, half, rms):
     assert ((got.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 5e-3
     assert torch.equal(skinny_linear(*args, bits, group, replace(tile, prefetch=True), residual=residual.cuda(),
                                      norm=norm), got)
-    stats = torch.stack((xd.sum(-1), xd.pow(2).sum(-1)), -1).cuda()       # given, as a product before would add them
-    given = skinny_linear(*args, bits, group, tile, residual=residual.cuda(), norm=replace(norm, stats=stats))
-    assert ((given.cpu().double() - ref).abs().max() / ref.abs().max()).item() < 5e-3
-
-
-@pytest.mark.parametrize("kind", ["rows", "fma", "split"])
-def test_products_add_their_rows_statistics_on_the_gpu(kind):
-    """`stats_out`: the output rows' sums and sums of squares of the stored (rounded) output, added to
-    what the buffer holds, from the rows and fma kernels' epilogues and the split-K reduction's; the
-    same every run whatever order the atomics land in."""
-    g = torch.Generator().manual_seed(7)
-    n, k = 2560, 2560
-    w, scales, full = _weight(n, k, 8, k, g)
-    x, residual = torch.randn(3, k, generator=g).half().cuda(), torch.randn(3, n, generator=g).half().cuda()
-    tile = {"rows": Tile(1, 4, 512, rows=True, half=True), "fma": Tile(1, 4, 1024, fma=True, prefetch=True),
-            "split": Tile(1, 4, 512, 2, rows=True, half=True)}[kind]
-    stats = torch.ones(3, 2, dtype=torch.float64, device="cuda")
-    out = skinny_linear(x, w.cuda(), None, scales.half().cuda(), 8, None, tile, residual=residual, stats_out=stats)
-    rows = out.double()
-    expected = torch.stack((rows.sum(-1), rows.pow(2).sum(-1)), -1) + 1
-    torch.testing.assert_close(stats, expected, rtol=1e-12, atol=1e-9)
-    for _ in range(3):
-        again = torch.ones_like(stats)
-        skinny_linear(x, w.cuda(), None, scales.half().cuda(), 8, None, tile, residual=residual, stats_out=again)
-        assert torch.equal(again, stats)
 
 
 @pytest.mark.parametrize("family,dtype", [("gpt_neo", torch.int8), ("llama", "int4")])
 def test_folded_norms_give_the_norm_kernels_tokens(family, dtype, monkeypatch):
     """fp16 decode on rows tiles (forced, as the tuner picks them for large models) with the norms
-    inside QKV and MLP up, their statistics from the products before or summed in the products,
-    against the same engine with norm kernels (`kernels.linear.FOLD_NORMS` off): close logits."""
+    inside QKV and MLP up against the same engine with norm kernels (`kernels.linear.FOLD_NORMS`
+    off): close logits."""
     import kernels.gemv_tuner as tuner
     import kernels.linear as linear
     from kernels.block import DecoderBlock
@@ -434,9 +409,6 @@ def test_folded_norms_give_the_norm_kernels_tokens(family, dtype, monkeypatch):
     blocks = [m for m in engine.backend.model.modules() if isinstance(m, DecoderBlock)]
     assert all(b._folds(torch.zeros(1, hf.config.hidden_size, dtype=torch.half, device="cuda")) for b in blocks)
     folded = engine.module(ids).logits.float()
-    monkeypatch.setattr(linear, "NORM_STATS", False)          # each product sums x itself
-    summed = engine.module(ids).logits.float()
     monkeypatch.setattr(linear, "FOLD_NORMS", False)
     plain = engine.module(ids).logits.float()
     assert ((folded - plain).norm() / plain.norm()).item() < 5e-3
-    assert ((summed - plain).norm() / plain.norm()).item() < 5e-3

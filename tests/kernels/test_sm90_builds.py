@@ -24,29 +24,24 @@ ATTENTION_POINTERS = {**{name: "*fp16" for name in ("q_ptr", "k_cache_ptr", "v_c
                       "ws_ptr": "*fp32", "counters_ptr": "*i32"}
 
 
-STATS_POINTERS = {"stats_ptr": "*fp64", "stats_out_ptr": "*fp64"}
-
-
 def fma(bits, weight, x, block_n, block_k, sub, prefetch, pdl=False, half=False, num_warps=4, x_per_row=False,
-        l2=False, stats_out=False):
-    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}", **STATS_POINTERS}
+        l2=False):
+    pointers = {**{name: f"*{x}" for name in GEMV_POINTERS}, "w_ptr": f"*{weight}"}
     return ("kernels.gemv_fma", "_fma_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                 BLOCK_N=block_n, BLOCK_K=block_k, SUB=sub, PREFETCH=prefetch,
                                                 PDL=pdl, HALF=half, ASM=half, X_PER_ROW=x_per_row,
-                                                L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048,
-                                                STATS_OUT=stats_out), pointers,
+                                                L2_LANES=32 * num_warps if l2 else 0, L2_CHUNK=2048), pointers,
             num_warps)
 
 
 def rows(bits, weight, rows_, block_k, sub, half=False, num_warps=1, prefetch=False, pdl=False, l2=False,
-         l2_head=False, norm=0, norm_weight=True, norm_stats=False, stats_out=False):
-    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}", "g_ptr": "*fp16", "c1_ptr": "*fp32", **STATS_POINTERS}
+         l2_head=False, norm=0, norm_weight=True):
+    pointers = {**GEMV_POINTERS, "w_ptr": f"*{weight}", "g_ptr": "*fp16", "c1_ptr": "*fp32"}
     return ("kernels.gemv_rows", "_rows_kernel", dict(BITS=bits, **EPILOGUE, PER_ROW_SCALE=bits == 8 and sub == block_k,
                                                       ROWS=rows_, BLOCK_K=block_k, SUB=sub, PDL=pdl, HALF=half,
                                                       ASM=half, L2=l2, PREFETCH=prefetch,
                                                       L2_LANES=32 * num_warps if l2_head else 0, L2_CHUNK=2048,
-                                                      NORM=norm, NORM_WEIGHT=norm_weight, NORM_STATS=norm_stats,
-                                                      STATS_OUT=stats_out),
+                                                      NORM=norm, NORM_WEIGHT=norm_weight),
             pointers, num_warps)
 
 
@@ -103,9 +98,6 @@ BUILDS = {
     "rows-int8-half-prefetch-layernorm": rows(8, "i8", 8, 512, 512, half=True, prefetch=True, norm=1),
     "rows-int4-half-rmsnorm": rows(4, "u8", 8, 1024, 128, half=True, norm=2),
     "rows-int8-half-layernorm-in-w": rows(8, "i8", 4, 512, 512, half=True, norm=1, norm_weight=False),
-    "pdl-rows-int8-half-layernorm-stats": rows(8, "i8", 4, 512, 512, half=True, pdl=True, norm=1, norm_stats=True),
-    "pdl-rows-int8-half-stats-out": rows(8, "i8", 4, 2048, 2048, half=True, num_warps=4, pdl=True, stats_out=True),
-    "pdl-fma-int8-prefetch-stats-out": fma(8, "i8", "fp16", 4, 1024, 1024, True, pdl=True, stats_out=True),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
@@ -231,23 +223,6 @@ def test_rows_tiles_ask_l2_for_their_rows_before_the_wait(built):
     head = built["pdl-rows-int8-half-l2-head"]
     assert "cp.async.bulk.prefetch.L2.global" in head["ptx"][:head["ptx"].index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in head["loop"]
-
-
-def test_folded_norm_statistics_come_from_the_product_before(built):
-    """A product of the norm with its statistics given (NORM_STATS) reads them after its PDL wait and
-    sums nothing of x in its loop (the summing build's squares, `fma.rn.f32`, and its conversions of x
-    to fp32 are gone); the products that gather them add two fp64 values a program with atomics after
-    their wait and their output store."""
-    summing, given = built["rows-int8-half-layernorm"], built["pdl-rows-int8-half-layernorm-stats"]
-    assert "fma.rn.f32" in summing["loop"] and "fma.rn.f32" not in given["loop"]
-    assert given["loop"].count("cvt.f32.f16") < summing["loop"].count("cvt.f32.f16")
-    assert ".f64" in given["ptx"] and ".f64" not in summing["ptx"]      # the mean and variance from fp64 sums
-    for name in ("pdl-rows-int8-half-stats-out", "pdl-fma-int8-prefetch-stats-out"):
-        ptx = built[name]["ptx"]
-        atomics = [i for i in range(len(ptx)) if ptx.startswith("red.global", i) or ptx.startswith("atom.global", i)]
-        assert atomics and all(".f64" in ptx[i:ptx.index(";", i)] for i in atomics), name
-        assert ptx.index("griddepcontrol.wait") < atomics[0] and ptx.index("st.global") < atomics[0]
-    assert "f64" not in built["pdl-rows-int8-half-l2-head"]["ptx"]
 
 
 def test_swapped_tiles_use_hopper_mma_and_ask_l2_for_their_rows_first(built):
