@@ -7,7 +7,7 @@ against one program each, batch 1 to 32, contexts 160 to 8,192, timed in CUDA gr
 runs it, over cache copies that miss L2; `--decode-configs`: every chunk size, chunk-read mode and
 warp count against the default choice (and context splits, `--splits 1,2,4`).
 
-    python3 bench/attention_sweep.py [--decode | --decode-configs | --store] --out bench/results
+    python3 bench/attention_sweep.py [--decode | --decode-configs | --store | --sdpa-graph] --out bench/results
 """
 import argparse
 import datetime
@@ -122,6 +122,42 @@ def stored_us(q, k, v, cu, length, scale, window) -> float:
                                                             slots), 1) * 1e3
 
 
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def sdpa_backends_us(q, k, v, length, scale, window) -> dict:
+    """One prompt's prefill attention through each SDPA backend (us, back to back in a CUDA graph, the
+    keys and values stored to a paged cache by `store_kv` beside it, as the Triton kernel stores them):
+    q, k, v views of one [tokens, 3 heads, dim] tensor as the model has them; a window shorter than
+    the prompt as a boolean mask (the flash backend takes none: None there). None: the backend
+    refused the case."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from kernels.attention_torch import store_kv
+    tokens, kv_heads, dim = k.shape
+    k_cache, v_cache = (torch.empty(tokens // 16 + 1, 16, kv_heads, dim, device="cuda", dtype=k.dtype) for _ in "kv")
+    slots = torch.arange(tokens, device="cuda")
+    mask = None
+    if window is not None and window < length:
+        pos = torch.arange(length, device="cuda")
+        rel = pos[None, :] - pos[:, None]
+        mask = (rel <= 0) & (rel > -window)
+    qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))          # [1, heads, len, dim] views
+
+    def run(i):
+        store_kv(k, v, k_cache, v_cache, slots)
+        return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                                                scale=scale)
+    out = {}
+    for name in SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                out[name] = time_in_graph(run, 1) * 1e3
+        except RuntimeError as e:
+            out[name] = None
+            print(f"{name}: {str(e).splitlines()[0][:200]}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -134,6 +170,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--store", action="store_true",
                     help="prefill: also time the kernel storing the keys and values to a paged cache, in a graph")
+    ap.add_argument("--sdpa-graph", action="store_true",
+                    help="prefill: also time each SDPA backend in a graph (keys and values stored beside it)")
     ap.add_argument("--configs", action="store_true",
                     help="prefill: also time the Triton kernel at every block / warps / stages")
     args = ap.parse_args()
@@ -156,8 +194,10 @@ def main() -> None:
         err = ((triton_fn().float() - sdpa_fn().float()).norm() / sdpa_fn().float().norm()).item()
         row = {"case": name, "heads": heads, "head_dim": dim, "window": window, "batch": batch, "length": length,
                "triton_us": do_bench(triton_fn) * 1e3, "sdpa_us": do_bench(sdpa_fn) * 1e3, "rel_err": err}
-        if args.store:
+        if args.store or args.sdpa_graph:
             row["stored_in_graph_us"] = stored_us(q, k, v, cu, length, scale, window)
+        if args.sdpa_graph and batch == 1:
+            row["sdpa_stored_in_graph_us"] = sdpa_backends_us(q, k, v, length, scale, window)
         if args.configs and batch * length <= 4096:
             row["configs"] = prefill_configs(q, k, v, cu, length, scale, window)
             row["default_in_graph_us"] = time_in_graph(lambda i: triton_fn(), 1) * 1e3
