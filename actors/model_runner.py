@@ -15,7 +15,7 @@ import torch
 
 from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
 from actors.sequence import Sequence
-from kernels.attention import SMALL_CHUNK_CONTEXTS, AttentionMetadata, decode_splits
+from kernels.attention import NARROW_CONTEXTS, AttentionMetadata, decode_splits
 from kernels.dispatch import use_triton
 from kernels.gemv_tuner import TUNED_MAX_ROWS, tuning_window
 from kernels.model import CausalLM
@@ -111,7 +111,7 @@ class ModelRunner:
         graphs = DecodeGraphs(eager, self.model.spec.vocab_size, max_batch, max_blocks,
                               self.pad_block * self.block_size, self.pad_block, self.device,
                               # graphs of their own for contexts within each bound attention reads by
-                              narrow_blocks=tuple(c // self.block_size for c in SMALL_CHUNK_CONTEXTS),
+                              narrow_blocks=tuple(c // self.block_size for c in NARROW_CONTEXTS),
                               short_max_batch=max((b for b in buckets(max_batch)
                                                    if decode_splits(heads * b, self.device) > 1), default=0))
         graphs.capture()

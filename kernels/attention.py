@@ -240,11 +240,13 @@ def _bulk_prefetch(device: torch.device) -> bool:
 DECODE_MODES = ("plain", "early", "prefetch", "early-l2")
 L2_AHEAD_CHUNKS = 4
 FEW_PAIRS = 32
+WHOLE_CONTEXT = 128                     # host-known contexts in (64, 128]: one chunk of them all, read before the wait
 SMALL_CHUNK_CONTEXTS = (128, 256)       # (exclusive, inclusive) bounds on a step's host-known context
+NARROW_CONTEXTS = (WHOLE_CONTEXT // 2, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1])   # the decode graphs' narrow tables
 
 
 def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pairs: int | None = None,
-                  max_context: int | None = None) -> tuple[int, str, int]:
+                  max_context: int | None = None, head_dim: int = 128) -> tuple[int, str, int]:
     """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size (`programs`,
     splits included; `pairs`: the step's (head, sequence) pairs; `max_context`: a host bound on its
     contexts, None if unknown). Timed in
@@ -276,7 +278,14 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     1.560 / 1.537; but at 40 / 100 positions fp16 2.188 / 2.219 -> 2.223 / 2.229 and int8+head 1.381 /
     1.442 -> 1.437 / 1.458 (`*-whatif-bs1-ctx40_100-configs.json`), so shorter contexts keep the one
     64-position chunk, and longer ones (whose tables the host does not bound) the split 64-position
-    reads.
+    reads. Those same few-pair steps with contexts known to lie within (64, WHOLE_CONTEXT] (heads of
+    up to 128) read them in one chunk of WHOLE_CONTEXT positions, all before the wait, in programs of
+    8 warps: after the wait only the query and this step's key and value are read, where two 64-position
+    chunks put a second dependent read of the block table and the cache on every program's path.
+    GPT-Neo 2.7B int8+head at batch 1, decode graph replays (`*-whatif-bs1-ctx60_100_125-configs-*.json`,
+    H100): 1.4424 / 1.4459 -> 1.4022 / 1.4037 ms at 100 / 125 positions, but 1.3818 -> 1.3980 at 60,
+    where one 64-position chunk already holds the context (so the decode graphs bound contexts at 64
+    too), and 4 warps (registers: 2.30 ms) or 16 (1.440) lose.
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -286,8 +295,11 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     if device.type != "cuda":
         return 64, "early", 4
     low, high = SMALL_CHUNK_CONTEXTS
-    if pairs is not None and pairs <= FEW_PAIRS and max_context is not None and low < max_context <= high:
-        return 16, "early", 2
+    if pairs is not None and pairs <= FEW_PAIRS and max_context is not None:
+        if WHOLE_CONTEXT // 2 < max_context <= WHOLE_CONTEXT and head_dim <= 128:
+            return WHOLE_CONTEXT, "early-l2" if l2_ahead else "early", 8
+        if low < max_context <= high:
+            return 16, "early", 2
     sms = _sm_count(device.index or 0)
     if programs <= 3 * sms:
         return 64, "early-l2" if l2_ahead and programs <= sms else "early", 4
@@ -362,14 +374,15 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     pairs = num_heads * num_seqs
     splits = decode_splits(pairs, q.device)
     if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
-        chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs, max_context=max_context)[0])
+        chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs, max_context=max_context,
+                                              head_dim=head_dim)[0])
         splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
     counters = _split_counters(pairs, q.device) if splits > 1 else None
     if counters is None:
         splits = 1
     ws = q if splits == 1 else torch.empty(pairs * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
-    chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs, max_context)
+    chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs, max_context, head_dim)
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()

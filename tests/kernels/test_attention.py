@@ -180,7 +180,8 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     """64 positions a step, the first read early, while 3 programs per SM hold the grid (with l2_ahead
     and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps, as
     for steps of at most FEW_PAIRS (head, sequence) pairs, whatever their splits, whose contexts the host
-    bounds within SMALL_CHUNK_CONTEXTS; RAYSPEED_DECODE_CONFIG overrides."""
+    bounds within SMALL_CHUNK_CONTEXTS; those bounded within (64, WHOLE_CONTEXT] (heads of up to 128)
+    one chunk of them all in 8 warps; RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
@@ -195,7 +196,11 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
     assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (16, "early", 2)   # batch 1
     assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (16, "early", 2)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (64, "early-l2", 4)
+    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (128, "early-l2", 8)
+    assert attention._decode_chunk(20, cuda, False, pairs=20, max_context=80) == (128, "early", 8)
+    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128, head_dim=256) == (64, "early-l2", 4)
+    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=64) == (64, "early-l2", 4)
+    assert attention._decode_chunk(20 * 4, cuda, True, pairs=80, max_context=128) == (64, "early-l2", 4)
     assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=257) == (64, "early", 4)
     assert attention._decode_chunk(20 * 8, cuda, True, pairs=20) == (64, "early", 4)             # unbounded
     assert attention._decode_chunk(40 * 4, cuda, True, pairs=40, max_context=256) == (64, "early", 4)
@@ -410,7 +415,7 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
                                                             (None, True, 2, 2)])
 @pytest.mark.parametrize("chunk,mode", [(64, "prefetch"), (16, "plain"), (16, "prefetch"), (16, "early"),
-                                        (16, "early-l2")])
+                                        (16, "early-l2"), (128, "early")])
 def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, mode,
                                                   monkeypatch):
     """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;
