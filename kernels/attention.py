@@ -61,7 +61,7 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                          PREFETCH: tl.constexpr, PDL: tl.constexpr, SPLITS: tl.constexpr = 1,
                          SPLIT_MIN_CHUNKS: tl.constexpr = 4, EARLY: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
-                         row_bytes=0):
+                         row_bytes=0, WHOLE: tl.constexpr = False):
     """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
     (several cache blocks per step). With EARLY (the default, `_decode_chunk`) the first chunk is read
     before waiting for the previous kernel (PDL: earlier steps wrote it, and the block table and
@@ -74,6 +74,9 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     With NEW_KV this step's key and value come from k_new/v_new (registers), and the program of each
     KV head's first query head writes them to their cache slot: no separate store kernel, and no
     program reads that slot.
+
+    WHOLE (with EARLY, one split): the host knows every context fits one chunk, so the keys and values
+    read before the wait are all there is, and the softmax runs once over them, with no per-lane states.
 
     SPLITS > 1 (flash-decoding, for grids too small to fill the GPU): a context of more than
     SPLIT_MIN_CHUNKS chunks is shared out among up to SPLITS programs per (head, sequence), two
@@ -138,44 +141,59 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                         + head_offs
                     tl.store(k_cache_ptr + row_offs, k_new, mask=d_mask)
                     tl.store(v_cache_ptr + row_offs, v_new, mask=d_mask)
-        # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
-        # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
-        # never across positions (across warps, through shared memory and barriers).
-        positions = tl.arange(0, CHUNK)[:, None]                                # [CHUNK, 1]
-        m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
-        l_lane = tl.zeros((CHUNK, 1), tl.float32)
-        acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
-        for c in range(c_first, c_end):
-            if PREFETCH:
-                k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
-                                               cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first,
-                                               end, BLOCK_SIZE, CHUNK)          # all masked past the end
-            elif not EARLY:
-                k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                                     cache_row_stride, head_offs, d_mask, c, first, end, BLOCK_SIZE, CHUNK)
-            k_pos = c * CHUNK + positions
-            scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
+        if WHOLE:                                 # the one chunk, read before the wait: one softmax over it
+            whole_pos = c_first * CHUNK + tl.arange(0, CHUNK)
+            scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1) * scale                 # [CHUNK]
             if HAS_ALIBI:
-                scores += slope * (k_pos - q_pos).to(tl.float32)
-            scores = tl.where((k_pos < end) & (k_pos >= first), scores, float("-inf"))
-            m_new = tl.maximum(m_lane, scores)
-            base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
-            alpha = tl.exp(m_lane - base)
+                scores += slope * (whole_pos - q_pos).to(tl.float32)
+            scores = tl.where((whole_pos < end) & (whole_pos >= first), scores, float("-inf"))
+            m_all = tl.maximum(tl.max(scores), m)
+            base = tl.where(m_all == float("-inf"), 0.0, m_all)
             p = tl.exp(scores - base)
-            acc_lane = acc_lane * alpha + p * v.to(tl.float32)
-            l_lane = l_lane * alpha + p
-            m_lane = m_new
-            if PREFETCH:
-                k, v = k_next, v_next
-            elif EARLY:                                                         # all masked past the end
-                k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride, cache_block_stride,
-                                     cache_row_stride, head_offs, d_mask, c + 1, first, end, BLOCK_SIZE, CHUNK)
-        m_all = tl.maximum(tl.max(m_lane), m)                                   # the lanes and the new token
-        base = tl.where(m_all == float("-inf"), 0.0, m_all)
-        lane_weight = tl.exp(m_lane - base)
-        own_weight = tl.exp(m - base)
-        l = l * own_weight + tl.sum(l_lane * lane_weight)
-        acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
+            own_weight = tl.exp(m - base)
+            l = l * own_weight + tl.sum(p)
+            acc = acc * own_weight + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        else:
+            # Each of the CHUNK position lanes (positions j, j + CHUNK, ...) keeps its own running max, sum and
+            # output, merged once after the loop: the loop then reduces only over head_dim (within a warp),
+            # never across positions (across warps, through shared memory and barriers).
+            positions = tl.arange(0, CHUNK)[:, None]                                # [CHUNK, 1]
+            m_lane = tl.full((CHUNK, 1), float("-inf"), tl.float32)
+            l_lane = tl.zeros((CHUNK, 1), tl.float32)
+            acc_lane = tl.zeros((CHUNK, BLOCK_D), tl.float32)
+            for c in range(c_first, c_end):
+                if PREFETCH:
+                    k_next, v_next = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
+                                                   cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1,
+                                                   first, end, BLOCK_SIZE, CHUNK)      # all masked past the end
+                elif not EARLY:
+                    k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
+                                         cache_block_stride, cache_row_stride, head_offs, d_mask, c, first, end,
+                                         BLOCK_SIZE, CHUNK)
+                k_pos = c * CHUNK + positions
+                scores = tl.sum(q[None, :] * k.to(tl.float32), axis=1, keep_dims=True) * scale     # [CHUNK, 1]
+                if HAS_ALIBI:
+                    scores += slope * (k_pos - q_pos).to(tl.float32)
+                scores = tl.where((k_pos < end) & (k_pos >= first), scores, float("-inf"))
+                m_new = tl.maximum(m_lane, scores)
+                base = tl.where(m_new == float("-inf"), 0.0, m_new)                 # a lane that has seen nothing yet
+                alpha = tl.exp(m_lane - base)
+                p = tl.exp(scores - base)
+                acc_lane = acc_lane * alpha + p * v.to(tl.float32)
+                l_lane = l_lane * alpha + p
+                m_lane = m_new
+                if PREFETCH:
+                    k, v = k_next, v_next
+                elif EARLY:                                                     # all masked past the end
+                    k, v = _cached_chunk(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, table_stride,
+                                         cache_block_stride, cache_row_stride, head_offs, d_mask, c + 1, first, end,
+                                         BLOCK_SIZE, CHUNK)
+            m_all = tl.maximum(tl.max(m_lane), m)                               # the lanes and the new token
+            base = tl.where(m_all == float("-inf"), 0.0, m_all)
+            lane_weight = tl.exp(m_lane - base)
+            own_weight = tl.exp(m - base)
+            l = l * own_weight + tl.sum(l_lane * lane_weight)
+            acc = acc * own_weight + tl.sum(acc_lane * lane_weight, axis=0)
         out_offs = (seq * num_heads + head) * head_dim + d
         if active == 1:
             out = acc / tl.where(l > 0, l, 1.0)
@@ -386,7 +404,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()
-    asked = mode == "early-l2" and _bulk_prefetch(q.device) and row_bytes % 16 == 0
+    whole = splits == 1 and mode in ("early", "early-l2") and max_context is not None and max_context <= chunk
+    asked = mode == "early-l2" and not whole and _bulk_prefetch(q.device) and row_bytes % 16 == 0
     positions_ahead = L2_AHEAD_CHUNKS * chunk if asked else 0
     _paged_decode_kernel[(num_heads, num_seqs, splits)](
         q, k_cache, v_cache, block_tables, context_lens, q if alibi_slopes is None else alibi_slopes, out,
@@ -398,7 +417,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         USE_WINDOW=window is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv,
         BLOCK_SIZE=block_size, CHUNK=chunk, BLOCK_D=block_d, PREFETCH=mode == "prefetch", PDL=pdl, SPLITS=splits,
         SPLIT_MIN_CHUNKS=SPLIT_MIN_CHUNKS, EARLY=mode in ("early", "early-l2"), L2_AHEAD=positions_ahead,
-        row_bytes=row_bytes, num_warps=warps, launch_pdl=pdl)
+        row_bytes=row_bytes, WHOLE=whole, num_warps=warps, launch_pdl=pdl)
     return out
 
 

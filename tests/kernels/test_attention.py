@@ -415,17 +415,18 @@ def test_fresh_prefill_triton_head_dim_80_pads_to_128():
 @pytest.mark.parametrize("window,with_alibi,heads,kv_heads", [(None, False, 4, 2), (20, True, 4, 2), (3, False, 4, 1),
                                                             (None, True, 2, 2)])
 @pytest.mark.parametrize("chunk,mode", [(64, "prefetch"), (16, "plain"), (16, "prefetch"), (16, "early"),
-                                        (16, "early-l2"), (128, "early")])
+                                        (16, "early-l2"), (128, "early"), (256, "early")])
 def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, heads, kv_heads, chunk, mode,
                                                   monkeypatch):
     """The fused decode (this step's k, v given) equals store_kv + the reference, cache included;
     contexts span several chunks (per-lane softmax states merged after the loop; lanes a window
     leaves empty; the next chunk loaded before or after this one's arithmetic, the first before the
-    wait or in the loop) and a single token."""
+    wait or in the loop) and a single token; with 256 positions, every context known to fit one chunk
+    (`max_context`), the one softmax over it (WHOLE)."""
     monkeypatch.setattr(attention, "_decode_chunk", lambda *args, **kwargs: (chunk, mode, 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=5)
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
-                                                  k_new, v_new, slots)
+                                                  k_new, v_new, slots, max_context=256 if chunk == 256 else None)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)

@@ -58,11 +58,11 @@ def swapped(bits, weight, block_n, block_k, pdl=False, l2_rows=0):
 
 
 def decode_attention(chunk, window, alibi, pdl=False, prefetch=False, splits=1, early=False, num_warps=4,
-                     l2_ahead=0):
+                     l2_ahead=0, whole=False):
     return ("kernels.attention", "_paged_decode_kernel", dict(USE_WINDOW=window, HAS_ALIBI=alibi, NEW_KV=True,
                                                               BLOCK_SIZE=16, CHUNK=chunk, BLOCK_D=128, PDL=pdl,
                                                               PREFETCH=prefetch, SPLITS=splits, EARLY=early,
-                                                              L2_AHEAD=l2_ahead),
+                                                              L2_AHEAD=l2_ahead, WHOLE=whole),
             ATTENTION_POINTERS, num_warps)
 
 
@@ -113,6 +113,8 @@ BUILDS = {
     "pdl-decode": decode_attention(64, False, False, pdl=True, prefetch=True),
     "pdl-decode-chunk32-early": decode_attention(32, False, False, pdl=True, early=True),
     "pdl-decode-chunk64-early-l2": decode_attention(64, True, False, pdl=True, early=True, l2_ahead=256),
+    "pdl-decode-whole-128": decode_attention(128, True, False, pdl=True, early=True, num_warps=8, whole=True),
+    "pdl-decode-whole-256": decode_attention(256, True, False, pdl=True, early=True, num_warps=8, whole=True),
     "pdl-layer-norm": ("kernels.norm", "_layer_norm_kernel", dict(HAS_BIAS=True, HAS_RESIDUAL=True, BLOCK=4096,
                                                                  PDL=True),
                        {name: "*fp16" for name in ("x_ptr", "r_ptr", "sum_ptr", "w_ptr", "b_ptr", "out_ptr")}),
@@ -241,6 +243,16 @@ def test_decode_asks_l2_for_later_chunks_before_the_wait(built):
     assert ptx[:ptx.index("griddepcontrol.wait")].count("cp.async.bulk.prefetch.L2.global") >= 2
     assert "cp.async.bulk.prefetch" not in built["pdl-decode-chunk64-early-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["pdl-decode-chunk32-early"]["ptx"]
+
+
+def test_whole_context_decode_reads_the_cache_only_before_the_wait(built):
+    """With WHOLE, every cached key and value is read before the PDL wait (16-byte vectors); after it
+    only the query (one vector a thread), this step's key and value and its slot; there is no loop."""
+    for name in ("pdl-decode-whole-128", "pdl-decode-whole-256"):
+        ptx = built[name]["ptx"]
+        wait = ptx.index("griddepcontrol.wait")
+        assert not built[name]["loop"]
+        assert ptx[:wait].count("ld.global.v4") >= 8 and ptx[wait:].count("ld.global.v4") <= 1, name
 
 
 def test_split_decode_merges_after_a_released_ticket(built):
