@@ -296,14 +296,18 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     1.560 / 1.537; but at 40 / 100 positions fp16 2.188 / 2.219 -> 2.223 / 2.229 and int8+head 1.381 /
     1.442 -> 1.437 / 1.458 (`*-whatif-bs1-ctx40_100-configs.json`), so shorter contexts keep the one
     64-position chunk, and longer ones (whose tables the host does not bound) the split 64-position
-    reads. Those same few-pair steps with contexts known to lie within (64, WHOLE_CONTEXT] (heads of
-    up to 128) read them in one chunk of WHOLE_CONTEXT positions, all before the wait, in programs of
-    8 warps: after the wait only the query and this step's key and value are read, where two 64-position
-    chunks put a second dependent read of the block table and the cache on every program's path.
-    GPT-Neo 2.7B int8+head at batch 1, decode graph replays (`*-whatif-bs1-ctx60_100_125-configs-*.json`,
-    H100): 1.4424 / 1.4459 -> 1.4022 / 1.4037 ms at 100 / 125 positions, but 1.3818 -> 1.3980 at 60,
-    where one 64-position chunk already holds the context (so the decode graphs bound contexts at 64
-    too), and 4 warps (registers: 2.30 ms) or 16 (1.440) lose.
+    reads. Those same few-pair steps with contexts known to lie within (64, 256] (heads of up to 128)
+    instead read the whole context as one chunk (of WHOLE_CONTEXT positions in 8 warps up to
+    WHOLE_CONTEXT, else 256 in 16), all of it before the wait (WHOLE): after the wait only the query and
+    this step's key and value are read, where 64-position chunks put a dependent read of the block table
+    and the cache on every program's path per chunk, and splits a merge. GPT-Neo 2.7B int8+head at batch
+    1, decode graph replays (H100; `*-whatif-bs1-ctx60_100_125-configs-*.json`, then
+    `*-whatif-bs1-ctx100_150_200-configs-whole-*.json` on another machine): 1.4424 / 1.4459 -> 1.4022 /
+    1.4037 ms at 100 / 125 positions (fp16 2.2239 / 2.2266 -> 2.2112 / 2.2111, int4+head 1.5665 / 1.5717
+    -> 1.5567 / 1.5612), but 1.3818 -> 1.3980 at 60, where one 64-position chunk already holds the
+    context (so the decode graphs bound contexts at 64 too), and in 4 warps (registers: 2.30 ms) or 16
+    (1.440) it loses; at 150 / 200 positions the 16-position splits' 1.4484 / 1.4533 -> 1.4340 / 1.4393
+    with 256 positions in 16 warps (8 warps: 1.539 / 1.557).
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -314,8 +318,9 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
         return 64, "early", 4
     low, high = SMALL_CHUNK_CONTEXTS
     if pairs is not None and pairs <= FEW_PAIRS and max_context is not None:
-        if WHOLE_CONTEXT // 2 < max_context <= WHOLE_CONTEXT and head_dim <= 128:
-            return WHOLE_CONTEXT, "early-l2" if l2_ahead else "early", 8
+        if WHOLE_CONTEXT // 2 < max_context <= high and head_dim <= 128:
+            whole = WHOLE_CONTEXT if max_context <= WHOLE_CONTEXT else high
+            return whole, "early-l2" if l2_ahead else "early", 8 if whole == WHOLE_CONTEXT else 16
         if low < max_context <= high:
             return 16, "early", 2
     sms = _sm_count(device.index or 0)
