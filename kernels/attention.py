@@ -307,7 +307,10 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     -> 1.5567 / 1.5612), but 1.3818 -> 1.3980 at 60, where one 64-position chunk already holds the
     context (so the decode graphs bound contexts at 64 too), and in 4 warps (registers: 2.30 ms) or 16
     (1.440) it loses; at 150 / 200 positions the 16-position splits' 1.4484 / 1.4533 -> 1.4340 / 1.4393
-    with 256 positions in 16 warps (8 warps: 1.539 / 1.557).
+    with 256 positions in 16 warps (8 warps: 1.539 / 1.557). A third machine, the old choices against
+    these (`*-whatif-bs1-ctx100_150-configs-whole-*.json`): at 100 positions int8+head 1.4435 -> 1.4105,
+    fp16 2.2224 -> 2.1806, int4+head 1.5686 -> 1.5280; at 150 int8+head 1.4479 -> 1.4329, fp16 2.2364 ->
+    2.2300, but int4+head 1.5727 -> 1.5890, so int4 (no `l2_ahead`) keeps the splits past WHOLE_CONTEXT.
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -318,7 +321,8 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
         return 64, "early", 4
     low, high = SMALL_CHUNK_CONTEXTS
     if pairs is not None and pairs <= FEW_PAIRS and max_context is not None:
-        if WHOLE_CONTEXT // 2 < max_context <= high and head_dim <= 128:
+        longest = high if l2_ahead else WHOLE_CONTEXT         # int4's 256 in 16 warps lost (below)
+        if WHOLE_CONTEXT // 2 < max_context <= longest and head_dim <= 128:
             whole = WHOLE_CONTEXT if max_context <= WHOLE_CONTEXT else high
             return whole, "early-l2" if l2_ahead else "early", 8 if whole == WHOLE_CONTEXT else 16
         if low < max_context <= high:
