@@ -261,6 +261,8 @@ FEW_PAIRS = 32
 WHOLE_CONTEXT = 128                     # host-known contexts in (64, 128]: one chunk of them all, read before the wait
 SMALL_CHUNK_CONTEXTS = (128, 256)       # (exclusive, inclusive) bounds on a step's host-known context
 NARROW_CONTEXTS = (WHOLE_CONTEXT // 2, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1])   # the decode graphs' narrow tables
+# the longest context read whole (`_decode_chunk`): 256, 128 or 0 (never); RAYSPEED_WHOLE_CONTEXT sets it
+WHOLE_UP_TO = int(os.environ.get("RAYSPEED_WHOLE_CONTEXT", "256"))
 
 
 def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pairs: int | None = None,
@@ -321,7 +323,7 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
         return 64, "early", 4
     low, high = SMALL_CHUNK_CONTEXTS
     if pairs is not None and pairs <= FEW_PAIRS and max_context is not None:
-        longest = high if l2_ahead else WHOLE_CONTEXT         # int4's 256 in 16 warps lost (below)
+        longest = min(WHOLE_UP_TO, high if l2_ahead else WHOLE_CONTEXT)   # int4's 256 in 16 warps lost (below)
         if WHOLE_CONTEXT // 2 < max_context <= longest and head_dim <= 128:
             whole = WHOLE_CONTEXT if max_context <= WHOLE_CONTEXT else high
             return whole, "early-l2" if l2_ahead else "early", 8 if whole == WHOLE_CONTEXT else 16
