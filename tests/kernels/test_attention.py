@@ -181,7 +181,8 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps, as
     for steps of at most FEW_PAIRS (head, sequence) pairs, whatever their splits, whose contexts the host
     bounds within SMALL_CHUNK_CONTEXTS, but for heads of up to 128 those bounded within (64, 256] one
-    chunk of them all (128 positions in 8 warps; 256 in 16 with l2_ahead); RAYSPEED_DECODE_CONFIG overrides."""
+    chunk of them all (128 positions in 8 warps; 256 in 16 with l2_ahead where RAYSPEED_WHOLE_CONTEXT=256);
+    RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
@@ -194,9 +195,14 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
     assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (256, "early-l2", 16)
+    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (16, "early", 2)   # batch 1
+    assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (16, "early", 2)
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 256)              # RAYSPEED_WHOLE_CONTEXT=256
     assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (256, "early-l2", 16)
     assert attention._decode_chunk(32, cuda, False, pairs=32, max_context=129) == (16, "early", 2)      # int4
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 0)
+    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (64, "early-l2", 4)
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
     assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=256, head_dim=256) == (16, "early", 2)
     assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (128, "early-l2", 8)
     assert attention._decode_chunk(20, cuda, False, pairs=20, max_context=80) == (128, "early", 8)
