@@ -263,6 +263,8 @@ SMALL_CHUNK_CONTEXTS = (128, 256)       # (exclusive, inclusive) bounds on a ste
 NARROW_CONTEXTS = (WHOLE_CONTEXT // 2, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1])   # the decode graphs' narrow tables
 # the longest context read whole (`_decode_chunk`): 128, 256 or 0 (never); RAYSPEED_WHOLE_CONTEXT sets it
 WHOLE_UP_TO = int(os.environ.get("RAYSPEED_WHOLE_CONTEXT", str(WHOLE_CONTEXT)))
+assert WHOLE_UP_TO in (0, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1]), \
+    f"RAYSPEED_WHOLE_CONTEXT must be 0, {WHOLE_CONTEXT} or {SMALL_CHUNK_CONTEXTS[1]}, got {WHOLE_UP_TO}"
 
 
 def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pairs: int | None = None,
@@ -298,26 +300,17 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     1.560 / 1.537; but at 40 / 100 positions fp16 2.188 / 2.219 -> 2.223 / 2.229 and int8+head 1.381 /
     1.442 -> 1.437 / 1.458 (`*-whatif-bs1-ctx40_100-configs.json`), so shorter contexts keep the one
     64-position chunk, and longer ones (whose tables the host does not bound) the split 64-position
-    reads. Those same few-pair steps with contexts known to lie within (64, 256] (heads of up to 128)
-    instead read the whole context as one chunk (of WHOLE_CONTEXT positions in 8 warps up to
-    WHOLE_CONTEXT, else 256 in 16), all of it before the wait (WHOLE): after the wait only the query and
-    this step's key and value are read, where 64-position chunks put a dependent read of the block table
-    and the cache on every program's path per chunk, and splits a merge. GPT-Neo 2.7B int8+head at batch
-    1, decode graph replays (H100; `*-whatif-bs1-ctx60_100_125-configs-*.json`, then
-    `*-whatif-bs1-ctx100_150_200-configs-whole-*.json` on another machine): 1.4424 / 1.4459 -> 1.4022 /
-    1.4037 ms at 100 / 125 positions (fp16 2.2239 / 2.2266 -> 2.2112 / 2.2111, int4+head 1.5665 / 1.5717
-    -> 1.5567 / 1.5612), but 1.3818 -> 1.3980 at 60, where one 64-position chunk already holds the
-    context (so the decode graphs bound contexts at 64 too), and in 4 warps (registers: 2.30 ms) or 16
-    (1.440) it loses; at 150 / 200 positions the 16-position splits' 1.4484 / 1.4533 -> 1.4340 / 1.4393
-    with 256 positions in 16 warps (8 warps: 1.539 / 1.557). A third machine, the old choices against
-    these (`*-whatif-bs1-ctx100_150-configs-whole-*.json`): at 100 positions int8+head 1.4435 -> 1.4105,
-    fp16 2.2224 -> 2.1806, int4+head 1.5686 -> 1.5280; at 150 int8+head 1.4479 -> 1.4329, fp16 2.2364 ->
-    2.2300, but int4+head 1.5727 -> 1.5890, so int4 (no `l2_ahead`) keeps the splits past WHOLE_CONTEXT.
-    Through the decode benchmark, though (its timed steps at 97-160 positions, contexts advancing; A/B on
-    one machine, `*-neo-whole{0,128,256}-ab-*.json`), int8+head read 1.4600 / 1.4565 ms with no whole
-    reads, 1.4501 with them up to 128 and 1.5841 with them up to 256: the 256-position reads lose there,
-    which replays of one step do not show (not understood yet). So WHOLE_UP_TO is 128 unless
-    RAYSPEED_WHOLE_CONTEXT=256 asks for more.
+    reads. Those same few-pair steps with contexts known to lie within (64, WHOLE_UP_TO] (heads of up
+    to 128) read the whole context as one chunk before the wait (WHOLE: 128 positions in 8 warps; 256
+    in 16 with `l2_ahead` where RAYSPEED_WHOLE_CONTEXT=256): after the wait only the query and this
+    step's key and value are read, where 64-position chunks put a dependent read of the block table and
+    the cache on every program's path per chunk. Decode graph replays at 100 positions (H100,
+    `*-whatif-bs1-ctx100_150-configs-whole-*.json`): int8+head 1.4435 -> 1.4105 ms, fp16 2.2224 ->
+    2.1806, int4+head 1.5686 -> 1.5280; at 60 positions, which one 64-position chunk holds, it lost
+    (1.382 -> 1.398), hence the graphs' 64-position bound. Through the decode benchmark int8+head went
+    1.457-1.460 -> 1.450 with it up to 128, but 1.584 up to 256 (`*-neo-whole*-ab-*.json`), although
+    256 in 16 warps won replays of one step at 150 positions (1.448 -> 1.433); not understood yet, so
+    WHOLE_UP_TO is 128 (docs/performance.md, the eighth session).
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -328,7 +321,7 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
         return 64, "early", 4
     low, high = SMALL_CHUNK_CONTEXTS
     if pairs is not None and pairs <= FEW_PAIRS and max_context is not None:
-        longest = min(WHOLE_UP_TO, high if l2_ahead else WHOLE_CONTEXT)   # int4's 256 in 16 warps lost (below)
+        longest = min(WHOLE_UP_TO, high if l2_ahead else WHOLE_CONTEXT)   # int4's 256 in 16 warps lost
         if WHOLE_CONTEXT // 2 < max_context <= longest and head_dim <= 128:
             whole = WHOLE_CONTEXT if max_context <= WHOLE_CONTEXT else high
             return whole, "early-l2" if l2_ahead else "early", 8 if whole == WHOLE_CONTEXT else 16
