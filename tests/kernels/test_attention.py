@@ -180,8 +180,8 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     """64 positions a step, the first read early, while 3 programs per SM hold the grid (with l2_ahead
     and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps, as
     for steps of at most FEW_PAIRS (head, sequence) pairs, whatever their splits, whose contexts the host
-    bounds within SMALL_CHUNK_CONTEXTS, but for heads of up to 128 those bounded within (64, 256] one
-    chunk of them all (128 positions in 8 warps; 256 in 16 with l2_ahead where RAYSPEED_WHOLE_CONTEXT=256);
+    bounds within SMALL_CHUNK_CONTEXTS; for heads of up to 128, those bounded within (64, 128] one chunk
+    of them all in 8 warps (and up to 256 in 16 warps, with l2_ahead, where RAYSPEED_WHOLE_CONTEXT=256);
     RAYSPEED_DECODE_CONFIG overrides."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
