@@ -6,7 +6,7 @@ from torch import nn
 
 from kernels.activation import FUSED_NAME, activation
 from kernels.attention import AttentionMetadata, attention
-from kernels.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+from kernels.linear import (ColumnParallelLinear, Fold, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
 from kernels.quant import QuantSpec
@@ -80,10 +80,10 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """attention(norm(x)) + residual (added in the output projection's epilogue); `norm` None: x
-        is normalised already."""
-        q, k, v = self.qkv(x, norm=norm)             # [tokens, heads | kv_heads, head_dim]
+                kv_cache: KVCache, residual: torch.Tensor | None = None, fold: Fold | None = None) -> torch.Tensor:
+        """attention(x) + residual (added in the output projection's epilogue); with `fold` (QKV's
+        `norm_fold`), attention(norm(x)), the norm inside QKV."""
+        q, k, v = self.qkv(x, fold=fold)             # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
@@ -103,14 +103,14 @@ class MLP(nn.Module):
         self.down = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp, dtype, quant)
         self.act, self.act_name = activation(spec.activation), FUSED_NAME[spec.activation]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None) -> torch.Tensor:
-        """mlp(norm(x)) + residual; the activation (ungated) and the residual ride in the matmul
-        epilogues; `norm` None: x is normalised already."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fold: Fold | None = None) -> torch.Tensor:
+        """mlp(x) + residual; the activation (ungated) and the residual ride in the matmul epilogues;
+        with `fold` (MLP up's `norm_fold`), mlp(norm(x)), the norm inside MLP up."""
         if self.gated:
-            gate, up = self.up(x, norm=norm).chunk(2, dim=-1)
+            gate, up = self.up(x, fold=fold).chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
-            h = self.up(x, self.act_name, norm=norm)
+            h = self.up(x, self.act_name, fold=fold)
         return self.down(h, residual)
 
 
@@ -143,8 +143,9 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, pending) in -> (x, pending) out, the stream being their sum."""
-        if not self.post_norm and self._folds(x):
-            return self._forward_folded(x, positions, meta, kv_cache, pending)
+        folds = None if self.post_norm else self._folds(x)
+        if folds is not None:
+            return self._forward_folded(x, positions, meta, kv_cache, pending, folds)
         if self.post_norm:
             if pending is not None:
                 x = x + pending
@@ -161,15 +162,17 @@ class DecoderBlock(nn.Module):
     def _mlp_input_norm(self) -> Norm:
         return self.attn_norm if self.mlp_norm is None else self.mlp_norm
 
-    def _folds(self, x: torch.Tensor) -> bool:
-        """Whether QKV and MLP up both do their norms at x's rows (`_Linear.norm_fold`)."""
+    def _folds(self, x: torch.Tensor) -> tuple[Fold, Fold] | None:
+        """QKV's and MLP up's folds (`_Linear.norm_fold`) where both do their norms at x's rows, else None."""
         up_act = None if self.mlp.gated else self.mlp.act_name
-        return (self.attn.qkv.norm_fold(x, self.attn_norm) is not None
-                and self.mlp.up.norm_fold(x, self._mlp_input_norm, up_act) is not None)
+        qkv = self.attn.qkv.norm_fold(x, self.attn_norm)
+        up = None if qkv is None else self.mlp.up.norm_fold(x, self._mlp_input_norm, up_act)
+        return None if up is None else (qkv, up)
 
-    def _forward_folded(self, x, positions, meta, kv_cache, pending):
+    def _forward_folded(self, x, positions, meta, kv_cache, pending, folds: tuple[Fold, Fold]):
         if pending is not None:                      # after a block that did not fold (not at one batch size)
             x = x + pending
-        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, norm=self.attn_norm)
+        qkv_fold, up_fold = folds
+        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, fold=qkv_fold)
         mlp_in = x if self.parallel_residual else after_attn
-        return self.mlp(mlp_in, residual=after_attn, norm=self._mlp_input_norm), None
+        return self.mlp(mlp_in, residual=after_attn, fold=up_fold), None

@@ -108,6 +108,7 @@ def _row_sums(w, scale, xa, xb, x0, x1, x2, x3, BITS: tl.constexpr, HALF: tl.con
         sums = sums * scale[:, None]
     return sums
 
+
 @triton.jit
 def _norm_word(w, g, ASM: tl.constexpr, WEIGHT: tl.constexpr = True):
     """One 32-bit word of two fp16 x values and the word of their norm weights: (the word of x * g,

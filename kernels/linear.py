@@ -125,7 +125,7 @@ def _param(*shape: int, dtype: torch.dtype, loader, tp_dim: int | None = None,
 
 
 @dataclass(frozen=True)
-class _Fold:
+class Fold:
     """A norm done inside a product (`_Linear.norm_fold`): the kernel's part, and the product's bias
     with the norm's folded in."""
     norm: NormFold
@@ -180,7 +180,7 @@ class _Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         return use_triton(x) and (rows < DEQUANT_MIN_ROWS[bits] if bits < 16 else rows <= SKINNY_MAX_ROWS)
 
-    def norm_fold(self, x: torch.Tensor, norm, activation: str | None = None) -> "_Fold | None":
+    def norm_fold(self, x: torch.Tensor, norm, activation: str | None = None) -> "Fold | None":
         """`norm` (a LayerNorm or RMSNorm module: kind, weight, bias, eps) done inside this product at
         x's rows, or None where its tile cannot (`Tile.takes_norm`, the tuner's choice for the
         product as it would run with the folded bias). What the fold needs, c1 = W g and the norm's
@@ -199,7 +199,7 @@ class _Linear(nn.Module):
         tile = gemv_tuner.tuned_tile(x, weight, fold.bias, scales, bits, group_size, activation, None, torch_path)
         return fold if isinstance(tile, Tile) and tile.takes_norm else None
 
-    def _prepared_fold(self, norm) -> "_Fold | None":
+    def _prepared_fold(self, norm) -> "Fold | None":
         params = (self.weight,) if self.quant is None else (self.qweight, self.scales)
         params += (self.bias, norm.weight, norm.bias)
         key = tuple(None if p is None else (p.data_ptr(), p._version) for p in params)
@@ -225,7 +225,7 @@ class _Linear(nn.Module):
         bias = self.bias
         if shifted:
             bias = (shift if bias is None else bias.float() + shift).to(norm.weight.dtype)
-        fold = _Fold(NormFold(norm.weight.detach().contiguous(), c1, norm.eps), bias)
+        fold = Fold(NormFold(norm.weight.detach().contiguous(), c1, norm.eps), bias)
         self._fold = (key, fold)
         return fold
 
@@ -280,14 +280,11 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, full: torch.Tensor, shard_id=None) -> None:
         copy_checked(param, self.tp.shard(full, 0))
 
-    def forward(self, x: torch.Tensor, activation: str | None = None, norm=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None, fold: Fold | None = None) -> torch.Tensor:
         """`activation`: a name in kernels.activation.FUSABLE_ACTIVATIONS, applied in the epilogue.
-        `norm`: the norm module x goes through first, inside the product where `norm_fold` can."""
-        if norm is None:
-            return self._matmul(x, self.bias, activation)
-        fold = self.norm_fold(x, norm, activation)
+        `fold` (`norm_fold`'s, at x's rows): x is the stream before that norm, done inside the product."""
         if fold is None:
-            return self._matmul(norm(x), self.bias, activation)
+            return self._matmul(x, self.bias, activation)
         return self._matmul(x, fold.bias, activation, norm=fold.norm)
 
 
@@ -351,8 +348,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             shard = full.narrow(0, rank * size, size)
         copy_checked(param.narrow(0, start, size), shard)
 
-    def forward(self, x: torch.Tensor, norm=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().forward(x, norm=norm).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor, fold: Fold | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().forward(x, fold=fold).split(self.sizes, dim=-1)
         return (q.unflatten(-1, (self.num_heads, self.head_dim)),       # [tokens, heads, head_dim]
                 k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
                 v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
