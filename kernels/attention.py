@@ -12,6 +12,7 @@ ALiBi adds slope[h] * (kp - qp) to the scores. Scores and softmax are fp32.
 import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -358,6 +359,32 @@ def decode_splits(pairs: int, device: torch.device) -> int:
     return splits
 
 
+class DecodePlan(NamedTuple):
+    splits: int     # programs per (head, sequence)
+    chunk: int      # cache positions a loop step
+    mode: str       # one of DECODE_MODES
+    warps: int
+    whole: bool     # every context is the one chunk read before the wait (the kernel's WHOLE)
+
+
+def _decode_plan(pairs: int, device: torch.device, l2_ahead: bool, max_context: int | None, head_dim: int,
+                 block_size: int, can_split: bool = True) -> DecodePlan:
+    """How `paged_decode_attention_triton` runs a step of `pairs` (head, sequence) pairs: `decode_splits`
+    programs a pair unless no context (at most `max_context`, None: unknown) spans more than
+    SPLIT_MIN_CHUNKS chunks of the split grid's configuration, then `_decode_chunk`'s configuration for
+    the grid kept. The same `l2_ahead` decides both: asked without it, a step that reads
+    its 256 positions whole in 16 warps (RAYSPEED_WHOLE_CONTEXT=256) was split 8 ways and read them in
+    a loop instead, 160 programs of 16 warps for 132 SMs (+0.25 ms an int8+head step; 0313bee)."""
+    splits = decode_splits(pairs, device) if can_split else 1
+    if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
+        chunk = max(block_size, _decode_chunk(pairs * splits, device, l2_ahead, pairs, max_context, head_dim)[0])
+        splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
+    chunk, mode, warps = _decode_chunk(pairs * splits, device, l2_ahead, pairs, max_context, head_dim)
+    chunk = max(block_size, chunk)
+    whole = splits == 1 and mode in ("early", "early-l2") and max_context is not None and max_context <= chunk
+    return DecodePlan(splits, chunk, mode, warps, whole)
+
+
 def _split_counters(pairs: int, device: torch.device) -> torch.Tensor | None:
     """Zeroed tickets for `pairs` (head, sequence) merges, allocated once per device outside any CUDA
     graph capture (the decode graphs' eager warm-up runs first); None where that is not possible."""
@@ -399,21 +426,15 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         return out
     block_d = triton.next_power_of_2(head_dim)
     pairs = num_heads * num_seqs
-    splits = decode_splits(pairs, q.device)
-    if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
-        chunk = max(block_size, _decode_chunk(pairs * splits, q.device, pairs=pairs, max_context=max_context,
-                                              head_dim=head_dim)[0])
-        splits = 1 if max_context <= SPLIT_MIN_CHUNKS * chunk else splits
-    counters = _split_counters(pairs, q.device) if splits > 1 else None
-    if counters is None:
-        splits = 1
+    plan = _decode_plan(pairs, q.device, l2_ahead, max_context, head_dim, block_size)
+    counters = _split_counters(pairs, q.device) if plan.splits > 1 else None
+    if plan.splits > 1 and counters is None:
+        plan = _decode_plan(pairs, q.device, l2_ahead, max_context, head_dim, block_size, can_split=False)
+    splits, chunk, mode, warps, whole = plan
     ws = q if splits == 1 else torch.empty(pairs * splits * (block_d + 2), dtype=torch.float32,
                                            device=q.device)       # the splits' softmax states
-    chunk, mode, warps = _decode_chunk(pairs * splits, q.device, l2_ahead, pairs, max_context, head_dim)
-    chunk = max(block_size, chunk)
     pdl = programmatic_launch(q)
     row_bytes = head_dim * q.element_size()
-    whole = splits == 1 and mode in ("early", "early-l2") and max_context is not None and max_context <= chunk
     asked = mode == "early-l2" and not whole and _bulk_prefetch(q.device) and row_bytes % 16 == 0
     positions_ahead = L2_AHEAD_CHUNKS * chunk if asked else 0
     _paged_decode_kernel[(num_heads, num_seqs, splits)](

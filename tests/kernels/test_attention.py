@@ -262,6 +262,28 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+def test_decode_plan_by_step(monkeypatch):
+    """GPT-Neo 2.7B's batch-1 steps (20 heads of 128, cache blocks of 16) as the decode graphs bound them:
+    unbounded, 8 splits of 64-position chunks; within (128, 256], 8 splits of 16; within (64, 128], the
+    whole context read by one program. With RAYSPEED_WHOLE_CONTEXT=256 and l2_ahead the (128, 256] step
+    too is one program reading it whole in 16 warps, not 8 splits of 256-position loops (the split
+    choice asked without l2_ahead); int4 (no l2_ahead) keeps the splits. Without split tickets: one
+    program, same chunk rule."""
+    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    cuda, plan = torch.device("cuda", 0), attention._decode_plan
+    assert plan(20, cuda, True, None, 128, 16) == (8, 64, "early", 4, False)
+    assert plan(20, cuda, True, 256, 128, 16) == (8, 16, "early", 2, False)
+    assert plan(20, cuda, True, 128, 128, 16) == (1, 128, "early-l2", 8, True)
+    assert plan(20, cuda, False, 128, 128, 16) == (1, 128, "early", 8, True)
+    assert plan(20, cuda, True, 64, 128, 16) == (1, 64, "early-l2", 4, True)
+    assert plan(20, cuda, True, 256, 128, 16, can_split=False) == (1, 16, "early", 2, False)
+    assert plan(20 * 8, cuda, True, 256, 128, 16) == (1, 64, "early", 4, False)            # batch 8
+    assert plan(20, torch.device("cpu"), True, 256, 128, 16) == (1, 64, "early", 4, False)
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 256)
+    assert plan(20, cuda, True, 256, 128, 16) == (1, 256, "early-l2", 16, True)
+    assert plan(20, cuda, False, 256, 128, 16) == (8, 16, "early", 2, False)                 # int4
+
+
 def test_decode_splits_fill_two_programs_per_sm(monkeypatch):
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
