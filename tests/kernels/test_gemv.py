@@ -45,6 +45,7 @@ def test_matches_reference(bits, group, m):
                                   Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 128, split_k=2, fma=True),
                                   Tile(1, 8, 64, split_k=3, fma=True, prefetch=True),
                                   Tile(1, 4, 128, split_k=2, fma=True, prefetch=True, x_per_row=True),
+                                  Tile(1, 4, 512, fma=True, prefetch=True),       # all of K before the wait
                                   Tile(1, 8, 64, split_k=3, rows=True), Tile(1, 2, 128, split_k=2, rows=True),
                                   Tile(1, 4, 64, split_k=3, rows=True, prefetch=True),
                                   Tile(1, 1, 256, rows=True)])
