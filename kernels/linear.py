@@ -174,6 +174,16 @@ class _Linear(nn.Module):
         """A float checkpoint weight, quantized part by part (this rank's shard) into qweight/scales."""
         self.weight_loader(QuantizedRows(self.qweight, self.scales, self.quant), full, shard_id)
 
+    @property
+    def stored(self) -> torch.Tensor:
+        """The weight as stored: float, or the quantized values."""
+        return self.weight if self.quant is None else self.qweight
+
+    def streamed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The stored weight where this product streams it at x's rows (a kernel before may ask the L2
+        for it: `kernels.pdl.prefetch_ahead`), else None."""
+        return self.stored if self._streams(x) else None
+
     def _streams(self, x: torch.Tensor) -> bool:
         """Whether this product runs in the weight-streaming Triton kernels at x's rows."""
         bits = 16 if self.quant is None else self.quant.bits
@@ -210,7 +220,7 @@ class _Linear(nn.Module):
             return None
         layer = norm.kind == "layer"
         shifted = layer and norm.bias is not None and bool(norm.bias.any())
-        stored = self.weight if self.quant is None else self.qweight
+        stored = self.stored
         c1 = torch.empty(stored.shape[0], dtype=torch.float32, device=stored.device) if layer else None
         shift = torch.empty_like(c1) if shifted else None
         with torch.no_grad():
