@@ -1,6 +1,5 @@
 """The injected decoder block: one generic block whose family differences are knobs on `ModelSpec`."""
 import math
-import os
 
 import torch
 from torch import nn
@@ -10,14 +9,9 @@ from kernels.attention import AttentionMetadata, attention
 from kernels.linear import (ColumnParallelLinear, Fold, MergedColumnParallelLinear, QKVParallelLinear,
                             RowParallelLinear, TensorParallel, _param, default_weight_loader)
 from kernels.norm import layer_norm, rms_norm
-from kernels.pdl import prefetch_ahead
 from kernels.quant import QuantSpec
 from kernels.rotary import apply_rotary, rotary_cos_sin
 from kernels.spec import ModelSpec
-
-# MB of the MLP-up weight a decode step asks the L2 for between attention and the output projection
-# (`kernels.pdl.prefetch_ahead`); RAYSPEED_NEXT_L2_MB sets it
-NEXT_L2_MB = float(os.environ.get("RAYSPEED_NEXT_L2_MB", "0"))
 
 KVCache = tuple[torch.Tensor, torch.Tensor]     # k, v: [num_blocks, block_size, kv_heads, head_dim]
 
@@ -86,17 +80,13 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes, persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCache, residual: torch.Tensor | None = None, fold: Fold | None = None,
-                ahead: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: KVCache, residual: torch.Tensor | None = None, fold: Fold | None = None) -> torch.Tensor:
         """attention(x) + residual (added in the output projection's epilogue); with `fold` (QKV's
-        `norm_fold`), attention(norm(x)), the norm inside QKV. `ahead`: the next product's weight, whose
-        first NEXT_L2_MB a decode step asks the L2 for while attention finishes (`prefetch_ahead`)."""
+        `norm_fold`), attention(norm(x)), the norm inside QKV."""
         q, k, v = self.qkv(x, fold=fold)             # [tokens, heads | kv_heads, head_dim]
         if self.rotary is not None:
             q, k = self.rotary(q, k, positions)
         o = attention(q, k, v, *kv_cache, meta, self.scale, self.window, self.alibi, self.l2_ahead)
-        if ahead is not None and meta.is_decode and NEXT_L2_MB:
-            prefetch_ahead(ahead, int(NEXT_L2_MB * 2**20))
         return self.out(o.flatten(1), residual)
 
 
@@ -162,11 +152,10 @@ class DecoderBlock(nn.Module):
             x = self.attn_norm(self.attn(x, positions, meta, kv_cache, residual=x))
             return self.mlp_norm(self.mlp(x, residual=x)), None
         h, x = self.attn_norm.add(x, pending)
-        ahead = self.mlp.up.streamed_weight(h)
         if self.parallel_residual:
-            after_attn = self.attn(h, positions, meta, kv_cache, residual=x, ahead=ahead)
+            after_attn = self.attn(h, positions, meta, kv_cache, residual=x)
             return after_attn, self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
-        h, x = self.mlp_norm(self.attn(h, positions, meta, kv_cache, ahead=ahead), x)
+        h, x = self.mlp_norm(self.attn(h, positions, meta, kv_cache), x)
         return x, self.mlp(h)
 
     @property
@@ -184,7 +173,6 @@ class DecoderBlock(nn.Module):
         if pending is not None:                      # after a block that did not fold (not at one batch size)
             x = x + pending
         qkv_fold, up_fold = folds
-        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, fold=qkv_fold,
-                               ahead=self.mlp.up.streamed_weight(x))
+        after_attn = self.attn(x, positions, meta, kv_cache, residual=x, fold=qkv_fold)
         mlp_in = x if self.parallel_residual else after_attn
         return self.mlp(mlp_in, residual=after_attn, fold=up_fold), None

@@ -179,11 +179,6 @@ class _Linear(nn.Module):
         """The weight as stored: float, or the quantized values."""
         return self.weight if self.quant is None else self.qweight
 
-    def streamed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The stored weight where this product streams it at x's rows (a kernel before may ask the L2
-        for it: `kernels.pdl.prefetch_ahead`), else None."""
-        return self.stored if self._streams(x) else None
-
     def _streams(self, x: torch.Tensor) -> bool:
         """Whether this product runs in the weight-streaming Triton kernels at x's rows."""
         bits = 16 if self.quant is None else self.quant.bits

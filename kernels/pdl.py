@@ -30,19 +30,10 @@ try:
             gdc_wait()
             gdc_launch_dependents()
 
-    @triton.jit
-    def release_next():
-        """Let the next kernel of the chain be scheduled now, before this one waits (`prefetch_ahead`)."""
-        gdc_launch_dependents()
-
     AVAILABLE = True
 except ImportError:                                     # a Triton without grid dependency control
     @triton.jit
     def await_previous(PDL: tl.constexpr):
-        pass
-
-    @triton.jit
-    def release_next():
         pass
 
     AVAILABLE = False
@@ -68,33 +59,6 @@ def prefetch_l2(base_ptr, start, end, LANES: tl.constexpr, CHUNK: tl.constexpr):
     offs = start + tl.arange(0, LANES).to(tl.int64) * CHUNK
     offs = tl.minimum(offs, end - CHUNK)                  # lanes past the end repeat the last chunk
     prefetch_rows_l2(base_ptr.to(tl.pointer_type(tl.int8)) + offs, CHUNK)
-
-
-AHEAD_LANES, AHEAD_CHUNK = 128, 2048       # a program of 4 warps asks for 256 KB
-
-
-@triton.jit
-def _prefetch_ahead_kernel(w_ptr, nbytes, LANES: tl.constexpr, CHUNK: tl.constexpr):
-    release_next()
-    prefetch_l2(w_ptr, tl.program_id(0).to(tl.int64) * (LANES * CHUNK), nbytes, LANES, CHUNK)
-    await_previous(True)
-
-
-def prefetch_ahead(weight: torch.Tensor, nbytes: int) -> None:
-    """Ask the L2 for the first `nbytes` of `weight` (a later product's) while the kernel just launched
-    finishes: a kernel of the chain that lets the next one launch at once, issues the bulk prefetches,
-    then waits for the kernel before it, so the next kernel's wait still covers that one. Between
-    decode attention and the output projection HBM is idle (attention reads a few hundred KB, the
-    projection's weight is small and already read ahead): the MLP-up weight after them can stream into
-    the L2 then (`kernels.block.Attention`). Hopper or later, with PDL, contiguous 16-byte aligned
-    weights; elsewhere it does nothing."""
-    nbytes = min(nbytes, weight.numel() * weight.element_size()) // AHEAD_CHUNK * AHEAD_CHUNK
-    if nbytes == 0 or not enabled(weight) or not weight.is_contiguous() or weight.data_ptr() % 16 \
-            or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    per_program = AHEAD_LANES * AHEAD_CHUNK
-    _prefetch_ahead_kernel[(triton.cdiv(nbytes, per_program),)](weight, nbytes, LANES=AHEAD_LANES, CHUNK=AHEAD_CHUNK,
-                                                                num_warps=AHEAD_LANES // 32, launch_pdl=True)
 
 
 @functools.cache

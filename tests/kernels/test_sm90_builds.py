@@ -130,7 +130,6 @@ BUILDS = {
     "embedding": ("kernels.embedding", "_embed_kernel", dict(HAS_POSITIONS=True, BLOCK=4096),
                   {"ids_ptr": "*i64", "positions_ptr": "*i64", "tokens_ptr": "*fp16", "pos_table_ptr": "*fp16",
                    "out_ptr": "*fp16"}),
-    "prefetch-ahead": ("kernels.pdl", "_prefetch_ahead_kernel", dict(LANES=128, CHUNK=2048), {"w_ptr": "*i8"}, 4),
     "dequantize-int8": ("kernels.dequant", "_dequantize_kernel", dict(BITS=8, BLOCK_N=8, BLOCK_K=512, SUB=128),
                         {"w_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": "*fp16"}),
     "dequantize-int4": ("kernels.dequant", "_dequantize_kernel", dict(BITS=4, BLOCK_N=8, BLOCK_K=512, SUB=128),
@@ -213,14 +212,6 @@ def test_l2_prefetch_is_issued_before_the_wait(built):
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["pdl-fma-fp16-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["fma-int16-fp16"]["ptx"]
-
-
-def test_prefetch_ahead_releases_the_next_kernel_then_asks_then_waits(built):
-    """`prefetch_ahead`'s kernel lets the next kernel launch first, asks the L2 (one bulk prefetch a
-    thread), and only then waits for the kernel before it: so the next kernel's wait still covers it."""
-    ptx = built["prefetch-ahead"]["ptx"]
-    release, ask = ptx.index("griddepcontrol.launch_dependents"), ptx.index("cp.async.bulk.prefetch.L2.global")
-    assert release < ask < ptx.index("griddepcontrol.wait")
 
 
 def test_rows_tiles_ask_l2_for_their_rows_before_the_wait(built):
