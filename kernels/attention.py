@@ -263,7 +263,7 @@ WHOLE_CONTEXT = 128                     # host-known contexts in (64, 128]: one 
 SMALL_CHUNK_CONTEXTS = (128, 256)       # (exclusive, inclusive) bounds on a step's host-known context
 NARROW_CONTEXTS = (WHOLE_CONTEXT // 2, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1])   # the decode graphs' narrow tables
 # the longest context read whole (`_decode_chunk`): 128, 256 or 0 (never); RAYSPEED_WHOLE_CONTEXT sets it
-WHOLE_UP_TO = int(os.environ.get("RAYSPEED_WHOLE_CONTEXT", str(WHOLE_CONTEXT)))
+WHOLE_UP_TO = int(os.environ.get("RAYSPEED_WHOLE_CONTEXT", str(SMALL_CHUNK_CONTEXTS[1])))
 assert WHOLE_UP_TO in (0, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1]), \
     f"RAYSPEED_WHOLE_CONTEXT must be 0, {WHOLE_CONTEXT} or {SMALL_CHUNK_CONTEXTS[1]}, got {WHOLE_UP_TO}"
 
@@ -302,16 +302,19 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
     1.442 -> 1.437 / 1.458 (`*-whatif-bs1-ctx40_100-configs.json`), so shorter contexts keep the one
     64-position chunk, and longer ones (whose tables the host does not bound) the split 64-position
     reads. Those same few-pair steps with contexts known to lie within (64, WHOLE_UP_TO] (heads of up
-    to 128) read the whole context as one chunk before the wait (WHOLE: 128 positions in 8 warps; 256
-    in 16 with `l2_ahead` where RAYSPEED_WHOLE_CONTEXT=256): after the wait only the query and this
-    step's key and value are read, where 64-position chunks put a dependent read of the block table and
-    the cache on every program's path per chunk. Decode graph replays at 100 positions (H100,
-    `*-whatif-bs1-ctx100_150-configs-whole-*.json`): int8+head 1.4435 -> 1.4105 ms, fp16 2.2224 ->
-    2.1806, int4+head 1.5686 -> 1.5280; at 60 positions, which one 64-position chunk holds, it lost
-    (1.382 -> 1.398), hence the graphs' 64-position bound. Through the decode benchmark int8+head went
-    1.457-1.460 -> 1.450 with it up to 128, but 1.584 up to 256 (`*-neo-whole*-ab-*.json`), although
-    256 in 16 warps won replays of one step at 150 positions (1.448 -> 1.433); not understood yet, so
-    WHOLE_UP_TO is 128 (docs/performance.md, the eighth session).
+    to 128) read the whole context as one chunk before the wait (WHOLE: 128 positions in 4 warps; 256
+    in 16, with `l2_ahead`): after the wait only the query and this step's key and value are read,
+    where 64-position chunks put a dependent read of the block table and the cache on every program's
+    path per chunk. Decode graph replays at 100 positions (H100, `*-whatif-bs1-ctx100_150-configs-
+    whole-*.json`), 128 in 8 warps: int8+head 1.4435 -> 1.4105 ms, fp16 2.2224 -> 2.1806, int4+head
+    1.5686 -> 1.5280; in 4 warps (184 registers, one program an SM) int8+head 1.409 -> 1.393
+    (`*-whatif-bs1-ctx60_100-configs.json`, ninth session); at 60 positions, which one 64-position
+    chunk holds, 128 lost (1.382 -> 1.398, 1.352 -> 1.389 in 4 warps), hence the graphs' 64-position
+    bound. 256 in 16 warps at 150 / 200 positions: int8+head 1.448 / 1.453 -> 1.434 / 1.439, fp16
+    2.236 -> 2.230 at 150 (`*-ctx100_150_200-configs-whole-cfaee54.json`; 8 warps, 196 registers, lost:
+    1.539), and decode attention added 5.33 us a layer to the step against 5.94 for the 16-position
+    splits (bench/profile_step.py --graph, 150 positions); int4's lost (1.573 -> 1.589), so it needs
+    `l2_ahead`. RAYSPEED_WHOLE_CONTEXT (0, 128 or 256) bounds it.
     RAYSPEED_DECODE_CONFIG="chunk,mode,warps" sets it."""
     forced = os.environ.get("RAYSPEED_DECODE_CONFIG")
     if forced:
@@ -325,7 +328,7 @@ def _decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, p
         longest = min(WHOLE_UP_TO, high if l2_ahead else WHOLE_CONTEXT)   # int4's 256 in 16 warps lost
         if WHOLE_CONTEXT // 2 < max_context <= longest and head_dim <= 128:
             whole = WHOLE_CONTEXT if max_context <= WHOLE_CONTEXT else high
-            return whole, "early-l2" if l2_ahead else "early", 8 if whole == WHOLE_CONTEXT else 16
+            return whole, "early-l2" if l2_ahead else "early", 4 if whole == WHOLE_CONTEXT else 16
         if low < max_context <= high:
             return 16, "early", 2
     sms = _sm_count(device.index or 0)

@@ -35,7 +35,7 @@ def generate(hf, **config) -> tuple[list[list[int]], object]:
 def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
     """Steps whose contexts all fit one of kernels.attention.NARROW_CONTEXTS (64, 128, 256) replay graphs captured
     over the narrowest such block-table view (attention reading one 64-position chunk up to 64, the
-    whole context before its wait up to 128, 16 positions a step split past it); longer ones the
+    whole context before its wait up to 256: 128 in 4 warps, 256 in 16); longer ones the
     full-width graphs, whose attention splits contexts in 64-position steps (a tiny model's few heads
     leave the GPU idle). Tokens equal the eager lockstep engine's in all."""
     hf = tiny_model(family, max_position_embeddings=1024)

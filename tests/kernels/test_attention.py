@@ -181,9 +181,11 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps, as
     for steps of at most FEW_PAIRS (head, sequence) pairs, whatever their splits, whose contexts the host
     bounds within SMALL_CHUNK_CONTEXTS; for heads of up to 128, those bounded within (64, 128] one chunk
-    of them all in 8 warps (and up to 256 in 16 warps, with l2_ahead, where RAYSPEED_WHOLE_CONTEXT=256);
-    RAYSPEED_DECODE_CONFIG overrides."""
+    of them all in 4 warps (and, by default, up to 256 in 16 warps with l2_ahead; RAYSPEED_WHOLE_CONTEXT=128
+    stops at 128); RAYSPEED_DECODE_CONFIG overrides."""
+    assert attention.WHOLE_UP_TO == 256
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
     cuda = torch.device("cuda", 0)
     assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
     assert attention._decode_chunk(20, cuda, l2_ahead=True) == (64, "early-l2", 4)
@@ -197,15 +199,15 @@ def test_decode_chunk_by_grid_size(monkeypatch):
     assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
     assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (16, "early", 2)   # batch 1
     assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (16, "early", 2)
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 256)              # RAYSPEED_WHOLE_CONTEXT=256
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 256)              # the default
     assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (256, "early-l2", 16)
     assert attention._decode_chunk(32, cuda, False, pairs=32, max_context=129) == (16, "early", 2)      # int4
     monkeypatch.setattr(attention, "WHOLE_UP_TO", 0)
     assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (64, "early-l2", 4)
     monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
     assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=256, head_dim=256) == (16, "early", 2)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (128, "early-l2", 8)
-    assert attention._decode_chunk(20, cuda, False, pairs=20, max_context=80) == (128, "early", 8)
+    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (128, "early-l2", 4)
+    assert attention._decode_chunk(20, cuda, False, pairs=20, max_context=80) == (128, "early", 4)
     assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128, head_dim=256) == (64, "early-l2", 4)
     assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=64) == (64, "early-l2", 4)
     assert attention._decode_chunk(20 * 4, cuda, True, pairs=80, max_context=128) == (64, "early-l2", 4)
@@ -264,17 +266,17 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
 
 def test_decode_plan_by_step(monkeypatch):
     """GPT-Neo 2.7B's batch-1 steps (20 heads of 128, cache blocks of 16) as the decode graphs bound them:
-    unbounded, 8 splits of 64-position chunks; within (128, 256], 8 splits of 16; within (64, 128], the
-    whole context read by one program. With RAYSPEED_WHOLE_CONTEXT=256 and l2_ahead the (128, 256] step
-    too is one program reading it whole in 16 warps, not 8 splits of 256-position loops (the split
-    choice asked without l2_ahead); int4 (no l2_ahead) keeps the splits. Without split tickets: one
-    program, same chunk rule."""
+    unbounded, 8 splits of 64-position chunks; within (64, 128], the whole context read by one program;
+    within (128, 256], with l2_ahead, one program reading it whole in 16 warps, not 8 splits of
+    256-position loops (the split choice asked without l2_ahead); without l2_ahead (int4) or with
+    RAYSPEED_WHOLE_CONTEXT=128, 8 splits of 16. Without split tickets: one program, same chunk rule."""
     monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
     cuda, plan = torch.device("cuda", 0), attention._decode_plan
     assert plan(20, cuda, True, None, 128, 16) == (8, 64, "early", 4, False)
     assert plan(20, cuda, True, 256, 128, 16) == (8, 16, "early", 2, False)
-    assert plan(20, cuda, True, 128, 128, 16) == (1, 128, "early-l2", 8, True)
-    assert plan(20, cuda, False, 128, 128, 16) == (1, 128, "early", 8, True)
+    assert plan(20, cuda, True, 128, 128, 16) == (1, 128, "early-l2", 4, True)
+    assert plan(20, cuda, False, 128, 128, 16) == (1, 128, "early", 4, True)
     assert plan(20, cuda, True, 64, 128, 16) == (1, 64, "early-l2", 4, True)
     assert plan(20, cuda, True, 256, 128, 16, can_split=False) == (1, 16, "early", 2, False)
     assert plan(20 * 8, cuda, True, 256, 128, 16) == (1, 64, "early", 4, False)            # batch 8
