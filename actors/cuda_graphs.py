@@ -8,7 +8,7 @@ harmless dummy sequence (one token in a reserved cache block), and replays. Bloc
 kernels/attention.py), steps whose contexts all fit one of `narrow_blocks` replay a graph captured
 over the narrowest such view of the tables: attention then knows on the host how long a context can
 be, so it launches no split programs that would find nothing to do, and picks how to read them
-(`kernels.attention._decode_chunk`).
+(`kernels.decode_plan.decode_chunk`).
 
 A fresh prefill (prompts with nothing cached) depends on its token and sequence counts: buckets of
 powers of two, those of up to `prefill_graph_tokens` tokens captured at start-up (`warm_up`), the

@@ -15,7 +15,8 @@ import torch
 
 from actors.cuda_graphs import DecodeGraphs, PrefillGraphs, buckets
 from actors.sequence import Sequence
-from kernels.attention import NARROW_CONTEXTS, AttentionMetadata, decode_splits
+from kernels.attention import AttentionMetadata
+from kernels.decode_plan import NARROW_CONTEXTS, decode_splits
 from kernels.dispatch import use_triton
 from kernels.gemv_tuner import TUNED_MAX_ROWS, tuning_window
 from kernels.model import CausalLM

@@ -23,7 +23,8 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.decode import commit  # noqa: E402
-from kernels.attention import DECODE_MODES, decode_splits, paged_decode_attention_triton  # noqa: E402
+from kernels.attention import paged_decode_attention_triton  # noqa: E402
+from kernels.decode_plan import DECODE_MODES, decode_splits  # noqa: E402
 from kernels.gemv_tuner import time_in_graph  # noqa: E402
 from kernels.prefill_attention import prefill_attention_sdpa, prefill_attention_triton  # noqa: E402
 

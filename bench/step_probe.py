@@ -1,5 +1,5 @@
 """Engine decode steps of GPT-Neo 2.7B at batch 1 timed one by one (synchronised, host included), by
-context, under each RAYSPEED_WHOLE_CONTEXT value (kernels.attention.WHOLE_UP_TO, graphs recaptured):
+context, under each RAYSPEED_WHOLE_CONTEXT value (kernels.decode_plan.WHOLE_UP_TO, graphs recaptured):
 what contexts advancing step by step cost, which `bench/whatif.py`'s replays of one step may not show.
 
     python3 bench/step_probe.py --dtype int8+head --whole 256,128,256
@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rayspeed  # noqa: E402
-import kernels.attention as attention  # noqa: E402
+import kernels.decode_plan as decode_plan  # noqa: E402
 from actors.sequence import SamplingParams  # noqa: E402
 from bench.decode import build, dtype_args  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
     engine = rayspeed.init_inference(build("neo"), **dtype_args(args.dtype), replace_with_kernel_inject=True,
                                      kv_cache_blocks=1024, max_num_seqs=8).backend
     for whole in (int(w) for w in args.whole.split(",")):
-        attention.WHOLE_UP_TO = whole
+        decode_plan.WHOLE_UP_TO = whole
         engine.runner.capture_cudagraphs(engine.config.max_num_seqs, engine.max_seq_len)
         for trial in range(args.trials):
             times = step_times(engine, list(range(100 + trial, 132 + trial)), 170)

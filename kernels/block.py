@@ -72,7 +72,7 @@ class Attention(nn.Module):
                                      quant)
         self.scale, self.window = spec.attn_scales[layer], spec.attn_windows[layer]
         self.rotary = rotary
-        self.l2_ahead = quant is None or quant.bits != 4        # see kernels.attention._decode_chunk
+        self.l2_ahead = quant is None or quant.bits != 4        # see kernels.decode_plan.decode_chunk
         slopes = None
         if spec.positional == "alibi":
             heads = self.qkv.num_heads

@@ -12,7 +12,7 @@ import torch
 
 import rayspeed
 from actors.sequence import SamplingParams, Sequence
-from kernels import attention, attention_torch, prefill_attention
+from kernels import attention, attention_torch, decode_plan, prefill_attention
 from kernels.gemv import Tile, skinny_linear
 from kernels.gemv_tuner import HALF_SHAPES, HALF_SHAPES_INT8, time_in_graph
 from tests.helpers import tiny_model
@@ -33,7 +33,7 @@ def generate(hf, **config) -> tuple[list[list[int]], object]:
 
 @pytest.mark.parametrize("family", ["gpt_neo", "llama"])
 def test_short_and_long_contexts_replay_their_own_decode_graphs(family):
-    """Steps whose contexts all fit one of kernels.attention.NARROW_CONTEXTS (64, 128, 256) replay graphs captured
+    """Steps whose contexts all fit one of kernels.decode_plan.NARROW_CONTEXTS (64, 128, 256) replay graphs captured
     over the narrowest such block-table view (attention reading one 64-position chunk up to 64, the
     whole context before its wait up to 256: 128 in 4 warps, 256 in 16); longer ones the
     full-width graphs, whose attention splits contexts in 64-position steps (a tiny model's few heads
@@ -264,7 +264,7 @@ def test_split_context_decode_is_deterministic_and_exact(window, monkeypatch):
     args = [t.cuda() for t in (q, k_cache, v_cache, tables, lens)]
     ref = attention_torch.paged_attention_torch(*args[:4], args[4], torch.arange(5, dtype=torch.int32, device="cuda"),
                                                 0.1, window)
-    assert attention.decode_splits(20 * 4, torch.device("cuda")) > 1
+    assert decode_plan.decode_splits(20 * 4, torch.device("cuda")) > 1
     first = attention.paged_decode_attention_triton(*args, 0.1, window)
     torch.testing.assert_close(first, ref, rtol=2e-3, atol=2e-3)
     for _ in range(200):

@@ -3,7 +3,7 @@ kernel against the reference, and the CPU dispatch rule."""
 import pytest
 import torch
 
-from kernels import attention, attention_torch, prefill_attention
+from kernels import attention, attention_torch, decode_plan, prefill_attention
 from kernels.attention import AttentionMetadata
 from kernels.attention_torch import paged_attention_torch, store_kv
 from kernels.dispatch import use_triton
@@ -176,52 +176,6 @@ def test_decode_triton_other_layouts(heads, kv_heads, head_dim, block_size):
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
-def test_decode_chunk_by_grid_size(monkeypatch):
-    """64 positions a step, the first read early, while 3 programs per SM hold the grid (with l2_ahead
-    and at most one program per SM, the rest asked of the L2 too); else 16 in programs of 2 warps, as
-    for steps of at most FEW_PAIRS (head, sequence) pairs, whatever their splits, whose contexts the host
-    bounds within SMALL_CHUNK_CONTEXTS; for heads of up to 128, those bounded within (64, 128] one chunk
-    of them all in 4 warps (and, by default, up to 256 in 16 warps with l2_ahead; RAYSPEED_WHOLE_CONTEXT=128
-    stops at 128); RAYSPEED_DECODE_CONFIG overrides."""
-    assert attention.WHOLE_UP_TO == 256
-    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
-    cuda = torch.device("cuda", 0)
-    assert attention._decode_chunk(20 * 8, cuda) == (64, "early", 4)
-    assert attention._decode_chunk(20, cuda, l2_ahead=True) == (64, "early-l2", 4)
-    assert attention._decode_chunk(132, cuda, l2_ahead=True) == (64, "early-l2", 4)
-    assert attention._decode_chunk(133, cuda, l2_ahead=True) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, l2_ahead=True) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 32, cuda, l2_ahead=True) == (16, "early", 2)
-    assert attention._decode_chunk(20, torch.device("cpu"), l2_ahead=True) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 16, cuda) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 32, cuda) == (16, "early", 2)
-    assert attention._decode_chunk(20 * 32, torch.device("cpu")) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=256) == (16, "early", 2)   # batch 1
-    assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (16, "early", 2)
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 256)              # the default
-    assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=129) == (256, "early-l2", 16)
-    assert attention._decode_chunk(32, cuda, False, pairs=32, max_context=129) == (16, "early", 2)      # int4
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 0)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (64, "early-l2", 4)
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
-    assert attention._decode_chunk(32, cuda, True, pairs=32, max_context=256, head_dim=256) == (16, "early", 2)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128) == (128, "early-l2", 4)
-    assert attention._decode_chunk(20, cuda, False, pairs=20, max_context=80) == (128, "early", 4)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=128, head_dim=256) == (64, "early-l2", 4)
-    assert attention._decode_chunk(20, cuda, True, pairs=20, max_context=64) == (64, "early-l2", 4)
-    assert attention._decode_chunk(20 * 4, cuda, True, pairs=80, max_context=128) == (64, "early-l2", 4)
-    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20, max_context=257) == (64, "early", 4)
-    assert attention._decode_chunk(20 * 8, cuda, True, pairs=20) == (64, "early", 4)             # unbounded
-    assert attention._decode_chunk(40 * 4, cuda, True, pairs=40, max_context=256) == (64, "early", 4)
-    assert attention._decode_chunk(20, torch.device("cpu"), pairs=20, max_context=256) == (64, "early", 4)
-    monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,prefetch,8")
-    assert attention._decode_chunk(20, cuda) == (16, "prefetch", 8)
-    monkeypatch.setenv("RAYSPEED_DECODE_CONFIG", "16,ahead,8")
-    with pytest.raises(AssertionError, match="mode must be one of"):
-        attention._decode_chunk(20, cuda)
-
-
 def _new_token_case(dtype, window, with_alibi, heads, kv_heads, seed):
     """A decode step of four sequences (5, 37, 1 and 150 tokens) with this step's k, v given apart
     (strided views, as in the model) and the reference: the cache after `store_kv`, the torch output.
@@ -250,7 +204,7 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     program; with this step's token (split 0 folds it in and stores it) and without; twice in a row,
     so the tickets are back at zero after each merge."""
     monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", str(splits))
-    monkeypatch.setattr(attention, "_decode_chunk", lambda *args, **kwargs: (chunk, "prefetch", 4))
+    monkeypatch.setattr(decode_plan, "decode_chunk", lambda *args, **kwargs: (chunk, "prefetch", 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=splits)
     for _ in range(2):
@@ -262,44 +216,6 @@ def test_split_context_decode_matches_torch(dtype, splits, chunk, window, with_a
     # without this step's token (already in the cache)
     out = attention.paged_decode_attention_triton(q, k_ref, v_ref, tables, lens, 0.2, window, slopes)
     torch.testing.assert_close(out, ref, **TOL[dtype])
-
-
-def test_decode_plan_by_step(monkeypatch):
-    """GPT-Neo 2.7B's batch-1 steps (20 heads of 128, cache blocks of 16) as the decode graphs bound them:
-    unbounded, 8 splits of 64-position chunks; within (64, 128], the whole context read by one program;
-    within (128, 256], with l2_ahead, one program reading it whole in 16 warps, not 8 splits of
-    256-position loops (the split choice asked without l2_ahead); without l2_ahead (int4) or with
-    RAYSPEED_WHOLE_CONTEXT=128, 8 splits of 16. Without split tickets: one program, same chunk rule."""
-    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 128)
-    cuda, plan = torch.device("cuda", 0), attention._decode_plan
-    assert plan(20, cuda, True, None, 128, 16) == (8, 64, "early", 4, False)
-    assert plan(20, cuda, True, 256, 128, 16) == (8, 16, "early", 2, False)
-    assert plan(20, cuda, True, 128, 128, 16) == (1, 128, "early-l2", 4, True)
-    assert plan(20, cuda, False, 128, 128, 16) == (1, 128, "early", 4, True)
-    assert plan(20, cuda, True, 64, 128, 16) == (1, 64, "early-l2", 4, True)
-    assert plan(20, cuda, True, 256, 128, 16, can_split=False) == (1, 16, "early", 2, False)
-    assert plan(20 * 8, cuda, True, 256, 128, 16) == (1, 64, "early", 4, False)            # batch 8
-    assert plan(20, torch.device("cpu"), True, 256, 128, 16) == (1, 64, "early", 4, False)
-    monkeypatch.setattr(attention, "WHOLE_UP_TO", 256)
-    assert plan(20, cuda, True, 256, 128, 16) == (1, 256, "early-l2", 16, True)
-    assert plan(20, cuda, False, 256, 128, 16) == (8, 16, "early", 2, False)                 # int4
-
-
-def test_decode_splits_fill_two_programs_per_sm(monkeypatch):
-    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
-    cuda = torch.device("cuda", 0)
-    assert attention.decode_splits(20, cuda) == 8            # GPT-Neo 2.7B at batch 1: 160 programs
-    assert attention.decode_splits(32, cuda) == 8            # Llama-2-7B: 256
-    assert attention.decode_splits(80, cuda) == 2
-    assert attention.decode_splits(160, cuda) == 1
-    assert attention.decode_splits(1, cuda) == attention.MAX_SPLITS
-    assert attention.decode_splits(20, torch.device("cpu")) == 1
-    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "1")
-    assert attention.decode_splits(20, cuda) == 1
-    monkeypatch.setenv("RAYSPEED_DECODE_SPLITS", "3")
-    with pytest.raises(AssertionError, match="power of two"):
-        attention.decode_splits(20, cuda)
 
 
 def test_a_host_bound_on_the_context_keeps_one_program_per_pair(monkeypatch):
@@ -455,7 +371,7 @@ def test_decode_with_new_token_stores_and_attends(dtype, window, with_alibi, hea
     leaves empty; the next chunk loaded before or after this one's arithmetic, the first before the
     wait or in the loop) and a single token; with 256 positions, every context known to fit one chunk
     (`max_context`), the one softmax over it (WHOLE)."""
-    monkeypatch.setattr(attention, "_decode_chunk", lambda *args, **kwargs: (chunk, mode, 4))
+    monkeypatch.setattr(decode_plan, "decode_chunk", lambda *args, **kwargs: (chunk, mode, 4))
     q, k_cache, v_cache, tables, lens, k_new, v_new, slots, slopes, k_ref, v_ref, ref = _new_token_case(
         dtype, window, with_alibi, heads, kv_heads, seed=5)
     out = attention.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, window, slopes,
