@@ -63,8 +63,8 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          SPLIT_MIN_CHUNKS: tl.constexpr = 4, EARLY: tl.constexpr = False, L2_AHEAD: tl.constexpr = 0,
                          row_bytes=0, WHOLE: tl.constexpr = False):
     """One (head, sequence, split): online softmax over the cached keys in chunks of CHUNK positions
-    (several cache blocks per step). With EARLY (the default, `kernels.decode_plan.decode_chunk`) the first chunk is read
-    before waiting for the previous kernel (PDL: earlier steps wrote it, and the block table and
+    (several cache blocks per step). With EARLY (the default, kernels/decode_plan.py) the first chunk is
+    read before waiting for the previous kernel (PDL: earlier steps wrote it, and the block table and
     context lengths are the step's inputs), and each next one after the current one is used: one
     chunk in registers. PREFETCH reads the first early too and then each next chunk while the current
     one is computed (two in registers, so fewer programs fit an SM); without either, every chunk is

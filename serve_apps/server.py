@@ -10,7 +10,6 @@ The queue is bounded: a request reserves room for its sequences when it is admit
 so concurrent arrivals cannot all pass one check) and gives it back as each prompt starts generating
 or ends; beyond `max_queued_requests` waiting sequences it is refused (HTTP 503 + Retry-After)."""
 import asyncio
-import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from actors.sequence import RequestError, SamplingParams
 from cluster.generation import token_list
 from serve_apps.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest,
                                  new_id, now)
+from serve_apps.responses import chat_logprobs, completion_logprobs, empty_choices, usage
 from serve_apps.text_stream import TextStream, text_encoder, window_decoder
 
 
@@ -48,9 +48,6 @@ class Chunk:
     finish_reason: str | None
     completion_tokens: int
     logprobs: list | None = None    # `TokenLogprobs` of the tokens up to this text, when asked
-
-
-LOGPROB_FLOOR = -9999.0             # what a -inf log-probability reads as (JSON has no infinities)
 
 
 class LLMServer:
@@ -118,28 +115,6 @@ class LLMServer:
         if isinstance(req.prompt, list) and isinstance(req.prompt[0], str):
             return list(req.prompt)
         return [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-
-    # -- log-probabilities, in OpenAI's two shapes --------------------------------------------
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def completion_logprobs(self, logprobs: list, offset: int) -> tuple[dict, int]:
-        """The completions shape (token texts, their log-probabilities, the alternatives by text, text
-        offsets: the tokens' own texts' lengths summed from `offset`) and the offset after them."""
-        texts = [self._token_text(t.token_id) for t in logprobs]
-        ends = list(itertools.accumulate(map(len, texts), initial=offset))
-        return {"tokens": texts, "token_logprobs": [max(t.logprob, LOGPROB_FLOOR) for t in logprobs],
-                "top_logprobs": [{self._token_text(i): max(lp, LOGPROB_FLOOR) for i, lp in t.top} for t in logprobs],
-                "text_offset": ends[:-1]}, ends[-1]
-
-    def chat_logprobs(self, logprobs: list) -> dict:
-        """The chat shape: per token its text, log-probability and UTF-8 bytes, and the alternatives'."""
-        def entry(token_id: int, logprob: float) -> dict:
-            text = self._token_text(token_id)
-            return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode())}
-        return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                            for t in logprobs]}
 
     # -- running ------------------------------------------------------------------------------
 
@@ -249,7 +224,7 @@ class LLMServer:
     async def complete(self, req: CompletionRequest) -> dict:
         self.check_model(req.model)
         prompts, params = self.encode(req.prompt), self.params(req, req.max_tokens)
-        _, reasons, tokens = _collect(prompts, params)
+        _, reasons, tokens = empty_choices(prompts, params)
         texts = [echo for echo in self.echoed(req, prompts) for _ in range(params.n)]
         logprobs = [[] for _ in texts]
         async for c in self.chunks(prompts, params, req.stop):
@@ -258,10 +233,10 @@ class LLMServer:
             logprobs[c.choice] += c.logprobs or []
         wanted = params.logprobs is not None
         choices = [{"index": i, "text": t, "finish_reason": r,
-                    "logprobs": self.completion_logprobs(lp, 0)[0] if wanted else None}
+                    "logprobs": completion_logprobs(self.tokenizer, lp, 0)[0] if wanted else None}
                    for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": self.model_name,
-                "choices": choices, "usage": _usage(prompts, params, tokens)}
+                "choices": choices, "usage": usage(prompts, params, tokens)}
 
     async def complete_stream(self, req: CompletionRequest) -> AsyncIterator[dict]:
         self.check_model(req.model)
@@ -274,18 +249,19 @@ class LLMServer:
             opened.add(c.choice)
             logprobs = None
             if params.logprobs is not None:
-                logprobs, offsets[c.choice] = self.completion_logprobs(c.logprobs, offsets.get(c.choice, 0))
+                logprobs, offsets[c.choice] = completion_logprobs(self.tokenizer, c.logprobs,
+                                                                  offsets.get(c.choice, 0))
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                    "choices": [{"index": c.choice, "text": text, "finish_reason": c.finish_reason,
                                 "logprobs": logprobs}]}
         if req.include_usage:
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": [], "usage": _usage(prompts, params, [tokens.get(i, 0) for i in range(len(tokens))])}
+                   "choices": [], "usage": usage(prompts, params, [tokens.get(i, 0) for i in range(len(tokens))])}
 
     async def chat(self, req: ChatRequest) -> dict:
         self.check_model(req.model)
         prompt, params = self.chat_prompt(req), self.params(req, req.max_completion_tokens or req.max_tokens)
-        texts, reasons, tokens = _collect([prompt], params)
+        texts, reasons, tokens = empty_choices([prompt], params)
         logprobs = [[] for _ in texts]
         async for c in self.chunks([prompt], params, req.stop):
             texts[c.choice] += c.text
@@ -293,10 +269,10 @@ class LLMServer:
             logprobs[c.choice] += c.logprobs or []
         wanted = params.logprobs is not None
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
-                    "logprobs": self.chat_logprobs(lp) if wanted else None}
+                    "logprobs": chat_logprobs(self.tokenizer, lp) if wanted else None}
                    for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
         return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.model_name,
-                "choices": choices, "usage": _usage([prompt], params, tokens)}
+                "choices": choices, "usage": usage([prompt], params, tokens)}
 
     async def chat_stream(self, req: ChatRequest) -> AsyncIterator[dict]:
         self.check_model(req.model)
@@ -313,10 +289,10 @@ class LLMServer:
             delta = {"content": c.text} if c.text else {}
             choice = {"index": c.choice, "delta": delta, "finish_reason": c.finish_reason}
             if params.logprobs is not None:
-                choice["logprobs"] = self.chat_logprobs(c.logprobs)
+                choice["logprobs"] = chat_logprobs(self.tokenizer, c.logprobs)
             yield {**head, "choices": [choice]}
         if req.include_usage:
-            yield {**head, "choices": [], "usage": _usage([prompt], params, [tokens.get(i, 0) for i in range(params.n)])}
+            yield {**head, "choices": [], "usage": usage([prompt], params, [tokens.get(i, 0) for i in range(params.n)])}
 
     async def generate(self, prompt, **sampling) -> dict:
         """For Python handles: one prompt (text or ids) -> {"text", "token_ids", "finish_reason"} (and with
@@ -405,14 +381,3 @@ def _merge(items: list) -> list:
     return join_runs(items, lambda c: c.choice,
                      lambda a, b: Chunk(b.choice, a.text + b.text, b.finish_reason, b.completion_tokens,
                                         None if a.logprobs is None else a.logprobs + b.logprobs))
-
-
-def _collect(prompts, params) -> tuple[list[str], list, list[int]]:
-    size = len(prompts) * params.n
-    return [""] * size, [None] * size, [0] * size
-
-
-def _usage(prompts: list[list[int]], params: SamplingParams, completion_tokens: list[int]) -> dict:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(completion_tokens)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
