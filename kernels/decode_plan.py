@@ -31,7 +31,7 @@ assert WHOLE_UP_TO in (0, WHOLE_CONTEXT, SMALL_CHUNK_CONTEXTS[1]), \
 
 
 def decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pairs: int | None = None,
-                  max_context: int | None = None, head_dim: int = 128) -> tuple[int, str, int]:
+                 max_context: int | None = None, head_dim: int = 128) -> tuple[int, str, int]:
     """(cache positions per loop step, mode, warps) for `_paged_decode_kernel`, by grid size (`programs`,
     splits included; `pairs`: the step's (head, sequence) pairs; `max_context`: a host bound on its
     contexts, None if unknown). Timed in
@@ -130,13 +130,13 @@ class DecodePlan(NamedTuple):
 
 
 def decode_plan(pairs: int, device: torch.device, l2_ahead: bool, max_context: int | None, head_dim: int,
-                 block_size: int, can_split: bool = True) -> DecodePlan:
+                block_size: int, can_split: bool = True) -> DecodePlan:
     """How `paged_decode_attention_triton` runs a step of `pairs` (head, sequence) pairs: `decode_splits`
     programs a pair unless no context (at most `max_context`, None: unknown) spans more than
     SPLIT_MIN_CHUNKS chunks of the split grid's configuration, then `decode_chunk`'s configuration for
-    the grid kept. The same `l2_ahead` decides both: asked without it, a step that reads
-    its 256 positions whole in 16 warps (RAYSPEED_WHOLE_CONTEXT=256) was split 8 ways and read them in
-    a loop instead, 160 programs of 16 warps for 132 SMs (+0.25 ms an int8+head step; 0313bee)."""
+    the grid kept. The same `l2_ahead` decides both: asked without it, a step meant to read its 256
+    positions whole in 16 warps was split 8 ways and read them in a loop instead, 160 programs of 16
+    warps for 132 SMs (+0.25 ms an int8+head step on 0313bee, when 256 was not yet the default)."""
     splits = decode_splits(pairs, device) if can_split else 1
     if splits > 1 and max_context is not None:        # no context long enough to split: no idle programs
         chunk = max(block_size, decode_chunk(pairs * splits, device, l2_ahead, pairs, max_context, head_dim)[0])
