@@ -32,6 +32,8 @@ UNALIGNED = {"M", "stride_sn", "stride_rm", "num_heads", "group", "window", "k_n
 def compile_for_sm90(fn, constexprs: dict, pointers: dict, floats=("scale", "eps"), num_warps: int = 4):
     """`fn` for an H100: pointer arguments typed by `pointers` (name -> "*fp16", ...), `floats` fp32,
     other runtime arguments i32, all aligned to 16 but those in UNALIGNED."""
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default and p.name not in constexprs}
+    constexprs = {**defaults, **constexprs}          # as a launch that leaves them out would have them
     signature, aligned = {}, []
     for name in fn.arg_names:
         if name in constexprs:

@@ -10,7 +10,9 @@ and "norm 2 warps" run the norm kernels' programs with fewer warps (kernels.norm
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
 programs ask the L2 for before their PDL wait (`l2_by_role`); "norm kernels" runs every norm as a kernel
 of its own instead of inside the products after it (kernels.linear.FOLD_NORMS), "norm weight in W" those
-products as if the norm's weight were in their weights (no x * g; right here, where it is 1); --configs compares
+products as if the norm's weight were in their weights (no x * g; right here, where it is 1); "reduce
+kernel" adds K splits up in a kernel after each split product instead of in its last split
+(kernels.gemv.MERGE_SPLITS); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG; "default": the built-in choice) instead, at
 each context of --context.
 
@@ -48,6 +50,7 @@ REAL_L2 = gemv._l2_prefetch_bytes
 REAL_CHOICES = gemv_tuner._choices
 REAL_NORM_WARPS = norm_kernels.NORM_WARPS
 REAL_PREPARED_FOLD = linear._Linear._prepared_fold
+REAL_MERGE = gemv.MERGE_SPLITS
 
 
 def fold_weight_in_w(self, norm):
@@ -90,7 +93,8 @@ VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"att
             "float head": {"float_head": True}, "norm 1 warp": {"norm_warps": 1}, "norm 2 warps": {"norm_warps": 2},
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
             "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)},
-            "norm kernels": {"fold": False}, "norm weight in W": {"weight_in_w": True}}
+            "norm kernels": {"fold": False}, "norm weight in W": {"weight_in_w": True},
+            "reduce kernel": {"merge": False}}
 
 
 def _stem(path: str) -> str:
@@ -108,8 +112,9 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
         choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, norm_warps: int = REAL_NORM_WARPS,
-        fold: bool = True, weight_in_w: bool = False) -> None:
+        fold: bool = True, weight_in_w: bool = False, merge: bool = REAL_MERGE) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
+    gemv.MERGE_SPLITS = merge
     linear.FOLD_NORMS = fold
     linear._Linear._prepared_fold = fold_weight_in_w if weight_in_w else REAL_PREPARED_FOLD
     norm_kernels.NORM_WARPS = norm_warps
