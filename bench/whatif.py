@@ -10,8 +10,8 @@ and "norm 2 warps" run the norm kernels' programs with fewer warps (kernels.norm
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
 programs ask the L2 for before their PDL wait (`l2_by_role`); "norm kernels" runs every norm as a kernel
 of its own instead of inside the products after it (kernels.linear.FOLD_NORMS), "norm weight in W" those
-products as if the norm's weight were in their weights (no x * g; right here, where it is 1); "reduce
-kernel" adds K splits up in a kernel after each split product instead of in its last split
+products as if the norm's weight were in their weights (no x * g; right here, where it is 1); "merged
+splits" adds K splits up in each split product's last split instead of a kernel after it
 (kernels.gemv.MERGE_SPLITS); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG; "default": the built-in choice) instead, at
 each context of --context.
@@ -94,7 +94,7 @@ VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"att
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
             "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)},
             "norm kernels": {"fold": False}, "norm weight in W": {"weight_in_w": True},
-            "reduce kernel": {"merge": False}}
+            "merged splits": {"merge": True}}
 
 
 def _stem(path: str) -> str:

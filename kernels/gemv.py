@@ -231,9 +231,11 @@ def _l2_prefetch_bytes(weight: torch.Tensor, bits: int) -> int:
     return nbytes // L2_CHUNK * L2_CHUNK
 
 
-# A K-split product of the CUDA-core kernels merges its splits in its last program to finish each
-# tile (`merge_splits`) instead of a reduction kernel after it; RAYSPEED_MERGE_SPLITS=0 keeps the kernel.
-MERGE_SPLITS = os.environ.get("RAYSPEED_MERGE_SPLITS", "1") != "0"
+# With RAYSPEED_MERGE_SPLITS=1 a K-split product of the CUDA-core kernels merges its splits in its last
+# program to finish each tile (`merge_splits`) instead of a reduction kernel after it: one kernel and one
+# PDL boundary (0.8-1.0 us, bench/pdl_chain.py) fewer per split product, int4's four a layer at batch 1.
+# Checked under the interpreter and in sm_90 builds, not yet timed or run on a GPU: off until it is.
+MERGE_SPLITS = os.environ.get("RAYSPEED_MERGE_SPLITS", "0") == "1"
 # The merge tickets, per device, zero between products (each tile's last split resets its own); the
 # products of a step run one after another on one stream, so they share them.
 _TICKETS: dict[torch.device, torch.Tensor] = {}

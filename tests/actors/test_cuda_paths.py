@@ -377,6 +377,7 @@ def test_merged_splits_equal_the_reduction_kernel_on_the_gpu(bits, tile, monkeyp
     residual = torch.randn(1, n, generator=g).half().cuda()
     args = [x, (w.half() if bits == 16 else w).cuda(), bias, None if scales is None else scales.half().cuda(), bits,
             group, tile]
+    monkeypatch.setattr(gemv, "MERGE_SPLITS", True)
     merged = [skinny_linear(*args, activation="gelu_tanh", residual=residual) for _ in range(20)]
     assert gemv._TICKETS[x.device].count_nonzero() == 0
     monkeypatch.setattr(gemv, "MERGE_SPLITS", False)
