@@ -103,7 +103,9 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
     otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
     With L2_LANES, the first programs of row 0 each ask the L2 for L2_LANES * L2_CHUNK bytes of the
-    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`)."""
+    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`).
+    With MERGE (K split; `final_ptr`, `counters_ptr`) the tile's last split to finish adds the splits
+    up and writes the output (`merge_splits`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)

@@ -191,7 +191,8 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     its whole share of the weight is on the way at once; the loop's loads, issued one K tile at a
     time, then find it there. With L2_LANES, as in `_fma_kernel`, the first programs of x row 0 ask
     the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK bytes each, before the wait
-    (`kernels.gemv._l2_prefetch_bytes`).
+    (`kernels.gemv._l2_prefetch_bytes`). With MERGE (K split; `final_ptr`, `counters_ptr`) the tile's
+    last split to finish adds the splits up and writes the output (`merge_splits`).
 
     NORM (1 LayerNorm, 2 RMSNorm; one K split only): x is the residual stream before the norm that
     feeds this product, whose weight `g` multiplies x as it loads; the loop also sums x and its
