@@ -1,6 +1,8 @@
 """Engine decode steps of GPT-Neo 2.7B at batch 1 timed one by one (synchronised, host included), by
 context, under each RAYSPEED_WHOLE_CONTEXT value (kernels.decode_plan.WHOLE_UP_TO, graphs recaptured):
-what contexts advancing step by step cost, which `bench/whatif.py`'s replays of one step may not show.
+what contexts advancing step by step cost. It found the 256-position whole reads costing every step
+past 128 positions while `bench/whatif.py --configs` replays showed a gain: the replays had forced the
+configuration for the split choice too, the engine had not (fixed by `kernels.decode_plan.decode_plan`).
 
     python3 bench/step_probe.py --dtype int8+head --whole 256,128,256
 """
