@@ -69,7 +69,7 @@ def decode_chunk(programs: int, device: torch.device, l2_ahead: bool = False, pa
     where 64-position chunks put a dependent read of the block table and the cache on every program's
     path per chunk. Decode graph replays at 100 positions (H100, `*-whatif-bs1-ctx100_150-configs-
     whole-*.json`), 128 in 8 warps: int8+head 1.4435 -> 1.4105 ms, fp16 2.2224 -> 2.1806, int4+head
-    1.5686 -> 1.5280; in 4 warps (184 registers, one program an SM) int8+head 1.409 -> 1.393
+    1.5686 -> 1.5280; in 4 warps (184 registers, no spills) int8+head 1.409 -> 1.393
     (`*-whatif-bs1-ctx60_100-configs.json`, ninth session); at 60 positions, which one 64-position
     chunk holds, 128 lost (1.382 -> 1.398, 1.352 -> 1.389 in 4 warps), hence the graphs' 64-position
     bound. 256 in 16 warps at 150 / 200 positions: int8+head 1.448 / 1.453 -> 1.434 / 1.439, fp16
