@@ -131,7 +131,7 @@ def prefill_cases():
     for block_m, block_d in ((64, 128), (128, 128), (64, 64)):
         yield (f"prefill {block_m} x head_dim<={block_d}", _prefill_kernel,
                dict(USE_WINDOW=False, HAS_ALIBI=False, IEEE=False, STORE_KV=True, CACHE_BLOCK=16, BLOCK_M=block_m,
-                    BLOCK_D=block_d), pointers, None)
+                    BLOCK_N=block_m, BLOCK_D=block_d, PDL=False), pointers, None)
 
 
 def main() -> None:
