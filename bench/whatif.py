@@ -10,9 +10,7 @@ and "norm 2 warps" run the norm kernels' programs with fewer warps (kernels.norm
 "out 8", "down 0" change how much of the attention output projection's or MLP down's weight their
 programs ask the L2 for before their PDL wait (`l2_by_role`); "norm kernels" runs every norm as a kernel
 of its own instead of inside the products after it (kernels.linear.FOLD_NORMS), "norm weight in W" those
-products as if the norm's weight were in their weights (no x * g; right here, where it is 1); "merged
-splits" adds K splits up in each split product's last split instead of a kernel after it
-(kernels.gemv.MERGE_SPLITS); --configs compares
+products as if the norm's weight were in their weights (no x * g; right here, where it is 1); --configs compares
 decode attention configurations (RAYSPEED_DECODE_CONFIG; "default": the built-in choice) instead, at
 each context of --context.
 
@@ -50,7 +48,6 @@ REAL_L2 = gemv._l2_prefetch_bytes
 REAL_CHOICES = gemv_tuner._choices
 REAL_NORM_WARPS = norm_kernels.NORM_WARPS
 REAL_PREPARED_FOLD = linear._Linear._prepared_fold
-REAL_MERGE = gemv.MERGE_SPLITS
 
 
 def fold_weight_in_w(self, norm):
@@ -93,8 +90,7 @@ VARIANTS = {"as built": {}, "no norms": {"norm": no_norm}, "no attention": {"att
             "float head": {"float_head": True}, "norm 1 warp": {"norm_warps": 1}, "norm 2 warps": {"norm_warps": 2},
             "out whole": {"l2": l2_by_role(out=16)}, "down 0": {"l2": l2_by_role(down=0)},
             "out whole+down 0": {"l2": l2_by_role(out=16, down=0)}, "out 8": {"l2": l2_by_role(out=8)},
-            "norm kernels": {"fold": False}, "norm weight in W": {"weight_in_w": True},
-            "merged splits": {"merge": True}}
+            "norm kernels": {"fold": False}, "norm weight in W": {"weight_in_w": True}}
 
 
 def _stem(path: str) -> str:
@@ -112,9 +108,8 @@ def table_choices(path: str) -> gemv_tuner._Choices:
 
 def use(model=None, norm=REAL_NORM, attention=REAL_ATTENTION, tile=REAL_TILE, config: str | None = None,
         choices=REAL_CHOICES, float_head: bool = False, l2=REAL_L2, norm_warps: int = REAL_NORM_WARPS,
-        fold: bool = True, weight_in_w: bool = False, merge: bool = REAL_MERGE) -> None:
+        fold: bool = True, weight_in_w: bool = False) -> None:
     block.Norm.forward, block.attention, gemv_tuner.tuned_tile = norm, attention, tile
-    gemv.MERGE_SPLITS = merge
     linear.FOLD_NORMS = fold
     linear._Linear._prepared_fold = fold_weight_in_w if weight_in_w else REAL_PREPARED_FOLD
     norm_kernels.NORM_WARPS = norm_warps

@@ -231,27 +231,6 @@ def _l2_prefetch_bytes(weight: torch.Tensor, bits: int) -> int:
     return nbytes // L2_CHUNK * L2_CHUNK
 
 
-# With RAYSPEED_MERGE_SPLITS=1 a K-split product of the CUDA-core kernels merges its splits in its last
-# program to finish each tile (`merge_splits`) instead of a reduction kernel after it: one kernel and one
-# PDL boundary (0.8-1.0 us, bench/pdl_chain.py) fewer per split product, int4's four a layer at batch 1.
-# Checked under the interpreter and in sm_90 builds, not yet timed or run on a GPU: off until it is.
-MERGE_SPLITS = os.environ.get("RAYSPEED_MERGE_SPLITS", "0") == "1"
-# The merge tickets, per device, zero between products (each tile's last split resets its own); the
-# products of a step run one after another on one stream, so they share them.
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _merge_tickets(tiles: int, device: torch.device) -> torch.Tensor | None:
-    """Zeroed tickets for `tiles` output tiles, allocated once per device outside any CUDA graph
-    capture (the graphs' eager warm-up runs first); None where that is not possible."""
-    tickets = _TICKETS.get(device)
-    if tickets is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        tickets = _TICKETS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-    return tickets if tiles <= tickets.numel() else None
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -327,8 +306,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             rows.stride(0), weight.stride(0), 0 if scales is None else scales.stride(0), res_stride, n, m * n,
             group_size, k_per_split)
     l2_bytes = _l2_prefetch_bytes(weight, bits) if pdl else 0
-    tickets = _merge_tickets(grid[0] * m, x.device) if split > 1 and (tile.fma or tile.rows) and MERGE_SPLITS else None
-    merge = {} if tickets is None else dict(final_ptr=out, counters_ptr=tickets, MERGE=True)
     if tile.fma or tile.rows:
         grouped = bits < 16 and not per_row
         sub = min(tile.block_k, group_size) if grouped else tile.block_k
@@ -357,12 +334,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                               launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                               L2=l2_row_bytes > 0, PREFETCH=tile.prefetch,
                                               L2_LANES=32 * tile.num_warps if l2_bytes else 0, L2_CHUNK=L2_CHUNK,
-                                              **merge, **flags)
+                                              **flags)
         else:
             _fma_kernel[(grid[0], split, m)](*args, l2_bytes, SUB=sub, PREFETCH=tile.prefetch, PDL=pdl,
                                              launch_pdl=pdl, HALF=tile.half, ASM=tile.half and not _interpreting(),
                                              X_PER_ROW=tile.x_per_row, L2_LANES=32 * tile.num_warps if l2_bytes else 0,
-                                             L2_CHUNK=L2_CHUNK, **merge, **flags)
+                                             L2_CHUNK=L2_CHUNK, **flags)
     elif tile.swap:
         assert bits in (16, 8) and not tile.scale_in_tile, f"swapped tiles take 16-bit or int8 weights, not {bits} bits"
         assert per_row or bits == 16 or group_size % tile.block_k == 0, \
@@ -373,7 +350,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _swap_kernel[grid](*args, PDL=pdl, launch_pdl=pdl, L2_ROWS=l2_rows, **flags)
     else:
         _skinny_kernel[grid](*args, SCALE_IN_TILE=bits < 16 and tile.scale_in_tile, **flags)
-    if split > 1 and not merge:
+    if split > 1:
         block_m, block_n = min(16, triton.next_power_of_2(m)), 256
         _split_k_reduce_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
             target, bias_, residual_, out, m, n, res_stride, SPLIT_K=split, **epilogue,

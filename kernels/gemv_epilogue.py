@@ -1,6 +1,5 @@
-"""The fused epilogue of the weight-streaming matmul kernels (kernels/gemv.py, kernels/gemv_fma.py,
-kernels/gemv_rows.py): bias, activation and residual applied to the fp32 accumulator before the one
-store; and, for a product split along K, the merge of the splits by the last of them to finish."""
+"""The fused epilogue of the weight-streaming matmul kernels (kernels/gemv.py, kernels/gemv_fma.py):
+bias, activation and residual applied to the fp32 accumulator before the one store."""
 import triton
 import triton.language as tl
 
@@ -49,26 +48,3 @@ def epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS: tl.constexpr, 
         else:
             acc += early_residual
     return acc
-
-
-@triton.jit
-def merge_splits(partial, ws_ptr, counters_ptr, final_ptr, rm, rn, M, N, stride_om, stride_os, bias, r_ptr,
-                 stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """A K split's fp32 partial sums [BM, BN] (program (pid_n, pid_k, row)) into `ws` [splits, M, N];
-    the last split of the tile to finish (a ticket from `counters`, which it resets to zero) adds them
-    all up in split order, applies the epilogue and writes `final` [M, N]: the sums the reduction
-    kernel after the product would make (`_split_k_reduce_kernel`, the same order, so the same bits),
-    without that kernel and its launch in the decode step's chain."""
-    offs = rm[:, None] * stride_om + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(ws_ptr + tl.program_id(1) * stride_os + offs, partial, mask=mask)
-    tl.debug_barrier()                      # every thread's stores before the ticket (released with it)
-    tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-    ticket = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if ticket == tl.num_programs(1) - 1:    # the other splits' partials are visible: read them from L2
-        tl.store(counters_ptr + tile, 0)
-        acc = tl.zeros(partial.shape, tl.float32)
-        for split in range(0, tl.num_programs(1)):
-            acc += tl.load(ws_ptr + split * stride_os + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        acc = epilogue(acc, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
-        tl.store(final_ptr + offs, acc.to(final_ptr.dtype.element_ty), mask=mask)

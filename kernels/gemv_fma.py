@@ -5,7 +5,7 @@ fastest at one or two rows (bench/results/*-gemv-fma.json)."""
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import epilogue, feature_params, merge_splits, residual_tile
+from kernels.gemv_epilogue import epilogue, feature_params, residual_tile
 from kernels.pdl import await_previous, prefetch_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
 
@@ -84,8 +84,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
                 HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
                 PDL: tl.constexpr, HALF: tl.constexpr, ASM: tl.constexpr, X_PER_ROW: tl.constexpr,
-                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048, final_ptr=None, counters_ptr=None,
-                MERGE: tl.constexpr = False):
+                L2_LANES: tl.constexpr = 0, L2_CHUNK: tl.constexpr = 2048):
     """The same product for one row of x per program, on the CUDA cores. The weight goes from HBM
     straight to registers (no shared-memory staging, no 16-row padding) in [BN, BK // SUB, SV, VEC]
     tiles: SUB values (SV vectors) share one scale (SUB divides the group size), so scales broadcast
@@ -103,9 +102,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     over the tile's rows, so x arrives in the weights' register layout: the Triton 3.6 build
     otherwise exchanges it through shared memory every step (3.9's does not; the tuner decides).
     With L2_LANES, the first programs of row 0 each ask the L2 for L2_LANES * L2_CHUNK bytes of the
-    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`).
-    With MERGE (K split; `final_ptr`, `counters_ptr`) the tile's last split to finish adds the splits
-    up and writes the output (`merge_splits`)."""
+    weight, its first `l2_bytes` in all, before waiting for the previous kernel (`_l2_prefetch_bytes`)."""
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if L2_LANES:
         first = (pid_n + pid_k * tl.num_programs(0)).to(tl.int64) * (L2_LANES * L2_CHUNK)
@@ -180,9 +177,5 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, 
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
         out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL, residual)
-    if MERGE:
-        merge_splits(out, out_ptr, counters_ptr, final_ptr, rm, rn, M, N, stride_om, stride_os,
-                     feature_params(b_ptr, rn, 1, N, HAS_BIAS, 0.0), r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
-    else:
-        offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])

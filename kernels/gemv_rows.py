@@ -25,7 +25,7 @@ Tiles: weights as stored, VEC elements a vector (8 fp16 / int8, 4 packed int4 by
 import triton
 import triton.language as tl
 
-from kernels.gemv_epilogue import epilogue, feature_params, merge_splits, residual_tile
+from kernels.gemv_epilogue import epilogue, feature_params, residual_tile
 from kernels.gemv_fma import _fma_x, _two_words
 from kernels.pdl import await_previous, prefetch_l2, prefetch_rows_l2
 from kernels.unpack import high_half, int4_half_dot, int8_half_dot, low_half, one_plus_sixteenth, s8_to_f32
@@ -180,8 +180,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
                  HAS_RESIDUAL: tl.constexpr, PER_ROW_SCALE: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_K: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr, HALF: tl.constexpr,
                  ASM: tl.constexpr, L2: tl.constexpr, PREFETCH: tl.constexpr, L2_LANES: tl.constexpr = 0,
-                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = True,
-                 final_ptr=None, counters_ptr=None, MERGE: tl.constexpr = False):
+                 L2_CHUNK: tl.constexpr = 2048, NORM: tl.constexpr = 0, NORM_WEIGHT: tl.constexpr = True):
     """out[row, n] for the ROWS features n of program (pid_n, pid_k) and x row `row`; with several K
     splits, fp32 partial sums into out[pid_k] (kernels/gemv.py adds them up in order). PREFETCH
     issues the next K tile's loads before this tile's arithmetic (and the first before the PDL
@@ -191,8 +190,7 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     its whole share of the weight is on the way at once; the loop's loads, issued one K tile at a
     time, then find it there. With L2_LANES, as in `_fma_kernel`, the first programs of x row 0 ask
     the L2 for the weight's first `l2_head_bytes`, L2_LANES * L2_CHUNK bytes each, before the wait
-    (`kernels.gemv._l2_prefetch_bytes`). With MERGE (K split; `final_ptr`, `counters_ptr`) the tile's
-    last split to finish adds the splits up and writes the output (`merge_splits`).
+    (`kernels.gemv._l2_prefetch_bytes`).
 
     NORM (1 LayerNorm, 2 RMSNorm; one K split only): x is the residual stream before the norm that
     feeds this product, whose weight `g` multiplies x as it loads; the loop also sums x and its
@@ -300,9 +298,5 @@ def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm,
     rm = row + tl.arange(0, 1)
     if EPILOGUE:
         out = epilogue(out, rm, rn, M, N, bias, r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL, residual)
-    if MERGE:
-        merge_splits(out, out_ptr, counters_ptr, final_ptr, rm, rn, M, N, stride_om, stride_os,
-                     feature_params(b_ptr, rn, 1, N, HAS_BIAS, 0.0), r_ptr, stride_rm, HAS_BIAS, ACT, HAS_RESIDUAL)
-    else:
-        offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])
+    offsets = pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=(rn < N)[None, :])

@@ -362,29 +362,6 @@ def test_rows_tiles_match_fp64_with_prefetch_and_l2(bits, half):
         assert torch.equal(skinny_linear(*args, bits, group, twin, residual=residual.cuda()), plain)
 
 
-@pytest.mark.parametrize("bits,tile", [(4, Tile(1, 32, 256, 4, 4, fma=True, half=True)),      # int4 QKV
-                                       (4, Tile(1, 4, 512, 4, 1, rows=True)),                    # int4 MLP down
-                                       (16, Tile(1, 2, 2048, 2, 4, fma=True))])                  # fp16 MLP down
-def test_merged_splits_equal_the_reduction_kernel_on_the_gpu(bits, tile, monkeypatch):
-    """K splits merged by each tile's last split (`merge_splits`: stores, a barrier, an acquire-release
-    ticket, the partials read from L2) give the reduction kernel's exact bits on a GPT-Neo-sized
-    product, every time (the split that merges varies from call to call), and leave the tickets at zero."""
-    import kernels.gemv as gemv
-    g = torch.Generator().manual_seed(bits + tile.split_k)
-    n, k, group = 2560, 10240, 128 if bits == 4 else None
-    w, scales, _ = _weight(n, k, bits, group or k, g)
-    x, bias = torch.randn(1, k, generator=g).half().cuda(), torch.randn(n, generator=g).half().cuda()
-    residual = torch.randn(1, n, generator=g).half().cuda()
-    args = [x, (w.half() if bits == 16 else w).cuda(), bias, None if scales is None else scales.half().cuda(), bits,
-            group, tile]
-    monkeypatch.setattr(gemv, "MERGE_SPLITS", True)
-    merged = [skinny_linear(*args, activation="gelu_tanh", residual=residual) for _ in range(20)]
-    assert gemv._TICKETS[x.device].count_nonzero() == 0
-    monkeypatch.setattr(gemv, "MERGE_SPLITS", False)
-    reduced = skinny_linear(*args, activation="gelu_tanh", residual=residual)
-    assert all(torch.equal(m, reduced) for m in merged)
-
-
 @pytest.mark.parametrize("bits,half", [(16, False), (8, True), (4, False), (4, True)])
 @pytest.mark.parametrize("rms", [False, True])
 def test_rows_tiles_do_the_norm_before_them_on_the_gpu(bits, half, rms):

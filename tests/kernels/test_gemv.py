@@ -61,28 +61,6 @@ def test_split_k_and_ragged_edges(bits, group, tile):
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("bits,group", [(16, None), (8, None), (4, 64)])
-@pytest.mark.parametrize("tile", [Tile(1, 8, 64, split_k=3, fma=True), Tile(1, 4, 64, split_k=4, rows=True),
-                                  Tile(1, 2, 128, split_k=2, rows=True, prefetch=True)])
-def test_merged_splits_equal_the_reduction_kernel(bits, group, tile, monkeypatch):
-    """A K split product's last split to finish each tile adds the splits up in order and applies the
-    epilogue (bias, GELU, residual) itself: the same bits as the reduction kernel after the product
-    (RAYSPEED_MERGE_SPLITS=0), for several x rows, and every ticket is back at zero after."""
-    import kernels.gemv as gemv
-    g = torch.Generator().manual_seed(bits + tile.split_k)
-    n, k = 37, 320
-    w, scales, full = _weight(n, k, bits, group or k, g)
-    x, bias, residual = torch.randn(3, k, generator=g), torch.randn(n, generator=g), torch.randn(3, n, generator=g)
-    monkeypatch.setattr(gemv, "MERGE_SPLITS", True)
-    merged = skinny_linear(x, w, bias, scales, bits, group, tile, activation="gelu_tanh", residual=residual)
-    assert gemv._TICKETS[x.device].count_nonzero() == 0
-    monkeypatch.setattr(gemv, "MERGE_SPLITS", False)
-    reduced = skinny_linear(x, w, bias, scales, bits, group, tile, activation="gelu_tanh", residual=residual)
-    assert torch.equal(merged, reduced)
-    ref = torch.nn.functional.gelu(x.double() @ full.double().T + bias.double(), approximate="tanh") + residual
-    assert ((merged - ref).abs().max() / ref.abs().max()).item() < 1e-5
-
-
 @pytest.mark.parametrize("bits,group", [(16, None), (8, None), (8, 64)])
 @pytest.mark.parametrize("tile", [Tile(16, 16, 64, swap=True), Tile(32, 32, 64, split_k=3, swap=True),
                                   Tile(16, 16, 32, split_k=2, swap=True, l2_rows=128)])

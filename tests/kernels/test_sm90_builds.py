@@ -98,10 +98,6 @@ BUILDS = {
     "rows-int8-half-prefetch-layernorm": rows(8, "i8", 8, 512, 512, half=True, prefetch=True, norm=1),
     "rows-int4-half-rmsnorm": rows(4, "u8", 8, 1024, 128, half=True, norm=2),
     "rows-int8-half-layernorm-in-w": rows(8, "i8", 4, 512, 512, half=True, norm=1, norm_weight=False),
-    "pdl-rows-int4-merge": ("kernels.gemv_rows", "_rows_kernel",
-                            {**rows(4, "u8", 4, 512, 128, pdl=True, prefetch=True)[2], "EPILOGUE": False, "MERGE": True},
-                            {**rows(4, "u8", 4, 512, 128)[3], "out_ptr": "*fp32", "final_ptr": "*fp16",
-                             "counters_ptr": "*i32"}, 1),
     "tensor-cores-int8": tensor_cores(8, "i8", 32, 256),
     "tensor-cores-int4": tensor_cores(4, "u8", 64, 128),
     "swapped-int8": swapped(8, "i8", 64, 128),
@@ -216,15 +212,6 @@ def test_l2_prefetch_is_issued_before_the_wait(built):
     assert "cp.async.bulk.prefetch.L2.global" in ptx[:ptx.index("griddepcontrol.wait")]
     assert "cp.async.bulk.prefetch" not in built["pdl-fma-fp16-l2"]["loop"]
     assert "cp.async.bulk.prefetch" not in built["fma-int16-fp16"]["ptx"]
-
-
-def test_merged_splits_take_a_ticket_after_every_partial_is_stored(built):
-    """A K split's program stores its partials, waits for all its threads (bar.sync), then takes its
-    tile's ticket with acquire-release semantics at GPU scope; the last split's merge reads the
-    partials past L1 (.cg)."""
-    ptx = built["pdl-rows-int4-merge"]["ptx"]
-    ticket = ptx.index("atom.global.gpu.acq_rel.add")
-    assert "bar.sync" in ptx[:ticket] and "ld.global.cg" in ptx[ticket:]
 
 
 def test_rows_tiles_ask_l2_for_their_rows_before_the_wait(built):
